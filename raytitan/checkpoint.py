@@ -1,0 +1,164 @@
+"""DCP checkpoints with atomic commit and retention.
+
+Layout: ``{folder}/step-N/`` holds the DCP files; ``step-N/COMMITTED`` is written by rank 0
+only after every rank finished writing. Only committed steps exist as far as loading is
+concerned, so a crash mid-save leaves the previous step as the newest.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.checkpoint.stateful import Stateful
+
+logger = logging.getLogger(__name__)
+
+COMMIT_MARKER = "COMMITTED"
+STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message names the folder and what to do."""
+
+
+class ModelState(Stateful):
+    """Model weights as a (possibly sharded) state dict that DCP reshards on load."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+
+    def state_dict(self) -> dict[str, Any]:
+        return get_model_state_dict(self.model)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        set_model_state_dict(self.model, state_dict, options=StateDictOptions(strict=True))
+
+
+class OptimizerState(Stateful):
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+        self.model, self.optimizer = model, optimizer
+
+    def state_dict(self) -> dict[str, Any]:
+        return get_optimizer_state_dict(self.model, self.optimizer)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        set_optimizer_state_dict(self.model, self.optimizer, state_dict)
+
+
+def step_dir(folder: str, step: int) -> str:
+    return os.path.join(folder, f"step-{step}")
+
+
+def committed_steps(folder: str) -> list[int]:
+    """Committed steps in ``folder``, oldest first."""
+    if not os.path.isdir(folder):
+        return []
+    steps = []
+    for name in os.listdir(folder):
+        m = STEP_DIR.match(name)
+        if m and os.path.isfile(os.path.join(folder, name, COMMIT_MARKER)):
+            steps.append(int(m.group(1)))
+    return sorted(steps)
+
+
+def read_commit(folder: str, step: int) -> dict:
+    with open(os.path.join(step_dir(folder, step), COMMIT_MARKER)) as f:
+        return json.load(f)
+
+
+class CheckpointManager:
+    """Saves every ``interval`` steps and at the end; resumes from the newest committed step."""
+
+    def __init__(self, folder: str, states: dict[str, Stateful], interval: int, keep_latest_k: int,
+                 enable: bool = True):
+        self.folder, self.states = folder, states
+        self.interval, self.keep_latest_k, self.enable = interval, keep_latest_k, enable
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.last_save_seconds = 0.0
+
+    def should_save(self, step: int, last_step: int) -> bool:
+        return self.enable and (step % self.interval == 0 or step == last_step)
+
+    def save(self, step: int, model_only: bool = False) -> str:
+        """Write ``step-N`` on every rank, then commit it. Returns the step folder."""
+        t0 = time.perf_counter()
+        path = step_dir(self.folder, step)
+        if self.rank == 0:
+            # An uncommitted folder of the same step is debris from a crashed save.
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            os.makedirs(path)
+        _barrier()
+        states = {"model": self.states["model"]} if model_only else self.states
+        dcp.save(states, checkpoint_id=path)
+        _barrier()
+        if self.rank == 0:
+            world = dist.get_world_size() if dist.is_initialized() else 1
+            marker = {"step": step, "world_size": world, "time": time.time(), "model_only": model_only}
+            tmp = os.path.join(path, COMMIT_MARKER + ".tmp")
+            with open(tmp, "w") as f:
+                json.dump(marker, f)
+            os.replace(tmp, os.path.join(path, COMMIT_MARKER))
+            self._purge_old()
+        _barrier()
+        self.last_save_seconds = time.perf_counter() - t0
+        logger.info("saved checkpoint step %d to %s in %.2fs", step, path, self.last_save_seconds)
+        return path
+
+    def _purge_old(self) -> None:
+        if self.keep_latest_k <= 0:
+            return
+        for step in committed_steps(self.folder)[: -self.keep_latest_k]:
+            if step == 0:
+                continue  # a seed checkpoint is the run's origin; keep it
+            path = step_dir(self.folder, step)
+            os.remove(os.path.join(path, COMMIT_MARKER))  # uncommit first: never half-deleted yet valid
+            shutil.rmtree(path, ignore_errors=True)
+
+    def resolve_load_step(self, load_step: int = -1) -> int | None:
+        """The step to resume from: ``load_step`` if given (must be committed), else the newest."""
+        steps = committed_steps(self.folder)
+        if load_step >= 0:
+            if load_step not in steps:
+                raise CheckpointError(
+                    f"checkpoint.load_step = {load_step}, but {step_dir(self.folder, load_step)} is not a "
+                    f"committed checkpoint; committed steps: {steps or 'none'}"
+                )
+            return load_step
+        return steps[-1] if steps else None
+
+    def load(self, step: int) -> None:
+        """Restore every state from ``step-N``, resharded to this run's layout.
+
+        A model-only checkpoint (a seed checkpoint) restores the weights alone.
+        """
+        path = step_dir(self.folder, step)
+        try:
+            model_only = read_commit(self.folder, step).get("model_only", False)
+            states = {"model": self.states["model"]} if model_only else self.states
+            dcp.load(states, checkpoint_id=path)
+        except (OSError, RuntimeError, KeyError, ValueError) as e:
+            raise CheckpointError(
+                f"cannot load checkpoint {path}: {e}. Delete its {COMMIT_MARKER} file to fall back to an older step"
+            ) from e
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()

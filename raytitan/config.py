@@ -1,0 +1,343 @@
+"""Run configuration: one dataclass per TOML section, TOML + ``--section.key`` overrides.
+
+Each key is documented once, in its field's ``doc`` metadata; ``--help`` prints them all.
+The vocabulary follows torchtitan so existing configs carry over; ``[ray]`` is new.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import os
+import sys
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names the key and what to do."""
+
+
+def opt(default: Any, doc: str) -> Any:
+    """A config field with its one-line documentation."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"doc": doc})
+    return field(default=default, metadata={"doc": doc})
+
+
+@dataclass
+class Job:
+    config_file: str | None = opt(None, "TOML file to read; command-line keys override it")
+    dump_folder: str = opt("./outputs", "Root folder for run outputs when ray.storage_path is unset")
+    description: str = opt("raytitan run", "Free text describing the run")
+
+
+@dataclass
+class Model:
+    name: str = opt("llama3", "Model family")
+    flavor: str = opt("debugmodel", "Model size: debugmodel, 1B, 3B, 8B, 70B, 405B")
+    hf_assets_path: str | None = opt(None, "Folder with tokenizer.json (and tokenizer_config.json)")
+    tokenizer: str = opt("byte", "Tokenizer: 'byte' (no files) or 'hf' (tokenizer.json in hf_assets_path)")
+
+
+@dataclass
+class Training:
+    local_batch_size: int = opt(4, "Sequences per microbatch on each data-parallel rank")
+    global_batch_size: int = opt(-1, "Sequences per optimizer step over all ranks; -1 = local x dp (no accumulation)")
+    seq_len: int = opt(256, "Tokens per training sequence")
+    steps: int = opt(40, "Optimizer steps to train for")
+    max_norm: float = opt(1.0, "Gradient clipping max total norm; 0 disables clipping")
+    dataset: str = opt("synthetic", "Dataset: 'synthetic' (seeded C4-format shards) or 'c4'")
+    dataset_path: str | None = opt(None, "Folder or glob of C4-format json.gz shards (default: generated cache)")
+    seed: int = opt(0, "Seed for weights and data order")
+    deterministic: bool = opt(False, "Use deterministic algorithms (bitwise reproducible, slower)")
+    mixed_precision_param: str = opt("auto", "FSDP param dtype: auto (bfloat16 on CUDA, float32 on CPU), bfloat16, float32")
+    mixed_precision_reduce: str = opt("float32", "FSDP gradient reduce dtype")
+
+
+@dataclass
+class Parallelism:
+    data_parallel_replicate_degree: int = opt(1, "HSDP replicate groups (1 = plain FSDP)")
+    data_parallel_shard_degree: int = opt(-1, "FSDP shard degree; -1 fills the remaining ranks")
+    tensor_parallel_degree: int = opt(1, "Tensor parallel degree")
+    pipeline_parallel_degree: int = opt(1, "Pipeline parallel degree")
+    context_parallel_degree: int = opt(1, "Context parallel degree")
+
+
+@dataclass
+class Optimizer:
+    name: str = opt("AdamW", "Optimizer: AdamW or Adam")
+    lr: float = opt(1e-3, "Peak learning rate")
+    beta1: float = opt(0.9, "Adam beta1")
+    beta2: float = opt(0.95, "Adam beta2")
+    eps: float = opt(1e-8, "Adam epsilon")
+    weight_decay: float = opt(0.1, "Decoupled weight decay")
+    implementation: str = opt("auto", "Kernel: auto (fused on CUDA, foreach on CPU), foreach, fused, for-loop")
+
+
+@dataclass
+class LRScheduler:
+    warmup_steps: int = opt(5, "Linear warmup steps")
+    decay_ratio: float | None = opt(None, "Share of steps spent decaying at the end (warmup-stable-decay); unset = all after warmup")
+    decay_type: str = opt("linear", "Decay shape: linear, sqrt or cosine")
+    min_lr_factor: float = opt(0.0, "Final learning rate as a fraction of the peak")
+
+
+@dataclass
+class Checkpoint:
+    enable: bool = opt(True, "Save and resume DCP checkpoints")
+    folder: str = opt("checkpoint", "Checkpoint folder inside the run folder")
+    interval: int = opt(20, "Save every this many steps (and always at the last step)")
+    load_step: int = opt(-1, "Resume from this step instead of the newest committed one (-1 = newest)")
+    keep_latest_k: int = opt(3, "Keep this many newest committed checkpoints (0 = keep all)")
+    create_seed_checkpoint: bool = opt(False, "Write initial weights as step-0 from one process, then exit")
+
+
+@dataclass
+class Metrics:
+    log_freq: int = opt(5, "Log metrics every this many steps")
+    enable_tensorboard: bool = opt(True, "Write TensorBoard scalars")
+    save_tb_folder: str = opt("tb", "TensorBoard folder inside the run folder")
+    peak_tflops: float = opt(0.0, "Peak TFLOP/s per device for MFU when the device is not in the table (0 = look up)")
+
+
+@dataclass
+class Ray:
+    address: str | None = opt(None, "Ray cluster address; unset uses RAY_ADDRESS or starts a local instance")
+    num_workers: int = opt(2, "Training workers (one process each)")
+    use_gpu: bool = opt(False, "One GPU per worker, NCCL backend")
+    resources_per_worker: dict = opt({}, "Ray resources per worker, e.g. CPU=4,GPU=1 (default: CPU share leaving room for data)")
+    storage_path: str | None = opt(None, "Shared run storage (checkpoints, logs); default: job.dump_folder")
+    name: str | None = opt(None, "Run name; the run folder is storage_path/name (default: <model.name>-<model.flavor>)")
+    max_failures: int = opt(0, "Worker-group restarts allowed before the run fails")
+
+
+SECTIONS: dict[str, type] = {
+    "job": Job,
+    "model": Model,
+    "training": Training,
+    "parallelism": Parallelism,
+    "optimizer": Optimizer,
+    "lr_scheduler": LRScheduler,
+    "checkpoint": Checkpoint,
+    "metrics": Metrics,
+    "ray": Ray,
+}
+
+
+@dataclass
+class JobConfig:
+    job: Job = field(default_factory=Job)
+    model: Model = field(default_factory=Model)
+    training: Training = field(default_factory=Training)
+    parallelism: Parallelism = field(default_factory=Parallelism)
+    optimizer: Optimizer = field(default_factory=Optimizer)
+    lr_scheduler: LRScheduler = field(default_factory=LRScheduler)
+    checkpoint: Checkpoint = field(default_factory=Checkpoint)
+    metrics: Metrics = field(default_factory=Metrics)
+    ray: Ray = field(default_factory=Ray)
+
+    @property
+    def run_name(self) -> str:
+        return self.ray.name or f"{self.model.name}-{self.model.flavor}"
+
+    @property
+    def run_dir(self) -> str:
+        """Folder holding this run's checkpoints, TensorBoard logs and resolved config."""
+        root = self.ray.storage_path or self.job.dump_folder
+        if "://" not in root:
+            root = os.path.abspath(os.path.expanduser(root))
+        return f"{root.rstrip('/')}/{self.run_name}"
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, dict[str, Any]]) -> JobConfig:
+        config = cls()
+        apply_dict(config, data, source="dict")
+        return config
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def _field_types(section_cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(section_cls)
+
+
+def _base_type(tp: Any) -> Any:
+    """``int | None`` -> int; other types unchanged."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) in (typing.Union, getattr(__import__("types"), "UnionType")) and len(args) == 1:
+        return args[0]
+    return tp
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Convert a TOML or command-line value to the field's type, or raise naming the key."""
+    base = _base_type(tp)
+    if value is None or (isinstance(value, str) and value.lower() == "none" and base is not str):
+        if base is not tp:  # optional
+            return None
+    try:
+        if base is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "1", "yes"):
+                return True
+            if isinstance(value, str) and value.lower() in ("false", "0", "no"):
+                return False
+            raise ValueError
+        if base is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if base is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if base is str:
+            if not isinstance(value, str):
+                raise ValueError
+            return value
+        if typing.get_origin(base) is list or base is list:
+            items = value.split(",") if isinstance(value, str) else list(value)
+            return [i.strip() if isinstance(i, str) else i for i in items if i != ""]
+        if base is dict:
+            if isinstance(value, dict):
+                return dict(value)
+            out = {}
+            for item in filter(None, (s.strip() for s in str(value).split(","))):
+                name, _, amount = item.partition("=")
+                out[name.strip()] = float(amount)
+            return out
+    except (TypeError, ValueError):
+        pass
+    type_name = getattr(base, "__name__", str(base))
+    raise ConfigError(f"{key}: expected {type_name}, got {value!r}")
+
+
+def _all_keys() -> list[str]:
+    return [f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
+
+
+def _unknown(key: str, source: str) -> ConfigError:
+    close = difflib.get_close_matches(key, _all_keys() + list(SECTIONS), n=1, cutoff=0.5)
+    hint = f"; did you mean '{close[0]}'?" if close else "; see --help for the valid keys"
+    return ConfigError(f"unknown config key '{key}' in {source}{hint}")
+
+
+def set_key(config: JobConfig, key: str, value: Any, source: str) -> None:
+    section, _, name = key.partition(".")
+    if section not in SECTIONS or not name:
+        raise _unknown(key, source)
+    obj = getattr(config, section)
+    types = _field_types(SECTIONS[section])
+    if name not in types:
+        raise _unknown(key, source)
+    setattr(obj, name, _convert(value, types[name], key))
+
+
+def apply_dict(config: JobConfig, data: dict[str, Any], source: str) -> None:
+    for section, values in data.items():
+        if section not in SECTIONS:
+            raise _unknown(section, source)
+        if not isinstance(values, dict):
+            raise ConfigError(f"[{section}] in {source} must be a table of keys")
+        for name, value in values.items():
+            set_key(config, f"{section}.{name}", value, source)
+
+
+def load_toml(path: str) -> dict[str, Any]:
+    if not os.path.isfile(path):
+        raise ConfigError(f"job.config_file: no such file '{path}'")
+    with open(path, "rb") as f:
+        try:
+            return tomllib.load(f)
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"job.config_file: '{path}' is not valid TOML: {e}") from None
+
+
+def _help_text() -> str:
+    lines = ["Config keys (TOML [section] key, or --section.key VALUE on the command line):", ""]
+    for section, cls in SECTIONS.items():
+        lines.append(f"[{section}]")
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            lines.append(f"  --{section}.{f.name:<34} {f.metadata['doc']} (default: {default!r})")
+        lines.append("")
+    lines.append("Booleans: --section.key / --no-section.key; lists: comma-separated; dicts: K=V,K=V.")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None, prog: str = "raytitan.train") -> JobConfig:
+    """Defaults < TOML file < command-line keys."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        print(f"usage: python -m {prog} [--job.config_file FILE] [--section.key VALUE ...]\n")
+        print(_help_text())
+        raise SystemExit(0)
+
+    overrides: list[tuple[str, Any]] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument '{arg}': keys are given as --section.key VALUE")
+        key, eq, value = arg[2:].partition("=")
+        negated = key.startswith("no-")
+        if negated:
+            key = key[3:]
+        section, _, name = key.partition(".")
+        types = _field_types(SECTIONS[section]) if section in SECTIONS else {}
+        if name not in types:
+            raise _unknown(key, "the command line")
+        is_bool = _base_type(types[name]) is bool
+        if negated:
+            if not is_bool or eq:
+                raise ConfigError(f"--no-{key}: only boolean keys can be negated")
+            value = False
+        elif not eq:
+            nxt = argv[i + 1] if i + 1 < len(argv) else None
+            if is_bool and (nxt is None or nxt.startswith("--")):
+                value = True
+            elif nxt is None:
+                raise ConfigError(f"--{key} needs a value")
+            else:
+                value, i = nxt, i + 1
+        overrides.append((key, value))
+        i += 1
+
+    config = JobConfig()
+    config_file = next((v for k, v in overrides if k == "job.config_file"), None)
+    if config_file:
+        apply_dict(config, load_toml(config_file), source=config_file)
+    for key, value in overrides:
+        set_key(config, key, value, source="the command line")
+    return config
+
+
+def to_toml(config: JobConfig) -> str:
+    """The resolved config as TOML, loadable again with --job.config_file."""
+
+    def fmt(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        if isinstance(v, list):
+            return "[" + ", ".join(fmt(x) for x in v) + "]"
+        if isinstance(v, dict):
+            return "{" + ", ".join(f"{k} = {fmt(x)}" for k, x in v.items()) + "}"
+        return repr(v)
+
+    out = []
+    for section, values in config.to_dict().items():
+        out.append(f"[{section}]")
+        out += [f"{k} = {fmt(v)}" for k, v in values.items() if v is not None]
+        out.append("")
+    return "\n".join(out)

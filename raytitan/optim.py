@@ -1,0 +1,63 @@
+"""Optimizer and learning-rate schedule (warmup, optional stable phase, decay)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+
+def build_optimizer(params, config, device: torch.device) -> torch.optim.Optimizer:
+    impl = config.implementation
+    if impl == "auto":
+        impl = "fused" if device.type == "cuda" else "foreach"
+    kwargs = {
+        "lr": config.lr,
+        "betas": (config.beta1, config.beta2),
+        "eps": config.eps,
+        "weight_decay": config.weight_decay,
+        "fused": impl == "fused",
+        "foreach": impl == "foreach",
+    }
+    cls = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam}[config.name.lower()]
+    return cls(params, **kwargs)
+
+
+class WarmupStableDecay:
+    """LR multiplier at a step: linear warmup, flat, then decay to ``min_lr_factor``.
+
+    ``decay_ratio`` is the share of all steps spent decaying; None decays over every
+    step after warmup.
+    """
+
+    def __init__(self, warmup_steps: int, total_steps: int, decay_ratio: float | None, decay_type: str,
+                 min_lr_factor: float):
+        self.warmup = warmup_steps
+        decay_steps = total_steps - warmup_steps if decay_ratio is None else round(total_steps * decay_ratio)
+        self.decay_start = total_steps - decay_steps
+        self.decay_steps = max(decay_steps, 1)
+        self.decay_type, self.min_lr_factor = decay_type, min_lr_factor
+
+    def __call__(self, step: int) -> float:
+        # LambdaLR calls with the number of completed steps; step s trains with lambda(s).
+        if step < self.warmup:
+            return (step + 1) / (self.warmup + 1)
+        if step < self.decay_start:
+            return 1.0
+        progress = min((step - self.decay_start) / self.decay_steps, 1.0)
+        if self.decay_type == "linear":
+            frac = 1 - progress
+        elif self.decay_type == "sqrt":
+            frac = 1 - math.sqrt(progress)
+        elif self.decay_type == "cosine":
+            frac = 0.5 * (1 + math.cos(math.pi * progress))
+        else:
+            raise ValueError(f"lr_scheduler.decay_type: unknown '{self.decay_type}'")
+        return self.min_lr_factor + (1 - self.min_lr_factor) * frac
+
+
+def build_lr_scheduler(optimizer: torch.optim.Optimizer, config, total_steps: int) -> LambdaLR:
+    schedule = WarmupStableDecay(config.warmup_steps, total_steps, config.decay_ratio, config.decay_type,
+                                 config.min_lr_factor)
+    return LambdaLR(optimizer, schedule)

@@ -1,0 +1,123 @@
+"""ParallelDims: every parallel degree in one place, validated once, and the named DeviceMesh."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+
+class ParallelismError(ValueError):
+    """Degrees that cannot form a mesh on the given world size."""
+
+
+@dataclass
+class ParallelDims:
+    dp_replicate: int
+    dp_shard: int  # -1: whatever the other degrees leave
+    cp: int
+    tp: int
+    pp: int
+    world_size: int
+
+    def __post_init__(self) -> None:
+        for name in ("dp_replicate", "cp", "tp", "pp"):
+            if getattr(self, name) < 1:
+                raise ParallelismError(f"{self._key(name)} must be >= 1, got {getattr(self, name)}")
+        if self.dp_shard == 0 or self.dp_shard < -1:
+            raise ParallelismError(f"{self._key('dp_shard')} must be -1 (fill) or >= 1, got {self.dp_shard}")
+        block = self.dp_replicate * self.cp * self.tp * self.pp
+        if self.dp_shard == -1:
+            if self.world_size % block:
+                raise ParallelismError(
+                    f"world size {self.world_size} is not divisible by replicate x cp x tp x pp = {block}; "
+                    "change the degrees or the number of workers"
+                )
+            self.dp_shard = self.world_size // block
+        if block * self.dp_shard != self.world_size:
+            raise ParallelismError(
+                f"replicate({self.dp_replicate}) x shard({self.dp_shard}) x cp({self.cp}) x tp({self.tp}) x "
+                f"pp({self.pp}) = {block * self.dp_shard}, but the world size is {self.world_size}; "
+                "set parallelism.data_parallel_shard_degree = -1 to fill, or change ray.num_workers"
+            )
+
+    @staticmethod
+    def _key(name: str) -> str:
+        keys = {
+            "dp_replicate": "data_parallel_replicate_degree",
+            "dp_shard": "data_parallel_shard_degree",
+            "cp": "context_parallel_degree",
+            "tp": "tensor_parallel_degree",
+            "pp": "pipeline_parallel_degree",
+        }
+        return f"parallelism.{keys[name]}"
+
+    @classmethod
+    def from_config(cls, parallelism, world_size: int) -> ParallelDims:
+        return cls(
+            dp_replicate=parallelism.data_parallel_replicate_degree,
+            dp_shard=parallelism.data_parallel_shard_degree,
+            cp=parallelism.context_parallel_degree,
+            tp=parallelism.tensor_parallel_degree,
+            pp=parallelism.pipeline_parallel_degree,
+            world_size=world_size,
+        )
+
+    @property
+    def dp(self) -> int:
+        """Data-parallel degree: how many distinct slices of each global batch there are."""
+        return self.dp_replicate * self.dp_shard
+
+    @property
+    def fsdp_enabled(self) -> bool:
+        return self.dp_shard > 1
+
+    @property
+    def hsdp_enabled(self) -> bool:
+        return self.dp_replicate > 1
+
+    def build_mesh(self, device_type: str) -> DeviceMesh:
+        """Named mesh over the enabled dims, plus flattened 'dp' (and 'dp_shard_cp' for FSDP)."""
+        dims = [
+            ("pp", self.pp),
+            ("dp_replicate", self.dp_replicate),
+            ("dp_shard", self.dp_shard),
+            ("cp", self.cp),
+            ("tp", self.tp),
+        ]
+        # A world of one still gets a one-dim mesh so collectives have a group.
+        names = [n for n, d in dims if d > 1] or ["dp_shard"]
+        shape = [d for n, d in dims if n in names]
+        mesh = init_device_mesh(device_type, tuple(shape), mesh_dim_names=tuple(names))
+        dp_names = tuple(n for n in ("dp_replicate", "dp_shard") if n in names)
+        if dp_names and len(dp_names) > 1:
+            mesh[dp_names]._flatten("dp")
+        return mesh
+
+    @staticmethod
+    def dp_mesh(mesh: DeviceMesh) -> DeviceMesh | None:
+        """The data-parallel sub-mesh (ranks that see different rows), or None when dp = 1."""
+        names = mesh.mesh_dim_names or ()
+        dp_names = [n for n in ("dp_replicate", "dp_shard") if n in names and mesh[n].size() > 1]
+        if len(dp_names) == 2:
+            return mesh["dp"]
+        return mesh[dp_names[0]] if dp_names else None
+
+    @staticmethod
+    def fsdp_mesh(mesh: DeviceMesh) -> DeviceMesh | None:
+        """1-D shard mesh for FSDP, 2-D (replicate, shard) mesh for HSDP, None when not sharding."""
+        names = mesh.mesh_dim_names or ()
+        if "dp_replicate" in names and "dp_shard" in names:
+            return mesh["dp_replicate", "dp_shard"]
+        for name in ("dp_shard", "dp_replicate"):
+            if name in names and mesh[name].size() > 1:
+                return mesh[name]
+        return None
+
+    @cached_property
+    def summary(self) -> str:
+        return (
+            f"world {self.world_size} = dp_replicate {self.dp_replicate} x dp_shard {self.dp_shard} "
+            f"x cp {self.cp} x tp {self.tp} x pp {self.pp}"
+        )

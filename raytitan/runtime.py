@@ -1,0 +1,50 @@
+"""The little a worker asks of whatever launched it: process group, device, data, reporting.
+
+``TorchrunRuntime`` serves plain ``torchrun`` (and single-process) runs; the Ray one lives
+in the orchestration layer (``raytitan.launcher``). The training code is the same for both.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from raytitan.data.loader import BatchLoader, LocalLoader
+
+
+class Runtime:
+    name = "base"
+
+    def init_distributed(self, use_gpu: bool) -> torch.device:
+        """Join the process group (if the launcher has not) and return this rank's device."""
+        device = self.device(use_gpu)
+        if not dist.is_initialized():
+            backend = "nccl" if device.type == "cuda" else "gloo"
+            if "RANK" in os.environ:
+                dist.init_process_group(backend, timeout=timedelta(minutes=10))
+            else:  # one process, no launcher: a world of one
+                dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        return device
+
+    def device(self, use_gpu: bool) -> torch.device:
+        if use_gpu:
+            if not torch.cuda.is_available():
+                raise RuntimeError("ray.use_gpu is set but this worker sees no CUDA device")
+            index = int(os.environ.get("LOCAL_RANK", 0))
+            torch.cuda.set_device(index)
+            return torch.device("cuda", index)
+        return torch.device("cpu")
+
+    def build_loader(self, shards, model_config, tokenizer, seq_len: int, seed: int, global_batch_size: int,
+                     dp_rank: int, dp_size: int) -> BatchLoader:
+        return LocalLoader(shards, tokenizer, seq_len, seed, global_batch_size, dp_rank, dp_size)
+
+    def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
+        """Hand metrics (and a committed checkpoint) to the launcher; nothing to do without one."""
+
+
+class TorchrunRuntime(Runtime):
+    name = "torchrun"

@@ -1,0 +1,124 @@
+"""The training loop: forward, backward over microbatches, clip, step, log, checkpoint.
+
+Knows nothing of Ray: the caller hands it the built pieces and a ``report`` callback.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
+
+from raytitan.checkpoint import CheckpointManager
+from raytitan.data.loader import BatchLoader
+from raytitan.metrics import MetricsLogger
+
+logger = logging.getLogger("raytitan")
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class TrainState:
+    """Progress counters; a DCP Stateful so it rides along in every checkpoint."""
+
+    step: int = 0
+    tokens_seen: int = 0
+    losses: list[float] = field(default_factory=list)  # global mean loss of each step this process ran
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "tokens_seen": self.tokens_seen}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
+
+
+def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum",
+                           ignore_index=IGNORE_INDEX)
+
+
+def clip_grad_norm_(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Total gradient norm over all ranks' shards (DTensor-aware), clipped in place if max_norm > 0."""
+    grads = [p.grad for p in params if p.grad is not None]
+    total = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+    if isinstance(total, DTensor):
+        total = total.full_tensor()  # reduce the partial norms of the shards
+    if max_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_([p for p in params if p.grad is not None], max_norm, total)
+    return total
+
+
+class Trainer:
+    def __init__(self, model, optimizer, lr_scheduler, loader: BatchLoader, checkpoint: CheckpointManager,
+                 metrics: MetricsLogger, state: TrainState, *, device: torch.device, local_batch_size: int,
+                 total_steps: int, max_norm: float, log_freq: int, dp_group: dist.ProcessGroup | None,
+                 report: Callable[[dict, str | None], None] = lambda metrics, checkpoint_dir: None):
+        self.model, self.optimizer, self.lr_scheduler = model, optimizer, lr_scheduler
+        self.loader, self.checkpoint, self.metrics, self.state = loader, checkpoint, metrics, state
+        self.device, self.local_batch_size = device, local_batch_size
+        self.total_steps, self.max_norm, self.log_freq = total_steps, max_norm, log_freq
+        self.dp_group, self.report = dp_group, report
+        self.params = [p for p in model.parameters() if p.requires_grad]
+
+    def _all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.dp_group is not None:
+            dist.all_reduce(t, group=self.dp_group)
+        return t
+
+    def train_step(self, tokens: torch.Tensor) -> tuple[float, float]:
+        """One optimizer step over this rank's rows, split into microbatches.
+
+        Each microbatch's summed loss is divided by the *global* target-token count, and
+        gradients are summed over ranks, so the update is the same however the global
+        batch is split across ranks and microbatches.
+        """
+        inputs, labels = tokens[:, :-1], tokens[:, 1:]
+        global_tokens = self._all_reduce_sum((labels != IGNORE_INDEX).sum().to(torch.float32))
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum = torch.zeros((), device=self.device)
+        for mb_inputs, mb_labels in zip(inputs.split(self.local_batch_size), labels.split(self.local_batch_size)):
+            loss = cross_entropy_sum(self.model(mb_inputs), mb_labels) / global_tokens
+            loss.backward()
+            loss_sum += loss.detach()
+        grad_norm = clip_grad_norm_(self.params, self.max_norm)
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        return self._all_reduce_sum(loss_sum).item(), grad_norm.item()
+
+    def fit(self) -> TrainState:
+        self.model.train()
+        while self.state.step < self.total_steps:
+            step = self.state.step + 1
+            lr = self.lr_scheduler.get_last_lr()[0]
+            t0 = time.perf_counter()
+            batch = self.loader.next_batch()
+            data_wait = time.perf_counter() - t0
+            tokens = batch.tokens.to(self.device, non_blocking=True)
+
+            loss, grad_norm = self.train_step(tokens)
+
+            self.state.step = step
+            step_tokens = self.loader.global_batch_size * (tokens.shape[1] - 1)
+            self.state.tokens_seen += step_tokens
+            self.state.losses.append(loss)
+            self.metrics.record_step(step_tokens, data_wait)
+
+            metrics = None
+            if step % self.log_freq == 0 or step == self.total_steps or step == 1:
+                metrics = self.metrics.summarize(step, loss, grad_norm, lr)
+                metrics["tokens_seen"] = self.state.tokens_seen
+                self.metrics.log(metrics)
+            checkpoint_dir = None
+            if self.checkpoint.should_save(step, self.total_steps):
+                checkpoint_dir = self.checkpoint.save(step)
+            if metrics is not None or checkpoint_dir is not None:
+                self.report(metrics or {"step": step, "loss": loss}, checkpoint_dir)
+        self.metrics.close()
+        return self.state

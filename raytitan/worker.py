@@ -1,0 +1,138 @@
+"""Per-worker entry: build mesh, model, optimizer, data and checkpoints, then train.
+
+Runs unchanged under Ray (``raytitan.launcher``) and under
+``torchrun --nproc_per_node N -m raytitan.worker [--section.key value ...]``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+from raytitan.checkpoint import CheckpointManager, ModelState, OptimizerState
+from raytitan.config import JobConfig, parse_args
+from raytitan.data.tokenizer import build_tokenizer
+from raytitan.metrics import MetricsLogger
+from raytitan.models.llama3.model import Transformer, count_params, flops_per_token
+from raytitan.models.llama3.parallelize import parallelize_llama
+from raytitan.optim import build_lr_scheduler, build_optimizer
+from raytitan.parallel.dims import ParallelDims
+from raytitan.preflight import plan_run
+from raytitan.runtime import Runtime, TorchrunRuntime
+from raytitan.trainer import Trainer, TrainState
+
+logger = logging.getLogger("raytitan")
+
+
+def setup_logging(rank: int) -> None:
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"[rank{rank}] %(asctime)s %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stdout,
+        force=True,
+    )
+
+
+class LRSchedulerState:
+    """The schedule's position only: its shape is rebuilt from the config."""
+
+    def __init__(self, scheduler):
+        self.scheduler = scheduler
+
+    def state_dict(self) -> dict:
+        return {"last_epoch": self.scheduler.last_epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scheduler.last_epoch = int(state["last_epoch"])
+        self.scheduler._step_count = self.scheduler.last_epoch + 1
+        factors = [fn(self.scheduler.last_epoch) for fn in self.scheduler.lr_lambdas]
+        self.scheduler._last_lr = [base * f for base, f in zip(self.scheduler.base_lrs, factors)]
+        for group, lr in zip(self.scheduler.optimizer.param_groups, self.scheduler._last_lr):
+            group["lr"] = lr
+
+
+def build_model(plan, mesh, config: JobConfig, device: torch.device) -> Transformer:
+    """Meta-device model -> parallelized -> materialized on ``device`` -> initialized."""
+    with torch.device("meta"):
+        model = Transformer(plan.model_args)
+    parallelize_llama(model, plan.dims, mesh, config.training)
+    model.to_empty(device=device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(config.training.seed)
+        model.init_weights(buffer_device=device)
+    return model
+
+
+def run(config: JobConfig, runtime: Runtime) -> TrainState:
+    device = runtime.init_distributed(config.ray.use_gpu)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    setup_logging(rank)
+    plan = plan_run(config, world)
+    if config.training.deterministic:
+        torch.use_deterministic_algorithms(True)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.manual_seed(config.training.seed)
+
+    mesh = plan.dims.build_mesh(device.type)
+    dp_mesh = ParallelDims.dp_mesh(mesh)
+    dp_rank, dp_size = (dp_mesh.get_local_rank(), dp_mesh.size()) if dp_mesh else (0, 1)
+    logger.info("%s | %s | global batch %d = local %d x accumulation %d x dp %d",
+                runtime.name, plan.dims.summary, plan.global_batch_size, plan.local_batch_size,
+                plan.accumulation_steps, dp_size)
+
+    model = build_model(plan, mesh, config, device)
+    n_params, n_embedding = count_params(model)
+    logger.info("model %s %s: %.2fM parameters", config.model.name, config.model.flavor, n_params / 1e6)
+
+    optimizer = build_optimizer(model.parameters(), config.optimizer, device)
+    lr_scheduler = build_lr_scheduler(optimizer, config.lr_scheduler, config.training.steps)
+    tokenizer = build_tokenizer(config.model)
+    loader = runtime.build_loader(plan.shards, config.model, tokenizer, config.training.seq_len,
+                                  config.training.seed, plan.global_batch_size, dp_rank, dp_size)
+    state = TrainState()
+    checkpoint = CheckpointManager(
+        os.path.join(config.run_dir, config.checkpoint.folder),
+        {"model": ModelState(model), "optimizer": OptimizerState(model, optimizer),
+         "lr_scheduler": LRSchedulerState(lr_scheduler), "dataloader": loader, "train_state": state},
+        interval=config.checkpoint.interval, keep_latest_k=config.checkpoint.keep_latest_k,
+        enable=config.checkpoint.enable,
+    )
+    if config.checkpoint.create_seed_checkpoint:
+        if world != 1:
+            raise ValueError("checkpoint.create_seed_checkpoint runs on one process: set ray.num_workers = 1")
+        checkpoint.save(0, model_only=True)
+        logger.info("seed checkpoint written to %s", checkpoint.folder)
+        return state
+    if config.checkpoint.enable:
+        step = checkpoint.resolve_load_step(config.checkpoint.load_step)
+        if step is not None:
+            checkpoint.load(step)
+            logger.info("resumed from %s/step-%d (step %d, %d tokens seen, data cursor %s)",
+                        checkpoint.folder, step, state.step, state.tokens_seen, loader.cursor.as_list())
+
+    tb = os.path.join(config.run_dir, config.metrics.save_tb_folder) if config.metrics.enable_tensorboard else None
+    metrics = MetricsLogger(device, flops_per_token(plan.model_args, n_params, n_embedding, config.training.seq_len),
+                            world, config.metrics.peak_tflops, tb, rank)
+    trainer = Trainer(
+        model, optimizer, lr_scheduler, loader, checkpoint, metrics, state,
+        device=device, local_batch_size=plan.local_batch_size, total_steps=config.training.steps,
+        max_norm=config.training.max_norm, log_freq=config.metrics.log_freq,
+        dp_group=dp_mesh.get_group() if dp_mesh else None, report=runtime.report,
+    )
+    return trainer.fit()
+
+
+def main(argv: list[str] | None = None) -> None:
+    config = parse_args(argv, prog="raytitan.worker")
+    run(config, TorchrunRuntime())
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
