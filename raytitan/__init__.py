@@ -1,0 +1,35 @@
+"""raytitan: elastic, Ray-orchestrated Llama 3 pretraining with PyTorch-native parallelism."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from raytitan.config import JobConfig, apply_dict, load_toml, set_key
+
+__all__ = ["JobConfig", "fit", "load_config"]
+
+
+def load_config(config: str | JobConfig | dict | None = None, **overrides: Any) -> JobConfig:
+    """A JobConfig from a TOML path, a dict, or a JobConfig, with ``section__key=value`` overrides."""
+    if isinstance(config, JobConfig):
+        resolved = JobConfig.from_dict(config.to_dict())
+    elif isinstance(config, dict):
+        resolved = JobConfig.from_dict(config)
+    else:
+        resolved = JobConfig()
+        if config is not None:
+            apply_dict(resolved, load_toml(config), source=config)
+            resolved.job.config_file = config
+    for key, value in overrides.items():
+        set_key(resolved, key.replace("__", "."), value, source="fit() overrides")
+    return resolved
+
+
+def fit(config: str | JobConfig | dict | None = None, **overrides: Any):
+    """Train through Ray from a notebook or script; returns the Ray Train ``Result``.
+
+    Example: ``raytitan.fit("configs/llama3_debug.toml", training__steps=20)``.
+    """
+    from raytitan.launcher import launch
+
+    return launch(load_config(config, **overrides))

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -149,14 +150,29 @@ class CheckpointManager:
         A model-only checkpoint (a seed checkpoint) restores the weights alone.
         """
         path = step_dir(self.folder, step)
+        self.load_path(path, model_only=read_commit(self.folder, step).get("model_only", False))
+
+    def load_path(self, path: str, model_only: bool) -> None:
+        """Restore from a committed step folder anywhere (e.g. ``checkpoint.initial_load_path``)."""
+        if not os.path.isfile(os.path.join(path, COMMIT_MARKER)):
+            raise CheckpointError(f"{path} is not a committed checkpoint (no {COMMIT_MARKER} file)")
+        states = {"model": self.states["model"]} if model_only else self.states
         try:
-            model_only = read_commit(self.folder, step).get("model_only", False)
-            states = {"model": self.states["model"]} if model_only else self.states
             dcp.load(states, checkpoint_id=path)
-        except (OSError, RuntimeError, KeyError, ValueError) as e:
+        except (Exception, CheckpointException) as e:
             raise CheckpointError(
-                f"cannot load checkpoint {path}: {e}. Delete its {COMMIT_MARKER} file to fall back to an older step"
+                f"cannot load checkpoint {path}: {_root_cause(e)}. If it is damaged, delete its "
+                f"{COMMIT_MARKER} file so the run falls back to the previous step"
             ) from e
+
+
+def _root_cause(e: BaseException) -> str:
+    """One line per failing rank instead of DCP's nested tracebacks."""
+    if isinstance(e, CheckpointException):
+        causes = {f"{type(w.exception).__name__}: {str(w.exception).splitlines()[0]}" for w in e.failures.values()
+                  if hasattr(w, "exception")}
+        return "; ".join(sorted(causes)) or str(e).splitlines()[0]
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
 
 def _barrier() -> None:

@@ -94,6 +94,7 @@ class Checkpoint:
     load_step: int = opt(-1, "Resume from this step instead of the newest committed one (-1 = newest)")
     keep_latest_k: int = opt(3, "Keep this many newest committed checkpoints (0 = keep all)")
     create_seed_checkpoint: bool = opt(False, "Write initial weights as step-0 from one process, then exit")
+    initial_load_path: str | None = opt(None, "Step folder to take initial weights from when the run has no checkpoint")
 
 
 @dataclass

@@ -67,6 +67,9 @@ def check_values(config: JobConfig) -> None:
         raise ConfigError("lr_scheduler.min_lr_factor must be within [0, 1]")
     if config.lr_scheduler.decay_ratio is not None and not 0 <= config.lr_scheduler.decay_ratio <= 1:
         raise ConfigError("lr_scheduler.decay_ratio must be within [0, 1] (or unset)")
+    path = config.checkpoint.initial_load_path
+    if path and not os.path.isfile(os.path.join(path, "COMMITTED")):
+        raise ConfigError(f"checkpoint.initial_load_path: '{path}' is not a committed checkpoint step folder")
     if config.model.hf_assets_path and not os.path.isdir(config.model.hf_assets_path):
         raise ConfigError(f"model.hf_assets_path: no such folder '{config.model.hf_assets_path}'")
 

@@ -6,13 +6,26 @@ in the orchestration layer (``raytitan.launcher``). The training code is the sam
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
 from raytitan.data.loader import BatchLoader, LocalLoader
+
+
+def setup_logging(rank: int) -> None:
+    """raytitan's own log lines: INFO on rank 0, warnings elsewhere; other libraries untouched."""
+    log = logging.getLogger("raytitan")
+    log.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    log.propagate = False
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter(f"[rank{rank}] %(asctime)s %(message)s", datefmt="%H:%M:%S"))
+        log.addHandler(handler)
 
 
 class Runtime:

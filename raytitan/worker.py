@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 
 import torch
 import torch.distributed as dist
@@ -22,20 +21,10 @@ from raytitan.models.llama3.parallelize import parallelize_llama
 from raytitan.optim import build_lr_scheduler, build_optimizer
 from raytitan.parallel.dims import ParallelDims
 from raytitan.preflight import plan_run
-from raytitan.runtime import Runtime, TorchrunRuntime
+from raytitan.runtime import Runtime, TorchrunRuntime, setup_logging
 from raytitan.trainer import Trainer, TrainState
 
 logger = logging.getLogger("raytitan")
-
-
-def setup_logging(rank: int) -> None:
-    logging.basicConfig(
-        level=logging.INFO if rank == 0 else logging.WARNING,
-        format=f"[rank{rank}] %(asctime)s %(message)s",
-        datefmt="%H:%M:%S",
-        stream=sys.stdout,
-        force=True,
-    )
 
 
 class LRSchedulerState:
@@ -114,6 +103,9 @@ def run(config: JobConfig, runtime: Runtime) -> TrainState:
             checkpoint.load(step)
             logger.info("resumed from %s/step-%d (step %d, %d tokens seen, data cursor %s)",
                         checkpoint.folder, step, state.step, state.tokens_seen, loader.cursor.as_list())
+        elif config.checkpoint.initial_load_path:
+            checkpoint.load_path(config.checkpoint.initial_load_path, model_only=True)
+            logger.info("initial weights from %s", config.checkpoint.initial_load_path)
 
     tb = os.path.join(config.run_dir, config.metrics.save_tb_folder) if config.metrics.enable_tensorboard else None
     metrics = MetricsLogger(device, flops_per_token(plan.model_args, n_params, n_embedding, config.training.seq_len),

@@ -1,0 +1,148 @@
+"""Ray layer: connect to (or start) Ray, start the data feeder and a TorchTrainer, summarize.
+
+Everything Ray-specific lives here; the workers run ``raytitan.worker.run`` with a
+``RayRuntime`` instead of the torchrun one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import ray
+import ray.train
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from raytitan.config import ConfigError, JobConfig, to_toml
+from raytitan.data.ray_feed import DataFeeder, RayFeedLoader
+from raytitan.preflight import plan_run
+from raytitan.runtime import Runtime, setup_logging
+
+logger = logging.getLogger("raytitan")
+
+# CPUs the Ray Data pipeline needs that training workers must leave free (two 0.5-CPU packers).
+DATA_CPUS = 1.0
+
+
+class RayRuntime(Runtime):
+    name = "ray"
+
+    def __init__(self, feeder):
+        self.feeder = feeder
+
+    def device(self, use_gpu: bool):
+        if use_gpu:
+            import ray.train.torch
+
+            return ray.train.torch.get_device()
+        return super().device(False)
+
+    def build_loader(self, shards, model_config, tokenizer, seq_len, seed, global_batch_size, dp_rank, dp_size):
+        return RayFeedLoader(self.feeder, global_batch_size, dp_rank, dp_size)
+
+    def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
+        # The checkpoint is already committed in the run folder (= Ray's experiment folder).
+        checkpoint = ray.train.Checkpoint(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(
+            metrics,
+            checkpoint=checkpoint,
+            checkpoint_dir_name=os.path.basename(checkpoint_dir) if checkpoint_dir else None,
+            checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD,
+        )
+
+
+def _train_fn(loop_config: dict) -> None:
+    from raytitan.worker import run
+
+    run(JobConfig.from_dict(loop_config["config"]), RayRuntime(loop_config["feeder"]))
+
+
+def _connect(config: JobConfig) -> None:
+    if ray.is_initialized():
+        return
+    address = config.ray.address or os.environ.get("RAY_ADDRESS")
+    # Workers import raytitan from where the driver does, also when it is not installed.
+    runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [_package_root(), os.environ.get("PYTHONPATH")]))}}
+    if address:
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+    else:
+        ray.init(runtime_env=runtime_env)
+
+
+def _package_root() -> str:
+    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _worker_resources(config: JobConfig) -> dict:
+    """Per-worker resources; by default on CPU, an equal share of what the data pipeline leaves."""
+    if config.ray.resources_per_worker:
+        resources = dict(config.ray.resources_per_worker)
+    elif config.ray.use_gpu:
+        resources = {"CPU": 1.0, "GPU": 1.0}
+    else:
+        total = ray.cluster_resources().get("CPU", 0.0)
+        resources = {"CPU": max(0.1, round((total - DATA_CPUS) / config.ray.num_workers, 2))}
+    total_cpus = ray.cluster_resources().get("CPU", 0.0)
+    spare = total_cpus - resources.get("CPU", 1.0) * config.ray.num_workers
+    if spare < DATA_CPUS - 1e-6:
+        raise ConfigError(
+            f"ray.resources_per_worker: {config.ray.num_workers} workers x {resources.get('CPU', 1.0)} CPU leave "
+            f"{spare:.2f} of the cluster's {total_cpus:g} CPUs for the data pipeline, which needs {DATA_CPUS:g}; "
+            "lower the per-worker CPU share or add CPUs (a starved pipeline would hang training)"
+        )
+    return resources
+
+
+def launch(config: JobConfig) -> ray.train.Result:
+    """Validate, start the workers through Ray Train, wait, and print a summary."""
+    setup_logging(rank=0)
+    plan = plan_run(config, config.ray.num_workers)  # every config error surfaces here, before Ray starts
+    print(f"resolved config:\n{to_toml(config)}", flush=True)
+    os.makedirs(config.run_dir, exist_ok=True)
+    with open(os.path.join(config.run_dir, "config.toml"), "w") as f:
+        f.write(to_toml(config))
+
+    _connect(config)
+    resources = _worker_resources(config)
+    feeder = ray.remote(DataFeeder).options(num_cpus=0, max_concurrency=64).remote(
+        plan.shards, config.model, config.training.seq_len, config.training.seed, plan.global_batch_size
+    )
+    trainer = TorchTrainer(
+        _train_fn,
+        train_loop_config={"config": config.to_dict(), "feeder": feeder},
+        torch_config=TorchConfig(backend="nccl" if config.ray.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=config.ray.num_workers, use_gpu=config.ray.use_gpu, resources_per_worker=resources
+        ),
+        run_config=ray.train.RunConfig(
+            name=config.run_name,
+            storage_path=os.path.dirname(config.run_dir),
+            failure_config=ray.train.FailureConfig(max_failures=config.ray.max_failures),
+        ),
+    )
+    t0 = time.perf_counter()
+    try:
+        result = trainer.fit()
+    finally:
+        ray.kill(feeder)
+    print(summary(config, result, time.perf_counter() - t0), flush=True)
+    return result
+
+
+def summary(config: JobConfig, result: ray.train.Result, seconds: float) -> str:
+    m = result.metrics or {}
+    lines = [
+        "=" * 72,
+        f"run {config.run_name} finished in {seconds:.1f}s",
+        f"  steps        {m.get('step', '?')} / {config.training.steps}",
+        f"  tokens seen  {m.get('tokens_seen', '?')}",
+        f"  final loss   {m['loss']:.4f}" if "loss" in m else "  final loss   ?",
+        f"  checkpoints  {os.path.join(config.run_dir, config.checkpoint.folder)}",
+    ]
+    if result.checkpoint:
+        lines.append(f"  latest       {result.checkpoint.path}")
+    if config.metrics.enable_tensorboard:
+        lines.append(f"  tensorboard  tensorboard --logdir {os.path.join(config.run_dir, config.metrics.save_tb_folder)}")
+    lines.append("=" * 72)
+    return "\n".join(lines)

@@ -1,0 +1,32 @@
+"""``python -m raytitan.train [--job.config_file F] [--section.key value ...]``
+
+Parses and validates the config, then hands it to the Ray launcher. With no Ray address
+(``ray.address`` or ``RAY_ADDRESS``) it starts a local Ray instance.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from raytitan.config import ConfigError, parse_args
+
+DEFAULT_CONFIG = "configs/llama3_debug.toml"
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        config = parse_args(argv)
+        from raytitan.launcher import launch
+
+        result = launch(config)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    if result.error:
+        print(f"training failed: {result.error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,20 @@
+import os
+
+import pytest
+
+from raytitan.data.synthetic import ensure_synthetic_shards
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> str:
+    """A small seeded C4-format corpus shared by the whole session."""
+    folder = str(tmp_path_factory.mktemp("c4"))
+    ensure_synthetic_shards(folder, seed=0, num_shards=4, docs_per_shard=300)
+    return folder
+
+
+@pytest.fixture(autouse=True)
+def _cache_in_tmp(tmp_path_factory, monkeypatch):
+    # Never write generated data into the user's cache from tests.
+    monkeypatch.setenv("RAYTITAN_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+    monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))

@@ -1,0 +1,118 @@
+import dataclasses
+import os
+
+import pytest
+
+from raytitan import load_config
+from raytitan.config import SECTIONS, ConfigError, JobConfig, parse_args, to_toml
+from raytitan.preflight import plan_run
+
+from tests.helpers import tiny_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def write(tmp_path, text: str) -> str:
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_toml_then_overrides(tmp_path):
+    path = write(tmp_path, '[training]\nsteps = 7\nseq_len = 128\n[optimizer]\nlr = 0.01\n')
+    c = parse_args(["--job.config_file", path, "--training.steps=9", "--optimizer.lr", "3e-4",
+                    "--no-checkpoint.enable", "--metrics.enable_tensorboard",
+                    "--ray.resources_per_worker", "CPU=0.5,GPU=1"])
+    assert c.training.steps == 9  # command line beats TOML
+    assert c.training.seq_len == 128  # TOML beats default
+    assert c.optimizer.lr == 3e-4
+    assert c.checkpoint.enable is False and c.metrics.enable_tensorboard is True
+    assert c.ray.resources_per_worker == {"CPU": 0.5, "GPU": 1.0}
+    assert c.training.local_batch_size == JobConfig().training.local_batch_size
+
+
+def test_resolved_config_round_trips_through_toml(tmp_path):
+    c = parse_args(["--training.steps", "11", "--ray.name", "x", "--ray.resources_per_worker", "CPU=2"])
+    again = parse_args(["--job.config_file", write(tmp_path, to_toml(c))])
+    again.job.config_file = c.job.config_file
+    assert again == c
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--training.stpes", "3"], "did you mean 'training.steps'"),
+    (["--trainig.steps", "3"], "did you mean 'training.steps'"),
+    (["--training.steps", "three"], "training.steps: expected int"),
+    (["--training.steps"], "needs a value"),
+    (["--no-training.steps"], "only boolean keys"),
+    (["steps=3"], "unexpected argument"),
+    (["--job.config_file", "/nonexistent.toml"], "no such file"),
+])
+def test_bad_command_lines(argv, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_args(argv)
+
+
+def test_bad_toml(tmp_path):
+    with pytest.raises(ConfigError, match="did you mean 'optimizer.lr'"):
+        parse_args(["--job.config_file", write(tmp_path, "[optimizer]\nlrr = 1\n")])
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        parse_args(["--job.config_file", write(tmp_path, "[optimizer\n")])
+
+
+def test_help_lists_every_key(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    out = capsys.readouterr().out
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            assert f"--{section}.{f.name}" in out
+
+
+def test_shipped_configs_parse():
+    for name in os.listdir(os.path.join(REPO, "configs")):
+        c = parse_args(["--job.config_file", os.path.join(REPO, "configs", name)])
+        assert c.model.flavor
+
+
+def test_fit_api_overrides():
+    c = load_config(os.path.join(REPO, "configs", "llama3_debug.toml"), training__steps=3)
+    assert c.training.steps == 3 and c.ray.num_workers == 2
+    with pytest.raises(ConfigError, match="unknown config key"):
+        load_config(None, training__nope=1)
+
+
+@pytest.mark.parametrize("sections, world, message", [
+    ({"parallelism": {"data_parallel_shard_degree": 3}}, 2, "world size is 2"),
+    ({"parallelism": {"data_parallel_replicate_degree": 3}}, 2, "not divisible"),
+    ({"parallelism": {"tensor_parallel_degree": 2}}, 2, "not supported yet"),
+    ({"training": {"global_batch_size": 10}}, 2, "not divisible by local_batch_size 4 x data-parallel degree 2"),
+    ({"training": {"seq_len": -1}}, 2, "training.seq_len must be > 0"),
+    ({"optimizer": {"weight_decay": -0.1}}, 2, "optimizer.weight_decay must be >= 0"),
+    ({"model": {"flavor": "7B"}}, 2, "model.flavor"),
+    ({"model": {"tokenizer": "hf"}}, 2, "needs model.hf_assets_path"),
+    ({"model": {"hf_assets_path": "/nonexistent"}}, 2, "no such folder"),
+    ({"training": {"dataset_path": "/nonexistent/*.json.gz"}}, 2, "nothing matches"),
+    ({"lr_scheduler": {"decay_type": "step"}}, 2, "lr_scheduler.decay_type"),
+    ({"checkpoint": {"initial_load_path": "/nonexistent"}}, 2, "not a committed checkpoint"),
+])
+def test_preflight_errors(tmp_path, data_dir, sections, world, message):
+    config = tiny_config(str(tmp_path), data_dir, **sections)
+    with pytest.raises(ConfigError, match=message):
+        plan_run(config, world)
+
+
+def test_preflight_heads_and_vocab(tmp_path, data_dir, monkeypatch):
+    from raytitan.models.llama3 import args
+
+    monkeypatch.setitem(args.FLAVORS, "odd", args.ModelArgs(dim=256, n_layers=1, n_heads=16, n_kv_heads=5))
+    monkeypatch.setitem(args.FLAVORS, "small_vocab", args.ModelArgs(dim=64, n_layers=1, n_heads=4, vocab_size=100))
+    with pytest.raises(ConfigError, match="not divisible by n_kv_heads 5"):
+        plan_run(tiny_config(str(tmp_path), data_dir, model={"flavor": "odd"}), 1)
+    with pytest.raises(ConfigError, match="smaller than the tokenizer's 259"):
+        plan_run(tiny_config(str(tmp_path), data_dir, model={"flavor": "small_vocab"}), 1)
+
+
+def test_plan_derives_accumulation(tmp_path, data_dir):
+    plan = plan_run(tiny_config(str(tmp_path), data_dir, training={"global_batch_size": 16, "local_batch_size": 2}), 2)
+    assert (plan.dims.dp, plan.accumulation_steps, plan.model_args.vocab_size) == (2, 4, 259)
+    assert len(plan.shards) == 4

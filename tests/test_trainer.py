@@ -1,0 +1,66 @@
+import copy
+
+import torch
+
+from raytitan.models.llama3.args import ModelArgs
+from raytitan.models.llama3.model import Transformer
+from raytitan.optim import WarmupStableDecay
+from raytitan.trainer import Trainer, clip_grad_norm_, cross_entropy_sum
+
+ARGS = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=61, max_seq_len=16)
+
+
+def make_trainer(model, local_batch_size):
+    # SGD: the update is proportional to the gradient, so it shows any difference in the math
+    # (Adam's g / sqrt(v) would amplify float rounding of near-zero gradients).
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    return Trainer(model, optimizer, scheduler, loader=None, checkpoint=None, metrics=None, state=None,
+                   device=torch.device("cpu"), local_batch_size=local_batch_size, total_steps=1,
+                   max_norm=1.0, log_freq=1, dp_group=None)
+
+
+def test_gradient_accumulation_matches_one_big_batch():
+    torch.manual_seed(0)
+    model = Transformer(ARGS)
+    model.init_weights()
+    twin = copy.deepcopy(model)
+    tokens = torch.randint(0, 61, (8, 17))
+    loss_a, norm_a = make_trainer(model, local_batch_size=2).train_step(tokens)  # 4 microbatches of 2
+    loss_b, norm_b = make_trainer(twin, local_batch_size=8).train_step(tokens)  # 1 microbatch of 8
+    assert abs(loss_a - loss_b) / loss_b < 1e-6 and abs(norm_a - norm_b) / norm_b < 1e-5
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7, msg=name)
+    changed = [not torch.equal(p, q) for p, q in zip(model.parameters(), Transformer(ARGS).parameters())]
+    assert all(changed)
+
+
+def test_loss_is_the_global_token_mean():
+    torch.manual_seed(0)
+    model = Transformer(ARGS)
+    model.init_weights()
+    tokens = torch.randint(0, 61, (4, 17))
+    expected = torch.nn.functional.cross_entropy(model(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten())
+    loss, _ = make_trainer(model, local_batch_size=1).train_step(tokens)
+    assert abs(loss - expected.item()) < 1e-5
+    assert cross_entropy_sum(torch.zeros(1, 2, 5), torch.tensor([[0, -100]])).item() == torch.log(torch.tensor(5.0)).item()
+
+
+def test_clip_grad_norm_clips_to_max_norm():
+    p = torch.nn.Parameter(torch.zeros(4))
+    p.grad = torch.tensor([3.0, 4.0, 0.0, 0.0])
+    total = clip_grad_norm_([p], max_norm=1.0)
+    assert total.item() == 5.0
+    torch.testing.assert_close(p.grad.norm(), torch.tensor(1.0), rtol=1e-5, atol=1e-6)
+
+
+def test_lr_schedule_shapes():
+    wsd = WarmupStableDecay(warmup_steps=4, total_steps=20, decay_ratio=0.25, decay_type="linear", min_lr_factor=0.1)
+    factors = [wsd(s) for s in range(20)]
+    assert factors[:4] == [0.2, 0.4, 0.6, 0.8]  # linear warmup
+    assert all(f == 1.0 for f in factors[4:15])  # stable
+    assert factors[15] == 1.0 and factors[19] < factors[16] < 1.0  # decays over the last quarter
+    assert abs(wsd(20) - 0.1) < 1e-9  # reaches min_lr_factor
+    cosine = WarmupStableDecay(0, 10, None, "cosine", 0.0)
+    sqrt = WarmupStableDecay(0, 10, None, "sqrt", 0.0)
+    assert abs(cosine(5) - 0.5) < 1e-9 and abs(sqrt(5) - (1 - 0.5**0.5)) < 1e-9
