@@ -153,6 +153,22 @@ class JobConfig:
             root = os.path.abspath(os.path.expanduser(root))
         return f"{root.rstrip('/')}/{self.run_name}"
 
+    def with_absolute_paths(self) -> JobConfig:
+        """A copy whose local paths no longer depend on the current directory (workers run elsewhere)."""
+        resolved = JobConfig.from_dict(self.to_dict())
+
+        def absolute(path: str | None) -> str | None:
+            if path is None or "://" in path:
+                return path
+            return os.path.abspath(os.path.expanduser(path))
+
+        resolved.job.dump_folder = absolute(resolved.job.dump_folder)
+        resolved.ray.storage_path = absolute(resolved.ray.storage_path)
+        resolved.training.dataset_path = absolute(resolved.training.dataset_path)
+        resolved.model.hf_assets_path = absolute(resolved.model.hf_assets_path)
+        resolved.checkpoint.initial_load_path = absolute(resolved.checkpoint.initial_load_path)
+        return resolved
+
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
 

@@ -97,6 +97,7 @@ def _worker_resources(config: JobConfig) -> dict:
 def launch(config: JobConfig) -> ray.train.Result:
     """Validate, start the workers through Ray Train, wait, and print a summary."""
     setup_logging(rank=0)
+    config = config.with_absolute_paths()
     plan = plan_run(config, config.ray.num_workers)  # every config error surfaces here, before Ray starts
     print(f"resolved config:\n{to_toml(config)}", flush=True)
     os.makedirs(config.run_dir, exist_ok=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -51,7 +52,10 @@ def build_model(plan, mesh, config: JobConfig, device: torch.device) -> Transfor
         model = Transformer(plan.model_args)
     parallelize_llama(model, plan.dims, mesh, config.training)
     model.to_empty(device=device)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), warnings.catch_warnings():
+        # On CPU, sharded random init differs from one-process init (DTensor's RNG is CUDA-only):
+        # runs that must start identical across layouts load a seed checkpoint instead.
+        warnings.filterwarnings("ignore", message="DTensor random operators")
         torch.manual_seed(config.training.seed)
         model.init_weights(buffer_device=device)
     return model
@@ -97,15 +101,14 @@ def run(config: JobConfig, runtime: Runtime) -> TrainState:
         checkpoint.save(0, model_only=True)
         logger.info("seed checkpoint written to %s", checkpoint.folder)
         return state
-    if config.checkpoint.enable:
-        step = checkpoint.resolve_load_step(config.checkpoint.load_step)
-        if step is not None:
-            checkpoint.load(step)
-            logger.info("resumed from %s/step-%d (step %d, %d tokens seen, data cursor %s)",
-                        checkpoint.folder, step, state.step, state.tokens_seen, loader.cursor.as_list())
-        elif config.checkpoint.initial_load_path:
-            checkpoint.load_path(config.checkpoint.initial_load_path, model_only=True)
-            logger.info("initial weights from %s", config.checkpoint.initial_load_path)
+    step = checkpoint.resolve_load_step(config.checkpoint.load_step) if config.checkpoint.enable else None
+    if step is not None:
+        checkpoint.load(step)
+        logger.info("resumed from %s/step-%d (step %d, %d tokens seen, data cursor %s)",
+                    checkpoint.folder, step, state.step, state.tokens_seen, loader.cursor.as_list())
+    elif config.checkpoint.initial_load_path:
+        checkpoint.load_path(config.checkpoint.initial_load_path, model_only=True)
+        logger.info("initial weights from %s", config.checkpoint.initial_load_path)
 
     tb = os.path.join(config.run_dir, config.metrics.save_tb_folder) if config.metrics.enable_tensorboard else None
     metrics = MetricsLogger(device, flops_per_token(plan.model_args, n_params, n_embedding, config.training.seq_len),

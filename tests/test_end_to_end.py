@@ -1,0 +1,68 @@
+"""The two ways users launch: ``python -m raytitan.train`` through Ray, and torchrun."""
+
+import glob
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from raytitan.checkpoint import committed_steps
+
+pytestmark = pytest.mark.slow
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEP_LINE = re.compile(r"step\s+(\d+)\s+loss\s+([\d.]+)")
+
+
+def run(cmd: list[str], tmp_path, cwd=REPO, timeout=600) -> str:
+    env = {**os.environ, "RAYTITAN_CACHE": str(tmp_path / "cache"), "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-5000:]
+    return out
+
+
+def losses(out: str) -> dict[int, float]:
+    return {int(s): float(v) for s, v in STEP_LINE.findall(out)}
+
+
+def test_train_through_ray_then_resume(tmp_path):
+    # Run from another directory with the default relative dump folder (./outputs):
+    # the workers' working directory is not the driver's.
+    args = [sys.executable, "-m", "raytitan.train", "--checkpoint.interval", "5", "--metrics.log_freq", "5"]
+    out = run(args + ["--training.steps", "10"], tmp_path, cwd=tmp_path)
+    seen = losses(out)
+    assert set(seen) >= {1, 5, 10}
+    assert seen[10] < seen[1] - 1.0, seen  # loss falls clearly
+    run_dir = tmp_path / "outputs" / "llama3-debugmodel"
+    assert committed_steps(str(run_dir / "checkpoint")) == [5, 10]
+    assert glob.glob(str(run_dir / "tb" / "events.out.tfevents.*"))
+    assert (run_dir / "config.toml").read_text().count("[training]") == 1
+    assert "finished" in out and "final loss" in out
+
+    # Submitting again with the same storage and name continues from the newest checkpoint.
+    out = run(args + ["--training.steps", "12"], tmp_path, cwd=tmp_path)
+    assert "resumed from" in out and "step-10" in out
+    assert set(losses(out)) == {12}  # steps 11-12 ran; 12 is the last and is logged
+    assert committed_steps(str(run_dir / "checkpoint")) == [5, 10, 12]
+
+
+def test_bad_config_fails_before_starting_ray(tmp_path):
+    env = {**os.environ, "RAYTITAN_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.run([sys.executable, "-m", "raytitan.train", "--parallelism.data_parallel_shard_degree", "3"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "config error" in proc.stderr and "world size is 2" in proc.stderr
+    assert "Started a local Ray instance" not in proc.stdout + proc.stderr
+
+
+def test_same_config_under_torchrun(tmp_path):
+    out = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "raytitan.worker",
+               "--job.config_file", "configs/llama3_debug.toml", "--job.dump_folder", str(tmp_path / "out"),
+               "--training.steps", "4", "--metrics.log_freq", "1"], tmp_path)
+    assert "torchrun | world 2" in out
+    assert set(losses(out)) == {1, 2, 3, 4}
+    assert committed_steps(str(tmp_path / "out" / "llama3-debugmodel" / "checkpoint")) == [4]
