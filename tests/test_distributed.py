@@ -23,11 +23,25 @@ def seed_checkpoint(tmp_path_factory, data_dir):
     return path
 
 
-def test_fsdp_on_two_ranks_matches_one_process(tmp_path, data_dir, seed_checkpoint):
-    common = {"checkpoint": {"initial_load_path": seed_checkpoint, "enable": False}}
-    reference = run_ranks(tiny_config(str(tmp_path / "one"), data_dir, training={"local_batch_size": 8}, **common),
-                          1, str(tmp_path))
-    sharded = run_ranks(tiny_config(str(tmp_path / "two"), data_dir, **common), 2, str(tmp_path))
+@pytest.fixture(scope="module")
+def reference_losses(tmp_path_factory, data_dir, seed_checkpoint):
+    """One process, the whole global batch of 8 in one microbatch."""
+    root = str(tmp_path_factory.mktemp("reference"))
+    config = tiny_config(root, data_dir, training={"local_batch_size": 8},
+                         checkpoint={"initial_load_path": seed_checkpoint, "enable": False})
+    return run_ranks(config, 1, root)["losses"]
+
+
+@pytest.mark.parametrize("world, parallelism, local_batch", [
+    (2, {}, 4),  # FSDP over 2 ranks
+    (4, {"data_parallel_replicate_degree": 2}, 2),  # HSDP: 2 replicas x 2 shards
+])
+def test_data_parallel_matches_one_process(tmp_path, data_dir, seed_checkpoint, reference_losses, world,
+                                           parallelism, local_batch):
+    config = tiny_config(str(tmp_path), data_dir, parallelism=parallelism, training={"local_batch_size": local_batch},
+                         checkpoint={"initial_load_path": seed_checkpoint, "enable": False})
+    sharded = run_ranks(config, world, str(tmp_path))
+    reference = {"losses": reference_losses}
     assert len(reference["losses"]) == len(sharded["losses"]) == 5
     for a, b in zip(reference["losses"], sharded["losses"]):
         assert abs(a - b) / a < 1e-5, (reference["losses"], sharded["losses"])

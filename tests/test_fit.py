@@ -1,0 +1,28 @@
+"""The notebook API: ``raytitan.fit`` in this process, against a Ray instance it did not start."""
+
+import os
+
+import pytest
+import ray
+
+import raytitan
+from raytitan.checkpoint import committed_steps
+
+pytestmark = pytest.mark.slow
+
+
+def test_fit_returns_the_ray_result(tmp_path, data_dir):
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        result = raytitan.fit(
+            None,
+            job__dump_folder=str(tmp_path),
+            training__steps=4, training__seq_len=64, training__dataset="c4", training__dataset_path=data_dir,
+            metrics__log_freq=2, metrics__enable_tensorboard=False, checkpoint__interval=2,
+        )
+    finally:
+        ray.shutdown()
+    assert result.error is None
+    assert result.metrics["step"] == 4 and result.metrics["loss"] > 0
+    assert result.checkpoint.path.endswith(os.path.join("checkpoint", "step-4"))
+    assert committed_steps(str(tmp_path / "llama3-debugmodel" / "checkpoint")) == [2, 4]
