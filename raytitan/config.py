@@ -50,12 +50,23 @@ class Training:
     seq_len: int = opt(256, "Tokens per training sequence")
     steps: int = opt(40, "Optimizer steps to train for")
     max_norm: float = opt(1.0, "Gradient clipping max total norm; 0 disables clipping")
-    dataset: str = opt("synthetic", "Dataset: 'synthetic' (seeded C4-format shards) or 'c4'")
-    dataset_path: str | None = opt(None, "Folder or glob of C4-format json.gz shards (default: generated cache)")
+    dataset: str = opt("synthetic", "Dataset: synthetic (seeded C4-format shards), c4, c4_validation, or files")
+    dataset_path: str | None = opt(None, "c4: mirror root (default the hub); files: folder, glob or URL of shards")
+    shuffle_buffer: int = opt(0, "Shuffle windows within seeded blocks of this many (0 = file order)")
     seed: int = opt(0, "Seed for weights and data order")
     deterministic: bool = opt(False, "Use deterministic algorithms (bitwise reproducible, slower)")
     mixed_precision_param: str = opt("auto", "FSDP param dtype: auto (bfloat16 on CUDA, float32 on CPU), bfloat16, float32")
     mixed_precision_reduce: str = opt("float32", "FSDP gradient reduce dtype")
+
+
+@dataclass
+class Validation:
+    enable: bool = opt(False, "Evaluate on held-out data during training")
+    dataset: str = opt("synthetic", "Validation dataset (same choices as training.dataset)")
+    dataset_path: str | None = opt(None, "Validation dataset location (as training.dataset_path)")
+    local_batch_size: int = opt(4, "Sequences per validation microbatch on each data-parallel rank")
+    freq: int = opt(20, "Evaluate every this many steps (and at the last step)")
+    steps: int = opt(4, "Batches per evaluation; the same batches every time, so losses compare")
 
 
 @dataclass
@@ -125,6 +136,7 @@ SECTIONS: dict[str, type] = {
     "lr_scheduler": LRScheduler,
     "checkpoint": Checkpoint,
     "metrics": Metrics,
+    "validation": Validation,
     "ray": Ray,
 }
 
@@ -139,6 +151,7 @@ class JobConfig:
     lr_scheduler: LRScheduler = field(default_factory=LRScheduler)
     checkpoint: Checkpoint = field(default_factory=Checkpoint)
     metrics: Metrics = field(default_factory=Metrics)
+    validation: Validation = field(default_factory=Validation)
     ray: Ray = field(default_factory=Ray)
 
     @property
@@ -165,6 +178,7 @@ class JobConfig:
         resolved.job.dump_folder = absolute(resolved.job.dump_folder)
         resolved.ray.storage_path = absolute(resolved.ray.storage_path)
         resolved.training.dataset_path = absolute(resolved.training.dataset_path)
+        resolved.validation.dataset_path = absolute(resolved.validation.dataset_path)
         resolved.model.hf_assets_path = absolute(resolved.model.hf_assets_path)
         resolved.checkpoint.initial_load_path = absolute(resolved.checkpoint.initial_load_path)
         return resolved

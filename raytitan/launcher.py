@@ -28,8 +28,8 @@ DATA_CPUS = 1.0
 class RayRuntime(Runtime):
     name = "ray"
 
-    def __init__(self, feeder):
-        self.feeder = feeder
+    def __init__(self, feeders: dict):
+        self.feeders = feeders  # purpose -> DataFeeder actor
 
     def device(self, use_gpu: bool):
         if use_gpu:
@@ -38,8 +38,9 @@ class RayRuntime(Runtime):
             return ray.train.torch.get_device()
         return super().device(False)
 
-    def build_loader(self, shards, model_config, tokenizer, seq_len, seed, global_batch_size, dp_rank, dp_size):
-        return RayFeedLoader(self.feeder, global_batch_size, dp_rank, dp_size)
+    def build_loader(self, purpose, shards, model_config, tokenizer, seq_len, seed, global_batch_size, dp_rank,
+                     dp_size, shuffle_block):
+        return RayFeedLoader(self.feeders[purpose], global_batch_size, dp_rank, dp_size)
 
     def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
         # The checkpoint is already committed in the run folder (= Ray's experiment folder).
@@ -55,7 +56,7 @@ class RayRuntime(Runtime):
 def _train_fn(loop_config: dict) -> None:
     from raytitan.worker import run
 
-    run(JobConfig.from_dict(loop_config["config"]), RayRuntime(loop_config["feeder"]))
+    run(JobConfig.from_dict(loop_config["config"]), RayRuntime(loop_config["feeders"]))
 
 
 def _connect(config: JobConfig) -> None:
@@ -106,12 +107,16 @@ def launch(config: JobConfig) -> ray.train.Result:
 
     _connect(config)
     resources = _worker_resources(config)
-    feeder = ray.remote(DataFeeder).options(num_cpus=0, max_concurrency=64).remote(
-        plan.shards, config.model, config.training.seq_len, config.training.seed, plan.global_batch_size
-    )
+    feeder_cls = ray.remote(DataFeeder).options(num_cpus=0, max_concurrency=64)
+    feeders = {"train": feeder_cls.remote(plan.shards, config.model, config.training.seq_len, config.training.seed,
+                                          plan.global_batch_size, config.training.shuffle_buffer)}
+    if config.validation.enable:
+        feeders["validation"] = feeder_cls.remote(
+            plan.validation_shards, config.model, config.training.seq_len, config.training.seed,
+            config.validation.local_batch_size * plan.dims.dp)
     trainer = TorchTrainer(
         _train_fn,
-        train_loop_config={"config": config.to_dict(), "feeder": feeder},
+        train_loop_config={"config": config.to_dict(), "feeders": feeders},
         torch_config=TorchConfig(backend="nccl" if config.ray.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=config.ray.num_workers, use_gpu=config.ray.use_gpu, resources_per_worker=resources
@@ -126,7 +131,8 @@ def launch(config: JobConfig) -> ray.train.Result:
     try:
         result = trainer.fit()
     finally:
-        ray.kill(feeder)
+        for feeder in feeders.values():
+            ray.kill(feeder)
     print(summary(config, result, time.perf_counter() - t0), flush=True)
     return result
 

@@ -108,6 +108,15 @@ class MetricsLogger:
                     self.writer.add_scalar(k, v, step)
             self.writer.flush()
 
+    def log_validation(self, step: int, metrics: dict[str, float]) -> None:
+        if self.rank != 0:
+            return
+        logger.info("validation at step %d: loss %.4f", step, metrics["validation/loss"])
+        if self.writer:
+            for k, v in metrics.items():
+                self.writer.add_scalar(k, v, step)
+            self.writer.flush()
+
     def close(self) -> None:
         if self.writer:
             self.writer.close()

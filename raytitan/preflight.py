@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 
 from raytitan.config import ConfigError, JobConfig
-from raytitan.data.sources import DataSourceError, resolve_shards
+from raytitan.data.sources import DATASETS, DataSourceError, resolve_shards
 from raytitan.data.tokenizer import build_tokenizer
 from raytitan.models.llama3.args import FLAVORS, ModelArgs
 from raytitan.parallel.dims import ParallelDims, ParallelismError
@@ -25,13 +25,18 @@ CHOICES = {
     "lr_scheduler.decay_type": ("linear", "sqrt", "cosine"),
     "training.mixed_precision_param": ("auto", "bfloat16", "float32"),
     "training.mixed_precision_reduce": ("float32", "bfloat16"),
-    "training.dataset": ("synthetic", "c4"),
+    "training.dataset": DATASETS,
+    "validation.dataset": DATASETS,
 }
-POSITIVE = ("training.local_batch_size", "training.seq_len", "training.steps", "optimizer.lr",
+POSITIVE = ("training.local_batch_size", "validation.local_batch_size", "validation.freq", "validation.steps", "training.seq_len", "training.steps", "optimizer.lr",
             "checkpoint.interval", "metrics.log_freq", "ray.num_workers")
-NON_NEGATIVE = ("training.max_norm", "training.seed", "optimizer.weight_decay", "optimizer.eps",
+NON_NEGATIVE = ("training.shuffle_buffer", "training.max_norm", "training.seed", "optimizer.weight_decay", "optimizer.eps",
                 "lr_scheduler.warmup_steps", "lr_scheduler.min_lr_factor", "checkpoint.keep_latest_k",
                 "ray.max_failures", "metrics.peak_tflops")
+
+
+# Synthetic validation shards use their own seed, so they are never the training shards.
+VALIDATION_SEED_OFFSET = 1_000_003
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,7 @@ class RunPlan:
     local_batch_size: int
     accumulation_steps: int
     shards: list[str]
+    validation_shards: list[str]
 
 
 def _get(config: JobConfig, key: str):
@@ -115,7 +121,11 @@ def plan_run(config: JobConfig, world_size: int) -> RunPlan:
         )
 
     try:
-        shards = resolve_shards(config.training)
+        shards = resolve_shards(config.training.dataset, config.training.dataset_path, config.training.seed)
+        validation_shards = []
+        if config.validation.enable:
+            validation_shards = resolve_shards(config.validation.dataset, config.validation.dataset_path,
+                                               VALIDATION_SEED_OFFSET + config.training.seed, key="validation")
     except DataSourceError as e:
         raise ConfigError(str(e)) from None
-    return RunPlan(dims, args, global_batch, local, global_batch // (local * dims.dp), shards)
+    return RunPlan(dims, args, global_batch, local, global_batch // (local * dims.dp), shards, validation_shards)

@@ -51,9 +51,10 @@ class Runtime:
             return torch.device("cuda", index)
         return torch.device("cpu")
 
-    def build_loader(self, shards, model_config, tokenizer, seq_len: int, seed: int, global_batch_size: int,
-                     dp_rank: int, dp_size: int) -> BatchLoader:
-        return LocalLoader(shards, tokenizer, seq_len, seed, global_batch_size, dp_rank, dp_size)
+    def build_loader(self, purpose: str, shards, model_config, tokenizer, seq_len: int, seed: int,
+                     global_batch_size: int, dp_rank: int, dp_size: int, shuffle_block: int) -> BatchLoader:
+        """This rank's view of the ``purpose`` ("train" or "validation") stream."""
+        return LocalLoader(shards, tokenizer, seq_len, seed, global_batch_size, dp_rank, dp_size, shuffle_block)
 
     def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
         """Hand metrics (and a committed checkpoint) to the launcher; nothing to do without one."""

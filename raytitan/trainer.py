@@ -31,6 +31,7 @@ class TrainState:
     step: int = 0
     tokens_seen: int = 0
     losses: list[float] = field(default_factory=list)  # global mean loss of each step this process ran
+    validation_losses: list[float] = field(default_factory=list)
 
     def state_dict(self) -> dict:
         return {"step": self.step, "tokens_seen": self.tokens_seen}
@@ -55,16 +56,43 @@ def clip_grad_norm_(params: list[torch.nn.Parameter], max_norm: float) -> torch.
     return total
 
 
+class Validator:
+    """Loss on a fixed set of held-out batches: fetched once, then reused every evaluation."""
+
+    def __init__(self, model, loader: BatchLoader, steps: int, dp_group: dist.ProcessGroup | None,
+                 device: torch.device):
+        self.model, self.loader, self.steps, self.dp_group, self.device = model, loader, steps, dp_group, device
+        self._batches: list[torch.Tensor] | None = None
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        if self._batches is None:
+            self._batches = [self.loader.next_batch().tokens for _ in range(self.steps)]
+        self.model.eval()
+        totals = torch.zeros(2, device=self.device)  # summed loss, target tokens
+        for tokens in self._batches:
+            tokens = tokens.to(self.device)
+            labels = tokens[:, 1:]
+            totals[0] += cross_entropy_sum(self.model(tokens[:, :-1]), labels)
+            totals[1] += (labels != IGNORE_INDEX).sum()
+        self.model.train()
+        if self.dp_group is not None:
+            dist.all_reduce(totals, group=self.dp_group)
+        return (totals[0] / totals[1]).item()
+
+
 class Trainer:
     def __init__(self, model, optimizer, lr_scheduler, loader: BatchLoader, checkpoint: CheckpointManager,
                  metrics: MetricsLogger, state: TrainState, *, device: torch.device, local_batch_size: int,
                  total_steps: int, max_norm: float, log_freq: int, dp_group: dist.ProcessGroup | None,
+                 validator: Validator | None = None, validation_freq: int = 0,
                  report: Callable[[dict, str | None], None] = lambda metrics, checkpoint_dir: None):
         self.model, self.optimizer, self.lr_scheduler = model, optimizer, lr_scheduler
         self.loader, self.checkpoint, self.metrics, self.state = loader, checkpoint, metrics, state
         self.device, self.local_batch_size = device, local_batch_size
         self.total_steps, self.max_norm, self.log_freq = total_steps, max_norm, log_freq
         self.dp_group, self.report = dp_group, report
+        self.validator, self.validation_freq = validator, validation_freq
         self.params = [p for p in model.parameters() if p.requires_grad]
 
     def _all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
@@ -114,7 +142,13 @@ class Trainer:
             if step % self.log_freq == 0 or step == self.total_steps or step == 1:
                 metrics = self.metrics.summarize(step, loss, grad_norm, lr)
                 metrics["tokens_seen"] = self.state.tokens_seen
+                metrics["data/bad_records"] = self.loader.bad_records
                 self.metrics.log(metrics)
+            if self.validator and (step % self.validation_freq == 0 or step == self.total_steps):
+                validation = {"validation/loss": self.validator.evaluate()}
+                self.state.validation_losses.append(validation["validation/loss"])
+                self.metrics.log_validation(step, validation)
+                metrics = {**(metrics or {"step": step, "loss": loss}), **validation}
             checkpoint_dir = None
             if self.checkpoint.should_save(step, self.total_steps):
                 checkpoint_dir = self.checkpoint.save(step)

@@ -23,7 +23,7 @@ from raytitan.optim import build_lr_scheduler, build_optimizer
 from raytitan.parallel.dims import ParallelDims
 from raytitan.preflight import plan_run
 from raytitan.runtime import Runtime, TorchrunRuntime, setup_logging
-from raytitan.trainer import Trainer, TrainState
+from raytitan.trainer import Trainer, TrainState, Validator
 
 logger = logging.getLogger("raytitan")
 
@@ -85,8 +85,16 @@ def run(config: JobConfig, runtime: Runtime) -> TrainState:
     optimizer = build_optimizer(model.parameters(), config.optimizer, device)
     lr_scheduler = build_lr_scheduler(optimizer, config.lr_scheduler, config.training.steps)
     tokenizer = build_tokenizer(config.model)
-    loader = runtime.build_loader(plan.shards, config.model, tokenizer, config.training.seq_len,
-                                  config.training.seed, plan.global_batch_size, dp_rank, dp_size)
+    loader = runtime.build_loader("train", plan.shards, config.model, tokenizer, config.training.seq_len,
+                                  config.training.seed, plan.global_batch_size, dp_rank, dp_size,
+                                  config.training.shuffle_buffer)
+    validator = None
+    if config.validation.enable:
+        val_loader = runtime.build_loader("validation", plan.validation_shards, config.model, tokenizer,
+                                          config.training.seq_len, config.training.seed,
+                                          config.validation.local_batch_size * dp_size, dp_rank, dp_size, 0)
+        validator = Validator(model, val_loader, config.validation.steps,
+                              dp_mesh.get_group() if dp_mesh else None, device)
     state = TrainState()
     checkpoint = CheckpointManager(
         os.path.join(config.run_dir, config.checkpoint.folder),
@@ -118,6 +126,7 @@ def run(config: JobConfig, runtime: Runtime) -> TrainState:
         device=device, local_batch_size=plan.local_batch_size, total_steps=config.training.steps,
         max_norm=config.training.max_norm, log_freq=config.metrics.log_freq,
         dp_group=dp_mesh.get_group() if dp_mesh else None, report=runtime.report,
+        validator=validator, validation_freq=config.validation.freq,
     )
     return trainer.fit()
 

@@ -16,7 +16,7 @@ def tiny_config(run_root: str, data_dir: str, **sections) -> JobConfig:
     base = {
         "job": {"dump_folder": run_root},
         "training": {"seq_len": 64, "local_batch_size": 4, "global_batch_size": 8, "steps": 5,
-                     "dataset": "c4", "dataset_path": data_dir, "deterministic": True, "seed": 0},
+                     "dataset": "files", "dataset_path": data_dir, "deterministic": True, "seed": 0},
         "lr_scheduler": {"warmup_steps": 2},
         "checkpoint": {"interval": 1000},
         "metrics": {"log_freq": 1, "enable_tensorboard": False},
@@ -39,21 +39,50 @@ def _worker(rank: int, world: int, port: int, config_dict: dict, out: str) -> No
     import torch
     import torch.distributed as dist
 
+    from raytitan.data.loader import BatchLoader
     from raytitan.runtime import TorchrunRuntime
     from raytitan.worker import run
 
+    # Ledger: the ids of every training row this rank consumed, in order.
+    ledger: list = []
+    original = BatchLoader.next_batch
+
+    def recording_next_batch(self):
+        batch = original(self)
+        if self.global_batch_size == config_dict["_ledger_global_batch"]:
+            ledger.append({"dp_rank": self.dp_rank, "dp_size": self.dp_size, "ids": batch.ids.tolist()})
+        return batch
+
+    BatchLoader.next_batch = recording_next_batch
     torch.set_num_threads(1)
-    state = run(JobConfig.from_dict(config_dict), TorchrunRuntime())
-    if rank == 0:
-        with open(out, "w") as f:
-            json.dump({"losses": state.losses, "step": state.step, "tokens_seen": state.tokens_seen}, f)
+    config = {k: v for k, v in config_dict.items() if not k.startswith("_")}
+    state = run(JobConfig.from_dict(config), TorchrunRuntime())
+    with open(f"{out}.rank{rank}", "w") as f:
+        json.dump({"losses": state.losses, "validation_losses": state.validation_losses, "step": state.step,
+                   "tokens_seen": state.tokens_seen, "ledger": ledger}, f)
     dist.destroy_process_group()
 
 
 def run_ranks(config: JobConfig, world: int, out_dir: str) -> dict:
-    """Run ``raytitan.worker.run`` on ``world`` spawned gloo ranks; returns rank 0's summary."""
+    """Run ``raytitan.worker.run`` on ``world`` spawned gloo ranks.
+
+    Returns rank 0's summary, plus ``global_ledger``: per step, the ids of the whole global
+    batch, assembled from every data-parallel rank's rows.
+    """
+    from raytitan.preflight import plan_run
+
     out = os.path.join(out_dir, f"result-{free_port()}.json")
-    mp.start_processes(_worker, args=(world, free_port(), config.to_dict(), out), nprocs=world,
+    payload = {**config.to_dict(), "_ledger_global_batch": plan_run(config, world).global_batch_size}
+    mp.start_processes(_worker, args=(world, free_port(), payload, out), nprocs=world,
                        start_method="spawn", join=True)
-    with open(out) as f:
-        return json.load(f)
+    ranks = []
+    for r in range(world):
+        with open(f"{out}.rank{r}") as f:
+            ranks.append(json.load(f))
+    steps = len(ranks[0]["ledger"])
+    by_dp = {}
+    for result in ranks:
+        for entry in result["ledger"]:
+            by_dp.setdefault(entry["dp_rank"], result["ledger"])
+    global_ledger = [sum((by_dp[d][k]["ids"] for d in sorted(by_dp)), []) for k in range(steps)]
+    return {**ranks[0], "global_ledger": global_ledger}

@@ -91,7 +91,7 @@ def test_fit_api_overrides():
     ({"model": {"flavor": "7B"}}, 2, "model.flavor"),
     ({"model": {"tokenizer": "hf"}}, 2, "needs model.hf_assets_path"),
     ({"model": {"hf_assets_path": "/nonexistent"}}, 2, "no such folder"),
-    ({"training": {"dataset_path": "/nonexistent/*.json.gz"}}, 2, "nothing matches"),
+    ({"training": {"dataset_path": "/nonexistent/*.json.gz"}}, 2, "no shards"),
     ({"lr_scheduler": {"decay_type": "step"}}, 2, "lr_scheduler.decay_type"),
     ({"checkpoint": {"initial_load_path": "/nonexistent"}}, 2, "not a committed checkpoint"),
 ])

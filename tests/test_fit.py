@@ -17,7 +17,7 @@ def test_fit_returns_the_ray_result(tmp_path, data_dir):
         result = raytitan.fit(
             None,
             job__dump_folder=str(tmp_path),
-            training__steps=4, training__seq_len=64, training__dataset="c4", training__dataset_path=data_dir,
+            training__steps=4, training__seq_len=64, training__dataset="files", training__dataset_path=data_dir,
             metrics__log_freq=2, metrics__enable_tensorboard=False, checkpoint__interval=2,
         )
     finally:

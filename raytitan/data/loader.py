@@ -31,13 +31,16 @@ class BatchLoader:
         self.global_batch_size, self.dp_rank, self.dp_size = global_batch_size, dp_rank, dp_size
         self.cursor = Cursor()
         self.consumed = 0
+        self.bad_records = 0  # unusable source records met so far by this process (a metric, not state)
 
-    def _fetch(self, start: Cursor) -> tuple[np.ndarray, np.ndarray, Cursor]:
+    def _fetch(self, start: Cursor) -> tuple[np.ndarray, np.ndarray, Cursor, int]:
+        """(this rank's tokens, their ids, the next cursor, unusable records met) for a global batch."""
         raise NotImplementedError
 
     def next_batch(self) -> RankBatch:
-        tokens, ids, end = self._fetch(self.cursor)
+        tokens, ids, end, bad = self._fetch(self.cursor)
         self.cursor, self.consumed = end, self.consumed + self.global_batch_size
+        self.bad_records += bad
         return RankBatch(torch.from_numpy(tokens.astype(np.int64)), ids, end)
 
     def state_dict(self) -> dict:
@@ -52,17 +55,17 @@ class LocalLoader(BatchLoader):
     """Computes the stream in this process: for torchrun runs and tests."""
 
     def __init__(self, shards: list[str], tokenizer, seq_len: int, seed: int,
-                 global_batch_size: int, dp_rank: int, dp_size: int):
+                 global_batch_size: int, dp_rank: int, dp_size: int, shuffle_block: int = 0):
         super().__init__(global_batch_size, dp_rank, dp_size)
-        self._source = (shards, tokenizer, seq_len, seed)
+        self._source = (shards, tokenizer, seq_len, seed, shuffle_block)
         self._it: Iterator[GlobalBatch] | None = None
         self._next_start: Cursor | None = None
 
-    def _fetch(self, start: Cursor) -> tuple[np.ndarray, np.ndarray, Cursor]:
+    def _fetch(self, start: Cursor) -> tuple[np.ndarray, np.ndarray, Cursor, int]:
         if self._it is None or self._next_start != start:
-            shards, tokenizer, seq_len, seed = self._source
-            self._it = global_batches(local_rows(shards, tokenizer, seq_len, seed, start), self.global_batch_size, start)
+            self._it = global_batches(local_rows(*self._source[:4], start, self._source[4]),
+                                      self.global_batch_size, start)
         batch = next(self._it)
         self._next_start = batch.end
         tokens, ids = batch.rows_for(self.dp_rank, self.dp_size)
-        return tokens, ids, batch.end
+        return tokens, ids, batch.end, batch.bad_records

@@ -9,8 +9,8 @@ it does not hold (a resume) restarts the pipeline there.
 
 from __future__ import annotations
 
+import logging
 import threading
-import time
 from collections import OrderedDict
 
 import numpy as np
@@ -18,23 +18,28 @@ import numpy as np
 from raytitan.data.loader import BatchLoader
 from raytitan.data.stream import Cursor, GlobalBatch, global_batches, shard_plan, shard_rows
 
+logger = logging.getLogger(__name__)
+
+STALL_WARNING_S = 60.0  # warn when one batch takes longer than this to arrive
+
 
 class _PackShards:
     """Ray Data UDF: work items (one shard each) -> packed windows with their ids."""
 
-    def __init__(self, shards: list[str], model_config, seq_len: int):
+    def __init__(self, shards: list[str], model_config, seq_len: int, seed: int, shuffle_block: int):
         from raytitan.data.tokenizer import build_tokenizer
 
-        self.shards, self.seq_len = shards, seq_len
+        self.shards, self.seq_len, self.seed, self.shuffle_block = shards, seq_len, seed, shuffle_block
         self.tokenizer = build_tokenizer(model_config)
 
     def __call__(self, items: dict):
         for epoch, pos, shard, skip in zip(items["epoch"], items["shard_pos"], items["shard"], items["skip"]):
-            yield from shard_rows(self.shards[int(shard)], int(shard), int(epoch), int(pos),
-                                  self.tokenizer, self.seq_len, int(skip))
+            yield from shard_rows(self.shards[int(shard)], int(shard), int(epoch), int(pos), self.tokenizer,
+                                  self.seq_len, int(skip), self.seed, self.shuffle_block)
 
 
-def ray_rows(shards: list[str], model_config, seq_len: int, seed: int, start: Cursor, shards_per_read: int = 64):
+def ray_rows(shards: list[str], model_config, seq_len: int, seed: int, start: Cursor, shuffle_block: int = 0,
+             shards_per_read: int = 64):
     """The stream through Ray Data, ordered: identical to ``stream.local_rows``."""
     import ray.data
 
@@ -47,7 +52,7 @@ def ray_rows(shards: list[str], model_config, seq_len: int, seed: int, start: Cu
         items = [next(plan) for _ in range(shards_per_read)]
         ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
             _PackShards,
-            fn_constructor_args=(shards, model_config, seq_len),
+            fn_constructor_args=(shards, model_config, seq_len, seed, shuffle_block),
             batch_size=1,
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=2),
             num_cpus=0.5,
@@ -64,8 +69,8 @@ class DataFeeder:
     """
 
     def __init__(self, shards: list[str], model_config, seq_len: int, seed: int,
-                 global_batch_size: int, prefetch: int = 4):
-        self._source = (shards, model_config, seq_len, seed)
+                 global_batch_size: int, shuffle_block: int = 0, prefetch: int = 4):
+        self._source = (shards, model_config, seq_len, seed, shuffle_block)
         self.global_batch_size, self.prefetch = global_batch_size, max(prefetch, 3)
         self._cond = threading.Condition()
         self._buffer: OrderedDict[Cursor, GlobalBatch] = OrderedDict()
@@ -77,8 +82,7 @@ class DataFeeder:
 
     def _produce(self, start: Cursor, generation: int) -> None:
         try:
-            shards, model_config, seq_len, seed = self._source
-            rows = ray_rows(shards, model_config, seq_len, seed, start)
+            rows = ray_rows(*self._source[:4], start, shuffle_block=self._source[4])
             for batch in global_batches(rows, self.global_batch_size, start):
                 with self._cond:
                     self._cond.wait_for(lambda: len(self._buffer) < self.prefetch or self._generation != generation)
@@ -110,9 +114,8 @@ class DataFeeder:
 
     def get(self, start: list[int], dp_rank: int, dp_size: int, reset: bool = False):
         """This rank's rows of the global batch starting at ``start``, where the next one starts,
-        and the seconds this call waited for the pipeline."""
+        and how many unusable source records the batch's production met."""
         cursor = Cursor(*start)
-        t0 = time.perf_counter()
         with self._cond:
             if reset:
                 self._positions.clear()
@@ -127,7 +130,7 @@ class DataFeeder:
                 raise RuntimeError(f"data pipeline failed: {self._error!r}") from self._error
             batch = self._buffer[cursor]
         tokens, ids = batch.rows_for(dp_rank, dp_size)
-        return tokens, ids, batch.end.as_list(), time.perf_counter() - t0
+        return tokens, ids, batch.end.as_list(), batch.bad_records
 
     def stats(self) -> dict:
         with self._cond:
@@ -145,12 +148,20 @@ class RayFeedLoader(BatchLoader):
     def _request(self, start: Cursor, reset: bool = False):
         return self._feeder.get.remote(start.as_list(), self.dp_rank, self.dp_size, reset)
 
-    def _fetch(self, start: Cursor) -> tuple[np.ndarray, np.ndarray, Cursor]:
+    def _fetch(self, start: Cursor) -> tuple[np.ndarray, np.ndarray, Cursor, int]:
         import ray
 
         # No request in flight for this cursor means this rank just (re)started here.
         ref = self._inflight[1] if self._inflight and self._inflight[0] == start else self._request(start, reset=True)
-        tokens, ids, end, _ = ray.get(ref)
+        waited = 0.0
+        while not ray.wait([ref], timeout=STALL_WARNING_S)[0]:
+            waited += STALL_WARNING_S
+            logger.warning(
+                "waited %.0fs for data at cursor %s. If this persists, the Ray Data pipeline may be starved: "
+                "it needs CPUs the training workers do not reserve (free now: %s)",
+                waited, start.as_list(), {k: v for k, v in ray.available_resources().items() if k in ("CPU", "memory")},
+            )
+        tokens, ids, end, bad = ray.get(ref)
         end = Cursor(*end)
         self._inflight = (end, self._request(end))
-        return tokens, ids, end
+        return tokens, ids, end, bad

@@ -1,47 +1,64 @@
-"""Where the shards come from: the seeded synthetic set, or C4-format files on disk."""
+"""Where the shards come from: seeded synthetic shards, C4 (hub or a mirror of its layout), or files."""
 
 from __future__ import annotations
 
-import glob
+import gzip
 import os
 
+from raytitan.data.files import list_files, open_binary
 from raytitan.data.synthetic import default_cache_folder, ensure_synthetic_shards
 
-SHARD_SUFFIXES = (".json.gz", ".jsonl", ".json", ".jsonl.gz")
+SHARD_SUFFIXES = (".json.gz", ".jsonl.gz", ".jsonl", ".json", ".parquet")
+HUB_C4 = "hf://datasets/allenai/c4"
+# The hub's streaming layout of allenai/c4, config "en".
+C4_SPLITS = {"c4": "en/c4-train.*-of-01024.json.gz", "c4_validation": "en/c4-validation.*-of-00008.json.gz"}
+DATASETS = ("synthetic", "c4", "c4_validation", "files")
 
 
 class DataSourceError(ValueError):
     """A dataset that cannot be read; the message says which key and what to do."""
 
 
-def resolve_shards(training) -> list[str]:
-    """Absolute shard paths for ``training.dataset`` / ``training.dataset_path``, sorted."""
-    if training.dataset == "synthetic":
-        folder = training.dataset_path or default_cache_folder(training.seed)
-        return ensure_synthetic_shards(os.path.abspath(os.path.expanduser(folder)), training.seed)
-    if training.dataset == "c4":
-        if not training.dataset_path:
-            raise DataSourceError(
-                "training.dataset = 'c4' needs training.dataset_path: a folder or glob of C4 json.gz shards"
-            )
-        return _local_shards(training.dataset_path)
-    raise DataSourceError(f"training.dataset: unknown dataset '{training.dataset}'; use 'synthetic' or 'c4'")
-
-
-def _local_shards(path: str) -> list[str]:
-    path = os.path.expanduser(path)
-    if os.path.isdir(path):
-        candidates = [os.path.join(path, n) for n in os.listdir(path)]
+def resolve_shards(dataset: str, dataset_path: str | None, seed: int, key: str = "training") -> list[str]:
+    """Shard paths (local paths or URLs) for a dataset, sorted, checked to exist and be readable."""
+    if dataset == "synthetic":
+        folder = dataset_path or default_cache_folder(seed)
+        return ensure_synthetic_shards(os.path.abspath(os.path.expanduser(folder)), seed)
+    if dataset in C4_SPLITS:
+        root = (dataset_path or HUB_C4).rstrip("/")
+        pattern = f"{root}/{C4_SPLITS[dataset]}"
+    elif dataset == "files":
+        if not dataset_path:
+            raise DataSourceError(f"{key}.dataset = 'files' needs {key}.dataset_path: a folder, glob or URL of shards")
+        pattern = dataset_path
     else:
-        candidates = glob.glob(path)
-        if not candidates:
-            raise DataSourceError(f"training.dataset_path: nothing matches '{path}'")
-    shards = sorted(os.path.abspath(p) for p in candidates if p.endswith(SHARD_SUFFIXES) and os.path.isfile(p))
+        raise DataSourceError(f"{key}.dataset: unknown dataset '{dataset}'; use one of {', '.join(DATASETS)}")
+
+    try:
+        found = list_files(pattern)
+    except Exception as e:  # filesystem clients raise their own types (auth, network, missing bucket)
+        raise DataSourceError(f"{key}.dataset_path: cannot list '{pattern}': {e}") from None
+    shards = [p for p in found if p.endswith(SHARD_SUFFIXES)]
     if not shards:
         raise DataSourceError(
-            f"training.dataset_path: no shards ({', '.join(SHARD_SUFFIXES)}) in '{path}'"
+            f"{key}.dataset_path: no shards ({', '.join(SHARD_SUFFIXES)}) at '{pattern}'"
+            + (f"; for a local mirror of {HUB_C4}, point {key}.dataset_path at the folder holding en/"
+               if dataset in C4_SPLITS else "")
         )
-    empty = [p for p in shards if os.path.getsize(p) == 0]
-    if empty:
-        raise DataSourceError(f"training.dataset_path: empty shard file(s): {', '.join(empty[:3])}")
+    _check_readable(shards, key)
     return shards
+
+
+def _check_readable(shards: list[str], key: str) -> None:
+    """Empty local files anywhere, and the first shard's first bytes, fail here rather than in a worker."""
+    empty = [p for p in shards if "://" not in p and os.path.getsize(p) == 0]
+    if empty:
+        raise DataSourceError(f"{key}.dataset_path: empty shard file(s): {', '.join(empty[:3])}")
+    first = shards[0]
+    try:
+        with open_binary(first) as f:
+            head = (gzip.GzipFile(fileobj=f) if first.endswith(".gz") else f).read(1)
+    except Exception as e:
+        raise DataSourceError(f"{key}.dataset_path: cannot read {first}: {e}") from None
+    if not head:
+        raise DataSourceError(f"{key}.dataset_path: {first} holds no data")

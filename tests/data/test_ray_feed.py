@@ -56,3 +56,19 @@ def test_feeder_serves_ranks_and_resumes_on_another_dp(ray_local, shards):
         cursor = Cursor(*parts[0][2])
     assert ray.get(feeder.stats.remote())["buffered_batches"] <= 4  # bounded prefetch
     ray.kill(feeder)
+
+
+def test_feeder_memory_stays_bounded_while_streaming(ray_local, tmp_path):
+    """Stream far more than the prefetch window: the feeder never holds or produces more than it may."""
+    corpus = ensure_synthetic_shards(str(tmp_path), seed=1, num_shards=4, docs_per_shard=60)
+    prefetch, global_batch = 3, 8
+    feeder = ray.remote(DataFeeder).options(max_concurrency=4).remote(corpus, Model(), 63, 0, global_batch, 0, prefetch)
+    cursor, high_water = Cursor(), 0
+    for k in range(60):  # 60 x 8 windows: several times the 3-batch window, across shards
+        _, ids, end, _ = ray.get(feeder.get.remote(cursor.as_list(), 0, 1, k == 0))
+        stats = ray.get(feeder.stats.remote())
+        high_water = max(high_water, stats["buffered_batches"])
+        assert stats["rows_produced"] <= (k + 1 + prefetch + 1) * global_batch
+        cursor = Cursor(*end)
+    assert high_water <= prefetch
+    ray.kill(feeder)

@@ -3,9 +3,10 @@ import itertools
 import json
 
 import numpy as np
+import pytest
 
 from raytitan.data.loader import LocalLoader
-from raytitan.data.stream import Cursor, epoch_order, global_batches, local_rows, pack_shard
+from raytitan.data.stream import Cursor, epoch_order, global_batches, local_rows, pack_shard, shard_rows
 from raytitan.data.synthetic import ensure_synthetic_shards
 from raytitan.data.tokenizer import ByteTokenizer
 
@@ -45,11 +46,18 @@ def test_packing_concatenates_documents_into_full_windows(data_dir):
     assert len(expected) - len(flat) < 64
 
 
-def test_skip_resumes_inside_a_shard(data_dir):
+@pytest.mark.parametrize("shuffle_block", [0, 16])
+def test_skip_resumes_inside_a_shard(data_dir, shuffle_block):
     path = shards(data_dir)[1]
-    full = np.concatenate(list(pack_shard(path, TOK, 31, rows_per_chunk=7)))
-    rest = np.concatenate(list(pack_shard(path, TOK, 31, skip=50, rows_per_chunk=7)))
-    np.testing.assert_array_equal(full[50:], rest)
+    rows = lambda skip: {k: np.concatenate([b[k] for b in shard_rows(path, 1, 0, 0, TOK, 31, skip, 0, shuffle_block)])
+                         for k in ("tokens", "window", "position")}
+    full, rest = rows(0), rows(50)
+    np.testing.assert_array_equal(full["tokens"][50:], rest["tokens"])
+    np.testing.assert_array_equal(full["window"][50:], rest["window"])
+    assert rest["position"][0] == 50
+    shuffled = shuffle_block > 0
+    assert (not np.array_equal(full["window"], np.arange(len(full["window"])))) == shuffled
+    assert sorted(full["window"].tolist()) == list(range(len(full["window"])))  # a permutation: nothing lost
 
 
 def test_epoch_orders_are_seeded_permutations():
@@ -59,9 +67,10 @@ def test_epoch_orders_are_seeded_permutations():
     assert epoch_order(10, 0, 0) != epoch_order(10, 1, 0)
 
 
-def test_resume_from_any_cursor_continues_exactly(tmp_path):
+@pytest.mark.parametrize("shuffle_block", [0, 32])
+def test_resume_from_any_cursor_continues_exactly(tmp_path, shuffle_block):
     s = ensure_synthetic_shards(str(tmp_path), seed=0, num_shards=3, docs_per_shard=12)
-    stream = lambda start: global_batches(local_rows(s, TOK, 63, 0, start), 8, start)
+    stream = lambda start: global_batches(local_rows(s, TOK, 63, 0, start, shuffle_block), 8, start)
     # Enough batches to cross shard and epoch boundaries.
     reference = take(stream(Cursor()), 120)
     assert reference[-1].ids[-1][0] >= 2  # crossed shard and epoch boundaries
@@ -108,8 +117,3 @@ def test_seed_changes_the_order(data_dir):
     np.testing.assert_array_equal(first(0), first(0))
 
 
-def test_malformed_records_are_skipped(tmp_path):
-    path = tmp_path / "bad.jsonl"
-    path.write_text('{"text": "hello"}\nnot json\n{"url": "x"}\n{"text": ""}\n[1,2]\n{"text": "world"}\n')
-    windows = np.concatenate(list(pack_shard(str(path), TOK, seq_len=5)))
-    assert TOK.decode(windows.reshape(-1).tolist()) == "helloworld"[: len(TOK.decode(windows.reshape(-1).tolist()))]

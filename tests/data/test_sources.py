@@ -1,0 +1,148 @@
+"""Shard sources and formats, tokenizers, and records that are not what they should be."""
+
+import gzip
+import json
+import os
+import shutil
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from raytitan.config import Model
+from raytitan.data import stream
+from raytitan.data.loader import LocalLoader
+from raytitan.data.sources import DataSourceError, resolve_shards
+from raytitan.data.stream import ShardStats, pack_shard, read_texts
+from raytitan.data.tokenizer import ByteTokenizer, HFTokenizer, build_tokenizer
+
+TOK = ByteTokenizer()
+DOCS = [f"document number {i} says hello" for i in range(40)]
+
+
+def write_jsonl(path, docs, gz=False):
+    data = "".join(json.dumps({"text": d, "url": f"u{i}", "timestamp": "t"}) + "\n" for i, d in enumerate(docs)).encode()
+    with (gzip.open(path, "wb") if gz else open(path, "wb")) as f:
+        f.write(data)
+
+
+def texts(path):
+    return [t for chunk in read_texts(str(path), ShardStats()) for t in chunk]
+
+
+def test_json_gz_jsonl_and_parquet_read_the_same(tmp_path):
+    write_jsonl(tmp_path / "a.json.gz", DOCS, gz=True)
+    write_jsonl(tmp_path / "a.jsonl", DOCS)
+    pq.write_table(pa.table({"text": DOCS, "url": [str(i) for i in range(40)]}), tmp_path / "a.parquet", row_group_size=7)
+    assert texts(tmp_path / "a.json.gz") == texts(tmp_path / "a.jsonl") == texts(tmp_path / "a.parquet") == DOCS
+    shards = resolve_shards("files", str(tmp_path), seed=0)
+    assert [os.path.basename(p) for p in shards] == ["a.json.gz", "a.jsonl", "a.parquet"]
+
+
+def test_c4_hub_layout_from_a_local_mirror(tmp_path):
+    """The same code reads the hub (hf://datasets/allenai/c4) and a mirror of its layout."""
+    en = tmp_path / "c4" / "en"
+    en.mkdir(parents=True)
+    for i in range(3):
+        write_jsonl(en / f"c4-train.{i:05d}-of-01024.json.gz", DOCS, gz=True)
+    write_jsonl(en / "c4-validation.00000-of-00008.json.gz", DOCS[:5], gz=True)
+    train = resolve_shards("c4", str(tmp_path / "c4"), seed=0)
+    assert [os.path.basename(p) for p in train] == [f"c4-train.{i:05d}-of-01024.json.gz" for i in range(3)]
+    assert len(resolve_shards("c4_validation", str(tmp_path / "c4"), seed=0)) == 1
+    # A URL goes through pyarrow's filesystems (file:// here; s3:// and gs:// alike).
+    url = resolve_shards("c4", f"file://{tmp_path}/c4", seed=0)
+    assert url[0].startswith("file://") and texts(url[0]) == DOCS
+
+
+@pytest.mark.parametrize("dataset, path, message", [
+    ("files", None, "needs training.dataset_path"),
+    ("files", "/nonexistent/folder", "no shards"),
+    ("c4", "/nonexistent", "point training.dataset_path at the folder holding en/"),
+    ("wiki", None, "unknown dataset"),
+])
+def test_missing_sources_are_clear_errors(dataset, path, message):
+    with pytest.raises(DataSourceError, match=message):
+        resolve_shards(dataset, path, seed=0)
+
+
+def test_empty_and_unreadable_sources(tmp_path):
+    (tmp_path / "empty.jsonl").write_bytes(b"")
+    with pytest.raises(DataSourceError, match="empty shard"):
+        resolve_shards("files", str(tmp_path), seed=0)
+    os.remove(tmp_path / "empty.jsonl")
+    (tmp_path / "bad.json.gz").write_bytes(b"this is not gzip")
+    with pytest.raises(DataSourceError, match="cannot read .*bad.json.gz"):
+        resolve_shards("files", str(tmp_path), seed=0)
+
+
+def test_bad_records_are_skipped_counted_and_training_goes_on(tmp_path, monkeypatch):
+    monkeypatch.setattr(stream, "MAX_DOCUMENT_CHARS", 50)
+    lines = [
+        b'{"text": "good one"}',
+        b"not json at all",
+        b'{"url": "no text field"}',
+        b'{"text": ""}',
+        b'{"text": "   "}',
+        b'{"text": "bad utf8 \xff\xfe"}',
+        b"[1, 2, 3]",
+        b'{"text": 42}',
+        json.dumps({"text": "x" * 500}).encode(),  # giant: truncated to 50
+        b'{"text": "good two"}',
+    ]
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    stats = ShardStats()
+    got = [t for chunk in read_texts(str(path), stats) for t in chunk]
+    assert got == ["good one", "x" * 50, "good two"]
+    assert (stats.malformed, stats.empty, stats.truncated, stats.corrupt) == (5, 2, 1, 0)
+
+
+def test_corrupt_gzip_member_keeps_what_came_before(tmp_path):
+    good = gzip.compress(b"".join(json.dumps({"text": d}).encode() + b"\n" for d in DOCS[:10]))
+    bad = gzip.compress(b'{"text": "lost"}\n')
+    path = tmp_path / "c4-train.00000-of-00001.json.gz"
+    path.write_bytes(good + bad[:20] + b"garbage" * 10)  # second member broken mid-way
+    stats = ShardStats()
+    got = [t for chunk in read_texts(str(path), stats) for t in chunk]
+    assert got == DOCS[:10] and stats.corrupt == 1
+
+
+def test_bad_record_counts_reach_the_loader(tmp_path):
+    path = tmp_path / "s.jsonl"
+    path.write_text("\n".join([json.dumps({"text": "y" * 300})] * 20 + ["oops"] * 3) + "\n")
+    loader = LocalLoader([str(path)], TOK, 63, 0, 4, 0, 1)
+    while loader.cursor.epoch == 0:
+        loader.next_batch()
+    assert loader.bad_records >= 3  # one epoch over the shard met the 3 bad lines
+
+
+def make_hf_tokenizer(folder):
+    """A real BPE tokenizer.json trained here, with Llama-3-style special tokens in tokenizer_config.json."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|begin_of_text|>", "<|end_of_text|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(DOCS * 5, trainer)
+    os.makedirs(folder, exist_ok=True)
+    tok.save(os.path.join(folder, "tokenizer.json"))
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump({"bos_token": "<|begin_of_text|>", "eos_token": {"content": "<|end_of_text|>"}}, f)
+    return folder
+
+
+def test_hf_tokenizer_json_with_special_tokens(tmp_path):
+    folder = make_hf_tokenizer(str(tmp_path / "tok"))
+    tok = build_tokenizer(Model(tokenizer="hf", hf_assets_path=folder))
+    assert isinstance(tok, HFTokenizer) and tok.vocab_size <= 400
+    assert (tok.bos_id, tok.eos_id) == (0, 1)
+    ids = tok.encode_batch(["document number 7 says hello"])[0]
+    assert tok.decode(ids) == "document number 7 says hello" and len(ids) < 20  # merges learned
+    write_jsonl(tmp_path / "a.jsonl", DOCS)
+    windows = np.concatenate(list(pack_shard(str(tmp_path / "a.jsonl"), tok, seq_len=15)))
+    assert windows.reshape(-1)[0] == tok.bos_id and (windows == tok.eos_id).any()
+    with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
+        HFTokenizer(str(tmp_path))
