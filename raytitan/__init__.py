@@ -6,7 +6,9 @@ from typing import Any
 
 from raytitan.config import JobConfig, apply_dict, load_toml, set_key
 
-__all__ = ["JobConfig", "fit", "load_config"]
+from raytitan.metrics import read_metrics
+
+__all__ = ["JobConfig", "fit", "load_config", "read_metrics"]
 
 
 def load_config(config: str | JobConfig | dict | None = None, **overrides: Any) -> JobConfig:

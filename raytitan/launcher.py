@@ -16,6 +16,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from raytitan.config import ConfigError, JobConfig, to_toml
 from raytitan.data.ray_feed import DataFeeder, RayFeedLoader
+from raytitan.metrics import METRICS_FILE, read_metrics
 from raytitan.preflight import plan_run
 from raytitan.runtime import Runtime, setup_logging
 
@@ -138,7 +139,8 @@ def launch(config: JobConfig) -> ray.train.Result:
 
 
 def summary(config: JobConfig, result: ray.train.Result, seconds: float) -> str:
-    m = result.metrics or {}
+    logged = [m for m in read_metrics(config.run_dir) if "loss" in m]
+    m = logged[-1] if logged else (result.metrics or {})
     lines = [
         "=" * 72,
         f"run {config.run_name} finished in {seconds:.1f}s",
@@ -146,6 +148,7 @@ def summary(config: JobConfig, result: ray.train.Result, seconds: float) -> str:
         f"  tokens seen  {m.get('tokens_seen', '?')}",
         f"  final loss   {m['loss']:.4f}" if "loss" in m else "  final loss   ?",
         f"  checkpoints  {os.path.join(config.run_dir, config.checkpoint.folder)}",
+        f"  metrics      {os.path.join(config.run_dir, METRICS_FILE)}",
     ]
     if result.checkpoint:
         lines.append(f"  latest       {result.checkpoint.path}")

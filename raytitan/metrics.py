@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import resource
 import time
 
 import torch
 
 logger = logging.getLogger("raytitan")
+
+METRICS_FILE = "metrics.jsonl"
 
 # Dense bf16 peak TFLOP/s per device, from the vendors' datasheets.
 PEAK_BF16_TFLOPS = {
@@ -50,10 +54,11 @@ class MetricsLogger:
     """Accumulates timing between log steps and turns it into per-device rates."""
 
     def __init__(self, device: torch.device, flops_per_token: int, world_size: int, peak_override: float,
-                 tb_folder: str | None, rank: int):
+                 tb_folder: str | None, rank: int, jsonl_path: str | None = None):
         self.device, self.flops_per_token, self.world_size = device, flops_per_token, world_size
         self.peak = peak_tflops(device, peak_override)
         self.rank = rank
+        self.jsonl_path = jsonl_path if rank == 0 else None
         self.writer = None
         if tb_folder and rank == 0:
             from torch.utils.tensorboard import SummaryWriter
@@ -101,22 +106,35 @@ class MetricsLogger:
             metrics["tokens_per_sec_per_device"], metrics["tflops_per_device"], mfu, mem,
             100 * metrics["data_wait_share"],
         )
-        if self.writer:
-            step = int(metrics["step"])
-            for k, v in metrics.items():
-                if k != "step":
-                    self.writer.add_scalar(k, v, step)
-            self.writer.flush()
+        self._write(int(metrics["step"]), metrics)
 
     def log_validation(self, step: int, metrics: dict[str, float]) -> None:
         if self.rank != 0:
             return
         logger.info("validation at step %d: loss %.4f", step, metrics["validation/loss"])
+        self._write(step, metrics)
+
+    def _write(self, step: int, metrics: dict[str, float]) -> None:
+        """TensorBoard scalars and one line of ``metrics.jsonl`` (what notebooks and summaries read)."""
         if self.writer:
             for k, v in metrics.items():
-                self.writer.add_scalar(k, v, step)
+                if k != "step":
+                    self.writer.add_scalar(k, v, step)
             self.writer.flush()
+        if self.jsonl_path:
+            with open(self.jsonl_path, "a") as f:
+                f.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")
 
     def close(self) -> None:
         if self.writer:
             self.writer.close()
+
+
+def read_metrics(run_dir: str) -> list[dict]:
+    """Every metrics line rank 0 logged for a run, oldest first (empty if none yet)."""
+    path = os.path.join(run_dir, METRICS_FILE)
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from raytitan.checkpoint import CheckpointManager, ModelState, OptimizerState
 from raytitan.config import JobConfig, parse_args
 from raytitan.data.tokenizer import build_tokenizer
-from raytitan.metrics import MetricsLogger
+from raytitan.metrics import METRICS_FILE, MetricsLogger
 from raytitan.models.llama3.model import Transformer, count_params, flops_per_token
 from raytitan.models.llama3.parallelize import parallelize_llama
 from raytitan.optim import build_lr_scheduler, build_optimizer
@@ -120,7 +120,8 @@ def run(config: JobConfig, runtime: Runtime) -> TrainState:
 
     tb = os.path.join(config.run_dir, config.metrics.save_tb_folder) if config.metrics.enable_tensorboard else None
     metrics = MetricsLogger(device, flops_per_token(plan.model_args, n_params, n_embedding, config.training.seq_len),
-                            world, config.metrics.peak_tflops, tb, rank)
+                            world, config.metrics.peak_tflops, tb, rank,
+                            jsonl_path=os.path.join(config.run_dir, METRICS_FILE))
     trainer = Trainer(
         model, optimizer, lr_scheduler, loader, checkpoint, metrics, state,
         device=device, local_batch_size=plan.local_batch_size, total_steps=config.training.steps,
