@@ -32,11 +32,14 @@ def losses(out: str) -> dict[int, float]:
 def test_train_through_ray_then_resume(tmp_path):
     # Run from another directory with the default relative dump folder (./outputs):
     # the workers' working directory is not the driver's.
-    args = [sys.executable, "-m", "raytitan.train", "--checkpoint.interval", "5", "--metrics.log_freq", "5"]
+    args = [sys.executable, "-m", "raytitan.train", "--checkpoint.interval", "5", "--metrics.log_freq", "5",
+            "--validation.enable", "--validation.freq", "5", "--validation.steps", "2"]
     out = run(args + ["--training.steps", "10"], tmp_path, cwd=tmp_path)
     seen = losses(out)
     assert set(seen) >= {1, 5, 10}
     assert seen[10] < seen[1] - 1.0, seen  # loss falls clearly
+    validation = [float(v) for v in re.findall(r"validation at step \d+: loss ([\d.]+)", out)]
+    assert len(validation) == 2 and validation[1] < validation[0]
     run_dir = tmp_path / "outputs" / "llama3-debugmodel"
     assert committed_steps(str(run_dir / "checkpoint")) == [5, 10]
     assert glob.glob(str(run_dir / "tb" / "events.out.tfevents.*"))

@@ -146,3 +146,13 @@ def test_hf_tokenizer_json_with_special_tokens(tmp_path):
     assert windows.reshape(-1)[0] == tok.bos_id and (windows == tok.eos_id).any()
     with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
         HFTokenizer(str(tmp_path))
+
+
+def test_model_vocab_follows_the_hf_tokenizer(tmp_path, data_dir):
+    from raytitan.preflight import plan_run
+
+    from tests.helpers import tiny_config
+
+    folder = make_hf_tokenizer(str(tmp_path / "tok"))
+    plan = plan_run(tiny_config(str(tmp_path), data_dir, model={"tokenizer": "hf", "hf_assets_path": folder}), 1)
+    assert plan.model_args.vocab_size == build_tokenizer(Model(tokenizer="hf", hf_assets_path=folder)).vocab_size
