@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -83,18 +84,32 @@ def read_commit(folder: str, step: int) -> dict:
         return json.load(f)
 
 
+def resolve_load_step(folder: str, load_step: int = -1) -> int | None:
+    """The step to resume from: ``load_step`` if given (must be committed), else the newest."""
+    steps = committed_steps(folder)
+    if load_step >= 0:
+        if load_step not in steps:
+            raise CheckpointError(
+                f"checkpoint.load_step = {load_step}, but {step_dir(folder, load_step)} is not a "
+                f"committed checkpoint; committed steps: {steps or 'none'}"
+            )
+        return load_step
+    return steps[-1] if steps else None
+
+
 class CheckpointManager:
     """Saves every ``interval`` steps and at the end; resumes from the newest committed step."""
 
     def __init__(self, folder: str, states: dict[str, Stateful], interval: int, keep_latest_k: int,
-                 enable: bool = True):
+                 enable: bool = True, process_group: dist.ProcessGroup | None = None,
+                 before_commit: Callable[[int], None] | None = None):
+        """``process_group``: the ranks that hold state (all by default); ``before_commit``: a hook
+        called after every rank wrote step N and before it is committed (fault injection)."""
         self.folder, self.states = folder, states
         self.interval, self.keep_latest_k, self.enable = interval, keep_latest_k, enable
+        self.group, self.before_commit = process_group, before_commit
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.last_save_seconds = 0.0
-
-    def should_save(self, step: int, last_step: int) -> bool:
-        return self.enable and (step % self.interval == 0 or step == last_step)
 
     def save(self, step: int, model_only: bool = False) -> str:
         """Write ``step-N`` on every rank, then commit it. Returns the step folder."""
@@ -105,22 +120,28 @@ class CheckpointManager:
             if os.path.isdir(path):
                 shutil.rmtree(path)
             os.makedirs(path)
-        _barrier()
+        self._barrier()
         states = {"model": self.states["model"]} if model_only else self.states
-        dcp.save(states, checkpoint_id=path)
-        _barrier()
+        dcp.save(states, checkpoint_id=path, process_group=self.group)
+        self._barrier()
+        if self.before_commit:
+            self.before_commit(step)
         if self.rank == 0:
-            world = dist.get_world_size() if dist.is_initialized() else 1
+            world = dist.get_world_size(self.group) if dist.is_initialized() else 1
             marker = {"step": step, "world_size": world, "time": time.time(), "model_only": model_only}
             tmp = os.path.join(path, COMMIT_MARKER + ".tmp")
             with open(tmp, "w") as f:
                 json.dump(marker, f)
             os.replace(tmp, os.path.join(path, COMMIT_MARKER))
             self._purge_old()
-        _barrier()
+        self._barrier()
         self.last_save_seconds = time.perf_counter() - t0
         logger.info("saved checkpoint step %d to %s in %.2fs", step, path, self.last_save_seconds)
         return path
+
+    def _barrier(self) -> None:
+        if dist.is_initialized():
+            dist.barrier(group=self.group)
 
     def _purge_old(self) -> None:
         if self.keep_latest_k <= 0:
@@ -133,16 +154,7 @@ class CheckpointManager:
             shutil.rmtree(path, ignore_errors=True)
 
     def resolve_load_step(self, load_step: int = -1) -> int | None:
-        """The step to resume from: ``load_step`` if given (must be committed), else the newest."""
-        steps = committed_steps(self.folder)
-        if load_step >= 0:
-            if load_step not in steps:
-                raise CheckpointError(
-                    f"checkpoint.load_step = {load_step}, but {step_dir(self.folder, load_step)} is not a "
-                    f"committed checkpoint; committed steps: {steps or 'none'}"
-                )
-            return load_step
-        return steps[-1] if steps else None
+        return resolve_load_step(self.folder, load_step)
 
     def load(self, step: int) -> None:
         """Restore every state from ``step-N``, resharded to this run's layout.
@@ -158,7 +170,7 @@ class CheckpointManager:
             raise CheckpointError(f"{path} is not a committed checkpoint (no {COMMIT_MARKER} file)")
         states = {"model": self.states["model"]} if model_only else self.states
         try:
-            dcp.load(states, checkpoint_id=path)
+            dcp.load(states, checkpoint_id=path, process_group=self.group)
         except (Exception, CheckpointException) as e:
             raise CheckpointError(
                 f"cannot load checkpoint {path}: {_root_cause(e)}. If it is damaged, delete its "
@@ -175,6 +187,3 @@ def _root_cause(e: BaseException) -> str:
     return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
 
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()

@@ -125,6 +125,27 @@ class Ray:
     storage_path: str | None = opt(None, "Shared run storage (checkpoints, logs); default: job.dump_folder")
     name: str | None = opt(None, "Run name; the run folder is storage_path/name (default: <model.name>-<model.flavor>)")
     max_failures: int = opt(0, "Worker-group restarts allowed before the run fails")
+    min_workers: int = opt(-1, "Elastic: keep training on as few as this many workers (-1 = fixed size)")
+    max_workers: int = opt(-1, "Elastic: grow back up to this many workers (-1 = ray.num_workers)")
+    resize_check_interval_s: float = opt(60.0, "Elastic: seconds between checks for capacity to grow")
+
+    @property
+    def elastic(self) -> bool:
+        return self.min_workers > 0
+
+    @property
+    def worker_range(self) -> tuple[int, int]:
+        """(fewest, most) workers: equal unless elastic."""
+        most = self.max_workers if self.max_workers > 0 else self.num_workers
+        return (self.min_workers, most) if self.elastic else (self.num_workers, self.num_workers)
+
+
+@dataclass
+class Fault:
+    kill_step: int = opt(-1, "Kill a worker (SIGKILL) at the start of this step, once per run (-1 = never)")
+    kill_rank: int = opt(0, "Rank that kill_step kills")
+    during_save: bool = opt(False, "Kill after the checkpoint of kill_step is written but before it commits")
+    seed: int = opt(-1, "Pick kill_step and kill_rank at random from this seed (-1 = use the keys above)")
 
 
 SECTIONS: dict[str, type] = {
@@ -138,6 +159,7 @@ SECTIONS: dict[str, type] = {
     "metrics": Metrics,
     "validation": Validation,
     "ray": Ray,
+    "fault": Fault,
 }
 
 
@@ -153,6 +175,7 @@ class JobConfig:
     metrics: Metrics = field(default_factory=Metrics)
     validation: Validation = field(default_factory=Validation)
     ray: Ray = field(default_factory=Ray)
+    fault: Fault = field(default_factory=Fault)
 
     @property
     def run_name(self) -> str:

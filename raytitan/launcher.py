@@ -14,10 +14,11 @@ import ray
 import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
 
+from raytitan.checkpoint import committed_steps, step_dir
 from raytitan.config import ConfigError, JobConfig, to_toml
 from raytitan.data.ray_feed import DataFeeder, RayFeedLoader
 from raytitan.metrics import METRICS_FILE, read_metrics
-from raytitan.preflight import plan_run
+from raytitan.preflight import data_parallel_degree, plan_run
 from raytitan.runtime import Runtime, setup_logging
 
 logger = logging.getLogger("raytitan")
@@ -78,18 +79,19 @@ def _package_root() -> str:
 
 def _worker_resources(config: JobConfig) -> dict:
     """Per-worker resources; by default on CPU, an equal share of what the data pipeline leaves."""
+    workers = config.ray.worker_range[1]
     if config.ray.resources_per_worker:
         resources = dict(config.ray.resources_per_worker)
     elif config.ray.use_gpu:
         resources = {"CPU": 1.0, "GPU": 1.0}
     else:
         total = ray.cluster_resources().get("CPU", 0.0)
-        resources = {"CPU": max(0.1, round((total - DATA_CPUS) / config.ray.num_workers, 2))}
+        resources = {"CPU": max(0.1, round((total - DATA_CPUS) / workers, 2))}
     total_cpus = ray.cluster_resources().get("CPU", 0.0)
-    spare = total_cpus - resources.get("CPU", 1.0) * config.ray.num_workers
+    spare = total_cpus - resources.get("CPU", 1.0) * workers
     if spare < DATA_CPUS - 1e-6:
         raise ConfigError(
-            f"ray.resources_per_worker: {config.ray.num_workers} workers x {resources.get('CPU', 1.0)} CPU leave "
+            f"ray.resources_per_worker: {workers} workers x {resources.get('CPU', 1.0)} CPU leave "
             f"{spare:.2f} of the cluster's {total_cpus:g} CPUs for the data pipeline, which needs {DATA_CPUS:g}; "
             "lower the per-worker CPU share or add CPUs (a starved pipeline would hang training)"
         )
@@ -100,7 +102,15 @@ def launch(config: JobConfig) -> ray.train.Result:
     """Validate, start the workers through Ray Train, wait, and print a summary."""
     setup_logging(rank=0)
     config = config.with_absolute_paths()
-    plan = plan_run(config, config.ray.num_workers)  # every config error surfaces here, before Ray starts
+    lo, hi = config.ray.worker_range
+    if config.ray.elastic and config.training.global_batch_size == -1:
+        # Fix the global batch once, at the largest world: it must not change when the world does.
+        config.training.global_batch_size = config.training.local_batch_size * data_parallel_degree(config, hi)
+    plan = plan_run(config, hi)  # every config error surfaces here, before Ray starts
+    if lo != hi:
+        smallest = plan_run(config, lo)
+        print(f"elastic: {lo}..{hi} workers; at {lo}: {smallest.dims.summary}, local {smallest.local_batch_size} x "
+              f"accumulation {smallest.accumulation_steps}", flush=True)
     print(f"resolved config:\n{to_toml(config)}", flush=True)
     os.makedirs(config.run_dir, exist_ok=True)
     with open(os.path.join(config.run_dir, "config.toml"), "w") as f:
@@ -120,7 +130,8 @@ def launch(config: JobConfig) -> ray.train.Result:
         train_loop_config={"config": config.to_dict(), "feeders": feeders},
         torch_config=TorchConfig(backend="nccl" if config.ray.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
-            num_workers=config.ray.num_workers, use_gpu=config.ray.use_gpu, resources_per_worker=resources
+            num_workers=(lo, hi) if lo != hi else hi, use_gpu=config.ray.use_gpu, resources_per_worker=resources,
+            elastic_resize_monitor_interval_s=config.ray.resize_check_interval_s,
         ),
         run_config=ray.train.RunConfig(
             name=config.run_name,
@@ -131,11 +142,26 @@ def launch(config: JobConfig) -> ray.train.Result:
     t0 = time.perf_counter()
     try:
         result = trainer.fit()
+    except Exception as e:  # Ray raises once restarts are exhausted
+        raise TrainingFailed(failure_message(config, e)) from e
     finally:
         for feeder in feeders.values():
             ray.kill(feeder)
     print(summary(config, result, time.perf_counter() - t0), flush=True)
     return result
+
+
+class TrainingFailed(RuntimeError):
+    """The run stopped for good (more failures than ray.max_failures); its checkpoints are intact."""
+
+
+def failure_message(config: JobConfig, error: Exception) -> str:
+    folder = os.path.join(config.run_dir, config.checkpoint.folder)
+    steps = committed_steps(folder)
+    where = f"newest committed checkpoint: {step_dir(folder, steps[-1])}" if steps else "no committed checkpoint"
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return (f"run {config.run_name} failed after using its {config.ray.max_failures} allowed restarts "
+            f"(ray.max_failures): {first_line}\n{where}; run the same command again to resume from it")
 
 
 def summary(config: JobConfig, result: ray.train.Result, seconds: float) -> str:

@@ -28,7 +28,7 @@ CHOICES = {
     "training.dataset": DATASETS,
     "validation.dataset": DATASETS,
 }
-POSITIVE = ("training.local_batch_size", "validation.local_batch_size", "validation.freq", "validation.steps", "training.seq_len", "training.steps", "optimizer.lr",
+POSITIVE = ("ray.resize_check_interval_s", "training.local_batch_size", "validation.local_batch_size", "validation.freq", "validation.steps", "training.seq_len", "training.steps", "optimizer.lr",
             "checkpoint.interval", "metrics.log_freq", "ray.num_workers")
 NON_NEGATIVE = ("training.shuffle_buffer", "training.max_norm", "training.seed", "optimizer.weight_decay", "optimizer.eps",
                 "lr_scheduler.warmup_steps", "lr_scheduler.min_lr_factor", "checkpoint.keep_latest_k",
@@ -41,7 +41,8 @@ VALIDATION_SEED_OFFSET = 1_000_003
 
 @dataclass(frozen=True)
 class RunPlan:
-    dims: ParallelDims
+    dims: ParallelDims  # over the active ranks
+    world_size: int  # all ranks; ranks >= dims.world_size idle (elastic worlds that fit no layout fully)
     model_args: ModelArgs
     global_batch_size: int
     local_batch_size: int
@@ -80,12 +81,62 @@ def check_values(config: JobConfig) -> None:
         raise ConfigError(f"model.hf_assets_path: no such folder '{config.model.hf_assets_path}'")
 
 
+def _largest_divisor_at_most(n: int, cap: int) -> int:
+    return max(d for d in range(1, min(n, cap) + 1) if n % d == 0)
+
+
+def data_parallel_degree(config: JobConfig, world_size: int) -> int:
+    """dp when data parallel fills ``world_size`` (replicate x shard)."""
+    p = config.parallelism
+    block = p.context_parallel_degree * p.tensor_parallel_degree * p.pipeline_parallel_degree
+    return world_size // block
+
+
+def elastic_layout(config: JobConfig, world_size: int, global_batch: int) -> tuple[ParallelDims, int]:
+    """For an elastic world: the largest data-parallel degree that fits and divides the global
+    batch, and the local batch for it. Ranks beyond the layout idle until the next resize."""
+    p = config.parallelism
+    block = p.data_parallel_replicate_degree * p.context_parallel_degree * p.tensor_parallel_degree * \
+        p.pipeline_parallel_degree
+    if world_size < block:
+        raise ConfigError(
+            f"{world_size} workers cannot form one block of replicate x cp x tp x pp = {block} ranks; "
+            f"the run needs at least {block} (raise ray.min_workers to {block} or more)"
+        )
+    shard = max(d for d in range(1, world_size // block + 1)
+                if global_batch % (p.data_parallel_replicate_degree * d) == 0)
+    dims = ParallelDims(p.data_parallel_replicate_degree, shard, p.context_parallel_degree,
+                        p.tensor_parallel_degree, p.pipeline_parallel_degree, block * shard)
+    return dims, _largest_divisor_at_most(global_batch // dims.dp, config.training.local_batch_size)
+
+
 def plan_run(config: JobConfig, world_size: int) -> RunPlan:
+    """Everything derived from the config for a world of ``world_size`` ranks.
+
+    Fixed-size runs must match the degrees exactly. Elastic runs (``ray.min_workers``) keep the
+    global batch and let data parallel absorb the world size: local batch x accumulation is
+    re-derived, and ranks that fit no full layout idle.
+    """
     check_values(config)
-    try:
-        dims = ParallelDims.from_config(config.parallelism, world_size)
-    except ParallelismError as e:
-        raise ConfigError(str(e)) from None
+    if config.ray.elastic:
+        lo, hi = config.ray.worker_range
+        if not lo <= hi:
+            raise ConfigError(f"ray.min_workers ({lo}) must not exceed ray.max_workers ({hi})")
+        if config.parallelism.data_parallel_shard_degree != -1:
+            raise ConfigError("elastic runs (ray.min_workers set) need parallelism.data_parallel_shard_degree = -1")
+        if config.training.global_batch_size <= 0:
+            raise ConfigError("elastic runs need an explicit training.global_batch_size: it must not change on resize")
+        global_batch = config.training.global_batch_size
+        dims, local = elastic_layout(config, world_size, global_batch)
+    else:
+        try:
+            dims = ParallelDims.from_config(config.parallelism, world_size)
+        except ParallelismError as e:
+            raise ConfigError(str(e)) from None
+        local = config.training.local_batch_size
+        global_batch = config.training.global_batch_size
+        if global_batch == -1:
+            global_batch = local * dims.dp
     if dims.tp > 1 or dims.pp > 1 or dims.cp > 1:
         raise ConfigError(
             "tensor, pipeline and context parallel degrees > 1 are not supported yet; "
@@ -108,10 +159,6 @@ def plan_run(config: JobConfig, world_size: int) -> RunPlan:
     if args.dim % args.n_heads or args.head_dim % 2:
         raise ConfigError(f"model: dim {args.dim} must split into an even head_dim over {args.n_heads} heads")
 
-    local = config.training.local_batch_size
-    global_batch = config.training.global_batch_size
-    if global_batch == -1:
-        global_batch = local * dims.dp
     if global_batch <= 0:
         raise ConfigError("training.global_batch_size must be > 0, or -1 for local_batch_size x dp")
     if global_batch % (local * dims.dp):
@@ -128,4 +175,5 @@ def plan_run(config: JobConfig, world_size: int) -> RunPlan:
                                                VALIDATION_SEED_OFFSET + config.training.seed, key="validation")
     except DataSourceError as e:
         raise ConfigError(str(e)) from None
-    return RunPlan(dims, args, global_batch, local, global_batch // (local * dims.dp), shards, validation_shards)
+    return RunPlan(dims, world_size, args, global_batch, local, global_batch // (local * dims.dp), shards,
+                   validation_shards)

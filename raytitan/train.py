@@ -16,12 +16,15 @@ DEFAULT_CONFIG = "configs/llama3_debug.toml"
 def main(argv: list[str] | None = None) -> int:
     try:
         config = parse_args(argv)
-        from raytitan.launcher import launch
+        from raytitan.launcher import TrainingFailed, launch
 
         result = launch(config)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    except TrainingFailed as e:
+        print(f"training failed: {e}", file=sys.stderr)
+        return 1
     if result.error:
         print(f"training failed: {result.error}", file=sys.stderr)
         return 1

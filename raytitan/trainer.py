@@ -81,18 +81,46 @@ class Validator:
         return (totals[0] / totals[1]).item()
 
 
+@dataclass(frozen=True)
+class Schedule:
+    """Which steps log, validate and checkpoint: a pure function of the step, so ranks that
+    idle in an elastic world can make the same number of ``report`` calls as the others."""
+
+    total_steps: int
+    log_freq: int
+    checkpoint_interval: int  # 0: never (the last step still saves when checkpoints are on)
+    checkpoint_enabled: bool
+    validation_freq: int  # 0: never
+
+    def logs(self, step: int, first_step: int) -> bool:
+        return step % self.log_freq == 0 or step in (self.total_steps, first_step, 1)
+
+    def validates(self, step: int) -> bool:
+        return self.validation_freq > 0 and (step % self.validation_freq == 0 or step == self.total_steps)
+
+    def saves(self, step: int) -> bool:
+        return self.checkpoint_enabled and (step % self.checkpoint_interval == 0 or step == self.total_steps)
+
+    def reports(self, step: int, first_step: int) -> bool:
+        return self.logs(step, first_step) or self.validates(step) or self.saves(step)
+
+
 class Trainer:
     def __init__(self, model, optimizer, lr_scheduler, loader: BatchLoader, checkpoint: CheckpointManager,
                  metrics: MetricsLogger, state: TrainState, *, device: torch.device, local_batch_size: int,
-                 total_steps: int, max_norm: float, log_freq: int, dp_group: dist.ProcessGroup | None,
-                 validator: Validator | None = None, validation_freq: int = 0,
-                 report: Callable[[dict, str | None], None] = lambda metrics, checkpoint_dir: None):
+                 schedule: Schedule, max_norm: float, dp_group: dist.ProcessGroup | None,
+                 validator: Validator | None = None,
+                 report: Callable[[dict, str | None], None] = lambda metrics, checkpoint_dir: None,
+                 before_step: Callable[[int], None] = lambda step: None,
+                 after_step: Callable[[int], None] = lambda step: None,
+                 extra_metrics: dict[str, float] | None = None):
         self.model, self.optimizer, self.lr_scheduler = model, optimizer, lr_scheduler
         self.loader, self.checkpoint, self.metrics, self.state = loader, checkpoint, metrics, state
         self.device, self.local_batch_size = device, local_batch_size
-        self.total_steps, self.max_norm, self.log_freq = total_steps, max_norm, log_freq
-        self.dp_group, self.report = dp_group, report
-        self.validator, self.validation_freq = validator, validation_freq
+        self.schedule, self.max_norm = schedule, max_norm
+        self.dp_group, self.report, self.validator = dp_group, report, validator
+        self.before_step, self.after_step = before_step, after_step
+        self.extra_metrics = extra_metrics or {}
         self.params = [p for p in model.parameters() if p.requires_grad]
 
     def _all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
@@ -122,8 +150,10 @@ class Trainer:
 
     def fit(self) -> TrainState:
         self.model.train()
-        while self.state.step < self.total_steps:
+        first_step = self.state.step + 1
+        while self.state.step < self.schedule.total_steps:
             step = self.state.step + 1
+            self.before_step(step)
             lr = self.lr_scheduler.get_last_lr()[0]
             t0 = time.perf_counter()
             batch = self.loader.next_batch()
@@ -138,19 +168,21 @@ class Trainer:
             self.state.losses.append(loss)
             self.metrics.record_step(step_tokens, data_wait)
 
+            self.after_step(step)
+
             metrics = None
-            if step % self.log_freq == 0 or step == self.total_steps or step == 1:
+            if self.schedule.logs(step, first_step):
                 metrics = self.metrics.summarize(step, loss, grad_norm, lr)
-                metrics["tokens_seen"] = self.state.tokens_seen
+                metrics.update(tokens_seen=self.state.tokens_seen, **self.extra_metrics)
                 metrics["data/bad_records"] = self.loader.bad_records
                 self.metrics.log(metrics)
-            if self.validator and (step % self.validation_freq == 0 or step == self.total_steps):
+            if self.validator and self.schedule.validates(step):
                 validation = {"validation/loss": self.validator.evaluate()}
                 self.state.validation_losses.append(validation["validation/loss"])
                 self.metrics.log_validation(step, validation)
                 metrics = {**(metrics or {"step": step, "loss": loss}), **validation}
             checkpoint_dir = None
-            if self.checkpoint.should_save(step, self.total_steps):
+            if self.schedule.saves(step):
                 checkpoint_dir = self.checkpoint.save(step)
             if metrics is not None or checkpoint_dir is not None:
                 self.report(metrics or {"step": step, "loss": loss}, checkpoint_dir)

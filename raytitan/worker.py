@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import warnings
 
 import torch
 import torch.distributed as dist
 
-from raytitan.checkpoint import CheckpointManager, ModelState, OptimizerState
+from raytitan.checkpoint import CheckpointManager, ModelState, OptimizerState, resolve_load_step
 from raytitan.config import JobConfig, parse_args
 from raytitan.data.tokenizer import build_tokenizer
 from raytitan.metrics import METRICS_FILE, MetricsLogger
@@ -23,7 +24,9 @@ from raytitan.optim import build_lr_scheduler, build_optimizer
 from raytitan.parallel.dims import ParallelDims
 from raytitan.preflight import plan_run
 from raytitan.runtime import Runtime, TorchrunRuntime, setup_logging
-from raytitan.trainer import Trainer, TrainState, Validator
+from raytitan.fault import FaultInjector
+from raytitan.restarts import record_start, restart_metrics, write_progress
+from raytitan.trainer import Schedule, Trainer, TrainState, Validator
 
 logger = logging.getLogger("raytitan")
 
@@ -62,22 +65,35 @@ def build_model(plan, mesh, config: JobConfig, device: torch.device) -> Transfor
 
 
 def run(config: JobConfig, runtime: Runtime) -> TrainState:
+    started_at, t0 = time.time(), time.perf_counter()
     device = runtime.init_distributed(config.ray.use_gpu)
     rank, world = dist.get_rank(), dist.get_world_size()
     setup_logging(rank)
+    timings = {"process_group": time.perf_counter() - t0}
     plan = plan_run(config, world)
     if config.training.deterministic:
         torch.use_deterministic_algorithms(True)
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.manual_seed(config.training.seed)
+    schedule = Schedule(config.training.steps, config.metrics.log_freq, config.checkpoint.interval,
+                        config.checkpoint.enable, config.validation.freq if config.validation.enable else 0)
+    checkpoint_folder = os.path.join(config.run_dir, config.checkpoint.folder)
 
+    # Collective on every rank, also those that will idle.
     mesh = plan.dims.build_mesh(device.type)
+    active = plan.dims.world_size
+    active_group = dist.new_group(list(range(active))) if active < world else None
+    if rank >= active:
+        return idle(config, runtime, plan, schedule, checkpoint_folder)
+
     dp_mesh = ParallelDims.dp_mesh(mesh)
+    dp_group = dp_mesh.get_group() if dp_mesh else None
     dp_rank, dp_size = (dp_mesh.get_local_rank(), dp_mesh.size()) if dp_mesh else (0, 1)
     logger.info("%s | %s | global batch %d = local %d x accumulation %d x dp %d",
                 runtime.name, plan.dims.summary, plan.global_batch_size, plan.local_batch_size,
                 plan.accumulation_steps, dp_size)
 
+    t1 = time.perf_counter()
     model = build_model(plan, mesh, config, device)
     n_params, n_embedding = count_params(model)
     logger.info("model %s %s: %.2fM parameters", config.model.name, config.model.flavor, n_params / 1e6)
@@ -93,15 +109,17 @@ def run(config: JobConfig, runtime: Runtime) -> TrainState:
         val_loader = runtime.build_loader("validation", plan.validation_shards, config.model, tokenizer,
                                           config.training.seq_len, config.training.seed,
                                           config.validation.local_batch_size * dp_size, dp_rank, dp_size, 0)
-        validator = Validator(model, val_loader, config.validation.steps,
-                              dp_mesh.get_group() if dp_mesh else None, device)
+        validator = Validator(model, val_loader, config.validation.steps, dp_group, device)
+    timings["build"] = time.perf_counter() - t1
+
+    fault = FaultInjector(config.fault, config.run_dir, rank, world, config.training.steps)
     state = TrainState()
     checkpoint = CheckpointManager(
-        os.path.join(config.run_dir, config.checkpoint.folder),
+        checkpoint_folder,
         {"model": ModelState(model), "optimizer": OptimizerState(model, optimizer),
          "lr_scheduler": LRSchedulerState(lr_scheduler), "dataloader": loader, "train_state": state},
         interval=config.checkpoint.interval, keep_latest_k=config.checkpoint.keep_latest_k,
-        enable=config.checkpoint.enable,
+        enable=config.checkpoint.enable, process_group=active_group, before_commit=fault.before_commit,
     )
     if config.checkpoint.create_seed_checkpoint:
         if world != 1:
@@ -109,6 +127,8 @@ def run(config: JobConfig, runtime: Runtime) -> TrainState:
         checkpoint.save(0, model_only=True)
         logger.info("seed checkpoint written to %s", checkpoint.folder)
         return state
+
+    t2 = time.perf_counter()
     step = checkpoint.resolve_load_step(config.checkpoint.load_step) if config.checkpoint.enable else None
     if step is not None:
         checkpoint.load(step)
@@ -117,19 +137,44 @@ def run(config: JobConfig, runtime: Runtime) -> TrainState:
     elif config.checkpoint.initial_load_path:
         checkpoint.load_path(config.checkpoint.initial_load_path, model_only=True)
         logger.info("initial weights from %s", config.checkpoint.initial_load_path)
+    timings["checkpoint_load"] = time.perf_counter() - t2
+
+    extra_metrics = {}
+    if rank == 0:
+        os.makedirs(config.run_dir, exist_ok=True)
+        record_start(config.run_dir, checkpoint_folder, started_at=started_at, world=world, active=active, dp=dp_size,
+                     local_batch=plan.local_batch_size, accumulation=plan.accumulation_steps, resumed_step=step,
+                     target_steps=config.training.steps, timings=timings)
+        extra_metrics = restart_metrics(config.run_dir)
 
     tb = os.path.join(config.run_dir, config.metrics.save_tb_folder) if config.metrics.enable_tensorboard else None
     metrics = MetricsLogger(device, flops_per_token(plan.model_args, n_params, n_embedding, config.training.seq_len),
-                            world, config.metrics.peak_tflops, tb, rank,
+                            active, config.metrics.peak_tflops, tb, rank,
                             jsonl_path=os.path.join(config.run_dir, METRICS_FILE))
     trainer = Trainer(
         model, optimizer, lr_scheduler, loader, checkpoint, metrics, state,
-        device=device, local_batch_size=plan.local_batch_size, total_steps=config.training.steps,
-        max_norm=config.training.max_norm, log_freq=config.metrics.log_freq,
-        dp_group=dp_mesh.get_group() if dp_mesh else None, report=runtime.report,
-        validator=validator, validation_freq=config.validation.freq,
+        device=device, local_batch_size=plan.local_batch_size, schedule=schedule,
+        max_norm=config.training.max_norm, dp_group=dp_group, validator=validator, report=runtime.report,
+        before_step=fault.before_step,
+        after_step=(lambda s: write_progress(config.run_dir, s)) if rank == 0 else (lambda s: None),
+        extra_metrics=extra_metrics,
     )
     return trainer.fit()
+
+
+def idle(config: JobConfig, runtime: Runtime, plan, schedule: Schedule, checkpoint_folder: str) -> TrainState:
+    """A rank outside the layout: holds no state, and makes the same ``report`` calls as the others
+    (Ray requires every worker to report equally often) until the run ends or the group resizes."""
+    logger.warning(
+        "rank %d idles: %d workers keep the global batch of %d only as %s; it rejoins at the next resize",
+        dist.get_rank(), plan.world_size, plan.global_batch_size, plan.dims.summary,
+    )
+    resumed = resolve_load_step(checkpoint_folder, config.checkpoint.load_step) if config.checkpoint.enable else None
+    first = (resumed or 0) + 1
+    for step in range(first, config.training.steps + 1):
+        if schedule.reports(step, first):
+            runtime.report({"step": step, "idle": 1}, None)
+    return TrainState(step=config.training.steps)
 
 
 def main(argv: list[str] | None = None) -> None:

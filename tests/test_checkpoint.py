@@ -26,7 +26,7 @@ def test_crash_during_save_keeps_previous_latest(tmp_path, monkeypatch):
     m = manager(tmp_path, model)
     m.save(1)
 
-    def crashing_save(state, checkpoint_id):
+    def crashing_save(state, checkpoint_id, **kwargs):
         with open(os.path.join(checkpoint_id, "__0_0.distcp"), "wb") as f:
             f.write(b"partial")
         raise OSError("disk full")

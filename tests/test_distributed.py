@@ -1,5 +1,6 @@
 """Multi-process runs of the real worker on gloo ranks: parity with one process, exact resume."""
 
+import json
 import os
 import shutil
 
@@ -86,3 +87,14 @@ def test_validation_loss_is_logged_and_falls(tmp_path, data_dir):
     result = run_ranks(config, 2, str(tmp_path))
     assert len(result["validation_losses"]) == 2
     assert result["validation_losses"][1] < result["validation_losses"][0]
+
+
+def test_elastic_world_that_fits_no_layout_idles_a_rank(tmp_path, data_dir, seed_checkpoint):
+    """3 ranks, global batch 8: dp 2 trains (local 4) and rank 2 idles; the math is dp 2's."""
+    common = {"checkpoint": {"initial_load_path": seed_checkpoint}}
+    elastic = tiny_config(str(tmp_path / "three"), data_dir, ray={"min_workers": 1, "max_workers": 4}, **common)
+    three = run_ranks(elastic, 3, str(tmp_path))
+    two = run_ranks(tiny_config(str(tmp_path / "two"), data_dir, **common), 2, str(tmp_path))
+    assert three["losses"] == two["losses"]
+    restarts = [json.loads(line) for line in open(os.path.join(elastic.run_dir, "restarts.jsonl"))]
+    assert (restarts[0]["world"], restarts[0]["active"], restarts[0]["dp"]) == (3, 2, 2)

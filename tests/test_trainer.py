@@ -5,7 +5,7 @@ import torch
 from raytitan.models.llama3.args import ModelArgs
 from raytitan.models.llama3.model import Transformer
 from raytitan.optim import WarmupStableDecay
-from raytitan.trainer import Trainer, clip_grad_norm_, cross_entropy_sum
+from raytitan.trainer import Schedule, Trainer, clip_grad_norm_, cross_entropy_sum
 
 ARGS = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=61, max_seq_len=16)
 
@@ -16,8 +16,8 @@ def make_trainer(model, local_batch_size):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     return Trainer(model, optimizer, scheduler, loader=None, checkpoint=None, metrics=None, state=None,
-                   device=torch.device("cpu"), local_batch_size=local_batch_size, total_steps=1,
-                   max_norm=1.0, log_freq=1, dp_group=None)
+                   device=torch.device("cpu"), local_batch_size=local_batch_size,
+                   schedule=Schedule(1, 1, 1, False, 0), max_norm=1.0, dp_group=None)
 
 
 def test_gradient_accumulation_matches_one_big_batch():
@@ -64,3 +64,10 @@ def test_lr_schedule_shapes():
     cosine = WarmupStableDecay(0, 10, None, "cosine", 0.0)
     sqrt = WarmupStableDecay(0, 10, None, "sqrt", 0.0)
     assert abs(cosine(5) - 0.5) < 1e-9 and abs(sqrt(5) - (1 - 0.5**0.5)) < 1e-9
+
+
+def test_schedule_reports_whenever_it_logs_validates_or_saves():
+    s = Schedule(total_steps=10, log_freq=4, checkpoint_interval=3, checkpoint_enabled=True, validation_freq=5)
+    assert [t for t in range(1, 11) if s.reports(t, first_step=7)] == [1, 3, 4, 5, 6, 7, 8, 9, 10]
+    off = Schedule(total_steps=10, log_freq=100, checkpoint_interval=3, checkpoint_enabled=False, validation_freq=0)
+    assert [t for t in range(1, 11) if off.reports(t, first_step=1)] == [1, 10]

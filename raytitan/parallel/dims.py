@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cached_property
 
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+import torch
+from torch.distributed.device_mesh import DeviceMesh
 
 
 class ParallelismError(ValueError):
@@ -89,7 +90,11 @@ class ParallelDims:
         # A world of one still gets a one-dim mesh so collectives have a group.
         names = [n for n, d in dims if d > 1] or ["dp_shard"]
         shape = [d for n, d in dims if n in names]
-        mesh = init_device_mesh(device_type, tuple(shape), mesh_dim_names=tuple(names))
+        # Over ranks 0..world_size-1 of the process group: in an elastic world the ranks
+        # beyond the layout are not in the mesh (their coordinate is None) and idle.
+        # Every rank must still call this: creating the mesh's groups is collective.
+        ranks = torch.arange(self.world_size).view(*shape)
+        mesh = DeviceMesh(device_type, ranks, mesh_dim_names=tuple(names))
         dp_names = tuple(n for n in ("dp_replicate", "dp_shard") if n in names)
         if dp_names and len(dp_names) > 1:
             mesh[dp_names]._flatten("dp")
