@@ -104,7 +104,7 @@ class CheckpointManager:
                  enable: bool = True, process_group: dist.ProcessGroup | None = None,
                  before_commit: Callable[[int], None] | None = None):
         """``process_group``: the ranks that hold state (all by default); ``before_commit``: a hook
-        called after every rank wrote step N and before it is committed (fault injection)."""
+        each rank calls after writing its part of step N, before the commit (fault injection)."""
         self.folder, self.states = folder, states
         self.interval, self.keep_latest_k, self.enable = interval, keep_latest_k, enable
         self.group, self.before_commit = process_group, before_commit
@@ -123,9 +123,9 @@ class CheckpointManager:
         self._barrier()
         states = {"model": self.states["model"]} if model_only else self.states
         dcp.save(states, checkpoint_id=path, process_group=self.group)
-        self._barrier()
         if self.before_commit:
             self.before_commit(step)
+        self._barrier()  # every rank wrote its part: only now may rank 0 commit
         if self.rank == 0:
             world = dist.get_world_size(self.group) if dist.is_initialized() else 1
             marker = {"step": step, "world_size": world, "time": time.time(), "model_only": model_only}

@@ -159,7 +159,8 @@ def failure_message(config: JobConfig, error: Exception) -> str:
     folder = os.path.join(config.run_dir, config.checkpoint.folder)
     steps = committed_steps(folder)
     where = f"newest committed checkpoint: {step_dir(folder, steps[-1])}" if steps else "no committed checkpoint"
-    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    first_line = " ".join(lines[:2]) if lines else type(error).__name__
     return (f"run {config.run_name} failed after using its {config.ray.max_failures} allowed restarts "
             f"(ray.max_failures): {first_line}\n{where}; run the same command again to resume from it")
 

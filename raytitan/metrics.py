@@ -87,6 +87,8 @@ class MetricsLogger:
             "tokens_per_sec_per_device": tps,
             "tflops_per_device": tflops,
             "data_wait_share": self._data_wait / elapsed,
+            "data_wait_s": self._data_wait,
+            "window_s": elapsed,
             **memory_gib(self.device),
         }
         if self.peak:

@@ -70,7 +70,7 @@ def test_worker_killed_during_a_save_resumes_from_the_previous_checkpoint(ray_lo
 
 
 def test_too_many_failures_end_the_run_with_checkpoints_intact(ray_local, tmp_path, data_dir):
-    with pytest.raises(TrainingFailed, match=r"max_failures.*newest committed checkpoint: .*step-4"):
+    with pytest.raises(TrainingFailed, match=r"(?s)max_failures.*newest committed checkpoint: .*step-4"):
         train(tmp_path, data_dir, ray__max_failures=0, fault__kill_step=5, fault__kill_rank=0)
     folder = os.path.join(str(tmp_path), "llama3-debugmodel", "checkpoint")
     assert committed_steps(folder) == [2, 4]
@@ -79,7 +79,8 @@ def test_too_many_failures_end_the_run_with_checkpoints_intact(ray_local, tmp_pa
     from raytitan.models.llama3.args import FLAVORS
     from raytitan.models.llama3.model import Transformer
 
-    model = Transformer(FLAVORS["debugmodel"].with_vocab(259).__class__(**{**FLAVORS["debugmodel"].__dict__,
-                                                                           "vocab_size": 259, "max_seq_len": 64}))
+    import dataclasses
+
+    model = Transformer(dataclasses.replace(FLAVORS["debugmodel"], vocab_size=259, max_seq_len=64))
     CheckpointManager(folder, {"model": ModelState(model)}, 1, 0).load_path(os.path.join(folder, "step-4"), True)
     assert all(torch.isfinite(p).all() for p in model.parameters())
