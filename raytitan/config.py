@@ -6,7 +6,6 @@ The vocabulary follows torchtitan so existing configs carry over; ``[ray]`` is n
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import difflib
 import os

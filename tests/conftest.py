@@ -1,6 +1,7 @@
 import os
 
 import pytest
+import ray
 
 from raytitan.data.synthetic import ensure_synthetic_shards
 
@@ -18,3 +19,11 @@ def _cache_in_tmp(tmp_path_factory, monkeypatch):
     # Never write generated data into the user's cache from tests.
     monkeypatch.setenv("RAYTITAN_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
     monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A local Ray instance for one test module (2 CPUs, as on the CI machine)."""
+    ray.init(num_cpus=2, log_to_driver=True)
+    yield
+    ray.shutdown()

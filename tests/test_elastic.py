@@ -3,7 +3,6 @@
 import os
 
 import pytest
-import ray
 
 import raytitan
 from raytitan.checkpoint import CheckpointManager, ModelState, committed_steps
@@ -11,13 +10,6 @@ from raytitan.launcher import TrainingFailed
 from raytitan.restarts import read_starts
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    ray.init(num_cpus=2, include_dashboard=True, log_to_driver=True)
-    yield
-    ray.shutdown()
 
 
 def train(root, data_dir, **overrides):

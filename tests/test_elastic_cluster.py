@@ -45,10 +45,16 @@ def fit(root, data_dir, **extra):
     return final
 
 
-def test_node_lost_then_returned(tmp_path, data_dir):
+def test_node_lost_then_returned(tmp_path, data_dir, monkeypatch):
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, connect=True, head_node_args={"num_cpus": 2})
+    # After a node loss Ray first retries the old size until this start timeout (default 60 s).
+    monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "30")
+    # Detect a dead node in seconds rather than Ray's production default of about a minute.
+    fast_health_checks = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 1000,
+                          "health_check_failure_threshold": 3}
+    cluster = Cluster(initialize_head=True, connect=True,
+                      head_node_args={"num_cpus": 2, "_system_config": fast_health_checks})
     try:
         nodes = [cluster.add_node(num_cpus=1, resources={"slot": 1}) for _ in range(4)]
         cluster.wait_for_nodes()
@@ -69,6 +75,9 @@ def test_node_lost_then_returned(tmp_path, data_dir):
         thread.join(timeout=600)
         assert not thread.is_alive()
     finally:
+        import ray
+
+        ray.shutdown()
         cluster.shutdown()
 
     starts = read_starts(run_dir)

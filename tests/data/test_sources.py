@@ -3,7 +3,6 @@
 import gzip
 import json
 import os
-import shutil
 
 import numpy as np
 import pyarrow as pa
