@@ -132,11 +132,15 @@ class MetricsLogger:
             self.writer.close()
 
 
-def read_metrics(run_dir: str) -> list[dict]:
-    """Every metrics line rank 0 logged for a run, oldest first (empty if none yet)."""
-    path = os.path.join(run_dir, METRICS_FILE)
+def read_jsonl(path: str) -> list[dict]:
+    """The records of a JSON-lines file, oldest first (empty if it does not exist yet)."""
     if not os.path.exists(path):
         return []
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def read_metrics(run_dir: str) -> list[dict]:
+    """Every metrics line rank 0 logged for a run, oldest first."""
+    return read_jsonl(os.path.join(run_dir, METRICS_FILE))
 

@@ -14,6 +14,7 @@ import time
 
 from raytitan.checkpoint import read_commit
 from raytitan.fault import injected_faults
+from raytitan.metrics import read_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -22,11 +23,7 @@ PROGRESS_FILE = "progress.json"
 
 
 def read_starts(run_dir: str) -> list[dict]:
-    path = os.path.join(run_dir, RESTARTS_FILE)
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return read_jsonl(os.path.join(run_dir, RESTARTS_FILE))
 
 
 def write_progress(run_dir: str, step: int) -> None:
