@@ -11,6 +11,7 @@ import difflib
 import os
 import sys
 import tomllib
+import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -225,7 +226,7 @@ def _field_types(section_cls: type) -> dict[str, Any]:
 def _base_type(tp: Any) -> Any:
     """``int | None`` -> int; other types unchanged."""
     args = [a for a in typing.get_args(tp) if a is not type(None)]
-    if typing.get_origin(tp) in (typing.Union, getattr(__import__("types"), "UnionType")) and len(args) == 1:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(args) == 1:
         return args[0]
     return tp
 

@@ -29,6 +29,7 @@ DATA_CPUS = 1.0
 
 class RayRuntime(Runtime):
     name = "ray"
+    reads_shards = False  # the DataFeeder reads them; 512 workers need not each list the source
 
     def __init__(self, feeders: dict):
         self.feeders = feeders  # purpose -> DataFeeder actor
@@ -65,16 +66,15 @@ def _connect(config: JobConfig) -> None:
     if ray.is_initialized():
         return
     address = config.ray.address or os.environ.get("RAY_ADDRESS")
-    # Workers import raytitan from where the driver does, also when it is not installed.
-    runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [_package_root(), os.environ.get("PYTHONPATH")]))}}
     if address:
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        # On a cluster raytitan comes from the nodes' install or the job's working_dir: passing
+        # a runtime_env here would replace the one `ray job submit` set up.
+        ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(runtime_env=runtime_env)
-
-
-def _package_root() -> str:
-    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        # A local instance: workers import raytitan from where the driver does, installed or not.
+        package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        paths = os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))
+        ray.init(runtime_env={"env_vars": {"PYTHONPATH": paths}})
 
 
 def _worker_resources(config: JobConfig) -> dict:

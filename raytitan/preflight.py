@@ -110,12 +110,13 @@ def elastic_layout(config: JobConfig, world_size: int, global_batch: int) -> tup
     return dims, _largest_divisor_at_most(global_batch // dims.dp, config.training.local_batch_size)
 
 
-def plan_run(config: JobConfig, world_size: int) -> RunPlan:
+def plan_run(config: JobConfig, world_size: int, resolve_data: bool = True) -> RunPlan:
     """Everything derived from the config for a world of ``world_size`` ranks.
 
     Fixed-size runs must match the degrees exactly. Elastic runs (``ray.min_workers``) keep the
     global batch and let data parallel absorb the world size: local batch x accumulation is
-    re-derived, and ranks that fit no full layout idle.
+    re-derived, and ranks that fit no full layout idle. ``resolve_data=False`` skips listing and
+    checking the shards (workers fed by the Ray data feeder never read them).
     """
     check_values(config)
     if config.ray.elastic:
@@ -167,12 +168,13 @@ def plan_run(config: JobConfig, world_size: int) -> RunPlan:
             f"data-parallel degree {dims.dp} = {local * dims.dp}; change one of them (or ray.num_workers)"
         )
 
+    shards, validation_shards = [], []
     try:
-        shards = resolve_shards(config.training.dataset, config.training.dataset_path, config.training.seed)
-        validation_shards = []
-        if config.validation.enable:
-            validation_shards = resolve_shards(config.validation.dataset, config.validation.dataset_path,
-                                               VALIDATION_SEED_OFFSET + config.training.seed, key="validation")
+        if resolve_data:
+            shards = resolve_shards(config.training.dataset, config.training.dataset_path, config.training.seed)
+            if config.validation.enable:
+                validation_shards = resolve_shards(config.validation.dataset, config.validation.dataset_path,
+                                                   VALIDATION_SEED_OFFSET + config.training.seed, key="validation")
     except DataSourceError as e:
         raise ConfigError(str(e)) from None
     return RunPlan(dims, world_size, args, global_batch, local, global_batch // (local * dims.dp), shards,

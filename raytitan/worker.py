@@ -70,7 +70,7 @@ def run(config: JobConfig, runtime: Runtime) -> TrainState:
     rank, world = dist.get_rank(), dist.get_world_size()
     setup_logging(rank)
     timings = {"process_group": time.perf_counter() - t0}
-    plan = plan_run(config, world)
+    plan = plan_run(config, world, resolve_data=runtime.reads_shards)
     if config.training.deterministic:
         torch.use_deterministic_algorithms(True)
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")

@@ -49,7 +49,7 @@ def test_worker_killed_mid_run_resumes_with_the_same_math(ray_local, tmp_path, d
     assert len(starts) == 2 and "injected fault: rank 1 killed at the start of step 5" in starts[1]["cause"]
     assert starts[1]["resumed_step"] == 4 and starts[1]["lost_steps"] == 0
     assert starts[1]["seconds_since_failure"] > 0
-    assert result.metrics is None or result.metrics.get("step") == 8
+    assert result.checkpoint.path.endswith("step-8")  # Ray registered the final committed checkpoint
 
 
 def test_worker_killed_during_a_save_resumes_from_the_previous_checkpoint(ray_local, tmp_path, data_dir,
