@@ -40,27 +40,38 @@ class CheckpointError(RuntimeError):
 
 
 class ModelState(Stateful):
-    """Model weights as a (possibly sharded) state dict that DCP reshards on load."""
+    """Model weights as a (possibly sharded) state dict that DCP reshards on load.
 
-    def __init__(self, model: torch.nn.Module):
-        self.model = model
+    ``parts`` are this rank's pipeline stages (or the one whole model); their parameter names
+    are the whole model's, so the merged dict reads the same under any layout."""
+
+    def __init__(self, parts: list[torch.nn.Module]):
+        self.parts = parts
 
     def state_dict(self) -> dict[str, Any]:
-        return get_model_state_dict(self.model)
+        return {k: v for part in self.parts for k, v in get_model_state_dict(part).items()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        set_model_state_dict(self.model, state_dict, options=StateDictOptions(strict=True))
+        for part in self.parts:
+            own = {k: state_dict[k] for k in get_model_state_dict(part)}
+            set_model_state_dict(part, own, options=StateDictOptions(strict=True))
 
 
 class OptimizerState(Stateful):
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
-        self.model, self.optimizer = model, optimizer
+    """Optimizer state keyed by parameter name (flattened), one optimizer per model part."""
+
+    OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
+
+    def __init__(self, parts: list[torch.nn.Module], optimizers: list[torch.optim.Optimizer]):
+        self.pairs = list(zip(parts, optimizers))
 
     def state_dict(self) -> dict[str, Any]:
-        return get_optimizer_state_dict(self.model, self.optimizer)
+        return {k: v for part, o in self.pairs for k, v in get_optimizer_state_dict(part, o, options=self.OPTIONS).items()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        set_optimizer_state_dict(self.model, self.optimizer, state_dict)
+        for part, o in self.pairs:
+            own = {k: state_dict[k] for k in get_optimizer_state_dict(part, o, options=self.OPTIONS)}
+            set_optimizer_state_dict(part, o, own, options=self.OPTIONS)
 
 
 def step_dir(folder: str, step: int) -> str:

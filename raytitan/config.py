@@ -75,7 +75,21 @@ class Parallelism:
     data_parallel_shard_degree: int = opt(-1, "FSDP shard degree; -1 fills the remaining ranks")
     tensor_parallel_degree: int = opt(1, "Tensor parallel degree")
     pipeline_parallel_degree: int = opt(1, "Pipeline parallel degree")
-    context_parallel_degree: int = opt(1, "Context parallel degree")
+    context_parallel_degree: int = opt(1, "Context parallel degree: each rank holds 1/cp of every sequence")
+    fsdp_reshard_after_forward: str = opt(
+        "default", "Free gathered FSDP params after forward: default (yes, except with pipeline parallel), always, never")
+    disable_loss_parallel: bool = opt(False, "With tensor parallel, gather the logits instead of a vocab-sharded loss")
+    enable_async_tensor_parallel: bool = opt(False, "Overlap TP collectives with matmuls (CUDA + compile only)")
+    pipeline_parallel_schedule: str = opt(
+        "1F1B", "Pipeline schedule: 1F1B, GPipe, Interleaved1F1B, InterleavedZeroBubble or ZBVZeroBubble")
+    pipeline_parallel_microbatch_size: int = opt(1, "Sequences per pipeline microbatch; divides training.local_batch_size")
+    pipeline_parallel_layers_per_stage: int | None = opt(
+        None, "Layers per pipeline stage (counting the embedding and output as the *_less_layers below); unset = "
+        "one stage per rank (two for interleaved schedules)")
+    pipeline_parallel_first_stage_less_layers: int = opt(1, "The first stage holds this many fewer blocks (for the embedding)")
+    pipeline_parallel_last_stage_less_layers: int = opt(1, "The last stage holds this many fewer blocks (for the output head)")
+    context_parallel_rotate_method: str = opt(
+        "allgather", "How context-parallel attention exchanges K/V: allgather (any backend)")
 
 
 @dataclass

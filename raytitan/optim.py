@@ -8,7 +8,35 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 
-def build_optimizer(params, config, device: torch.device) -> torch.optim.Optimizer:
+class PartOptimizers(torch.optim.Optimizer):
+    """One optimizer per model part (pipeline stage), stepped as one.
+
+    Separate optimizers keep each part's state under its own parameter names, which is what lets
+    a checkpoint move between layouts with different stage splits. ``param_groups`` are the
+    parts' own group dicts, so a learning-rate schedule set here reaches every part.
+    """
+
+    def __init__(self, optimizers: list[torch.optim.Optimizer]):  # no super().__init__: holds no params itself
+        self.optimizers = optimizers
+        self.defaults = optimizers[0].defaults
+        self.param_groups = [group for o in optimizers for group in o.param_groups]
+        self.state = {}
+        self._optimizer_step_pre_hooks, self._optimizer_step_post_hooks = {}, {}
+
+    def step(self, closure=None):
+        for o in self.optimizers:
+            o.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=set_to_none)
+
+
+def build_optimizer(parts: list[torch.nn.Module], config, device: torch.device) -> PartOptimizers:
+    return PartOptimizers([_build_one(part.parameters(), config, device) for part in parts])
+
+
+def _build_one(params, config, device: torch.device) -> torch.optim.Optimizer:
     impl = config.implementation
     if impl == "auto":
         impl = "fused" if device.type == "cuda" else "foreach"

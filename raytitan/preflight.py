@@ -16,6 +16,7 @@ from raytitan.data.sources import DATASETS, DataSourceError, resolve_shards
 from raytitan.data.tokenizer import build_tokenizer
 from raytitan.models.llama3.args import FLAVORS, ModelArgs
 from raytitan.parallel.dims import ParallelDims, ParallelismError
+from raytitan.parallel.pipeline import SCHEDULES, PipelineError, microbatches, num_stages, stage_layers
 
 CHOICES = {
     "model.name": ("llama3",),
@@ -27,6 +28,9 @@ CHOICES = {
     "training.mixed_precision_reduce": ("float32", "bfloat16"),
     "training.dataset": DATASETS,
     "validation.dataset": DATASETS,
+    "parallelism.fsdp_reshard_after_forward": ("default", "always", "never"),
+    "parallelism.pipeline_parallel_schedule": tuple(SCHEDULES),
+    "parallelism.context_parallel_rotate_method": ("allgather",),
 }
 POSITIVE = ("ray.resize_check_interval_s", "training.local_batch_size", "validation.local_batch_size", "validation.freq", "validation.steps", "training.seq_len", "training.steps", "optimizer.lr",
             "checkpoint.interval", "metrics.log_freq", "ray.num_workers")
@@ -79,6 +83,35 @@ def check_values(config: JobConfig) -> None:
         raise ConfigError(f"checkpoint.initial_load_path: '{path}' is not a committed checkpoint step folder")
     if config.model.hf_assets_path and not os.path.isdir(config.model.hf_assets_path):
         raise ConfigError(f"model.hf_assets_path: no such folder '{config.model.hf_assets_path}'")
+
+
+def check_layout(config: JobConfig, dims: ParallelDims, args: ModelArgs, local_batch: int) -> None:
+    """Tensor, context and pipeline parallel constraints that the model shape must meet."""
+    p, seq = config.parallelism, config.training.seq_len
+    if dims.tp > 1:
+        for what, n in (("n_heads", args.n_heads), ("n_kv_heads", args.kv_heads)):
+            if n % dims.tp:
+                raise ConfigError(f"parallelism.tensor_parallel_degree {dims.tp} does not divide the model's {what} "
+                                  f"({n}): pick a degree that divides both head counts")
+    if dims.cp > 1 and seq % (2 * dims.cp * dims.tp):
+        raise ConfigError(f"training.seq_len {seq} is not divisible by 2 x context_parallel_degree x "
+                          f"tensor_parallel_degree = {2 * dims.cp * dims.tp}")
+    if dims.tp > 1 and seq % dims.tp:
+        raise ConfigError(f"training.seq_len {seq} is not divisible by tensor_parallel_degree {dims.tp} "
+                          "(sequence parallel splits it)")
+    if p.enable_async_tensor_parallel:
+        raise ConfigError("parallelism.enable_async_tensor_parallel needs CUDA and torch.compile of the model, "
+                          "which raytitan does not offer yet: turn it off")
+    if dims.pp > 1:
+        try:
+            stages = num_stages(p, args.n_layers, dims.pp)
+            stage_layers(args.n_layers, stages, p.pipeline_parallel_first_stage_less_layers,
+                         p.pipeline_parallel_last_stage_less_layers)
+            microbatches(local_batch, p.pipeline_parallel_microbatch_size)
+            if config.validation.enable:
+                microbatches(config.validation.local_batch_size, p.pipeline_parallel_microbatch_size)
+        except PipelineError as e:
+            raise ConfigError(str(e)) from None
 
 
 def _largest_divisor_at_most(n: int, cap: int) -> int:
@@ -138,12 +171,6 @@ def plan_run(config: JobConfig, world_size: int, resolve_data: bool = True) -> R
         global_batch = config.training.global_batch_size
         if global_batch == -1:
             global_batch = local * dims.dp
-    if dims.tp > 1 or dims.pp > 1 or dims.cp > 1:
-        raise ConfigError(
-            "tensor, pipeline and context parallel degrees > 1 are not supported yet; "
-            "set them to 1 (data parallel fills the world)"
-        )
-
     try:
         tokenizer = build_tokenizer(config.model)
     except (OSError, ValueError) as e:
@@ -159,6 +186,8 @@ def plan_run(config: JobConfig, world_size: int, resolve_data: bool = True) -> R
         raise ConfigError(f"model: n_heads {args.n_heads} is not divisible by n_kv_heads {args.kv_heads}")
     if args.dim % args.n_heads or args.head_dim % 2:
         raise ConfigError(f"model: dim {args.dim} must split into an even head_dim over {args.n_heads} heads")
+
+    check_layout(config, dims, args, local)
 
     if global_batch <= 0:
         raise ConfigError("training.global_batch_size must be > 0, or -1 for local_batch_size x dp")

@@ -12,16 +12,14 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
 from raytitan.checkpoint import CheckpointManager
 from raytitan.data.loader import BatchLoader
 from raytitan.metrics import MetricsLogger
+from raytitan.parallel.runner import ModelRunner
 
 logger = logging.getLogger("raytitan")
-
-IGNORE_INDEX = -100
 
 
 @dataclass
@@ -40,17 +38,23 @@ class TrainState:
         self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
 
 
-def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum",
-                           ignore_index=IGNORE_INDEX)
+def all_reduce_sum(t: torch.Tensor, *groups: dist.ProcessGroup | None) -> torch.Tensor:
+    for group in groups:
+        if group is not None:
+            dist.all_reduce(t, group=group)
+    return t
 
 
-def clip_grad_norm_(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
-    """Total gradient norm over all ranks' shards (DTensor-aware), clipped in place if max_norm > 0."""
+def clip_grad_norm_(params: list[torch.nn.Parameter], max_norm: float,
+                    pp_group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Total gradient norm over all ranks' shards (DTensor-aware) and pipeline stages, clipped in
+    place if max_norm > 0."""
     grads = [p.grad for p in params if p.grad is not None]
     total = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
     if isinstance(total, DTensor):
         total = total.full_tensor()  # reduce the partial norms of the shards
+    if pp_group is not None:  # each stage holds different parameters: add the squares
+        total = all_reduce_sum(total**2, pp_group).sqrt()
     if max_norm > 0:
         torch.nn.utils.clip_grads_with_norm_([p for p in params if p.grad is not None], max_norm, total)
     return total
@@ -59,26 +63,28 @@ def clip_grad_norm_(params: list[torch.nn.Parameter], max_norm: float) -> torch.
 class Validator:
     """Loss on a fixed set of held-out batches: fetched once, then reused every evaluation."""
 
-    def __init__(self, model, loader: BatchLoader, steps: int, dp_group: dist.ProcessGroup | None,
-                 device: torch.device):
-        self.model, self.loader, self.steps, self.dp_group, self.device = model, loader, steps, dp_group, device
+    def __init__(self, runner: ModelRunner, loader: BatchLoader, steps: int, loss_group: dist.ProcessGroup | None,
+                 pp_group: dist.ProcessGroup | None, device: torch.device):
+        self.runner, self.loader, self.steps, self.device = runner, loader, steps, device
+        self.loss_group, self.pp_group = loss_group, pp_group
         self._batches: list[torch.Tensor] | None = None
 
     @torch.no_grad()
     def evaluate(self) -> float:
         if self._batches is None:
             self._batches = [self.loader.next_batch().tokens for _ in range(self.steps)]
-        self.model.eval()
-        totals = torch.zeros(2, device=self.device)  # summed loss, target tokens
-        for tokens in self._batches:
-            tokens = tokens.to(self.device)
-            labels = tokens[:, 1:]
-            totals[0] += cross_entropy_sum(self.model(tokens[:, :-1]), labels)
-            totals[1] += (labels != IGNORE_INDEX).sum()
-        self.model.train()
-        if self.dp_group is not None:
-            dist.all_reduce(totals, group=self.dp_group)
-        return (totals[0] / totals[1]).item()
+        for part in self.runner.parts:
+            part.eval()
+        loss, tokens = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
+        for batch in self._batches:
+            batch = batch.to(self.device)
+            loss += self.runner.loss_sum(batch[:, :-1], batch[:, 1:])
+            tokens += self.runner.target_tokens(batch[:, 1:])
+        for part in self.runner.parts:
+            part.train()
+        all_reduce_sum(loss, self.loss_group, self.pp_group)  # only the last stage has a loss
+        all_reduce_sum(tokens, self.loss_group)
+        return (loss / tokens).item()
 
 
 @dataclass(frozen=True)
@@ -106,27 +112,24 @@ class Schedule:
 
 
 class Trainer:
-    def __init__(self, model, optimizer, lr_scheduler, loader: BatchLoader, checkpoint: CheckpointManager,
-                 metrics: MetricsLogger, state: TrainState, *, device: torch.device, local_batch_size: int,
-                 schedule: Schedule, max_norm: float, dp_group: dist.ProcessGroup | None,
+    def __init__(self, runner: ModelRunner, optimizer, lr_scheduler, loader: BatchLoader,
+                 checkpoint: CheckpointManager, metrics: MetricsLogger, state: TrainState, *, device: torch.device,
+                 local_batch_size: int, schedule: Schedule, max_norm: float,
+                 loss_group: dist.ProcessGroup | None, pp_group: dist.ProcessGroup | None = None,
                  validator: Validator | None = None,
                  report: Callable[[dict, str | None], None] = lambda metrics, checkpoint_dir: None,
                  before_step: Callable[[int], None] = lambda step: None,
                  after_step: Callable[[int], None] = lambda step: None,
                  extra_metrics: dict[str, float] | None = None):
-        self.model, self.optimizer, self.lr_scheduler = model, optimizer, lr_scheduler
+        self.runner, self.optimizer, self.lr_scheduler = runner, optimizer, lr_scheduler
         self.loader, self.checkpoint, self.metrics, self.state = loader, checkpoint, metrics, state
         self.device, self.local_batch_size = device, local_batch_size
         self.schedule, self.max_norm = schedule, max_norm
-        self.dp_group, self.report, self.validator = dp_group, report, validator
+        self.loss_group, self.pp_group = loss_group, pp_group
+        self.report, self.validator = report, validator
         self.before_step, self.after_step = before_step, after_step
         self.extra_metrics = extra_metrics or {}
-        self.params = [p for p in model.parameters() if p.requires_grad]
-
-    def _all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
-        if self.dp_group is not None:
-            dist.all_reduce(t, group=self.dp_group)
-        return t
+        self.params = [p for part in runner.parts for p in part.parameters() if p.requires_grad]
 
     def train_step(self, tokens: torch.Tensor) -> tuple[float, float]:
         """One optimizer step over this rank's rows, split into microbatches.
@@ -136,20 +139,20 @@ class Trainer:
         batch is split across ranks and microbatches.
         """
         inputs, labels = tokens[:, :-1], tokens[:, 1:]
-        global_tokens = self._all_reduce_sum((labels != IGNORE_INDEX).sum().to(torch.float32))
+        global_tokens = all_reduce_sum(self.runner.target_tokens(labels), self.loss_group).item()
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), device=self.device)
         for mb_inputs, mb_labels in zip(inputs.split(self.local_batch_size), labels.split(self.local_batch_size)):
-            loss = cross_entropy_sum(self.model(mb_inputs), mb_labels) / global_tokens
-            loss.backward()
-            loss_sum += loss.detach()
-        grad_norm = clip_grad_norm_(self.params, self.max_norm)
+            loss_sum += self.runner.forward_backward(mb_inputs, mb_labels, global_tokens)
+        grad_norm = clip_grad_norm_(self.params, self.max_norm, self.pp_group)
         self.optimizer.step()
         self.lr_scheduler.step()
-        return self._all_reduce_sum(loss_sum).item(), grad_norm.item()
+        # Summed over data/context ranks; over pipeline stages, of which only the last has a loss.
+        return all_reduce_sum(loss_sum, self.loss_group, self.pp_group).item(), grad_norm.item()
 
     def fit(self) -> TrainState:
-        self.model.train()
+        for part in self.runner.parts:
+            part.train()
         first_step = self.state.step + 1
         while self.state.step < self.schedule.total_steps:
             step = self.state.step + 1

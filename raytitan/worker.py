@@ -21,7 +21,10 @@ from raytitan.metrics import METRICS_FILE, MetricsLogger
 from raytitan.models.llama3.model import Transformer, count_params, flops_per_token
 from raytitan.models.llama3.parallelize import parallelize_llama
 from raytitan.optim import build_lr_scheduler, build_optimizer
+from raytitan.parallel.context import load_balanced_positions
 from raytitan.parallel.dims import ParallelDims
+from raytitan.parallel.pipeline import build_pipeline, keep_stage, microbatches, num_stages, rank_stages, stage_layers
+from raytitan.parallel.runner import ModelRunner, PipelineLoss
 from raytitan.preflight import plan_run
 from raytitan.runtime import Runtime, TorchrunRuntime, setup_logging
 from raytitan.fault import FaultInjector
@@ -49,19 +52,58 @@ class LRSchedulerState:
             group["lr"] = lr
 
 
-def build_model(plan, mesh, config: JobConfig, device: torch.device) -> Transformer:
-    """Meta-device model -> parallelized -> materialized on ``device`` -> initialized."""
-    with torch.device("meta"):
-        model = Transformer(plan.model_args)
-    parallelize_llama(model, plan.dims, mesh, config.training)
-    model.to_empty(device=device)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), warnings.catch_warnings():
-        # On CPU, sharded random init differs from one-process init (DTensor's RNG is CUDA-only):
-        # runs that must start identical across layouts load a seed checkpoint instead.
-        warnings.filterwarnings("ignore", message="DTensor random operators")
-        torch.manual_seed(config.training.seed)
-        model.init_weights(buffer_device=device)
-    return model
+def build_model_parts(plan, mesh, config: JobConfig, device: torch.device) -> tuple[list[Transformer], list[int], int]:
+    """This rank's model parts: the whole model, or its pipeline stages. Each is built on the meta
+    device, parallelized, materialized on ``device`` and initialized. Returns (parts, their stage
+    indices, number of stages)."""
+    args, p = plan.model_args, config.parallelism
+    pp_mesh = ParallelDims.submesh(mesh, "pp")
+    if pp_mesh is None:
+        stage_ids, stages, layers = [0], 1, [list(range(args.n_layers))]
+    else:
+        stages = num_stages(p, args.n_layers, plan.dims.pp)
+        layers = stage_layers(args.n_layers, stages, p.pipeline_parallel_first_stage_less_layers,
+                              p.pipeline_parallel_last_stage_less_layers)
+        stage_ids = rank_stages(pp_mesh.get_local_rank(), plan.dims.pp, stages, p.pipeline_parallel_schedule)
+    parts = []
+    for stage in stage_ids:
+        with torch.device("meta"):
+            model = Transformer(args)
+        if pp_mesh is not None:
+            keep_stage(model, layers[stage], first=stage == 0, last=stage == stages - 1)
+        parallelize_llama(model, plan.dims, mesh, config.training, p)
+        model.to_empty(device=device)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), warnings.catch_warnings():
+            # On CPU, sharded random init differs from one-process init (DTensor's RNG is CUDA-only):
+            # runs that must start identical across layouts load a seed checkpoint instead.
+            warnings.filterwarnings("ignore", message="DTensor random operators")
+            torch.manual_seed(config.training.seed + stage)
+            model.init_weights(buffer_device=device)
+        parts.append(model)
+    return parts, stage_ids, stages
+
+
+def build_runner(parts: list[Transformer], stage_ids: list[int], stages: int, mesh, plan, config: JobConfig,
+                 device: torch.device) -> ModelRunner:
+    """How this rank runs a microbatch: directly, or through its pipeline schedule."""
+    p = config.parallelism
+    cp_mesh = ParallelDims.submesh(mesh, "cp")
+    cp_positions = None if cp_mesh is None else load_balanced_positions(
+        config.training.seq_len, cp_mesh.size(), cp_mesh.get_local_rank())
+    loss_parallel = plan.dims.tp > 1 and not p.disable_loss_parallel
+    pp_mesh = ParallelDims.submesh(mesh, "pp")
+    if pp_mesh is None:
+        return ModelRunner(parts, cp_positions=cp_positions, loss_parallel=loss_parallel)
+    loss = PipelineLoss()
+
+    def schedule(local_batch: int):
+        return build_pipeline(parts, stage_ids, stages, pp_mesh.get_group(), device, p.pipeline_parallel_schedule,
+                              microbatches(local_batch, p.pipeline_parallel_microbatch_size), loss)
+
+    return ModelRunner(parts, cp_positions=cp_positions, loss_parallel=loss_parallel,
+                       pipeline=schedule(plan.local_batch_size),
+                       eval_pipeline=schedule(config.validation.local_batch_size) if config.validation.enable else None,
+                       pipeline_loss=loss, is_last_stage=stages - 1 in stage_ids)
 
 
 def run(config: JobConfig, runtime: Runtime) -> TrainState:
@@ -86,19 +128,23 @@ def run(config: JobConfig, runtime: Runtime) -> TrainState:
     if rank >= active:
         return idle(config, runtime, plan, schedule, checkpoint_folder)
 
-    dp_mesh = ParallelDims.dp_mesh(mesh)
-    dp_group = dp_mesh.get_group() if dp_mesh else None
+    dp_mesh, loss_mesh, pp_mesh = (ParallelDims.submesh(mesh, name) for name in ("dp", "dp_cp", "pp"))
     dp_rank, dp_size = (dp_mesh.get_local_rank(), dp_mesh.size()) if dp_mesh else (0, 1)
+    loss_group = loss_mesh.get_group() if loss_mesh else None  # ranks scoring different tokens
+    pp_group = pp_mesh.get_group() if pp_mesh else None
     logger.info("%s | %s | global batch %d = local %d x accumulation %d x dp %d",
                 runtime.name, plan.dims.summary, plan.global_batch_size, plan.local_batch_size,
                 plan.accumulation_steps, dp_size)
 
     t1 = time.perf_counter()
-    model = build_model(plan, mesh, config, device)
-    n_params, n_embedding = count_params(model)
-    logger.info("model %s %s: %.2fM parameters", config.model.name, config.model.flavor, n_params / 1e6)
+    parts, stage_ids, stages = build_model_parts(plan, mesh, config, device)
+    runner = build_runner(parts, stage_ids, stages, mesh, plan, config, device)
+    with torch.device("meta"):
+        n_params, n_embedding = count_params(Transformer(plan.model_args))
+    logger.info("model %s %s: %.2fM parameters%s", config.model.name, config.model.flavor, n_params / 1e6,
+                f" in {stages} pipeline stages" if stages > 1 else "")
 
-    optimizer = build_optimizer(model.parameters(), config.optimizer, device)
+    optimizer = build_optimizer(parts, config.optimizer, device)
     lr_scheduler = build_lr_scheduler(optimizer, config.lr_scheduler, config.training.steps)
     tokenizer = build_tokenizer(config.model)
     loader = runtime.build_loader("train", plan.shards, config.model, tokenizer, config.training.seq_len,
@@ -109,14 +155,14 @@ def run(config: JobConfig, runtime: Runtime) -> TrainState:
         val_loader = runtime.build_loader("validation", plan.validation_shards, config.model, tokenizer,
                                           config.training.seq_len, config.training.seed,
                                           config.validation.local_batch_size * dp_size, dp_rank, dp_size, 0)
-        validator = Validator(model, val_loader, config.validation.steps, dp_group, device)
+        validator = Validator(runner, val_loader, config.validation.steps, loss_group, pp_group, device)
     timings["build"] = time.perf_counter() - t1
 
     fault = FaultInjector(config.fault, config.run_dir, rank, world, config.training.steps)
     state = TrainState()
     checkpoint = CheckpointManager(
         checkpoint_folder,
-        {"model": ModelState(model), "optimizer": OptimizerState(model, optimizer),
+        {"model": ModelState(parts), "optimizer": OptimizerState(parts, optimizer.optimizers),
          "lr_scheduler": LRSchedulerState(lr_scheduler), "dataloader": loader, "train_state": state},
         interval=config.checkpoint.interval, keep_latest_k=config.checkpoint.keep_latest_k,
         enable=config.checkpoint.enable, process_group=active_group, before_commit=fault.before_commit,
@@ -152,9 +198,9 @@ def run(config: JobConfig, runtime: Runtime) -> TrainState:
                             active, config.metrics.peak_tflops, tb, rank,
                             jsonl_path=os.path.join(config.run_dir, METRICS_FILE))
     trainer = Trainer(
-        model, optimizer, lr_scheduler, loader, checkpoint, metrics, state,
+        runner, optimizer, lr_scheduler, loader, checkpoint, metrics, state,
         device=device, local_batch_size=plan.local_batch_size, schedule=schedule,
-        max_norm=config.training.max_norm, dp_group=dp_group, validator=validator, report=runtime.report,
+        max_norm=config.training.max_norm, loss_group=loss_group, pp_group=pp_group, validator=validator, report=runtime.report,
         before_step=fault.before_step,
         after_step=(lambda s: write_progress(config.run_dir, s)) if rank == 0 else (lambda s: None),
         extra_metrics=extra_metrics,

@@ -9,6 +9,14 @@ import torch
 from torch.distributed.device_mesh import DeviceMesh
 
 
+# Flattened views of several mesh dimensions, by what they are for.
+FLATTENED = {
+    "dp": ("dp_replicate", "dp_shard"),
+    "dp_shard_cp": ("dp_shard", "cp"),
+    "dp_cp": ("dp_replicate", "dp_shard", "cp"),
+}
+
+
 class ParallelismError(ValueError):
     """Degrees that cannot form a mesh on the given world size."""
 
@@ -79,7 +87,9 @@ class ParallelDims:
         return self.dp_replicate > 1
 
     def build_mesh(self, device_type: str) -> DeviceMesh:
-        """Named mesh over the enabled dims, plus flattened 'dp' (and 'dp_shard_cp' for FSDP)."""
+        """Named mesh over the enabled dims (pp, dp_replicate, dp_shard, cp, tp), plus flattened
+        views where more than one dim takes part: 'dp' (data rows), 'dp_shard_cp' (FSDP
+        sharding) and 'dp_cp' (loss and token counts)."""
         dims = [
             ("pp", self.pp),
             ("dp_replicate", self.dp_replicate),
@@ -95,30 +105,42 @@ class ParallelDims:
         # Every rank must still call this: creating the mesh's groups is collective.
         ranks = torch.arange(self.world_size).view(*shape)
         mesh = DeviceMesh(device_type, ranks, mesh_dim_names=tuple(names))
-        dp_names = tuple(n for n in ("dp_replicate", "dp_shard") if n in names)
-        if dp_names and len(dp_names) > 1:
-            mesh[dp_names]._flatten("dp")
+        for flat, parts in FLATTENED.items():
+            present = tuple(n for n in parts if n in names)
+            if len(present) > 1:
+                mesh[present]._flatten(flat)
         return mesh
 
     @staticmethod
-    def dp_mesh(mesh: DeviceMesh) -> DeviceMesh | None:
-        """The data-parallel sub-mesh (ranks that see different rows), or None when dp = 1."""
+    def submesh(mesh: DeviceMesh, name: str) -> DeviceMesh | None:
+        """The 1-D mesh over dimension ``name`` (or a flattened one), None when it is absent or of size 1."""
         names = mesh.mesh_dim_names or ()
-        dp_names = [n for n in ("dp_replicate", "dp_shard") if n in names and mesh[n].size() > 1]
-        if len(dp_names) == 2:
-            return mesh["dp"]
-        return mesh[dp_names[0]] if dp_names else None
+        if name in FLATTENED:
+            present = [n for n in FLATTENED[name] if n in names and mesh[n].size() > 1]
+            if len(present) > 1:
+                return mesh[name]
+            return mesh[present[0]] if present else None
+        return mesh[name] if name in names and mesh[name].size() > 1 else None
+
+    @staticmethod
+    def dp_mesh(mesh: DeviceMesh) -> DeviceMesh | None:
+        """Ranks that see different rows of the global batch, or None when dp = 1."""
+        return ParallelDims.submesh(mesh, "dp")
 
     @staticmethod
     def fsdp_mesh(mesh: DeviceMesh) -> DeviceMesh | None:
-        """1-D shard mesh for FSDP, 2-D (replicate, shard) mesh for HSDP, None when not sharding."""
+        """1-D shard mesh for FSDP, 2-D (replicate, shard) mesh for HSDP, None when not sharding.
+
+        Context-parallel ranks hold the same parameters and see different tokens, so FSDP shards
+        over them too: their gradients must be summed like those of data-parallel ranks."""
         names = mesh.mesh_dim_names or ()
-        if "dp_replicate" in names and "dp_shard" in names:
-            return mesh["dp_replicate", "dp_shard"]
-        for name in ("dp_shard", "dp_replicate"):
-            if name in names and mesh[name].size() > 1:
-                return mesh[name]
-        return None
+        shard = ParallelDims.submesh(mesh, "dp_shard_cp")
+        if "dp_replicate" in names:
+            if shard is None:
+                return mesh["dp_replicate"]
+            shard_name = "dp_shard_cp" if shard.mesh_dim_names == ("dp_shard_cp",) else shard.mesh_dim_names[0]
+            return mesh["dp_replicate", shard_name]
+        return shard
 
     @cached_property
     def summary(self) -> str:

@@ -50,6 +50,8 @@ class ModelArgs:
 # 1B and 3B are trained here with an untied output head (the published checkpoints tie it).
 FLAVORS: dict[str, ModelArgs] = {
     "debugmodel": ModelArgs(dim=256, n_layers=6, n_heads=16),
+    # Small enough for many-rank CPU tests; grouped-query like the real flavors.
+    "tiny": ModelArgs(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, multiple_of=32),
     "1B": ModelArgs(
         dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, vocab_size=128256,
         ffn_dim_multiplier=1.5, multiple_of=256, rope_scaling_factor=32.0,

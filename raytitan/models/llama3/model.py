@@ -36,6 +36,16 @@ def apply_rope(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(rotated).flatten(3).type_as(x)
 
 
+class CausalAttention(nn.Module):
+    """softmax(q k^T / sqrt(d)) v over earlier positions; q, k, v are [batch, heads, seq, head_dim].
+
+    A module of its own so context parallel can swap in a version that sees the whole sequence.
+    """
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+
 class Attention(nn.Module):
     """Causal grouped-query attention: n_kv_heads key/value heads shared by n_heads queries."""
 
@@ -46,6 +56,7 @@ class Attention(nn.Module):
         self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(self.n_heads * self.head_dim, args.dim, bias=False)
+        self.core = CausalAttention()
 
     def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
         bsz, seq_len, _ = x.shape
@@ -55,7 +66,7 @@ class Attention(nn.Module):
         v = self.wv(x).view(bsz, seq_len, -1, self.head_dim)
         q, k = apply_rope(q, freqs_cis), apply_rope(k, freqs_cis)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        out = self.core(q, k, v)
         return self.wo(out.transpose(1, 2).reshape(bsz, seq_len, -1))
 
     def init_weights(self, std: float) -> None:
@@ -104,6 +115,9 @@ class TransformerBlock(nn.Module):
 
 
 class Transformer(nn.Module):
+    """Embedding, blocks, norm, output head. A pipeline stage is a Transformer with some of these
+    removed (set to None): it then takes and returns hidden states instead of tokens / logits."""
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         if args.vocab_size is None:
@@ -114,25 +128,35 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleDict({str(i): TransformerBlock(i, args) for i in range(args.n_layers)})
         self.norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
-        self.register_buffer("freqs_cis", rope_frequencies(args, args.max_seq_len), persistent=False)
+        # Context parallel sets the sequence positions this rank holds, in its local order.
+        self.rope_positions: torch.Tensor | None = None
+        self.register_buffer("freqs_cis", self._rope(), persistent=False)
+
+    def _rope(self) -> torch.Tensor:
+        freqs = rope_frequencies(self.args, self.args.max_seq_len)
+        return freqs if self.rope_positions is None else freqs[self.rope_positions]
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        h = self.tok_embeddings(tokens)
+        h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         for layer in self.layers.values():
             h = layer(h, self.freqs_cis)
-        return self.output(self.norm(h))
+        h = self.norm(h) if self.norm is not None else h
+        return self.output(h) if self.output is not None else h
 
     @torch.no_grad()
     def init_weights(self, buffer_device: torch.device | None = None) -> None:
         """Initialize every parameter and buffer in place (after to_empty / sharding)."""
         device = buffer_device or self.freqs_cis.device
-        self.freqs_cis = rope_frequencies(self.args, self.args.max_seq_len).to(device)
-        nn.init.normal_(self.tok_embeddings.weight)
+        self.freqs_cis = self._rope().to(device)
+        if self.tok_embeddings is not None:
+            nn.init.normal_(self.tok_embeddings.weight)
         for layer in self.layers.values():
             layer.init_weights()
-        self.norm.reset_parameters()
-        bound = 3 * self.args.dim**-0.5
-        nn.init.trunc_normal_(self.output.weight, mean=0.0, std=self.args.dim**-0.5, a=-bound, b=bound)
+        if self.norm is not None:
+            self.norm.reset_parameters()
+        if self.output is not None:
+            bound = 3 * self.args.dim**-0.5
+            nn.init.trunc_normal_(self.output.weight, mean=0.0, std=self.args.dim**-0.5, a=-bound, b=bound)
 
 
 def count_params(model: nn.Module) -> tuple[int, int]:

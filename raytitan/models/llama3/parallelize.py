@@ -1,12 +1,22 @@
-"""Apply parallelism to a Llama 3 model in a fixed order: (TP, CP, AC, compile), then FSDP."""
+"""Apply parallelism to a Llama 3 model (or one pipeline stage of it) in a fixed order:
+tensor parallel, context parallel, then FSDP. The model is still on the meta device."""
 
 from __future__ import annotations
 
 import torch
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    PrepareModuleInput,
+    RowwiseParallel,
+    SequenceParallel,
+    parallelize_module,
+)
 
 from raytitan.models.llama3.model import Transformer
+from raytitan.parallel.context import apply_context_parallel
 from raytitan.parallel.dims import ParallelDims
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -18,18 +28,56 @@ def param_dtype(name: str, device_type: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def parallelize_llama(model: Transformer, dims: ParallelDims, mesh: DeviceMesh, training) -> Transformer:
-    """Shard ``model`` (still on meta) over ``mesh``. Later parallelisms slot in before FSDP."""
-    if dims.tp > 1 or dims.pp > 1 or dims.cp > 1:
-        raise NotImplementedError("tensor, pipeline and context parallel are not available yet")
+def parallelize_llama(model: Transformer, dims: ParallelDims, mesh: DeviceMesh, training, parallelism) -> Transformer:
+    """Shard ``model`` over ``mesh``: TP (with sequence and loss parallel), CP, then FSDP/HSDP."""
+    tp_mesh = ParallelDims.submesh(mesh, "tp")
+    if tp_mesh is not None:
+        apply_tensor_parallel(model, tp_mesh, loss_parallel=not parallelism.disable_loss_parallel)
+    cp_mesh = ParallelDims.submesh(mesh, "cp")
+    if cp_mesh is not None:
+        apply_context_parallel(model, cp_mesh.get_group(), training.seq_len)
     fsdp_mesh = ParallelDims.fsdp_mesh(mesh)
     if fsdp_mesh is not None:
+        reshard = {"always": True, "never": False, "default": dims.pp == 1}[parallelism.fsdp_reshard_after_forward.lower()]
         apply_fsdp(model, fsdp_mesh, param_dtype(training.mixed_precision_param, mesh.device_type),
-                   DTYPES[training.mixed_precision_reduce])
+                   DTYPES[training.mixed_precision_reduce], reshard)
     return model
 
 
-def apply_fsdp(model: Transformer, mesh: DeviceMesh, param: torch.dtype, reduce: torch.dtype) -> None:
+def apply_tensor_parallel(model: Transformer, tp_mesh: DeviceMesh, loss_parallel: bool) -> None:
+    """Megatron-style TP: column-wise then row-wise linears in attention and MLP (heads and hidden
+    units split over ranks), sequence parallel norms between them (activations split along the
+    sequence), a vocab-parallel embedding, and an output head that leaves the logits sharded by
+    vocab for a loss-parallel cross entropy (or gathers them)."""
+    top = {}
+    if model.tok_embeddings is not None:
+        top["tok_embeddings"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1))
+    if model.norm is not None:
+        top["norm"] = SequenceParallel()
+    if model.output is not None:
+        top["output"] = ColwiseParallel(input_layouts=Shard(1),
+                                        output_layouts=Shard(-1) if loss_parallel else Replicate(),
+                                        use_local_output=not loss_parallel)
+    if top:
+        parallelize_module(model, tp_mesh, top)
+    for block in model.layers.values():
+        parallelize_module(block, tp_mesh, {
+            "attention_norm": SequenceParallel(),
+            "attention": PrepareModuleInput(input_layouts=(Shard(1), None), desired_input_layouts=(Replicate(), None)),
+            "attention.wq": ColwiseParallel(),
+            "attention.wk": ColwiseParallel(),
+            "attention.wv": ColwiseParallel(),
+            "attention.wo": RowwiseParallel(output_layouts=Shard(1)),
+            "ffn_norm": SequenceParallel(),
+            "feed_forward": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+            "feed_forward.w1": ColwiseParallel(),
+            "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
+            "feed_forward.w3": ColwiseParallel(),
+        })
+
+
+def apply_fsdp(model: Transformer, mesh: DeviceMesh, param: torch.dtype, reduce: torch.dtype,
+               reshard_after_forward: bool = True) -> None:
     """FSDP2 per transformer block and at the root; HSDP when the mesh is 2-D.
 
     The gradient divide factor is 1: the loss is already divided by the global token
@@ -39,8 +87,9 @@ def apply_fsdp(model: Transformer, mesh: DeviceMesh, param: torch.dtype, reduce:
     blocks = list(model.layers.values())
     for i, block in enumerate(blocks):
         # The last block's params are needed again first in backward: keep them gathered.
-        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=i < len(blocks) - 1)
-    fully_shard(model, mesh=mesh, mp_policy=policy)
+        fully_shard(block, mesh=mesh, mp_policy=policy,
+                    reshard_after_forward=reshard_after_forward and i < len(blocks) - 1)
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     for module in [*blocks, model]:
         module.set_gradient_divide_factor(1.0)
         # Plain SUM collectives: gloo has no PREMUL_SUM, and a factor of 1 needs no scaling.

@@ -1,0 +1,86 @@
+"""ModelRunner: one microbatch in, this rank's loss (and gradients) out, whatever the layout.
+
+Plain and FSDP/TP models run forward and backward directly; pipelined ones hand the batch to
+their schedule. Context parallel ranks score only the positions they hold, and a vocab-sharded
+output is scored under ``loss_parallel``. The trainer's loop stays the same for all of them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import loss_parallel
+
+from raytitan.loss import IGNORE_INDEX, cross_entropy_sum
+from raytitan.parallel.context import shard_sequence
+
+
+def _plain(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+class PipelineLoss:
+    """The loss a pipeline schedule calls per microbatch: summed cross entropy / ``scale``."""
+
+    scale = 1.0
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return cross_entropy_sum(logits, labels) / self.scale
+
+
+class ModelRunner:
+    def __init__(self, parts: list[torch.nn.Module], *, cp_positions: torch.Tensor | None = None,
+                 loss_parallel: bool = False, pipeline=None, eval_pipeline=None,
+                 pipeline_loss: PipelineLoss | None = None, is_last_stage: bool = True):
+        self.parts, self.cp_positions = parts, cp_positions
+        self.loss_parallel, self.pipeline, self.eval_pipeline = loss_parallel, pipeline, eval_pipeline
+        self.pipeline_loss, self.is_last_stage = pipeline_loss, is_last_stage
+
+    def _loss_context(self):
+        return loss_parallel() if self.loss_parallel else contextlib.nullcontext()
+
+    def local(self, t: torch.Tensor) -> torch.Tensor:
+        """This rank's positions of a [batch, seq] tensor (all of them without context parallel)."""
+        return t if self.cp_positions is None else shard_sequence(t, self.cp_positions, dim=1)
+
+    def target_tokens(self, labels: torch.Tensor) -> torch.Tensor:
+        """How many of the labels this rank scores."""
+        return (self.local(labels) != IGNORE_INDEX).sum().to(torch.float32)
+
+    def forward_backward(self, inputs: torch.Tensor, labels: torch.Tensor, scale: float) -> torch.Tensor:
+        """Backward of (summed loss / scale); returns that loss, detached (zero off the last stage)."""
+        inputs, labels = self.local(inputs), self.local(labels)
+        with self._loss_context():
+            if self.pipeline is None:
+                loss = cross_entropy_sum(self.parts[0](inputs), labels) / scale
+                loss.backward()
+                return _plain(loss.detach())
+            self.pipeline_loss.scale = scale
+            losses: list[torch.Tensor] = []
+            first_args = (inputs,) if self._holds_first_stage() else ()
+            self.pipeline.step(*first_args, target=labels if self.is_last_stage else None, losses=losses,
+                               return_outputs=False)
+            return self._sum(losses, inputs.device)
+
+    @torch.no_grad()
+    def loss_sum(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Summed loss over this rank's positions, without gradients (zero off the last stage)."""
+        inputs, labels = self.local(inputs), self.local(labels)
+        with self._loss_context():
+            if self.pipeline is None:
+                return _plain(cross_entropy_sum(self.parts[0](inputs), labels))
+            self.pipeline_loss.scale = 1.0
+            losses: list[torch.Tensor] = []
+            first_args = (inputs,) if self._holds_first_stage() else ()
+            self.eval_pipeline.eval(*first_args, target=labels if self.is_last_stage else None, losses=losses)
+            return self._sum(losses, inputs.device)
+
+    def _holds_first_stage(self) -> bool:
+        return self.parts[0].tok_embeddings is not None
+
+    def _sum(self, losses: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+        if not losses:
+            return torch.zeros((), device=device)
+        return torch.stack([_plain(loss.detach()) for loss in losses]).sum()
