@@ -42,8 +42,8 @@ class RayRuntime(Runtime):
         return super().device(False)
 
     def build_loader(self, purpose, shards, model_config, tokenizer, seq_len, seed, global_batch_size, dp_rank,
-                     dp_size, shuffle_block):
-        return RayFeedLoader(self.feeders[purpose], global_batch_size, dp_rank, dp_size)
+                     dp_size, shuffle_block, reader=None, readers=None):
+        return RayFeedLoader(self.feeders[purpose], global_batch_size, dp_rank, dp_size, reader, readers)
 
     def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
         # The checkpoint is already committed in the run folder (= Ray's experiment folder).

@@ -53,8 +53,10 @@ class Runtime:
         return torch.device("cpu")
 
     def build_loader(self, purpose: str, shards, model_config, tokenizer, seq_len: int, seed: int,
-                     global_batch_size: int, dp_rank: int, dp_size: int, shuffle_block: int) -> BatchLoader:
-        """This rank's view of the ``purpose`` ("train" or "validation") stream."""
+                     global_batch_size: int, dp_rank: int, dp_size: int, shuffle_block: int,
+                     reader: int | None = None, readers: int | None = None) -> BatchLoader:
+        """This rank's view of the ``purpose`` ("train" or "validation") stream. ``reader`` of
+        ``readers``: this rank among all that read it (several share each dp slice under TP/CP/PP)."""
         return LocalLoader(shards, tokenizer, seq_len, seed, global_batch_size, dp_rank, dp_size, shuffle_block)
 
     def report(self, metrics: dict, checkpoint_dir: str | None) -> None:

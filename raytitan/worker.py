@@ -149,12 +149,13 @@ def run(config: JobConfig, runtime: Runtime) -> TrainState:
     tokenizer = build_tokenizer(config.model)
     loader = runtime.build_loader("train", plan.shards, config.model, tokenizer, config.training.seq_len,
                                   config.training.seed, plan.global_batch_size, dp_rank, dp_size,
-                                  config.training.shuffle_buffer)
+                                  config.training.shuffle_buffer, reader=rank, readers=active)
     validator = None
     if config.validation.enable:
         val_loader = runtime.build_loader("validation", plan.validation_shards, config.model, tokenizer,
                                           config.training.seq_len, config.training.seed,
-                                          config.validation.local_batch_size * dp_size, dp_rank, dp_size, 0)
+                                          config.validation.local_batch_size * dp_size, dp_rank, dp_size, 0,
+                                          reader=rank, readers=active)
         validator = Validator(runner, val_loader, config.validation.steps, loss_group, pp_group, device)
     timings["build"] = time.perf_counter() - t1
 

@@ -33,56 +33,114 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, config_dict: dict, out: str) -> None:
+def _local_bytes(tensors) -> int:
+    from torch.distributed.tensor import DTensor
+
+    return sum((t.to_local() if isinstance(t, DTensor) else t).nbytes for t in tensors)
+
+
+def _worker(rank: int, world: int, port: int, payloads: list[dict], out: str) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     import torch
     import torch.distributed as dist
 
+    import raytitan.worker
     from raytitan.data.loader import BatchLoader
     from raytitan.runtime import TorchrunRuntime
-    from raytitan.worker import run
 
     # Ledger: the ids of every training row this rank consumed, in order.
     ledger: list = []
     original = BatchLoader.next_batch
+    ledger_batch = [0]
 
     def recording_next_batch(self):
         batch = original(self)
-        if self.global_batch_size == config_dict["_ledger_global_batch"]:
+        if self.global_batch_size == ledger_batch[0]:
             ledger.append({"dp_rank": self.dp_rank, "dp_size": self.dp_size, "ids": batch.ids.tolist()})
         return batch
 
+    # The optimizer, to measure what this rank holds of the parameters and their state.
+    optimizers: list = []
+    build_optimizer = raytitan.worker.build_optimizer
+    raytitan.worker.build_optimizer = lambda *a, **k: optimizers.append(build_optimizer(*a, **k)) or optimizers[-1]
+
     BatchLoader.next_batch = recording_next_batch
     torch.set_num_threads(1)
-    config = {k: v for k, v in config_dict.items() if not k.startswith("_")}
-    state = run(JobConfig.from_dict(config), TorchrunRuntime())
+    results = []
+    for payload in payloads:
+        ledger.clear()
+        optimizers.clear()
+        ledger_batch[0] = payload["_ledger_global_batch"]
+        config = {k: v for k, v in payload.items() if not k.startswith("_")}
+        state = raytitan.worker.run(JobConfig.from_dict(config), TorchrunRuntime())
+        held = {"param_bytes": 0, "optimizer_bytes": 0}
+        if optimizers:
+            params = [p for group in optimizers[0].param_groups for p in group["params"]]
+            held["param_bytes"] = _local_bytes(params)
+            held["optimizer_bytes"] = _local_bytes(
+                v for o in optimizers[0].optimizers for s in o.state.values() for v in s.values() if v.dim() > 0)
+        results.append({"losses": state.losses, "validation_losses": state.validation_losses, "step": state.step,
+                        "tokens_seen": state.tokens_seen, "ledger": list(ledger), **held})
     with open(f"{out}.rank{rank}", "w") as f:
-        json.dump({"losses": state.losses, "validation_losses": state.validation_losses, "step": state.step,
-                   "tokens_seen": state.tokens_seen, "ledger": ledger}, f)
+        json.dump(results, f)
     dist.destroy_process_group()
 
 
-def run_ranks(config: JobConfig, world: int, out_dir: str) -> dict:
-    """Run ``raytitan.worker.run`` on ``world`` spawned gloo ranks.
-
-    Returns rank 0's summary, plus ``global_ledger``: per step, the ids of the whole global
-    batch, assembled from every data-parallel rank's rows.
-    """
-    from raytitan.preflight import plan_run
-
-    out = os.path.join(out_dir, f"result-{free_port()}.json")
-    payload = {**config.to_dict(), "_ledger_global_batch": plan_run(config, world).global_batch_size}
-    mp.start_processes(_worker, args=(world, free_port(), payload, out), nprocs=world,
-                       start_method="spawn", join=True)
-    ranks = []
-    for r in range(world):
-        with open(f"{out}.rank{r}") as f:
-            ranks.append(json.load(f))
+def _global_ledger(ranks: list[dict]) -> list:
     steps = len(ranks[0]["ledger"])
     by_dp = {}
     for result in ranks:
         for entry in result["ledger"]:
             by_dp.setdefault(entry["dp_rank"], result["ledger"])
-    global_ledger = [sum((by_dp[d][k]["ids"] for d in sorted(by_dp)), []) for k in range(steps)]
-    return {**ranks[0], "global_ledger": global_ledger}
+    return [sum((by_dp[d][k]["ids"] for d in sorted(by_dp)), []) for k in range(steps)]
+
+
+def run_ranks(config: JobConfig | list[JobConfig], world: int, out_dir: str) -> dict | list[dict]:
+    """Run ``raytitan.worker.run`` on ``world`` spawned gloo ranks; a list of configs runs one
+    after the other in the same processes (spawning is the slow part).
+
+    Returns, per config, rank 0's summary plus ``global_ledger`` (per step, the ids of the whole
+    global batch, assembled from every data-parallel rank's rows) and ``ranks`` (every rank's
+    summary, with the bytes of parameters and optimizer state it held).
+    """
+    from raytitan.preflight import plan_run
+
+    configs = config if isinstance(config, list) else [config]
+    out = os.path.join(out_dir, f"result-{free_port()}.json")
+    payloads = [{**c.to_dict(), "_ledger_global_batch": plan_run(c, world).global_batch_size} for c in configs]
+    mp.start_processes(_worker, args=(world, free_port(), payloads, out), nprocs=world,
+                       start_method="spawn", join=True)
+    per_rank = []
+    for r in range(world):
+        with open(f"{out}.rank{r}") as f:
+            per_rank.append(json.load(f))
+    results = []
+    for i in range(len(configs)):
+        ranks = [per_rank[r][i] for r in range(world)]
+        results.append({**ranks[0], "global_ledger": _global_ledger(ranks), "ranks": ranks})
+    return results if isinstance(config, list) else results[0]
+
+
+def _call(rank: int, world: int, port: int, fn, args: tuple, out: str) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(OMP_NUM_THREADS="1")
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        result = fn(rank, world, *args)
+    finally:
+        dist.destroy_process_group()
+    with open(f"{out}.rank{rank}", "w") as f:
+        json.dump(result, f)
+
+
+def spawn(fn, world: int, out_dir: str, *args) -> list:
+    """Run ``fn(rank, world, *args)`` on ``world`` gloo ranks; returns each rank's (JSON) result."""
+    out = os.path.join(out_dir, f"call-{free_port()}")
+    mp.start_processes(_call, args=(world, free_port(), fn, args, out), nprocs=world, start_method="spawn", join=True)
+    results = []
+    for r in range(world):
+        with open(f"{out}.rank{r}") as f:
+            results.append(json.load(f))
+    return results

@@ -84,7 +84,23 @@ def test_fit_api_overrides():
 @pytest.mark.parametrize("sections, world, message", [
     ({"parallelism": {"data_parallel_shard_degree": 3}}, 2, "world size is 2"),
     ({"parallelism": {"data_parallel_replicate_degree": 3}}, 2, "not divisible"),
-    ({"parallelism": {"tensor_parallel_degree": 2}}, 2, "not supported yet"),
+    ({"parallelism": {"tensor_parallel_degree": 4}, "model": {"flavor": "tiny"}}, 4,
+     "tensor_parallel_degree 4 does not divide the model's n_kv_heads \\(2\\)"),
+    ({"parallelism": {"context_parallel_degree": 3}, "training": {"seq_len": 64}}, 3,
+     "seq_len 64 is not divisible by 2 x context_parallel_degree x tensor_parallel_degree = 6"),
+    ({"parallelism": {"tensor_parallel_degree": 2}, "training": {"seq_len": 63}}, 2, "not divisible by tensor_parallel"),
+    ({"parallelism": {"pipeline_parallel_degree": 4}, "model": {"flavor": "tiny"}}, 4,
+     "4 layers cannot fill 4 pipeline stages"),
+    ({"parallelism": {"pipeline_parallel_degree": 2, "pipeline_parallel_microbatch_size": 3}}, 2,
+     "microbatch_size 3 does not divide the local batch size 4"),
+    ({"parallelism": {"pipeline_parallel_degree": 2, "pipeline_parallel_schedule": "ZBVZeroBubble",
+                      "pipeline_parallel_layers_per_stage": 1}}, 2, "needs exactly 2 stages per rank, the layout gives 4"),
+    ({"parallelism": {"pipeline_parallel_degree": 2, "pipeline_parallel_layers_per_stage": 3}}, 2,
+     "layers_per_stage = 3 does not divide 6 layers"),
+    ({"parallelism": {"pipeline_parallel_schedule": "Zigzag"}}, 2, "pipeline_parallel_schedule"),
+    ({"parallelism": {"enable_async_tensor_parallel": True}}, 2, "needs CUDA and torch.compile"),
+    ({"parallelism": {"tensor_parallel_degree": 2, "pipeline_parallel_degree": 2}}, 2,
+     "world size 2 is not divisible by replicate x cp x tp x pp = 4"),
     ({"training": {"global_batch_size": 10}}, 2, "not divisible by local_batch_size 4 x data-parallel degree 2"),
     ({"training": {"seq_len": -1}}, 2, "training.seq_len must be > 0"),
     ({"optimizer": {"weight_decay": -0.1}}, 2, "optimizer.weight_decay must be >= 0"),
@@ -110,6 +126,12 @@ def test_preflight_heads_and_vocab(tmp_path, data_dir, monkeypatch):
         plan_run(tiny_config(str(tmp_path), data_dir, model={"flavor": "odd"}), 1)
     with pytest.raises(ConfigError, match="smaller than the tokenizer's 259"):
         plan_run(tiny_config(str(tmp_path), data_dir, model={"flavor": "small_vocab"}), 1)
+
+
+def test_plan_accepts_composed_layouts(tmp_path, data_dir):
+    plan = plan_run(tiny_config(str(tmp_path), data_dir, parallelism={
+        "tensor_parallel_degree": 2, "pipeline_parallel_degree": 2, "context_parallel_degree": 2}), 16)
+    assert (plan.dims.dp_shard, plan.dims.tp, plan.dims.pp, plan.dims.cp, plan.dims.dp) == (2, 2, 2, 2, 2)
 
 
 def test_plan_derives_accumulation(tmp_path, data_dir):

@@ -74,7 +74,7 @@ class DataFeeder:
         self.global_batch_size, self.prefetch = global_batch_size, max(prefetch, 3)
         self._cond = threading.Condition()
         self._buffer: OrderedDict[Cursor, GlobalBatch] = OrderedDict()
-        self._positions: dict[int, Cursor] = {}  # dp rank -> newest cursor it asked for
+        self._positions: dict[int, Cursor] = {}  # reader (training rank) -> newest cursor it asked for
         self._generation = 0
         self._next_start: Cursor | None = None
         self._error: BaseException | None = None
@@ -104,17 +104,24 @@ class DataFeeder:
         self._next_start, self._error = start, None
         threading.Thread(target=self._produce, args=(start, self._generation), daemon=True).start()
 
-    def _evict(self, dp_size: int) -> None:
+    def _evict(self, readers: int) -> None:
         while self._buffer:
             first = next(iter(self._buffer))
-            if not all(r in self._positions and self._positions[r] > first for r in range(dp_size)):
+            if not all(r in self._positions and self._positions[r] > first for r in range(readers)):
                 return
             del self._buffer[first]
             self._cond.notify_all()
 
-    def get(self, start: list[int], dp_rank: int, dp_size: int, reset: bool = False):
+    def get(self, start: list[int], dp_rank: int, dp_size: int, reset: bool = False,
+            reader: int | None = None, readers: int | None = None):
         """This rank's rows of the global batch starting at ``start``, where the next one starts,
-        and how many unusable source records the batch's production met."""
+        and how many unusable source records the batch's production met.
+
+        ``reader`` / ``readers``: this training rank and how many read the stream; they exceed the
+        data-parallel ranks when tensor, context or pipeline parallel ranks share a slice. A batch
+        is dropped once every reader has moved past it."""
+        reader = dp_rank if reader is None else reader
+        readers = dp_size if readers is None else readers
         cursor = Cursor(*start)
         with self._cond:
             if reset:
@@ -123,8 +130,8 @@ class DataFeeder:
                     self._buffer.popitem(last=False)
             if cursor not in self._buffer and cursor != self._next_start:
                 self._restart(cursor)
-            self._positions[dp_rank] = cursor
-            self._evict(dp_size)
+            self._positions[reader] = cursor
+            self._evict(readers)
             self._cond.wait_for(lambda: cursor in self._buffer or self._error is not None)
             if self._error is not None:
                 raise RuntimeError(f"data pipeline failed: {self._error!r}") from self._error
@@ -140,13 +147,14 @@ class DataFeeder:
 class RayFeedLoader(BatchLoader):
     """Worker-side client of the DataFeeder; keeps one request in flight to hide latency."""
 
-    def __init__(self, feeder, global_batch_size: int, dp_rank: int, dp_size: int):
+    def __init__(self, feeder, global_batch_size: int, dp_rank: int, dp_size: int, reader: int | None = None,
+                 readers: int | None = None):
         super().__init__(global_batch_size, dp_rank, dp_size)
-        self._feeder = feeder
+        self._feeder, self._reader, self._readers = feeder, reader, readers
         self._inflight: tuple[Cursor, object] | None = None
 
     def _request(self, start: Cursor, reset: bool = False):
-        return self._feeder.get.remote(start.as_list(), self.dp_rank, self.dp_size, reset)
+        return self._feeder.get.remote(start.as_list(), self.dp_rank, self.dp_size, reset, self._reader, self._readers)
 
     def _fetch(self, start: Cursor) -> tuple[np.ndarray, np.ndarray, Cursor, int]:
         import ray

@@ -1,0 +1,152 @@
+"""Every parallel layout trains like one process: same first losses from the same seed weights,
+checkpoints that move between layouts, and per-rank state that shrinks with the sharding."""
+
+import os
+import shutil
+
+import pytest
+
+from tests.helpers import run_ranks, tiny_config
+
+pytestmark = pytest.mark.slow
+
+STEPS = 5
+# Tiny model: 4 layers, 4 heads, 2 KV heads, dim 64. Pipelines with 4 stages need 1 layer each.
+EVEN_STAGES = {"pipeline_parallel_first_stage_less_layers": 0, "pipeline_parallel_last_stage_less_layers": 0}
+TWO_RANKS = {
+    "TP": {"tensor_parallel_degree": 2},
+    "TP, logits gathered": {"tensor_parallel_degree": 2, "disable_loss_parallel": True},
+    "CP": {"context_parallel_degree": 2},
+    **{f"PP {name}": {"pipeline_parallel_degree": 2, "pipeline_parallel_schedule": name,
+                      "pipeline_parallel_microbatch_size": 2, **EVEN_STAGES}
+       for name in ("1F1B", "GPipe", "Interleaved1F1B", "InterleavedZeroBubble", "ZBVZeroBubble")},
+}
+FOUR_RANKS = {
+    "FSDP+TP": {"tensor_parallel_degree": 2},
+    "FSDP+PP": {"pipeline_parallel_degree": 2},
+    "TP+PP": {"tensor_parallel_degree": 2, "pipeline_parallel_degree": 2},
+    "FSDP+CP": {"context_parallel_degree": 2},
+}
+EIGHT_RANKS = {
+    "FSDP+TP+PP": {"tensor_parallel_degree": 2, "pipeline_parallel_degree": 2},
+    "FSDP+TP+CP": {"tensor_parallel_degree": 2, "context_parallel_degree": 2},
+    "HSDP+TP": {"data_parallel_replicate_degree": 2, "tensor_parallel_degree": 2},
+    # FSDP shards over the cp ranks here (there is no separate data-parallel dim left on 8 ranks).
+    "FSDP(cp)+TP+PP+CP": {"tensor_parallel_degree": 2, "pipeline_parallel_degree": 2, "context_parallel_degree": 2},
+}
+
+
+def config(root, data_dir, seed_checkpoint, parallelism=None, global_batch=8, local_batch=8, **sections):
+    return tiny_config(str(root), data_dir, model={"flavor": "tiny"}, parallelism=parallelism or {},
+                       training={"global_batch_size": global_batch, "local_batch_size": local_batch, "steps": STEPS},
+                       checkpoint={"enable": False, "initial_load_path": seed_checkpoint, **sections.pop("checkpoint", {})},
+                       **sections)
+
+
+@pytest.fixture(scope="module")
+def seed_checkpoint(tmp_path_factory, data_dir):
+    root = tmp_path_factory.mktemp("seed")
+    run_ranks(tiny_config(str(root), data_dir, model={"flavor": "tiny"}, checkpoint={"create_seed_checkpoint": True}),
+              1, str(root))
+    return os.path.join(str(root), "run", "checkpoint", "step-0")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, data_dir, seed_checkpoint):
+    """One process, the whole global batch of 8 in one microbatch, from the seed weights."""
+    root = tmp_path_factory.mktemp("reference")
+    return run_ranks(config(root, data_dir, seed_checkpoint), 1, str(root))
+
+
+@pytest.fixture(scope="module")
+def saved_plain(tmp_path_factory, data_dir, seed_checkpoint):
+    """Plain FSDP on 2 ranks with checkpoints at steps 3 and 5: a checkpoint to load elsewhere."""
+    root = tmp_path_factory.mktemp("plain")
+    cfg = config(root, data_dir, seed_checkpoint, local_batch=4, checkpoint={"enable": True, "interval": 3})
+    result = run_ranks(cfg, 2, str(root))
+    return cfg, result
+
+
+def data_parallel(parallelism: dict, world: int) -> int:
+    block = 1
+    for key in ("tensor_parallel_degree", "pipeline_parallel_degree", "context_parallel_degree"):
+        block *= parallelism.get(key, 1)
+    return world // block
+
+
+def assert_matches(name, losses, reference_losses):
+    assert len(losses) == len(reference_losses), name
+    for a, b in zip(losses, reference_losses):
+        assert abs(a - b) / b < 1e-4, (name, losses, reference_losses)
+
+
+def resume_config(cfg, root):
+    """A copy of ``cfg``'s run whose newest checkpoint is step 3, set to train on to step 5."""
+    source = os.path.join(cfg.run_dir, "checkpoint")
+    target = os.path.join(str(root), "run", "checkpoint")
+    shutil.copytree(source, target)
+    shutil.rmtree(os.path.join(target, "step-5"))
+    return root
+
+
+def check_state_split(name, result, sharding):
+    """Each parameter element is held once per replica (tensor parallel repeats only the norm
+    weights, under 1%), Adam's two moments likewise, and no rank holds much more than its share."""
+    held = [r["param_bytes"] for r in result["ranks"]]
+    optimizer = [r["optimizer_bytes"] for r in result["ranks"]]
+    full = result["full_param_bytes"] * result["replicas"]
+    assert full <= sum(held) <= 1.01 * full, (name, held, full)
+    assert 2 * full <= sum(optimizer) <= 2.02 * full, (name, optimizer, full)
+    assert max(held) <= 1.35 * result["full_param_bytes"] / sharding, (name, held, full, sharding)
+
+
+@pytest.fixture(scope="module")
+def full_param_bytes(reference):
+    return reference["ranks"][0]["param_bytes"]
+
+
+def test_two_rank_layouts_match_one_process(tmp_path, data_dir, seed_checkpoint, reference, full_param_bytes):
+    results = run_ranks([config(tmp_path / name.replace(" ", "_"), data_dir, seed_checkpoint, p)
+                         for name, p in TWO_RANKS.items()], 2, str(tmp_path))
+    assert reference["losses"][-1] < reference["losses"][0]
+    for (name, p), result in zip(TWO_RANKS.items(), results):
+        assert_matches(name, result["losses"], reference["losses"])
+        # TP and PP split the parameters in two; FSDP over the cp ranks shards them in two as well.
+        check_state_split(name, {**result, "full_param_bytes": full_param_bytes, "replicas": 1}, 2)
+
+
+def test_four_rank_layouts_match_one_process(tmp_path, data_dir, seed_checkpoint, reference, full_param_bytes):
+    results = run_ranks([config(tmp_path / name.replace("+", "_"), data_dir, seed_checkpoint, p, local_batch=4)
+                         for name, p in FOUR_RANKS.items()], 4, str(tmp_path))
+    for (name, p), result in zip(FOUR_RANKS.items(), results):
+        assert_matches(name, result["losses"], reference["losses"])
+        check_state_split(name, {**result, "full_param_bytes": full_param_bytes, "replicas": 1}, 4)
+
+
+def test_eight_rank_layouts_match_and_checkpoints_move_between_layouts(
+        tmp_path, data_dir, seed_checkpoint, reference, full_param_bytes, saved_plain):
+    """All 8-rank compositions match one process. A checkpoint written by plain FSDP on 2 ranks
+    resumes under FSDP+TP+PP on 8, and one written under FSDP+TP+PP resumes under plain FSDP on 2:
+    the losses after the resume are those of the uninterrupted runs."""
+    plain_cfg, plain = saved_plain
+    assert_matches("plain FSDP", plain["losses"], reference["losses"])
+    layouts = [config(tmp_path / name.replace("+", "_").replace("(", "").replace(")", ""), data_dir, seed_checkpoint,
+                      p, local_batch=8 // data_parallel(p, 8))
+               for name, p in EIGHT_RANKS.items()]
+    three_d = EIGHT_RANKS["FSDP+TP+PP"]
+    saving = config(tmp_path / "3d_saving", data_dir, seed_checkpoint, three_d, local_batch=4,
+                    checkpoint={"enable": True, "interval": 3})
+    resuming = config(resume_config(plain_cfg, tmp_path / "3d_resuming"), data_dir, seed_checkpoint, three_d,
+                      local_batch=4, checkpoint={"enable": True, "interval": 3})
+    *results, saved, resumed = run_ranks([*layouts, saving, resuming], 8, str(tmp_path))
+    for (name, p), result in zip(EIGHT_RANKS.items(), results):
+        assert_matches(name, result["losses"], reference["losses"])
+        replicas = 2 if "HSDP" in name else 1
+        check_state_split(name, {**result, "full_param_bytes": full_param_bytes, "replicas": replicas},
+                          8 // replicas)
+    assert_matches("FSDP+TP+PP", saved["losses"], reference["losses"])
+    assert_matches("plain FSDP -> FSDP+TP+PP", resumed["losses"], plain["losses"][3:])
+
+    back = config(resume_config(saving, tmp_path / "plain_resuming"), data_dir, seed_checkpoint, local_batch=4,
+                  checkpoint={"enable": True, "interval": 3})
+    assert_matches("FSDP+TP+PP -> plain FSDP", run_ranks(back, 2, str(tmp_path))["losses"], saved["losses"][3:])
