@@ -56,9 +56,20 @@ class RayRuntime(Runtime):
         )
 
 
+def _quiet_report_echo() -> None:
+    """Ray Train logs every report's whole metrics dict from every worker at INFO; rank 0's own
+    metrics line already says it, once."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # a Ray version that moved it: keep its logging as it is
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def _train_fn(loop_config: dict) -> None:
     from raytitan.worker import run
 
+    _quiet_report_echo()
     run(JobConfig.from_dict(loop_config["config"]), RayRuntime(loop_config["feeders"]))
 
 

@@ -74,6 +74,19 @@ def test_shipped_configs_parse():
         assert c.model.flavor
 
 
+@pytest.mark.parametrize("name, world, layout", [
+    ("llama3_8b.toml", 8, (8, 1, 1)),
+    ("llama3_70b.toml", 64, (8, 8, 1)),
+    ("llama3_405b.toml", 128, (8, 8, 2)),
+])
+def test_shipped_recipes_form_valid_layouts(name, world, layout):
+    """The GPU recipes plan at their world size (tokenizer and data swapped for ones present here)."""
+    c = parse_args(["--job.config_file", os.path.join(REPO, "configs", name), "--model.tokenizer", "byte"])
+    c.model.hf_assets_path = None
+    plan = plan_run(c, world, resolve_data=False)
+    assert (plan.dims.dp_shard, plan.dims.tp, plan.dims.pp) == layout
+
+
 def test_fit_api_overrides():
     c = load_config(os.path.join(REPO, "configs", "llama3_debug.toml"), training__steps=3)
     assert c.training.steps == 3 and c.ray.num_workers == 2

@@ -9,6 +9,8 @@ from raytitan.checkpoint import CheckpointManager, ModelState, committed_steps
 from raytitan.launcher import TrainingFailed
 from raytitan.restarts import read_starts
 
+from tests.helpers import run_ranks, tiny_config
+
 pytestmark = pytest.mark.slow
 
 
@@ -31,8 +33,16 @@ def train(root, data_dir, **overrides):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(ray_local, tmp_path_factory, data_dir):
-    return train(tmp_path_factory.mktemp("uninterrupted"), data_dir)[2]
+def seed_weights(tmp_path_factory, data_dir):
+    """Initial weights from one process, so layouts that initialize differently start the same."""
+    root = str(tmp_path_factory.mktemp("seed"))
+    run_ranks(tiny_config(root, data_dir, checkpoint={"create_seed_checkpoint": True}), 1, root)
+    return os.path.join(root, "run", "checkpoint", "step-0")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(ray_local, tmp_path_factory, data_dir, seed_weights):
+    return train(tmp_path_factory.mktemp("uninterrupted"), data_dir, checkpoint__initial_load_path=seed_weights)[2]
 
 
 def assert_same_losses(got, expected):
@@ -41,8 +51,10 @@ def assert_same_losses(got, expected):
         assert abs(got[step] - expected[step]) / expected[step] < 1e-4, (step, got, expected)
 
 
-def test_worker_killed_mid_run_resumes_with_the_same_math(ray_local, tmp_path, data_dir, uninterrupted):
+def test_worker_killed_mid_run_resumes_with_the_same_math(ray_local, tmp_path, data_dir, uninterrupted,
+                                                          seed_weights):
     result, run_dir, losses = train(tmp_path, data_dir, ray__min_workers=2, ray__max_workers=4,
+                                    checkpoint__initial_load_path=seed_weights,
                                     fault__kill_step=5, fault__kill_rank=1)
     assert_same_losses(losses, uninterrupted)
     starts = read_starts(run_dir)
@@ -52,9 +64,22 @@ def test_worker_killed_mid_run_resumes_with_the_same_math(ray_local, tmp_path, d
     assert result.checkpoint.path.endswith("step-8")  # Ray registered the final committed checkpoint
 
 
+def test_tensor_parallel_run_survives_a_worker_kill(ray_local, tmp_path, data_dir, uninterrupted, seed_weights):
+    """TP=2 through Ray: the ranks of a TP group share their data slice from the feeder, and after
+    a worker is killed the rebuilt group keeps TP=2 with the same math as plain data parallel."""
+    _, run_dir, losses = train(tmp_path, data_dir, ray__min_workers=2, ray__max_workers=4,
+                               parallelism__tensor_parallel_degree=2, training__local_batch_size=4,
+                               fault__kill_step=5, fault__kill_rank=3, checkpoint__initial_load_path=seed_weights)
+    assert_same_losses(losses, uninterrupted)
+    starts = read_starts(run_dir)
+    assert len(starts) == 2 and starts[1]["resumed_step"] == 4
+    assert all(s["active"] == 2 * s["dp"] for s in starts)  # every active rank is in a TP pair
+
+
 def test_worker_killed_during_a_save_resumes_from_the_previous_checkpoint(ray_local, tmp_path, data_dir,
-                                                                        uninterrupted):
-    _, run_dir, losses = train(tmp_path, data_dir, fault__kill_step=4, fault__kill_rank=2, fault__during_save=True)
+                                                                        uninterrupted, seed_weights):
+    _, run_dir, losses = train(tmp_path, data_dir, fault__kill_step=4, fault__kill_rank=2, fault__during_save=True,
+                               checkpoint__initial_load_path=seed_weights)
     assert_same_losses(losses, uninterrupted)
     starts = read_starts(run_dir)
     assert starts[1]["resumed_step"] == 2 and starts[1]["lost_steps"] == 2  # step 4 never committed

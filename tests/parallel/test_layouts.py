@@ -1,6 +1,7 @@
 """Every parallel layout trains like one process: same first losses from the same seed weights,
 checkpoints that move between layouts, and per-rank state that shrinks with the sharding."""
 
+import json
 import os
 import shutil
 
@@ -150,3 +151,19 @@ def test_eight_rank_layouts_match_and_checkpoints_move_between_layouts(
     back = config(resume_config(saving, tmp_path / "plain_resuming"), data_dir, seed_checkpoint, local_batch=4,
                   checkpoint={"enable": True, "interval": 3})
     assert_matches("FSDP+TP+PP -> plain FSDP", run_ranks(back, 2, str(tmp_path))["losses"], saved["losses"][3:])
+
+
+def test_elastic_tensor_parallel_run_shrinks_to_one_tp_group(tmp_path, data_dir, seed_checkpoint, reference):
+    """TP=2 on 4 ranks (dp 2) checkpoints at step 3; restarted on 3 ranks it keeps TP=2 with dp 1
+    (local batch 4 x accumulation 2), idles the third rank, and trains on exactly as one process."""
+    elastic = config(tmp_path, data_dir, seed_checkpoint, {"tensor_parallel_degree": 2}, local_batch=4,
+                     ray={"min_workers": 2, "max_workers": 4}, checkpoint={"enable": True, "interval": 3})
+    four = run_ranks(elastic, 4, str(tmp_path))
+    shutil.rmtree(os.path.join(elastic.run_dir, "checkpoint", "step-5"))
+    three = run_ranks(elastic, 3, str(tmp_path))
+    assert_matches("TP=2 on 4 ranks", four["losses"], reference["losses"])
+    assert_matches("TP=2 on 3 ranks after the loss of one", three["losses"], reference["losses"][3:])
+    starts = [json.loads(line) for line in open(os.path.join(elastic.run_dir, "restarts.jsonl"))]
+    assert [(s["world"], s["active"], s["dp"], s["local_batch"], s["accumulation"]) for s in starts] == \
+        [(4, 4, 2, 4, 1), (3, 2, 1, 4, 2)]
+    assert three["ranks"][2]["losses"] == []  # the idle rank trained nothing
