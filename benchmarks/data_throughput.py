@@ -66,6 +66,7 @@ def training_tokens_per_s(seq_len: int, batch: int, steps: int) -> float:
 
     from raytitan.models.llama3.args import FLAVORS
     from raytitan.models.llama3.model import Transformer
+    from raytitan.parallel.runner import ModelRunner
     from raytitan.trainer import Schedule, Trainer
 
     import dataclasses
@@ -75,8 +76,8 @@ def training_tokens_per_s(seq_len: int, batch: int, steps: int) -> float:
     model.init_weights()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    trainer = Trainer(model, opt, sched, None, None, None, None, device=torch.device("cpu"), local_batch_size=batch,
-                      schedule=Schedule(steps, 1, 1, False, 0), max_norm=1.0, dp_group=None)
+    trainer = Trainer(ModelRunner([model]), opt, sched, None, None, None, None, device=torch.device("cpu"),
+                      local_batch_size=batch, schedule=Schedule(steps, 1, 1, False, 0), max_norm=1.0, loss_group=None)
     tokens = torch.randint(0, 259, (batch, seq_len + 1))
     trainer.train_step(tokens)  # warm-up
     t0 = time.perf_counter()

@@ -8,7 +8,7 @@ from raytitan.checkpoint import COMMIT_MARKER, CheckpointError, CheckpointManage
 
 
 def manager(folder, model, keep=3):
-    return CheckpointManager(str(folder), {"model": ModelState(model)}, interval=1, keep_latest_k=keep)
+    return CheckpointManager(str(folder), {"model": ModelState([model])}, interval=1, keep_latest_k=keep)
 
 
 def test_save_load_is_bit_identical(tmp_path):

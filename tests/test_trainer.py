@@ -4,8 +4,10 @@ import torch
 
 from raytitan.models.llama3.args import ModelArgs
 from raytitan.models.llama3.model import Transformer
-from raytitan.optim import WarmupStableDecay
-from raytitan.trainer import Schedule, Trainer, clip_grad_norm_, cross_entropy_sum
+from raytitan.loss import cross_entropy_sum
+from raytitan.optim import PartOptimizers, WarmupStableDecay, build_lr_scheduler
+from raytitan.parallel.runner import ModelRunner
+from raytitan.trainer import Schedule, Trainer, clip_grad_norm_
 
 ARGS = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=61, max_seq_len=16)
 
@@ -15,9 +17,9 @@ def make_trainer(model, local_batch_size):
     # (Adam's g / sqrt(v) would amplify float rounding of near-zero gradients).
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-    return Trainer(model, optimizer, scheduler, loader=None, checkpoint=None, metrics=None, state=None,
+    return Trainer(ModelRunner([model]), optimizer, scheduler, loader=None, checkpoint=None, metrics=None, state=None,
                    device=torch.device("cpu"), local_batch_size=local_batch_size,
-                   schedule=Schedule(1, 1, 1, False, 0), max_norm=1.0, dp_group=None)
+                   schedule=Schedule(1, 1, 1, False, 0), max_norm=1.0, loss_group=None)
 
 
 def test_gradient_accumulation_matches_one_big_batch():
@@ -52,6 +54,23 @@ def test_clip_grad_norm_clips_to_max_norm():
     total = clip_grad_norm_([p], max_norm=1.0)
     assert total.item() == 5.0
     torch.testing.assert_close(p.grad.norm(), torch.tensor(1.0), rtol=1e-5, atol=1e-6)
+
+
+def test_lr_schedule_reaches_every_part_also_after_a_state_load():
+    """The schedule sets the learning rate of each part's optimizer, including after loading a
+    state dict (which replaces an optimizer's param-group dicts)."""
+    from raytitan.config import JobConfig
+
+    parts = [torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)]
+    optimizers = [torch.optim.SGD(p.parameters(), lr=1.0) for p in parts]
+    combined = PartOptimizers(optimizers)
+    config = JobConfig.from_dict({"lr_scheduler": {"warmup_steps": 0, "decay_type": "linear"}})
+    scheduler = build_lr_scheduler(combined, config.lr_scheduler, total_steps=4)
+    optimizers[1].load_state_dict(optimizers[1].state_dict())
+    for _ in range(2):
+        combined.step()
+        scheduler.step()
+    assert [o.param_groups[0]["lr"] for o in optimizers] == [0.5, 0.5]
 
 
 def test_lr_schedule_shapes():

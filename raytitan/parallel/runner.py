@@ -8,6 +8,7 @@ output is scored under ``loss_parallel``. The trainer's loop stays the same for 
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 from torch.distributed.tensor import DTensor
@@ -57,12 +58,7 @@ class ModelRunner:
                 loss = cross_entropy_sum(self.parts[0](inputs), labels) / scale
                 loss.backward()
                 return _plain(loss.detach())
-            self.pipeline_loss.scale = scale
-            losses: list[torch.Tensor] = []
-            first_args = (inputs,) if self._holds_first_stage() else ()
-            self.pipeline.step(*first_args, target=labels if self.is_last_stage else None, losses=losses,
-                               return_outputs=False)
-            return self._sum(losses, inputs.device)
+            return self._pipelined(functools.partial(self.pipeline.step, return_outputs=False), inputs, labels, scale)
 
     @torch.no_grad()
     def loss_sum(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -71,16 +67,14 @@ class ModelRunner:
         with self._loss_context():
             if self.pipeline is None:
                 return _plain(cross_entropy_sum(self.parts[0](inputs), labels))
-            self.pipeline_loss.scale = 1.0
-            losses: list[torch.Tensor] = []
-            first_args = (inputs,) if self._holds_first_stage() else ()
-            self.eval_pipeline.eval(*first_args, target=labels if self.is_last_stage else None, losses=losses)
-            return self._sum(losses, inputs.device)
+            return self._pipelined(self.eval_pipeline.eval, inputs, labels, 1.0)
 
-    def _holds_first_stage(self) -> bool:
-        return self.parts[0].tok_embeddings is not None
-
-    def _sum(self, losses: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    def _pipelined(self, run, inputs: torch.Tensor, labels: torch.Tensor, scale: float) -> torch.Tensor:
+        """Feed the first stage the inputs and the last the labels; sum the last stage's losses."""
+        self.pipeline_loss.scale = scale
+        losses: list[torch.Tensor] = []
+        holds_first_stage = self.parts[0].tok_embeddings is not None
+        run(*((inputs,) if holds_first_stage else ()), target=labels if self.is_last_stage else None, losses=losses)
         if not losses:
-            return torch.zeros((), device=device)
+            return torch.zeros((), device=inputs.device)
         return torch.stack([_plain(loss.detach()) for loss in losses]).sum()
