@@ -123,11 +123,6 @@ class ParallelDims:
         return mesh[name] if name in names and mesh[name].size() > 1 else None
 
     @staticmethod
-    def dp_mesh(mesh: DeviceMesh) -> DeviceMesh | None:
-        """Ranks that see different rows of the global batch, or None when dp = 1."""
-        return ParallelDims.submesh(mesh, "dp")
-
-    @staticmethod
     def fsdp_mesh(mesh: DeviceMesh) -> DeviceMesh | None:
         """1-D shard mesh for FSDP, 2-D (replicate, shard) mesh for HSDP, None when not sharding.
 
