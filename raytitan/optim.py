@@ -19,16 +19,11 @@ class PartOptimizers(torch.optim.Optimizer):
     def __init__(self, optimizers: list[torch.optim.Optimizer]):  # no super().__init__: holds no params itself
         self.optimizers = optimizers
         self.defaults = optimizers[0].defaults
-        self._optimizer_step_pre_hooks, self._optimizer_step_post_hooks = {}, {}
 
     @property
     def param_groups(self) -> list[dict]:
         # Looked up each time: loading a state dict replaces a part's group dicts.
         return [group for o in self.optimizers for group in o.param_groups]
-
-    @property
-    def state(self) -> dict:
-        return {p: s for o in self.optimizers for p, s in o.state.items()}
 
     def step(self, closure=None):
         for o in self.optimizers:

@@ -133,8 +133,7 @@ class ParallelDims:
         if "dp_replicate" in names:
             if shard is None:
                 return mesh["dp_replicate"]
-            shard_name = "dp_shard_cp" if shard.mesh_dim_names == ("dp_shard_cp",) else shard.mesh_dim_names[0]
-            return mesh["dp_replicate", shard_name]
+            return mesh["dp_replicate", shard.mesh_dim_names[0]]  # dp_shard, cp or flattened dp_shard_cp
         return shard
 
     @cached_property
