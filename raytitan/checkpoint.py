@@ -2,7 +2,9 @@
 
 Layout: ``{folder}/step-N/`` holds the DCP files; ``step-N/COMMITTED`` is written by rank 0
 only after every rank finished writing. Only committed steps exist as far as loading is
-concerned, so a crash mid-save leaves the previous step as the newest.
+concerned, so a crash mid-save leaves the previous step as the newest; a committed step whose
+files were damaged later is skipped with a warning. Loads check keys and shapes first, so a
+wrong checkpoint is an error naming the key, never a partial load.
 """
 
 from __future__ import annotations
@@ -14,12 +16,18 @@ import re
 import shutil
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import Metadata
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+from torch.distributed.checkpoint.state_dict_saver import AsyncSaveResponse
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -91,12 +99,93 @@ def committed_steps(folder: str) -> list[int]:
 
 
 def read_commit(folder: str, step: int) -> dict:
-    with open(os.path.join(step_dir(folder, step), COMMIT_MARKER)) as f:
+    return read_commit_at(step_dir(folder, step))
+
+
+def read_commit_at(path: str) -> dict:
+    with open(os.path.join(path, COMMIT_MARKER)) as f:
         return json.load(f)
 
 
-def resolve_load_step(folder: str, load_step: int = -1) -> int | None:
-    """The step to resume from: ``load_step`` if given (must be committed), else the newest."""
+def write_commit(path: str, marker: dict) -> None:
+    """Mark a fully written step folder as usable (atomically: write, then rename)."""
+    tmp = os.path.join(path, COMMIT_MARKER + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(marker, f)
+    os.replace(tmp, os.path.join(path, COMMIT_MARKER))
+
+
+def read_metadata(path: str) -> Metadata:
+    try:
+        return FileSystemReader(path).read_metadata()
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} has no DCP metadata file (.metadata): it is not a complete checkpoint") from None
+    except Exception as e:
+        raise CheckpointError(f"{path}/.metadata cannot be read ({type(e).__name__}: {e}): the checkpoint is damaged") from None
+
+
+def check_files(path: str, metadata: Metadata | None = None) -> Metadata:
+    """Every data file the metadata points to exists and is long enough; raise naming the first
+    file (and a key in it) that is missing or truncated."""
+    metadata = metadata or read_metadata(path)
+    needed: dict[str, tuple[int, str]] = {}  # file -> (bytes it must hold, a key stored at its end)
+    for index, info in metadata.storage_data.items():
+        end = info.offset + info.length
+        if end > needed.get(info.relative_path, (0, ""))[0]:
+            needed[info.relative_path] = (end, index.fqn)
+    for name, (size, key) in sorted(needed.items()):
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            raise CheckpointError(f"{file} is missing (it holds '{key}' among others): the checkpoint is incomplete")
+        if os.path.getsize(file) < size:
+            raise CheckpointError(f"{file} is truncated: {os.path.getsize(file)} bytes, but '{key}' ends at byte {size}")
+    return metadata
+
+
+def tensor_shapes(states: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """Global shapes of the tensors in (nested) state dicts, keyed as DCP flattens them."""
+    shapes = {}
+
+    def visit(prefix: str, value: Any) -> None:
+        if isinstance(value, Stateful) and not isinstance(value, torch.Tensor):
+            value = value.state_dict()
+        if isinstance(value, dict):
+            for k, v in value.items():
+                visit(f"{prefix}.{k}" if prefix else str(k), v)
+        elif isinstance(value, torch.Tensor):
+            shapes[prefix] = tuple(value.shape)
+
+    visit("", states)
+    return shapes
+
+
+def check_compatible(path: str, metadata: Metadata, expected: dict[str, tuple[int, ...]],
+                     model_keys: set[str] | None = None) -> None:
+    """The checkpoint holds every tensor ``expected`` names, in that shape (and, given the model's
+    full key set, no model weights the model lacks): a clear error instead of a partial load."""
+    stored = metadata.state_dict_metadata
+    for key, shape in expected.items():
+        meta = stored.get(key)
+        if meta is None:
+            raise CheckpointError(f"checkpoint {path} has no '{key}': it was saved from a different model "
+                                  "(or without that state: see checkpoint.exclude_from_loading)")
+        if not hasattr(meta, "size"):
+            raise CheckpointError(f"checkpoint {path}: '{key}' is stored as bytes, not a tensor")
+        if tuple(meta.size) != shape:
+            raise CheckpointError(f"checkpoint {path}: '{key}' has shape {list(meta.size)} but this model's is "
+                                  f"{list(shape)}: was it saved from another model.flavor or tokenizer?")
+    if model_keys is not None:
+        extra = sorted(k for k in stored if k.startswith("model.") and k.removeprefix("model.") not in model_keys)
+        if extra:
+            raise CheckpointError(f"checkpoint {path} has {len(extra)} model weights this model lacks "
+                                  f"(first: '{extra[0]}'): was it saved from another model.flavor?")
+
+
+def loadable_step(folder: str, load_step: int = -1) -> int | None:
+    """The step to resume from: ``load_step`` if given (it must be committed and intact), else the
+    newest committed step whose files are intact. Damaged newer steps are skipped with a warning.
+
+    Depends only on what is on storage, so every rank (also one that idles) picks the same step."""
     steps = committed_steps(folder)
     if load_step >= 0:
         if load_step not in steps:
@@ -104,27 +193,69 @@ def resolve_load_step(folder: str, load_step: int = -1) -> int | None:
                 f"checkpoint.load_step = {load_step}, but {step_dir(folder, load_step)} is not a "
                 f"committed checkpoint; committed steps: {steps or 'none'}"
             )
+        check_files(step_dir(folder, load_step))
         return load_step
-    return steps[-1] if steps else None
+    problems = []
+    for step in reversed(steps):
+        try:
+            check_files(step_dir(folder, step))
+            return step
+        except CheckpointError as e:
+            logger.warning("skipping damaged checkpoint %s: %s", step_dir(folder, step), e)
+            problems.append(str(e))
+    if problems:
+        raise CheckpointError(f"every committed checkpoint in {folder} is damaged: " + "; ".join(problems) +
+                              ". Move the folder away to start over, or repair it")
+    return None
+
+
+EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+LOADABLE = ("model", "optimizer", "lr_scheduler", "dataloader", "train_state")
+ASYNC_MODES = ("disabled", "async", "async_with_pinned_mem")
 
 
 class CheckpointManager:
-    """Saves every ``interval`` steps and at the end; resumes from the newest committed step."""
+    """Saves every ``interval`` steps and at the end; resumes from the newest committed step.
+
+    With ``async_mode`` the write of a step overlaps the next training steps: ``save`` returns
+    once the state is copied (staged), the step is committed when its write completes (see
+    ``poll``), and at most one save is in flight.
+    """
 
     def __init__(self, folder: str, states: dict[str, Stateful], interval: int, keep_latest_k: int,
                  enable: bool = True, process_group: dist.ProcessGroup | None = None,
-                 before_commit: Callable[[int], None] | None = None):
-        """``process_group``: the ranks that hold state (all by default); ``before_commit``: a hook
-        each rank calls after writing its part of step N, before the commit (fault injection)."""
+                 before_commit: Callable[[int], None] | None = None, async_mode: str = "disabled",
+                 exclude_from_loading: tuple[str, ...] | list[str] = (), model_keys: set[str] | None = None,
+                 commit_info: dict | None = None, last_save_model_only: bool = False,
+                 export_dtype: torch.dtype = torch.float32, last_save_in_hf: bool = False):
+        """``process_group``: the ranks that hold state (all by default; a gloo group for async
+        saves); ``before_commit``: a hook each rank calls after writing its part of step N, before
+        the commit (fault injection); ``model_keys``: the whole model's parameter names, to reject
+        checkpoints of bigger models; ``commit_info``: extra facts for the commit marker (the
+        model's shape, for exports); the ``last_*`` and ``export_dtype`` options shape the run's
+        last save (see ``save_last``)."""
+        if async_mode not in ASYNC_MODES:
+            raise ValueError(f"checkpoint.async_mode = {async_mode!r} is not one of {', '.join(ASYNC_MODES)}")
         self.folder, self.states = folder, states
         self.interval, self.keep_latest_k, self.enable = interval, keep_latest_k, enable
         self.group, self.before_commit = process_group, before_commit
+        self.async_mode, self.exclude = async_mode, set(exclude_from_loading)
+        self.model_keys, self.commit_info = model_keys, commit_info or {}
+        self.last_save_model_only, self.export_dtype, self.last_save_in_hf = last_save_model_only, export_dtype, last_save_in_hf
         self.rank = dist.get_rank() if dist.is_initialized() else 0
-        self.last_save_seconds = 0.0
+        self.last_save_seconds = 0.0  # how long the last save blocked training
+        self._pending: _PendingSave | None = None
+        self._stager = None
 
-    def save(self, step: int, model_only: bool = False) -> str:
-        """Write ``step-N`` on every rank, then commit it. Returns the step folder."""
+    # ------------------------------------------------------------------ saving
+
+    def save(self, step: int, model_only: bool = False, dtype: torch.dtype | None = None,
+             blocking: bool | None = None) -> str | None:
+        """Write ``step-N`` on every rank and commit it. Returns the step folder once committed,
+        or None while an async write is still in flight. ``dtype`` converts a model-only save's
+        weights (an export); ``blocking`` overrides the async mode (the last save of a run)."""
         t0 = time.perf_counter()
+        self.wait()  # at most one save in flight
         path = step_dir(self.folder, step)
         if self.rank == 0:
             # An uncommitted folder of the same step is debris from a crashed save.
@@ -132,23 +263,104 @@ class CheckpointManager:
                 shutil.rmtree(path)
             os.makedirs(path)
         self._barrier()
-        states = {"model": self.states["model"]} if model_only else self.states
+        states = self._states_to_save(model_only, dtype)
+        if blocking is False or (blocking is None and self.async_mode != "disabled"):
+            response = dcp.async_save(states, checkpoint_id=path, process_group=self.group,
+                                      async_stager=self._async_stager())
+            staged, written = (response.staging_completion, response.upload_completion) \
+                if isinstance(response, AsyncSaveResponse) else (None, response)
+            self._pending = _PendingSave(step, path, model_only, written, staged, t0)
+            self.last_save_seconds = time.perf_counter() - t0
+            logger.info("checkpoint step %d: staged in %.2fs, writing in the background", step, self.last_save_seconds)
+            return None
         dcp.save(states, checkpoint_id=path, process_group=self.group)
         if self.before_commit:
             self.before_commit(step)
         self._barrier()  # every rank wrote its part: only now may rank 0 commit
         if self.rank == 0:
-            world = dist.get_world_size(self.group) if dist.is_initialized() else 1
-            marker = {"step": step, "world_size": world, "time": time.time(), "model_only": model_only}
-            tmp = os.path.join(path, COMMIT_MARKER + ".tmp")
-            with open(tmp, "w") as f:
-                json.dump(marker, f)
-            os.replace(tmp, os.path.join(path, COMMIT_MARKER))
-            self._purge_old()
+            self._commit(step, path, model_only)
         self._barrier()
         self.last_save_seconds = time.perf_counter() - t0
         logger.info("saved checkpoint step %d to %s in %.2fs", step, path, self.last_save_seconds)
         return path
+
+    def save_last(self, step: int) -> str:
+        """The run's last save: blocking, optionally weights only in ``export_dtype``, and
+        optionally exported as a Hugging Face folder ``step-N-hf`` next to it (by rank 0)."""
+        dtype = self.export_dtype if self.last_save_model_only and self.export_dtype != torch.float32 else None
+        path = self.save(step, model_only=self.last_save_model_only, dtype=dtype, blocking=True)
+        if self.last_save_in_hf and self.rank == 0:
+            from raytitan.checkpoint_io import export_hf  # reads checkpoints offline; imports this module
+
+            t0 = time.perf_counter()
+            out = export_hf(path, path + "-hf", dtype=self.export_dtype)
+            logger.info("exported step %d as a Hugging Face folder %s in %.2fs", step, out, time.perf_counter() - t0)
+        return path
+
+    def _states_to_save(self, model_only: bool, dtype: torch.dtype | None) -> dict[str, Any]:
+        if not model_only:
+            return self.states
+        if dtype is None:
+            return {"model": self.states["model"]}
+        return {"model": {k: v.detach().to(dtype) for k, v in self.states["model"].state_dict().items()}}
+
+    def _async_stager(self):
+        """Pinned-memory staging on CUDA for ``async_with_pinned_mem``; DCP's default otherwise."""
+        if self.async_mode != "async_with_pinned_mem" or not torch.cuda.is_available():
+            return None
+        if self._stager is None:
+            self._stager = DefaultStager(StagingOptions(use_pinned_memory=True, use_shared_memory=False,
+                                                        use_async_staging=True, use_non_blocking_copy=True))
+        return self._stager
+
+    def wait_for_staging(self) -> None:
+        """Block until an in-flight save has copied the weights (call before changing them)."""
+        if self._pending is not None and self._pending.staged is not None:
+            self._pending.staged.result()
+            self._pending.staged = None
+
+    def poll(self) -> str | None:
+        """Commit the in-flight save if its write completed; returns the folder committed by this
+        call on rank 0 (None elsewhere, or when nothing completed). Not collective."""
+        if self._pending is None or not self._pending.written.done():
+            return None
+        return self._finish_pending()
+
+    def wait(self) -> str | None:
+        """Finish the in-flight save, if any (collective: every rank calls it at the same point)."""
+        if self._pending is None:
+            return None
+        return self._finish_pending()  # blocks until the write completes
+
+    def close(self) -> None:
+        """Clean shutdown: the in-flight save completes and commits."""
+        self.wait()
+        if self._stager is not None:
+            self._stager.close()
+            self._stager = None
+
+    def _finish_pending(self) -> str | None:
+        pending, self._pending = self._pending, None
+        try:
+            pending.written.result()
+        except (Exception, CheckpointException) as e:  # DCP's exception is a BaseException
+            raise CheckpointError(f"writing checkpoint {pending.path} failed: {_root_cause(e)}; the previous "
+                                  "committed checkpoint stays the latest") from e
+        if self.before_commit:
+            self.before_commit(pending.step)
+        # DCP wrote the metadata after every rank's data: rank 0 may commit without a barrier.
+        if self.rank != 0:
+            return None
+        self._commit(pending.step, pending.path, pending.model_only)
+        logger.info("committed checkpoint step %d to %s (%.2fs after the save began)", pending.step, pending.path,
+                    time.perf_counter() - pending.started)
+        return pending.path
+
+    def _commit(self, step: int, path: str, model_only: bool) -> None:
+        world = dist.get_world_size(self.group) if dist.is_initialized() else 1
+        write_commit(path, {"step": step, "world_size": world, "time": time.time(), "model_only": model_only,
+                            **self.commit_info})
+        self._purge_old()
 
     def _barrier(self) -> None:
         if dist.is_initialized():
@@ -164,8 +376,10 @@ class CheckpointManager:
             os.remove(os.path.join(path, COMMIT_MARKER))  # uncommit first: never half-deleted yet valid
             shutil.rmtree(path, ignore_errors=True)
 
+    # ------------------------------------------------------------------ loading
+
     def resolve_load_step(self, load_step: int = -1) -> int | None:
-        return resolve_load_step(self.folder, load_step)
+        return loadable_step(self.folder, load_step)
 
     def load(self, step: int) -> None:
         """Restore every state from ``step-N``, resharded to this run's layout.
@@ -176,10 +390,16 @@ class CheckpointManager:
         self.load_path(path, model_only=read_commit(self.folder, step).get("model_only", False))
 
     def load_path(self, path: str, model_only: bool) -> None:
-        """Restore from a committed step folder anywhere (e.g. ``checkpoint.initial_load_path``)."""
+        """Restore from a committed step folder anywhere (e.g. ``checkpoint.initial_load_path``),
+        except the states named in ``exclude_from_loading``."""
         if not os.path.isfile(os.path.join(path, COMMIT_MARKER)):
             raise CheckpointError(f"{path} is not a committed checkpoint (no {COMMIT_MARKER} file)")
-        states = {"model": self.states["model"]} if model_only else self.states
+        names = ["model"] if model_only else list(self.states)
+        states = {k: self.states[k] for k in names if k not in self.exclude}
+        if not states:
+            return
+        metadata = check_files(path)
+        check_compatible(path, metadata, tensor_shapes(states), self.model_keys)
         try:
             dcp.load(states, checkpoint_id=path, process_group=self.group)
         except (Exception, CheckpointException) as e:
@@ -189,12 +409,24 @@ class CheckpointManager:
             ) from e
 
 
+@dataclass
+class _PendingSave:
+    step: int
+    path: str
+    model_only: bool
+    written: Future
+    staged: Future | None
+    started: float
+
+
 def _root_cause(e: BaseException) -> str:
     """One line per failing rank instead of DCP's nested tracebacks."""
     if isinstance(e, CheckpointException):
-        causes = {f"{type(w.exception).__name__}: {str(w.exception).splitlines()[0]}" for w in e.failures.values()
-                  if hasattr(w, "exception")}
+        # Each failure is the exception, or (exception, its stack) in recent torch versions.
+        failures = [f[0] if isinstance(f, tuple) else getattr(f, "exception", f) for f in e.failures.values()]
+        causes = {_root_cause(f) for f in failures if isinstance(f, BaseException)}
         return "; ".join(sorted(causes)) or str(e).splitlines()[0]
-    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    first = str(e).splitlines()[0].split(". ")[0] if str(e) else ""
+    return f"{type(e).__name__}: {first}"
 
 

@@ -119,7 +119,17 @@ class Checkpoint:
     load_step: int = opt(-1, "Resume from this step instead of the newest committed one (-1 = newest)")
     keep_latest_k: int = opt(3, "Keep this many newest committed checkpoints (0 = keep all)")
     create_seed_checkpoint: bool = opt(False, "Write initial weights as step-0 from one process, then exit")
-    initial_load_path: str | None = opt(None, "Step folder to take initial weights from when the run has no checkpoint")
+    initial_load_path: str | None = opt(
+        None, "Where a run without checkpoints starts from: a committed step folder (or a Hugging Face Llama "
+        "folder with initial_load_in_hf)")
+    initial_load_model_only: bool = opt(True, "Take only the weights from initial_load_path (not optimizer, schedule, data position, step)")
+    initial_load_in_hf: bool = opt(False, "initial_load_path is a Hugging Face Llama folder (config.json + safetensors)")
+    exclude_from_loading: list = opt([], "States not restored on load: any of model, optimizer, lr_scheduler, dataloader, train_state")
+    async_mode: str = opt("disabled", "disabled; async (write in a background thread while training goes on); "
+                          "async_with_pinned_mem (also stage into pinned memory: CUDA)")
+    last_save_model_only: bool = opt(False, "The last save of the run holds only the model weights")
+    export_dtype: str = opt("float32", "Weight dtype of a model-only last save and of last_save_in_hf: float32, bfloat16, float16")
+    last_save_in_hf: bool = opt(False, "Also export the last step as a Hugging Face Llama folder step-N-hf (safetensors + config.json)")
 
 
 @dataclass

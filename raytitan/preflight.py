@@ -11,10 +11,12 @@ import dataclasses
 import os
 from dataclasses import dataclass
 
-from raytitan.config import ConfigError, JobConfig
+from raytitan.checkpoint import ASYNC_MODES, COMMIT_MARKER, EXPORT_DTYPES, LOADABLE
+from raytitan.config import Checkpoint, ConfigError, JobConfig
 from raytitan.data.sources import DATASETS, DataSourceError, resolve_shards
 from raytitan.data.tokenizer import build_tokenizer
 from raytitan.models.llama3.args import FLAVORS, ModelArgs
+from raytitan.models.llama3.hf import HFFormatError, check_matches, read_hf_config
 from raytitan.parallel.dims import ParallelDims, ParallelismError
 from raytitan.parallel.pipeline import SCHEDULES, PipelineError, microbatches, num_stages, stage_layers
 
@@ -31,6 +33,8 @@ CHOICES = {
     "parallelism.fsdp_reshard_after_forward": ("default", "always", "never"),
     "parallelism.pipeline_parallel_schedule": tuple(SCHEDULES),
     "parallelism.context_parallel_rotate_method": ("allgather",),
+    "checkpoint.async_mode": ASYNC_MODES,
+    "checkpoint.export_dtype": tuple(EXPORT_DTYPES),
 }
 POSITIVE = ("ray.resize_check_interval_s", "training.local_batch_size", "validation.local_batch_size", "validation.freq", "validation.steps", "training.seq_len", "training.steps", "optimizer.lr",
             "checkpoint.interval", "metrics.log_freq", "ray.num_workers")
@@ -78,11 +82,28 @@ def check_values(config: JobConfig) -> None:
         raise ConfigError("lr_scheduler.min_lr_factor must be within [0, 1]")
     if config.lr_scheduler.decay_ratio is not None and not 0 <= config.lr_scheduler.decay_ratio <= 1:
         raise ConfigError("lr_scheduler.decay_ratio must be within [0, 1] (or unset)")
-    path = config.checkpoint.initial_load_path
-    if path and not os.path.isfile(os.path.join(path, "COMMITTED")):
-        raise ConfigError(f"checkpoint.initial_load_path: '{path}' is not a committed checkpoint step folder")
+    check_checkpoint(config.checkpoint)
     if config.model.hf_assets_path and not os.path.isdir(config.model.hf_assets_path):
         raise ConfigError(f"model.hf_assets_path: no such folder '{config.model.hf_assets_path}'")
+
+
+def check_checkpoint(c: Checkpoint) -> None:
+    unknown = [name for name in c.exclude_from_loading if name not in LOADABLE]
+    if unknown:
+        raise ConfigError(f"checkpoint.exclude_from_loading: {', '.join(unknown)} not among {', '.join(LOADABLE)}")
+    path = c.initial_load_path
+    if c.initial_load_in_hf:
+        if not path:
+            raise ConfigError("checkpoint.initial_load_in_hf needs checkpoint.initial_load_path (a Hugging Face folder)")
+        if not c.initial_load_model_only:
+            raise ConfigError("checkpoint.initial_load_in_hf loads weights only: set checkpoint.initial_load_model_only")
+        try:
+            read_hf_config(path)
+        except HFFormatError as e:
+            raise ConfigError(f"checkpoint.initial_load_path: {e}") from None
+    elif path and not os.path.isfile(os.path.join(path, COMMIT_MARKER)):
+        raise ConfigError(f"checkpoint.initial_load_path: '{path}' is not a committed checkpoint step folder "
+                          "(for a Hugging Face folder set checkpoint.initial_load_in_hf)")
 
 
 def check_layout(config: JobConfig, dims: ParallelDims, args: ModelArgs, local_batch: int) -> None:
@@ -186,6 +207,12 @@ def plan_run(config: JobConfig, world_size: int, resolve_data: bool = True) -> R
         raise ConfigError(f"model: n_heads {args.n_heads} is not divisible by n_kv_heads {args.kv_heads}")
     if args.dim % args.n_heads or args.head_dim % 2:
         raise ConfigError(f"model: dim {args.dim} must split into an even head_dim over {args.n_heads} heads")
+
+    if config.checkpoint.initial_load_in_hf:
+        try:
+            check_matches(args, read_hf_config(config.checkpoint.initial_load_path))
+        except HFFormatError as e:
+            raise ConfigError(f"checkpoint.initial_load_path: {e}") from None
 
     check_layout(config, dims, args, local)
 

@@ -145,6 +145,7 @@ class Trainer:
         for mb_inputs, mb_labels in zip(inputs.split(self.local_batch_size), labels.split(self.local_batch_size)):
             loss_sum += self.runner.forward_backward(mb_inputs, mb_labels, global_tokens)
         grad_norm = clip_grad_norm_(self.params, self.max_norm, self.pp_group)
+        self.checkpoint.wait_for_staging()  # an async save may still be copying these weights
         self.optimizer.step()
         self.lr_scheduler.step()
         # Summed over data/context ranks; over pipeline stages, of which only the last has a loss.
@@ -154,6 +155,7 @@ class Trainer:
         for part in self.runner.parts:
             part.train()
         first_step = self.state.step + 1
+        committed = None  # a checkpoint committed but not yet reported
         while self.state.step < self.schedule.total_steps:
             step = self.state.step + 1
             self.before_step(step)
@@ -172,6 +174,7 @@ class Trainer:
             self.metrics.record_step(step_tokens, data_wait)
 
             self.after_step(step)
+            committed = self.checkpoint.poll() or committed  # an async save that finished writing
 
             metrics = None
             if self.schedule.logs(step, first_step):
@@ -184,10 +187,12 @@ class Trainer:
                 self.state.validation_losses.append(validation["validation/loss"])
                 self.metrics.log_validation(step, validation)
                 metrics = {**(metrics or {"step": step, "loss": loss}), **validation}
-            checkpoint_dir = None
             if self.schedule.saves(step):
-                checkpoint_dir = self.checkpoint.save(step)
-            if metrics is not None or checkpoint_dir is not None:
-                self.report(metrics or {"step": step, "loss": loss}, checkpoint_dir)
+                last = step == self.schedule.total_steps
+                committed = (self.checkpoint.save_last(step) if last else self.checkpoint.save(step)) or committed
+            if self.schedule.reports(step, first_step):
+                self.report(metrics or {"step": step, "loss": loss}, committed)
+                committed = None
+        self.checkpoint.close()
         self.metrics.close()
         return self.state

@@ -6,6 +6,7 @@ Runs unchanged under Ray (``raytitan.launcher``) and under
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -14,10 +15,14 @@ import warnings
 import torch
 import torch.distributed as dist
 
-from raytitan.checkpoint import CheckpointManager, ModelState, OptimizerState, resolve_load_step
+from raytitan.checkpoint import (
+    EXPORT_DTYPES, CheckpointError, CheckpointManager, ModelState, OptimizerState, read_commit_at,
+)
+from raytitan.checkpoint_io import import_hf
 from raytitan.config import JobConfig, parse_args
 from raytitan.data.tokenizer import build_tokenizer
 from raytitan.metrics import METRICS_FILE, MetricsLogger
+from raytitan.models.llama3.args import FLAVORS
 from raytitan.models.llama3.model import Transformer, count_params, flops_per_token
 from raytitan.models.llama3.parallelize import parallelize_llama
 from raytitan.optim import build_lr_scheduler, build_optimizer
@@ -125,8 +130,11 @@ def run(config: JobConfig, runtime: Runtime) -> TrainState:
     mesh = plan.dims.build_mesh(device.type)
     active = plan.dims.world_size
     active_group = dist.new_group(list(range(active))) if active < world else None
+    # Async saves coordinate on a CPU group of their own, from a background thread.
+    async_save = config.checkpoint.async_mode != "disabled"
+    checkpoint_group = dist.new_group(list(range(active)), backend="gloo") if async_save else active_group
     if rank >= active:
-        return idle(config, runtime, plan, schedule, checkpoint_folder)
+        return idle(config, runtime, plan, schedule)
 
     dp_mesh, loss_mesh, pp_mesh = (ParallelDims.submesh(mesh, name) for name in ("dp", "dp_cp", "pp"))
     dp_rank, dp_size = (dp_mesh.get_local_rank(), dp_mesh.size()) if dp_mesh else (0, 1)
@@ -140,7 +148,9 @@ def run(config: JobConfig, runtime: Runtime) -> TrainState:
     parts, stage_ids, stages = build_model_parts(plan, mesh, config, device)
     runner = build_runner(parts, stage_ids, stages, mesh, plan, config, device)
     with torch.device("meta"):
-        n_params, n_embedding = count_params(Transformer(plan.model_args))
+        whole_model = Transformer(plan.model_args)
+        n_params, n_embedding = count_params(whole_model)
+        model_keys = set(whole_model.state_dict())
     logger.info("model %s %s: %.2fM parameters%s", config.model.name, config.model.flavor, n_params / 1e6,
                 f" in {stages} pipeline stages" if stages > 1 else "")
 
@@ -161,30 +171,36 @@ def run(config: JobConfig, runtime: Runtime) -> TrainState:
 
     fault = FaultInjector(config.fault, config.run_dir, rank, world, config.training.steps)
     state = TrainState()
+    c = config.checkpoint
     checkpoint = CheckpointManager(
         checkpoint_folder,
         {"model": ModelState(parts), "optimizer": OptimizerState(parts, optimizer.optimizers),
          "lr_scheduler": LRSchedulerState(lr_scheduler), "dataloader": loader, "train_state": state},
-        interval=config.checkpoint.interval, keep_latest_k=config.checkpoint.keep_latest_k,
-        enable=config.checkpoint.enable, process_group=active_group, before_commit=fault.before_commit,
+        interval=c.interval, keep_latest_k=c.keep_latest_k, enable=c.enable, process_group=checkpoint_group,
+        before_commit=fault.before_commit, async_mode=c.async_mode, exclude_from_loading=c.exclude_from_loading,
+        model_keys=model_keys, commit_info=model_facts(config, plan, tokenizer),
+        last_save_model_only=c.last_save_model_only, export_dtype=EXPORT_DTYPES[c.export_dtype],
+        last_save_in_hf=c.last_save_in_hf,
     )
-    if config.checkpoint.create_seed_checkpoint:
+    if c.create_seed_checkpoint:
         if world != 1:
             raise ValueError("checkpoint.create_seed_checkpoint runs on one process: set ray.num_workers = 1")
-        checkpoint.save(0, model_only=True)
+        checkpoint.save(0, model_only=True, blocking=True)
         logger.info("seed checkpoint written to %s", checkpoint.folder)
         return state
 
     t2 = time.perf_counter()
-    step = checkpoint.resolve_load_step(config.checkpoint.load_step) if config.checkpoint.enable else None
+    step = checkpoint.resolve_load_step(c.load_step) if c.enable else None
     if step is not None:
         checkpoint.load(step)
         logger.info("resumed from %s/step-%d (step %d, %d tokens seen, data cursor %s)",
                     checkpoint.folder, step, state.step, state.tokens_seen, loader.cursor.as_list())
-    elif config.checkpoint.initial_load_path:
-        checkpoint.load_path(config.checkpoint.initial_load_path, model_only=True)
-        logger.info("initial weights from %s", config.checkpoint.initial_load_path)
+    elif c.initial_load_path:
+        path = hf_import(config, checkpoint_group) if c.initial_load_in_hf else c.initial_load_path
+        checkpoint.load_path(path, model_only=c.initial_load_model_only)
+        logger.info("initial %s from %s", "weights" if c.initial_load_model_only else "state", c.initial_load_path)
     timings["checkpoint_load"] = time.perf_counter() - t2
+    agree_on_first_step(state.step + 1)  # ranks that idle report in step with the others
 
     extra_metrics = {}
     if rank == 0:
@@ -209,15 +225,49 @@ def run(config: JobConfig, runtime: Runtime) -> TrainState:
     return trainer.fit()
 
 
-def idle(config: JobConfig, runtime: Runtime, plan, schedule: Schedule, checkpoint_folder: str) -> TrainState:
+def model_facts(config: JobConfig, plan, tokenizer) -> dict:
+    """What a checkpoint records about its model, so exports need nothing else."""
+    args = dataclasses.replace(plan.model_args, max_seq_len=FLAVORS[config.model.flavor].max_seq_len)
+    return {"flavor": config.model.flavor, "model_args": dataclasses.asdict(args), "bos_id": tokenizer.bos_id,
+            "eos_id": tokenizer.eos_id, "hf_assets_path": config.model.hf_assets_path}
+
+
+def hf_import(config: JobConfig, group) -> str:
+    """``checkpoint.initial_load_path`` (a Hugging Face folder) as a DCP step folder every rank
+    can load its shards from: converted once by rank 0 into the run folder, reused on restarts."""
+    source = os.path.abspath(config.checkpoint.initial_load_path)
+    target = os.path.join(config.run_dir, "hf_import")
+    error = None
+    if dist.get_rank() == 0:
+        try:
+            if not (os.path.isfile(os.path.join(target, "COMMITTED")) and read_commit_at(target).get("source") == source):
+                t0 = time.perf_counter()
+                import_hf(source, target)
+                logger.info("converted Hugging Face weights %s to %s in %.1fs", source, target, time.perf_counter() - t0)
+        except Exception as e:  # every rank must learn of it, not wait forever
+            error = f"{type(e).__name__}: {e}"
+    shared = [error]
+    dist.broadcast_object_list(shared, src=0, group=group)
+    if shared[0]:
+        raise CheckpointError(f"cannot import Hugging Face weights from {source}: {shared[0]}")
+    return target
+
+
+def agree_on_first_step(first: int) -> int:
+    """Rank 0's first step, on every rank of the world (the ones that idle included)."""
+    shared = [first]
+    dist.broadcast_object_list(shared, src=0)
+    return shared[0]
+
+
+def idle(config: JobConfig, runtime: Runtime, plan, schedule: Schedule) -> TrainState:
     """A rank outside the layout: holds no state, and makes the same ``report`` calls as the others
     (Ray requires every worker to report equally often) until the run ends or the group resizes."""
     logger.warning(
         "rank %d idles: %d workers keep the global batch of %d only as %s; it rejoins at the next resize",
         dist.get_rank(), plan.world_size, plan.global_batch_size, plan.dims.summary,
     )
-    resumed = resolve_load_step(checkpoint_folder, config.checkpoint.load_step) if config.checkpoint.enable else None
-    first = (resumed or 0) + 1
+    first = agree_on_first_step(0)
     for step in range(first, config.training.steps + 1):
         if schedule.reports(step, first):
             runtime.report({"step": step, "idle": 1}, None)

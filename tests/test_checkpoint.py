@@ -1,14 +1,39 @@
+import logging
 import os
+import threading
 
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemWriter
 
-from raytitan.checkpoint import COMMIT_MARKER, CheckpointError, CheckpointManager, ModelState, committed_steps
+from raytitan.checkpoint import (
+    COMMIT_MARKER, CheckpointError, CheckpointManager, ModelState, OptimizerState, committed_steps, read_metadata,
+)
 
 
-def manager(folder, model, keep=3):
-    return CheckpointManager(str(folder), {"model": ModelState([model])}, interval=1, keep_latest_k=keep)
+def manager(folder, model, keep=3, **kwargs):
+    return CheckpointManager(str(folder), {"model": ModelState([model])}, interval=1, keep_latest_k=keep, **kwargs)
+
+
+def trained(seed=0):
+    """A small model and an Adam optimizer with state (one step taken)."""
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 4))
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+    model(torch.randn(2, 8)).sum().backward()
+    optimizer.step()
+    return model, optimizer
+
+
+def full_manager(folder, model, optimizer, **kwargs):
+    states = {"model": ModelState([model]), "optimizer": OptimizerState([model], [optimizer])}
+    return CheckpointManager(str(folder), states, interval=1, keep_latest_k=0, **kwargs)
+
+
+def assert_same_weights(a, b):
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(p, q), name
 
 
 def test_save_load_is_bit_identical(tmp_path):
@@ -17,8 +42,7 @@ def test_save_load_is_bit_identical(tmp_path):
     manager(tmp_path, a).save(1)
     m = manager(tmp_path, b)
     m.load(m.resolve_load_step())
-    for p, q in zip(a.parameters(), b.parameters()):
-        assert torch.equal(p, q)
+    assert_same_weights(a, b)
 
 
 def test_crash_during_save_keeps_previous_latest(tmp_path, monkeypatch):
@@ -57,17 +81,146 @@ def test_load_step_must_be_committed(tmp_path):
         m.resolve_load_step(3)
 
 
-def test_corrupt_checkpoint_names_the_folder(tmp_path):
+def test_truncated_newest_checkpoint_is_skipped_with_a_warning(tmp_path, caplog):
+    m = manager(tmp_path, torch.nn.Linear(8, 8))
+    m.save(1)
+    shard = os.path.join(m.save(2), "__0_0.distcp")
+    with open(shard, "r+b") as f:
+        f.truncate(10)
+    with caplog.at_level(logging.WARNING, logger="raytitan.checkpoint"):
+        assert m.resolve_load_step() == 1
+    assert f"skipping damaged checkpoint {tmp_path}/step-2" in caplog.text and "truncated" in caplog.text
+    with pytest.raises(CheckpointError, match=f"{shard} is truncated: 10 bytes, but '.*' ends at byte"):
+        m.load(2)  # asked for explicitly: an error, never a partial load
+    with pytest.raises(CheckpointError, match="truncated"):
+        m.resolve_load_step(2)
+
+
+def test_missing_shard_names_the_file(tmp_path):
+    m = manager(tmp_path, torch.nn.Linear(8, 8))
+    os.remove(os.path.join(m.save(1), "__0_0.distcp"))
+    with pytest.raises(CheckpointError, match=r"__0_0.distcp is missing \(it holds 'model\..*'"):
+        m.load(1)
+    with pytest.raises(CheckpointError, match="every committed checkpoint .* is damaged"):
+        m.resolve_load_step()
+
+
+def test_corrupt_bytes_name_the_folder(tmp_path):
     m = manager(tmp_path, torch.nn.Linear(8, 8))
     path = m.save(1)
     shard = os.path.join(path, "__0_0.distcp")
-    with open(shard, "r+b") as f:
-        f.truncate(10)
+    size = os.path.getsize(shard)
+    with open(shard, "wb") as f:
+        f.write(b"\0" * size)  # right length, garbage inside: found only while reading
     with pytest.raises(CheckpointError, match=f"cannot load checkpoint {path}.*{COMMIT_MARKER}"):
         manager(tmp_path, torch.nn.Linear(8, 8)).load(1)
 
 
-def test_wrong_shape_is_an_error_not_a_partial_load(tmp_path):
+def test_wrong_shape_names_the_key_and_both_shapes(tmp_path):
     manager(tmp_path, torch.nn.Linear(8, 8)).save(1)
-    with pytest.raises(CheckpointError, match="cannot load checkpoint"):
+    with pytest.raises(CheckpointError, match=r"'model.weight' has shape \[8, 8\] but this model's is \[4, 8\]"):
         manager(tmp_path, torch.nn.Linear(8, 4)).load(1)
+
+
+def test_checkpoint_of_a_bigger_model_is_rejected(tmp_path):
+    manager(tmp_path, torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))).save(1)
+    smaller = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    with pytest.raises(CheckpointError, match=r"2 model weights this model lacks \(first: 'model.1.bias'\)"):
+        manager(tmp_path, smaller, model_keys=set(smaller.state_dict())).load(1)
+
+
+def test_exclude_from_loading_restores_weights_but_not_the_optimizer(tmp_path):
+    model, optimizer = trained()
+    full_manager(tmp_path, model, optimizer).save(1)
+    fresh_model, _ = trained(seed=1)
+    fresh_optimizer = torch.optim.Adam(fresh_model.parameters(), lr=0.1)
+    full_manager(tmp_path, fresh_model, fresh_optimizer, exclude_from_loading=["optimizer"]).load(1)
+    assert_same_weights(model, fresh_model)
+    assert fresh_optimizer.state_dict()["state"] == {}
+    fresh_model(torch.randn(2, 8)).sum().backward()
+    fresh_optimizer.step()  # training continues from the loaded weights with a new optimizer
+    assert len(fresh_optimizer.state_dict()["state"]) == 4
+
+
+def test_model_only_export_holds_only_weights_in_the_export_dtype(tmp_path):
+    model, optimizer = trained()
+    m = full_manager(tmp_path, model, optimizer, last_save_model_only=True, export_dtype=torch.bfloat16)
+    path = m.save_last(3)
+    stored = read_metadata(path).state_dict_metadata
+    assert sorted(stored) == sorted(f"model.{k}" for k in model.state_dict())
+    assert {meta.properties.dtype for meta in stored.values()} == {torch.bfloat16}
+    restored, _ = trained(seed=1)
+    m2 = full_manager(tmp_path, restored, torch.optim.Adam(restored.parameters()))
+    m2.load(3)  # weights only, widened back to float32
+    for p, q in zip(model.state_dict().values(), restored.state_dict().values()):
+        assert q.dtype == torch.float32 and torch.equal(q, p.to(torch.bfloat16).float())
+
+
+class BlockedWrites:
+    """Holds every DCP file write until released, to catch a save in the act."""
+
+    def __init__(self, monkeypatch, fail: bool = False):
+        self.release, self.started = threading.Event(), threading.Event()
+        original = FileSystemWriter.write_data
+
+        def write_data(writer, plan, planner):
+            self.started.set()
+            assert self.release.wait(timeout=60), "test never released the write"
+            if fail:
+                raise OSError("disk full")
+            return original(writer, plan, planner)
+
+        monkeypatch.setattr(FileSystemWriter, "write_data", write_data)
+
+
+def test_async_save_overlaps_training_and_equals_a_synchronous_save(tmp_path, monkeypatch):
+    model, optimizer = trained()
+    full_manager(tmp_path / "sync", model, optimizer).save(1)
+
+    blocked = BlockedWrites(monkeypatch)
+    m = full_manager(tmp_path / "async", model, optimizer, async_mode="async")
+    assert m.save(1) is None  # returned with the write still held
+    assert blocked.started.wait(timeout=60)
+    model(torch.randn(2, 8)).sum().backward()
+    optimizer.step()  # training goes on and changes the weights meanwhile
+    assert m.poll() is None and committed_steps(str(tmp_path / "async")) == []
+    blocked.release.set()
+    assert m.wait() == str(tmp_path / "async" / "step-1")
+    assert committed_steps(str(tmp_path / "async")) == [1]
+
+    from_sync, from_async = trained(seed=1), trained(seed=2)
+    full_manager(tmp_path / "sync", *from_sync).load(1)
+    full_manager(tmp_path / "async", *from_async).load(1)
+    assert_same_weights(from_sync[0], from_async[0])
+    for a, b in zip(from_sync[1].state_dict()["state"].values(), from_async[1].state_dict()["state"].values()):
+        for key in a:
+            assert torch.equal(a[key], b[key]), key
+
+
+def test_failed_async_write_leaves_the_previous_checkpoint_latest(tmp_path, monkeypatch):
+    model, optimizer = trained()
+    m = full_manager(tmp_path, model, optimizer, async_mode="async")
+    m.save(1)
+    assert m.wait() is not None
+    blocked = BlockedWrites(monkeypatch, fail=True)
+    m.save(2)
+    blocked.release.set()
+    with pytest.raises(CheckpointError, match="writing checkpoint .*step-2 failed.*disk full.*previous"):
+        m.wait()
+    assert committed_steps(str(tmp_path)) == [1] and m.resolve_load_step() == 1
+
+
+def test_crash_after_async_write_before_commit_keeps_previous_latest(tmp_path):
+    model, optimizer = trained()
+
+    def crash(step):
+        if step == 2:
+            raise SystemExit("killed before the commit")
+
+    m = full_manager(tmp_path, model, optimizer, async_mode="async", before_commit=crash)
+    m.save(1)
+    m.save(2)  # waits for (and commits) step 1 first: at most one save in flight
+    with pytest.raises(SystemExit):
+        m.close()
+    assert committed_steps(str(tmp_path)) == [1]
+    assert os.path.isfile(os.path.join(tmp_path, "step-2", ".metadata"))  # written, yet not a checkpoint

@@ -2,6 +2,7 @@ import copy
 
 import torch
 
+from raytitan.checkpoint import CheckpointManager
 from raytitan.models.llama3.args import ModelArgs
 from raytitan.models.llama3.model import Transformer
 from raytitan.loss import cross_entropy_sum
@@ -17,7 +18,8 @@ def make_trainer(model, local_batch_size):
     # (Adam's g / sqrt(v) would amplify float rounding of near-zero gradients).
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-    return Trainer(ModelRunner([model]), optimizer, scheduler, loader=None, checkpoint=None, metrics=None, state=None,
+    checkpoint = CheckpointManager("unused", {}, interval=1, keep_latest_k=0, enable=False)
+    return Trainer(ModelRunner([model]), optimizer, scheduler, loader=None, checkpoint=checkpoint, metrics=None, state=None,
                    device=torch.device("cpu"), local_batch_size=local_batch_size,
                    schedule=Schedule(1, 1, 1, False, 0), max_norm=1.0, loss_group=None)
 
