@@ -76,7 +76,7 @@ def _nbytes(meta: TensorStorageMetadata, dtype: torch.dtype | None = None) -> in
     return meta.size.numel() * (dtype or meta.properties.dtype).itemsize
 
 
-def _model_order(key: str) -> tuple:
+def model_order(key: str) -> tuple:
     """Embedding, then layers in numeric order, then the final norm and output head."""
     m = _LAYER_KEY.match(key)
     if m:
@@ -126,7 +126,7 @@ def export_hf(step_path: str, out_dir: str, dtype: torch.dtype = torch.bfloat16,
     metadata = check_files(step_path)
     marker = read_commit_at(step_path)
     args = args or model_args_of(step_path)
-    keys = sorted(tensor_keys(metadata, "model."), key=_model_order)
+    keys = sorted(tensor_keys(metadata, "model."), key=model_order)
     if not keys:
         raise CheckpointError(f"{step_path} holds no model weights")
     tmp = out_dir.rstrip("/") + ".tmp"

@@ -50,13 +50,16 @@ def test_data_parallel_matches_one_process(tmp_path, data_dir, seed_checkpoint, 
 
 
 def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, data_dir, seed_checkpoint):
+    # The uninterrupted run saves asynchronously (step 3 is written while steps 4-6 train), the
+    # resumed one synchronously: the two kinds of save must hold the same state.
     config = tiny_config(str(tmp_path), data_dir, training={"steps": 6},
-                         checkpoint={"interval": 3, "initial_load_path": seed_checkpoint})
+                         checkpoint={"interval": 3, "initial_load_path": seed_checkpoint, "async_mode": "async"})
     full = run_ranks(config, 2, str(tmp_path))
     folder = os.path.join(config.run_dir, "checkpoint")
     assert committed_steps(folder) == [3, 6]
     # Drop the last checkpoint: the next run resumes at step 3 (model, optimizer, schedule, data).
     shutil.rmtree(os.path.join(folder, "step-6"))
+    config.checkpoint.async_mode = "disabled"
     resumed = run_ranks(config, 2, str(tmp_path))
     assert resumed["losses"] == full["losses"][3:]  # bit-identical, not just close
     assert resumed["tokens_seen"] == full["tokens_seen"]
@@ -98,3 +101,29 @@ def test_elastic_world_that_fits_no_layout_idles_a_rank(tmp_path, data_dir, seed
     assert three["losses"] == two["losses"]
     restarts = [json.loads(line) for line in open(os.path.join(elastic.run_dir, "restarts.jsonl"))]
     assert (restarts[0]["world"], restarts[0]["active"], restarts[0]["dp"]) == (3, 2, 2)
+
+
+def test_runs_started_from_a_step_or_its_hugging_face_export(tmp_path, data_dir, seed_checkpoint):
+    """One process trains 5 steps and exports the last as a Hugging Face folder. Then, on 2 ranks
+    (resharded): runs started from step 5 and from its export have the same weights, so the same
+    losses bit for bit; a run started from all of step 3 (initial_load_model_only = false)
+    continues at step 4 with the first run's losses."""
+    trained = tiny_config(str(tmp_path / "a"), data_dir, training={"steps": 5},
+                          checkpoint={"initial_load_path": seed_checkpoint, "interval": 3, "last_save_in_hf": True})
+    folder = os.path.join(trained.run_dir, "checkpoint")
+    from_dcp = tiny_config(str(tmp_path / "b"), data_dir, training={"steps": 2},
+                           checkpoint={"initial_load_path": f"{folder}/step-5", "enable": False})
+    from_hf = tiny_config(str(tmp_path / "c"), data_dir, training={"steps": 2},
+                          checkpoint={"initial_load_path": f"{folder}/step-5-hf", "initial_load_in_hf": True,
+                                      "enable": False})
+    from_full = tiny_config(str(tmp_path / "d"), data_dir, training={"steps": 5},
+                            checkpoint={"initial_load_path": f"{folder}/step-3", "initial_load_model_only": False,
+                                        "enable": False})
+    first = run_ranks(trained, 1, str(tmp_path))
+    assert os.path.isfile(os.path.join(folder, "step-5-hf", "config.json"))
+    dcp_run, hf_run, full_run = run_ranks([from_dcp, from_hf, from_full], 2, str(tmp_path))
+    assert os.path.isfile(os.path.join(from_hf.run_dir, "hf_import", COMMIT_MARKER))
+    assert hf_run["losses"] == dcp_run["losses"] and len(hf_run["losses"]) == 2
+    assert len(full_run["losses"]) == 2 and full_run["tokens_seen"] == first["tokens_seen"]
+    for a, b in zip(first["losses"][3:], full_run["losses"]):
+        assert abs(a - b) / a < 1e-5, (first["losses"], full_run["losses"])

@@ -34,7 +34,8 @@ def test_train_through_ray_then_resume(tmp_path):
     # the workers' working directory is not the driver's.
     args = [sys.executable, "-m", "raytitan.train", "--checkpoint.interval", "5", "--metrics.log_freq", "5",
             "--validation.enable", "--validation.freq", "5", "--validation.steps", "2"]
-    out = run(args + ["--training.steps", "10"], tmp_path, cwd=tmp_path)
+    # Step 5 is saved asynchronously (written while steps 6-10 train); the last save blocks.
+    out = run(args + ["--training.steps", "10", "--checkpoint.async_mode", "async"], tmp_path, cwd=tmp_path)
     seen = losses(out)
     assert set(seen) >= {1, 5, 10}
     assert seen[10] < seen[1] - 1.0, seen  # loss falls clearly
@@ -47,10 +48,11 @@ def test_train_through_ray_then_resume(tmp_path):
     assert "finished" in out and "final loss" in out
 
     # Submitting again with the same storage and name continues from the newest checkpoint.
-    out = run(args + ["--training.steps", "12"], tmp_path, cwd=tmp_path)
+    out = run(args + ["--training.steps", "12", "--checkpoint.last_save_in_hf"], tmp_path, cwd=tmp_path)
     assert "resumed from" in out and "step-10" in out
     assert set(losses(out)) == {11, 12}  # the first step after a (re)start and the last are logged
     assert committed_steps(str(run_dir / "checkpoint")) == [5, 10, 12]
+    assert (run_dir / "checkpoint" / "step-12-hf" / "model.safetensors").is_file()
 
 
 def test_bad_config_fails_before_starting_ray(tmp_path):

@@ -1,0 +1,165 @@
+"""Hugging Face interop and the offline checkpoint tools (convert / checkpoints CLIs)."""
+
+import dataclasses
+import json
+import os
+
+import pytest
+import torch
+import transformers  # test-only dependency (the dev extra): the reference Llama implementation
+
+from raytitan import checkpoints as checkpoints_cli
+from raytitan import convert as convert_cli
+from raytitan.checkpoint import CheckpointError, CheckpointManager, ModelState, read_metadata
+from raytitan.checkpoint_io import export_hf, import_hf, load_tensors, read_hf_weights
+from raytitan.models.llama3 import hf
+from raytitan.models.llama3.args import FLAVORS
+from raytitan.models.llama3.model import Transformer
+
+ARGS = FLAVORS["tiny"].with_vocab(259)
+
+
+def random_model(args=ARGS, seed=0) -> Transformer:
+    torch.manual_seed(seed)
+    model = Transformer(args)
+    model.init_weights()
+    with torch.no_grad():
+        for p in model.parameters():  # norms start at 1: make every weight distinct
+            p.add_(0.01 * torch.randn_like(p))
+    return model
+
+
+def save_step(folder, model, step=1, args=ARGS) -> str:
+    info = {"flavor": "tiny", "model_args": dataclasses.asdict(args), "bos_id": 256, "eos_id": 257}
+    return CheckpointManager(str(folder), {"model": ModelState([model])}, 1, 0, commit_info=info).save(step)
+
+
+@pytest.mark.parametrize("n_heads, n_kv_heads", [(4, 2), (4, 4)])
+def test_rope_row_order_round_trips(n_heads, n_kv_heads):
+    w = torch.randn(n_kv_heads * 16, 64)
+    name = "layers.0.attention.wk.weight"
+    moved = hf.to_hf_tensor(name, w, n_heads, n_kv_heads)
+    assert not torch.equal(moved, w)
+    assert torch.equal(hf.from_hf_tensor(name, moved, n_heads, n_kv_heads), w)
+    # Head 0's pair (0, 1) becomes rows (0, d/2): the first half holds the even features.
+    assert torch.equal(moved[:8], w[0:16:2]) and torch.equal(moved[8:16], w[1:16:2])
+
+
+def test_exported_folder_loads_in_transformers_with_the_same_logits(tmp_path):
+    model = random_model().eval()
+    out = export_hf(save_step(tmp_path / "ckpt", model), str(tmp_path / "hf"), dtype=torch.float32,
+                    max_shard_bytes=200_000)  # several shards and an index
+    files = sorted(os.listdir(out))
+    assert "config.json" in files and "model.safetensors.index.json" in files
+    assert sum(f.endswith(".safetensors") for f in files) > 1
+    theirs = transformers.LlamaForCausalLM.from_pretrained(out).eval()
+    tokens = torch.randint(0, ARGS.vocab_size, (2, 48))
+    with torch.no_grad():
+        diff = (model(tokens) - theirs(tokens).logits).abs().max().item()
+    assert diff < 1e-4, diff
+    assert theirs.config.bos_token_id == 256 and theirs.config.rope_parameters["rope_type"] == "llama3"
+
+
+def test_dcp_to_hf_to_dcp_is_identity(tmp_path):
+    model = random_model()
+    step = save_step(tmp_path / "ckpt", model)
+    convert = [str(tmp_path / "hf"), str(tmp_path / "back")]
+    assert convert_cli.main(["to-hf", str(tmp_path / "ckpt"), convert[0], "--dtype", "float32"]) == 0
+    assert convert_cli.main(["from-hf", *convert]) == 0
+    original, back = read_metadata(step), read_metadata(convert[1])
+    keys = sorted(k for k in original.state_dict_metadata if k.startswith("model."))
+    assert sorted(back.state_dict_metadata) == keys
+    a, b = load_tensors(step, original, keys), load_tensors(convert[1], back, keys)
+    for key in keys:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_bfloat16_export_is_the_rounded_weights(tmp_path):
+    model = random_model()
+    out = export_hf(save_step(tmp_path / "ckpt", model), str(tmp_path / "hf"))  # bfloat16 by default
+    with open(os.path.join(out, "config.json")) as f:
+        assert json.load(f)["torch_dtype"] == "bfloat16"
+    weights = read_hf_weights(out, dtype=torch.bfloat16)
+    for name, p in model.state_dict().items():
+        assert weights[name].dtype == torch.bfloat16 and torch.equal(weights[name], p.to(torch.bfloat16)), name
+
+
+def test_tied_hf_checkpoint_gets_an_output_head(tmp_path):
+    """Published Llama 3.2 1B/3B tie the output head to the embedding and store it once."""
+    from safetensors.torch import save_file
+
+    model = random_model()
+    out = export_hf(save_step(tmp_path / "ckpt", model), str(tmp_path / "hf"), dtype=torch.float32)
+    path = os.path.join(out, "model.safetensors")
+    from safetensors.torch import load_file
+
+    tensors = load_file(path)
+    del tensors["lm_head.weight"]
+    save_file(tensors, path)
+    with open(os.path.join(out, "config.json")) as f:
+        config = json.load(f)
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump({**config, "tie_word_embeddings": True}, f)
+    weights = read_hf_weights(out)
+    assert torch.equal(weights["output.weight"], weights["tok_embeddings.weight"])
+
+
+def test_hf_folder_errors_name_the_problem(tmp_path):
+    os.makedirs(tmp_path / "empty")
+    with pytest.raises(hf.HFFormatError, match="has no config.json"):
+        import_hf(str(tmp_path / "empty"), str(tmp_path / "out"))
+    out = export_hf(save_step(tmp_path / "ckpt", random_model()), str(tmp_path / "hf"), dtype=torch.float32)
+    bigger = dataclasses.replace(ARGS, n_layers=6)
+    with open(os.path.join(out, "config.json")) as f:
+        with pytest.raises(hf.HFFormatError, match="num_hidden_layers = 4, but the model being trained has 6"):
+            hf.check_matches(bigger, json.load(f))
+
+
+def test_checkpoints_cli_lists_inspects_and_verifies(tmp_path, capsys):
+    folder = tmp_path / "ckpt"
+    save_step(folder, random_model(), step=1)
+    step2 = save_step(folder, random_model(seed=1), step=2)
+    os.makedirs(folder / "step-3")  # an interrupted save
+    assert checkpoints_cli.main(["list", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert "committed" in out and "UNCOMMITTED" in out and "uncommitted steps [3]" in out
+
+    assert checkpoints_cli.main(["inspect", str(folder)]) == 0  # the newest committed step
+    out = capsys.readouterr().out
+    assert "step 2" in out and "layers.3.feed_forward.w2.weight" in out and "[64, 192]" in out
+
+    assert checkpoints_cli.main(["verify", str(folder)]) == 0
+    assert capsys.readouterr().out.count(": ok") == 2
+
+    with open(os.path.join(step2, "__0_0.distcp"), "r+b") as f:
+        f.truncate(1000)
+    assert checkpoints_cli.main(["verify", step2]) == 1
+    assert "__0_0.distcp is truncated" in capsys.readouterr().err
+
+
+def test_verify_reports_non_finite_weights(tmp_path, capsys):
+    model = random_model()
+    with torch.no_grad():
+        model.norm.weight[3] = float("nan")
+    step = save_step(tmp_path, model)
+    assert checkpoints_cli.main(["verify", step]) == 1
+    assert "model.norm.weight: 1 non-finite values" in capsys.readouterr().out
+
+
+def test_to_torch_writes_the_weights_by_name(tmp_path):
+    model = random_model()
+    save_step(tmp_path / "ckpt", model)
+    assert convert_cli.main(["to-torch", str(tmp_path / "ckpt"), str(tmp_path / "model.pt")]) == 0
+    loaded = torch.load(tmp_path / "model.pt")
+    assert loaded.keys() == model.state_dict().keys()
+    assert all(torch.equal(loaded[k], v) for k, v in model.state_dict().items())
+    assert convert_cli.main(["to-torch", str(tmp_path / "nowhere"), str(tmp_path / "x.pt")]) == 1
+
+
+def test_checkpoint_without_recorded_shape_needs_a_flavor(tmp_path, capsys):
+    CheckpointManager(str(tmp_path / "ckpt"), {"model": ModelState([random_model()])}, 1, 0).save(1)
+    assert convert_cli.main(["to-hf", str(tmp_path / "ckpt"), str(tmp_path / "hf")]) == 1
+    assert "name its flavor" in capsys.readouterr().err
+    assert convert_cli.main(["to-hf", str(tmp_path / "ckpt"), str(tmp_path / "hf"), "--flavor", "tiny"]) == 0
+    with pytest.raises(CheckpointError):
+        export_hf(str(tmp_path / "nowhere"), str(tmp_path / "hf2"))
