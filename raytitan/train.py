@@ -14,10 +14,15 @@ DEFAULT_CONFIG = "configs/llama3_debug.toml"
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Imported here, not at the top: --help and config errors answer without loading Ray.
     try:
         config = parse_args(argv)
-        from raytitan.launcher import TrainingFailed, launch
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    from raytitan.launcher import TrainingFailed, launch
 
+    try:
         result = launch(config)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
