@@ -8,7 +8,7 @@ from raytitan.config import JobConfig, apply_dict, load_toml, set_key
 
 from raytitan.metrics import read_metrics
 
-__all__ = ["JobConfig", "fit", "load_config", "read_metrics"]
+__all__ = ["JobConfig", "fit", "generate", "load_config", "read_metrics"]
 
 
 def load_config(config: str | JobConfig | dict | None = None, **overrides: Any) -> JobConfig:
@@ -35,3 +35,11 @@ def fit(config: str | JobConfig | dict | None = None, **overrides: Any):
     from raytitan.launcher import launch
 
     return launch(load_config(config, **overrides))
+
+
+def generate(checkpoint: str, prompt: str, max_new_tokens: int = 32, temperature: float = 0.0, **kwargs: Any) -> str:
+    """Continue ``prompt`` with the model of a checkpoint (a step folder, or a run's checkpoint
+    folder for its newest step), on one process. See ``raytitan.sampling.generate``."""
+    from raytitan.sampling import generate as _generate
+
+    return _generate(checkpoint, prompt, max_new_tokens, temperature, **kwargs)

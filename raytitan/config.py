@@ -138,6 +138,7 @@ class Metrics:
     enable_tensorboard: bool = opt(True, "Write TensorBoard scalars")
     save_tb_folder: str = opt("tb", "TensorBoard folder inside the run folder")
     peak_tflops: float = opt(0.0, "Peak TFLOP/s per device for MFU when the device is not in the table (0 = look up)")
+    progress_bar: str = opt("auto", "Progress bar on the driver: auto (when a terminal or notebook shows it), on, off")
 
 
 @dataclass

@@ -18,7 +18,9 @@ from raytitan.checkpoint import committed_steps, step_dir
 from raytitan.config import ConfigError, JobConfig, to_toml
 from raytitan.data.ray_feed import DataFeeder, RayFeedLoader
 from raytitan.metrics import METRICS_FILE, read_metrics
+from raytitan import progress
 from raytitan.preflight import data_parallel_degree, plan_run
+from raytitan.progress import ProgressBar
 from raytitan.runtime import Runtime, setup_logging
 
 logger = logging.getLogger("raytitan")
@@ -151,11 +153,14 @@ def launch(config: JobConfig) -> ray.train.Result:
         ),
     )
     t0 = time.perf_counter()
+    bar = ProgressBar(config.run_dir, config.training.steps) if progress.wanted(config.metrics.progress_bar) else None
     try:
         result = trainer.fit()
     except Exception as e:  # Ray raises once restarts are exhausted
         raise TrainingFailed(failure_message(config, e)) from e
     finally:
+        if bar:
+            bar.close()
         for feeder in feeders.values():
             ray.kill(feeder)
     print(summary(config, result, time.perf_counter() - t0), flush=True)

@@ -35,6 +35,7 @@ CHOICES = {
     "parallelism.context_parallel_rotate_method": ("allgather",),
     "checkpoint.async_mode": ASYNC_MODES,
     "checkpoint.export_dtype": tuple(EXPORT_DTYPES),
+    "metrics.progress_bar": ("auto", "on", "off"),
 }
 POSITIVE = ("ray.resize_check_interval_s", "training.local_batch_size", "validation.local_batch_size", "validation.freq", "validation.steps", "training.seq_len", "training.steps", "optimizer.lr",
             "checkpoint.interval", "metrics.log_freq", "ray.num_workers")

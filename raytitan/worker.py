@@ -228,8 +228,8 @@ def run(config: JobConfig, runtime: Runtime) -> TrainState:
 def model_facts(config: JobConfig, plan, tokenizer) -> dict:
     """What a checkpoint records about its model, so exports need nothing else."""
     args = dataclasses.replace(plan.model_args, max_seq_len=FLAVORS[config.model.flavor].max_seq_len)
-    return {"flavor": config.model.flavor, "model_args": dataclasses.asdict(args), "bos_id": tokenizer.bos_id,
-            "eos_id": tokenizer.eos_id, "hf_assets_path": config.model.hf_assets_path}
+    return {"flavor": config.model.flavor, "model_args": dataclasses.asdict(args), "tokenizer": config.model.tokenizer,
+            "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id, "hf_assets_path": config.model.hf_assets_path}
 
 
 def hf_import(config: JobConfig, group) -> str:
