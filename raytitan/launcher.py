@@ -100,11 +100,13 @@ def _worker_resources(config: JobConfig) -> dict:
     else:
         total = ray.cluster_resources().get("CPU", 0.0)
         resources = {"CPU": max(0.1, round((total - DATA_CPUS) / workers, 2))}
+    # Checked at the smallest size: an autoscaling cluster may not have the capacity for more yet.
+    fewest = config.ray.worker_range[0]
     total_cpus = ray.cluster_resources().get("CPU", 0.0)
-    spare = total_cpus - resources.get("CPU", 1.0) * workers
+    spare = total_cpus - resources.get("CPU", 1.0) * fewest
     if spare < DATA_CPUS - 1e-6:
         raise ConfigError(
-            f"ray.resources_per_worker: {workers} workers x {resources.get('CPU', 1.0)} CPU leave "
+            f"ray.resources_per_worker: {fewest} workers x {resources.get('CPU', 1.0)} CPU leave "
             f"{spare:.2f} of the cluster's {total_cpus:g} CPUs for the data pipeline, which needs {DATA_CPUS:g}; "
             "lower the per-worker CPU share or add CPUs (a starved pipeline would hang training)"
         )

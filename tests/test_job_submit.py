@@ -1,0 +1,84 @@
+"""`ray job submit` end to end, as from a laptop: a Ray head started here on 127.0.0.1, the
+repository as the job's working_dir, progress streamed back, the checkpoint on the given storage."""
+
+import json
+import os
+import re
+import secrets
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+from raytitan.checkpoint import committed_steps
+
+from tests.helpers import free_port
+
+pytestmark = pytest.mark.slow
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def ray_cli(*args: str, env: dict, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ray.scripts.scripts", *args], env=env, capture_output=True,
+                          text=True, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def token_env():
+    """Token authentication, as on the shipped clusters: head and submitter share a token
+    (given in the environment, so the user's ~/.ray/auth_token is neither used nor needed)."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16))
+    return env
+
+
+@pytest.fixture(scope="module")
+def ray_head(token_env):
+    """A head of our own: `--block` ties its processes to this one, so terminating it ends them
+    all (never `ray stop`, which would end every Ray instance on the machine)."""
+    temp_dir = tempfile.mkdtemp(prefix="rt-", dir="/tmp")  # short: Ray's socket paths have a length limit
+    dashboard = free_port()
+    head = subprocess.Popen(
+        [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+         f"--port={free_port()}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2",
+         f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+        env=token_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{dashboard}"
+    try:
+        end = time.monotonic() + 120
+        while ray_cli("job", "list", "--address", url, env=token_env, timeout=60).returncode != 0:  # until it answers
+            assert head.poll() is None, "ray start --head exited"
+            assert time.monotonic() < end, "the head's job API never answered"
+        yield url
+    finally:
+        head.terminate()
+        head.wait(timeout=120)
+
+
+def test_a_job_without_the_token_is_refused(ray_head, token_env):
+    env = {**token_env, "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_AUTH_TOKEN")
+    env["HOME"] = tempfile.mkdtemp()  # no ~/.ray/auth_token to fall back on
+    proc = ray_cli("job", "submit", "--address", ray_head, "--", "echo", "hello", env=env, timeout=120)
+    assert proc.returncode != 0 and "Authentication required" in proc.stdout + proc.stderr
+
+
+def test_ray_job_submit_runs_and_checkpoints_on_the_clusters_storage(ray_head, token_env, tmp_path):
+    storage = tmp_path / "storage"
+    runtime_env = {"excludes": [".git", "outputs", "benchmarks/results", "**/__pycache__", "*.egg-info"],
+                   "env_vars": {"RAYTITAN_CACHE": str(tmp_path / "cache")}}
+    proc = ray_cli("job", "submit", "--address", ray_head, "--working-dir", REPO,
+                   "--runtime-env-json", json.dumps(runtime_env), "--",
+                   "python", "-m", "raytitan.train", "--job.config_file", "configs/llama3_debug.toml",
+                   "--training.steps", "3", "--metrics.log_freq", "1", "--ray.storage_path", str(storage),
+                   "--ray.name", "submitted", env=token_env, cwd=tmp_path, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-5000:]
+    assert "succeeded" in out
+    assert re.search(r"step\s+3\s+loss", out)  # progress streamed back to the submitter
+    assert "ray | world 2" in out
+    assert "Started a local Ray instance" not in out  # joined the cluster through the job's RAY_ADDRESS
+    assert committed_steps(str(storage / "submitted" / "checkpoint")) == [3]
