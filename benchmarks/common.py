@@ -49,3 +49,34 @@ def record(benchmark: str, config: dict, results: list[dict]) -> dict:
         f.write(json.dumps(line) + "\n")
     print(json.dumps(line))
     return line
+
+
+def steady(records: list[dict], key: str, skip: int) -> float:
+    """Median of ``key`` over the logged steps after the first ``skip`` (start-up, compilation)."""
+    import statistics
+
+    values = [r[key] for r in records if "loss" in r and r["step"] > skip and key in r]
+    if not values:
+        raise RuntimeError(f"no logged steps after step {skip} carry {key}")
+    return statistics.median(values)
+
+
+def run_worker(overrides: dict, run_root: str, name: str, nproc: int = 1, timeout: int = 3600) -> list[dict]:
+    """Train with the per-worker entry point in fresh processes (torchrun for several), the same
+    code Ray runs; returns the run's metrics.jsonl records. ``overrides``: {"section.key": value}."""
+    import sys
+
+    from raytitan.metrics import read_metrics
+
+    args = ["--job.dump_folder", run_root, "--ray.name", name, "--metrics.log_freq", "1",
+            "--metrics.enable_tensorboard", "false", "--checkpoint.enable", "false"]
+    for key, value in overrides.items():
+        args += [f"--{key}", ",".join(map(str, value)) if isinstance(value, list) else str(value)]
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "-m", "raytitan.worker"]
+    else:
+        cmd = [sys.executable, "-m", "raytitan.worker"]
+    proc = subprocess.run(cmd + args, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{name} failed:\n{(proc.stdout + proc.stderr)[-4000:]}")
+    return read_metrics(os.path.join(run_root, name))

@@ -41,6 +41,7 @@ class Model:
     flavor: str = opt("debugmodel", "Model size: debugmodel, 1B, 3B, 8B, 70B, 405B")
     hf_assets_path: str | None = opt(None, "Folder with tokenizer.json (and tokenizer_config.json)")
     tokenizer: str = opt("byte", "Tokenizer: 'byte' (no files) or 'hf' (tokenizer.json in hf_assets_path)")
+    converters: list = opt([], "Model conversions: quantize.linear.float8 (or float8) for Float8 training")
 
 
 @dataclass
@@ -90,6 +91,28 @@ class Parallelism:
     pipeline_parallel_last_stage_less_layers: int = opt(1, "The last stage holds this many fewer blocks (for the output head)")
     context_parallel_rotate_method: str = opt(
         "allgather", "How context-parallel attention exchanges K/V: allgather (any backend)")
+
+
+@dataclass
+class ActivationCheckpoint:
+    mode: str = opt("none", "Recompute activations in backward to save memory: none, full (every block) or selective")
+    selective_ac_option: str = opt(
+        "op", "selective: 'op' (keep matmul and attention outputs, recompute the rest) or N (every Nth block fully)")
+
+
+@dataclass
+class Compile:
+    enable: bool = opt(False, "torch.compile the components below")
+    components: list = opt(["model", "loss"], "What to compile: model (each transformer block), loss")
+
+
+@dataclass
+class Profiling:
+    enable_profiling: bool = opt(False, "Record torch.profiler traces on every rank")
+    profile_freq: int = opt(10, "Trace the last step of every this many")
+    save_traces_folder: str = opt("profile_traces", "Trace folder inside the run folder")
+    enable_memory_snapshot: bool = opt(False, "CUDA: record allocations; dump a snapshot every profile_freq steps")
+    save_memory_snapshot_folder: str = opt("memory_snapshot", "Memory snapshot folder inside the run folder")
 
 
 @dataclass
@@ -173,6 +196,18 @@ class Fault:
     seed: int = opt(-1, "Pick kill_step and kill_rank at random from this seed (-1 = use the keys above)")
 
 
+@dataclass
+class Float8:
+    recipe_name: str = opt("tensorwise", "Float8 scaling: tensorwise (one scale per tensor), rowwise, rowwise_with_gw_hp")
+    enable_fsdp_float8_all_gather: bool = opt(False, "FSDP all-gathers weights in float8 (tensorwise only)")
+    precompute_float8_dynamic_scale_for_fsdp: bool = opt(
+        False, "One all-reduce for every weight scale after the optimizer step (with the all-gather above)")
+    filter_fqns: list = opt(["output"], "Linear layers whose name contains one of these stay in high precision")
+    auto_filter_small_kn: bool = opt(False, "Also keep linears too small to gain from float8 (torchao's H100 thresholds)")
+    emulate: bool = opt(False, "Emulate float8 matmuls in high precision (machines without float8 hardware, CPU)")
+
+
+# TOML table path -> its section class; nested tables ([quantize.linear.float8]) are dotted paths.
 SECTIONS: dict[str, type] = {
     "job": Job,
     "model": Model,
@@ -181,6 +216,10 @@ SECTIONS: dict[str, type] = {
     "optimizer": Optimizer,
     "lr_scheduler": LRScheduler,
     "checkpoint": Checkpoint,
+    "activation_checkpoint": ActivationCheckpoint,
+    "compile": Compile,
+    "quantize.linear.float8": Float8,
+    "profiling": Profiling,
     "metrics": Metrics,
     "validation": Validation,
     "ray": Ray,
@@ -197,6 +236,10 @@ class JobConfig:
     optimizer: Optimizer = field(default_factory=Optimizer)
     lr_scheduler: LRScheduler = field(default_factory=LRScheduler)
     checkpoint: Checkpoint = field(default_factory=Checkpoint)
+    activation_checkpoint: ActivationCheckpoint = field(default_factory=ActivationCheckpoint)
+    compile: Compile = field(default_factory=Compile)
+    float8: Float8 = field(default_factory=Float8)
+    profiling: Profiling = field(default_factory=Profiling)
     metrics: Metrics = field(default_factory=Metrics)
     validation: Validation = field(default_factory=Validation)
     ray: Ray = field(default_factory=Ray)
@@ -232,7 +275,8 @@ class JobConfig:
         return resolved
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
-        return dataclasses.asdict(self)
+        """Sections by their TOML path (what ``from_dict`` and ``to_toml`` take)."""
+        return {path: dataclasses.asdict(section(self, path)) for path in SECTIONS}
 
     @classmethod
     def from_dict(cls, data: dict[str, dict[str, Any]]) -> JobConfig:
@@ -310,25 +354,35 @@ def _unknown(key: str, source: str) -> ConfigError:
     return ConfigError(f"unknown config key '{key}' in {source}{hint}")
 
 
+ATTRIBUTES = {"quantize.linear.float8": "float8"}  # sections whose JobConfig attribute differs from the path
+
+
+def section(config: JobConfig, path: str) -> Any:
+    return getattr(config, ATTRIBUTES.get(path, path))
+
+
 def set_key(config: JobConfig, key: str, value: Any, source: str) -> None:
-    section, _, name = key.partition(".")
-    if section not in SECTIONS or not name:
+    path, _, name = key.rpartition(".")
+    if path not in SECTIONS:
         raise _unknown(key, source)
-    obj = getattr(config, section)
-    types = _field_types(SECTIONS[section])
+    types = _field_types(SECTIONS[path])
     if name not in types:
         raise _unknown(key, source)
-    setattr(obj, name, _convert(value, types[name], key))
+    setattr(section(config, path), name, _convert(value, types[name], key))
 
 
-def apply_dict(config: JobConfig, data: dict[str, Any], source: str) -> None:
-    for section, values in data.items():
-        if section not in SECTIONS:
-            raise _unknown(section, source)
-        if not isinstance(values, dict):
-            raise ConfigError(f"[{section}] in {source} must be a table of keys")
-        for name, value in values.items():
-            set_key(config, f"{section}.{name}", value, source)
+def apply_dict(config: JobConfig, data: dict[str, Any], source: str, prefix: str = "") -> None:
+    """Set keys from (nested) TOML tables; a table path is a section or leads to one."""
+    for name, value in data.items():
+        path = f"{prefix}.{name}" if prefix else name
+        if prefix in SECTIONS and name in _field_types(SECTIONS[prefix]):
+            set_key(config, path, value, source)
+        elif any(s == path or s.startswith(path + ".") for s in SECTIONS):
+            if not isinstance(value, dict):
+                raise ConfigError(f"[{path}] in {source} must be a table of keys")
+            apply_dict(config, value, source, path)
+        else:
+            raise _unknown(path, source)
 
 
 def load_toml(path: str) -> dict[str, Any]:
@@ -371,8 +425,8 @@ def parse_args(argv: list[str] | None = None, prog: str = "raytitan.train") -> J
         negated = key.startswith("no-")
         if negated:
             key = key[3:]
-        section, _, name = key.partition(".")
-        types = _field_types(SECTIONS[section]) if section in SECTIONS else {}
+        path, _, name = key.rpartition(".")
+        types = _field_types(SECTIONS[path]) if path in SECTIONS else {}
         if name not in types:
             raise _unknown(key, "the command line")
         is_bool = _base_type(types[name]) is bool

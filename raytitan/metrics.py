@@ -38,6 +38,11 @@ def peak_tflops(device: torch.device, override: float = 0.0) -> float | None:
     return None
 
 
+def mfu_percent(flops_per_token: float, tokens_per_s_per_device: float, peak: float) -> float:
+    """Model FLOPs utilization: the model's training FLOPs per second per device over the peak."""
+    return 100 * flops_per_token * tokens_per_s_per_device / (peak * 1e12)
+
+
 def memory_gib(device: torch.device) -> dict[str, float]:
     if device.type == "cuda":
         stats = torch.cuda.memory_stats(device)
@@ -92,7 +97,7 @@ class MetricsLogger:
             **memory_gib(self.device),
         }
         if self.peak:
-            metrics["mfu_pct"] = 100 * tflops / self.peak
+            metrics["mfu_pct"] = mfu_percent(self.flops_per_token, tps, self.peak)
         self._reset()
         return metrics
 

@@ -12,12 +12,15 @@ import os
 from dataclasses import dataclass
 
 from raytitan.checkpoint import ASYNC_MODES, COMMIT_MARKER, EXPORT_DTYPES, LOADABLE
-from raytitan.config import Checkpoint, ConfigError, JobConfig
+from raytitan.config import Checkpoint, ConfigError, JobConfig, section
 from raytitan.data.sources import DATASETS, DataSourceError, resolve_shards
 from raytitan.data.tokenizer import build_tokenizer
 from raytitan.models.llama3.args import FLAVORS, ModelArgs
 from raytitan.models.llama3.hf import HFFormatError, check_matches, read_hf_config
 from raytitan.parallel.dims import ParallelDims, ParallelismError
+from raytitan.parallel.activation_checkpoint import ActivationCheckpointError, check_option
+from raytitan.parallel.compile import COMPONENTS
+from raytitan.parallel.float8 import CONVERTER_NAMES, RECIPES
 from raytitan.parallel.pipeline import SCHEDULES, PipelineError, microbatches, num_stages, stage_layers
 
 CHOICES = {
@@ -36,8 +39,10 @@ CHOICES = {
     "checkpoint.async_mode": ASYNC_MODES,
     "checkpoint.export_dtype": tuple(EXPORT_DTYPES),
     "metrics.progress_bar": ("auto", "on", "off"),
+    "activation_checkpoint.mode": ("none", "full", "selective"),
+    "quantize.linear.float8.recipe_name": RECIPES,
 }
-POSITIVE = ("ray.resize_check_interval_s", "training.local_batch_size", "validation.local_batch_size", "validation.freq", "validation.steps", "training.seq_len", "training.steps", "optimizer.lr",
+POSITIVE = ("profiling.profile_freq", "ray.resize_check_interval_s", "training.local_batch_size", "validation.local_batch_size", "validation.freq", "validation.steps", "training.seq_len", "training.steps", "optimizer.lr",
             "checkpoint.interval", "metrics.log_freq", "ray.num_workers")
 NON_NEGATIVE = ("training.shuffle_buffer", "training.max_norm", "training.seed", "optimizer.weight_decay", "optimizer.eps",
                 "lr_scheduler.warmup_steps", "lr_scheduler.min_lr_factor", "checkpoint.keep_latest_k",
@@ -61,8 +66,8 @@ class RunPlan:
 
 
 def _get(config: JobConfig, key: str):
-    section, name = key.split(".")
-    return getattr(getattr(config, section), name)
+    path, _, name = key.rpartition(".")
+    return getattr(section(config, path), name)
 
 
 def check_values(config: JobConfig) -> None:
@@ -84,8 +89,33 @@ def check_values(config: JobConfig) -> None:
     if config.lr_scheduler.decay_ratio is not None and not 0 <= config.lr_scheduler.decay_ratio <= 1:
         raise ConfigError("lr_scheduler.decay_ratio must be within [0, 1] (or unset)")
     check_checkpoint(config.checkpoint)
+    check_speed_features(config)
     if config.model.hf_assets_path and not os.path.isdir(config.model.hf_assets_path):
         raise ConfigError(f"model.hf_assets_path: no such folder '{config.model.hf_assets_path}'")
+
+
+def check_speed_features(config: JobConfig) -> None:
+    """Activation checkpointing, compile and Float8 settings that name nothing or cannot combine."""
+    ac = config.activation_checkpoint
+    try:
+        check_option(ac.mode, ac.selective_ac_option)
+    except ActivationCheckpointError as e:
+        raise ConfigError(str(e)) from None
+    unknown = [c for c in config.compile.components if c not in COMPONENTS]
+    if unknown:
+        raise ConfigError(f"compile.components: {', '.join(unknown)} not among {', '.join(COMPONENTS)}")
+    unknown = [c for c in config.model.converters if c not in CONVERTER_NAMES]
+    if unknown:
+        raise ConfigError(f"model.converters: {', '.join(unknown)} unknown; the one converter is quantize.linear.float8")
+    f8 = config.float8
+    if f8.recipe_name != "tensorwise" and f8.enable_fsdp_float8_all_gather:
+        raise ConfigError("quantize.linear.float8.enable_fsdp_float8_all_gather needs recipe_name = 'tensorwise'")
+    if f8.precompute_float8_dynamic_scale_for_fsdp and not f8.enable_fsdp_float8_all_gather:
+        raise ConfigError("quantize.linear.float8.precompute_float8_dynamic_scale_for_fsdp needs "
+                          "enable_fsdp_float8_all_gather")
+    if config.model.converters and config.parallelism.tensor_parallel_degree > 1:
+        raise ConfigError("Float8 with tensor parallel is not supported yet: drop model.converters or set "
+                          "parallelism.tensor_parallel_degree = 1")
 
 
 def check_checkpoint(c: Checkpoint) -> None:
@@ -121,9 +151,10 @@ def check_layout(config: JobConfig, dims: ParallelDims, args: ModelArgs, local_b
     if dims.tp > 1 and seq % dims.tp:
         raise ConfigError(f"training.seq_len {seq} is not divisible by tensor_parallel_degree {dims.tp} "
                           "(sequence parallel splits it)")
-    if p.enable_async_tensor_parallel:
-        raise ConfigError("parallelism.enable_async_tensor_parallel needs CUDA and torch.compile of the model, "
-                          "which raytitan does not offer yet: turn it off")
+    if p.enable_async_tensor_parallel and not (
+            dims.tp > 1 and config.ray.use_gpu and config.compile.enable and "model" in config.compile.components):
+        raise ConfigError("parallelism.enable_async_tensor_parallel needs CUDA and torch.compile of the model "
+                          "(ray.use_gpu, compile.enable with 'model') and tensor_parallel_degree > 1")
     if dims.pp > 1:
         try:
             stages = num_stages(p, args.n_layers, dims.pp)

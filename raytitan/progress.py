@@ -6,6 +6,7 @@ also follows the run folder's ``progress.json`` and ``metrics.jsonl`` and draws 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import sys
@@ -26,10 +27,9 @@ class ProgressBar:
     """Follows a run folder from a background thread until ``close``."""
 
     def __init__(self, run_dir: str, total_steps: int, interval_s: float = 1.0):
-        try:
-            import ipywidgets  # noqa: F401  (a notebook widget bar needs it)
+        if importlib.util.find_spec("ipywidgets"):  # a notebook widget bar needs it
             from tqdm.auto import tqdm
-        except ImportError:
+        else:
             from tqdm import tqdm
 
         self.run_dir, self.interval_s = run_dir, interval_s

@@ -120,6 +120,7 @@ class Trainer:
                  report: Callable[[dict, str | None], None] = lambda metrics, checkpoint_dir: None,
                  before_step: Callable[[int], None] = lambda step: None,
                  after_step: Callable[[int], None] = lambda step: None,
+                 after_optimizer_step: Callable[[], None] = lambda: None,
                  extra_metrics: dict[str, float] | None = None):
         self.runner, self.optimizer, self.lr_scheduler = runner, optimizer, lr_scheduler
         self.loader, self.checkpoint, self.metrics, self.state = loader, checkpoint, metrics, state
@@ -127,7 +128,7 @@ class Trainer:
         self.schedule, self.max_norm = schedule, max_norm
         self.loss_group, self.pp_group = loss_group, pp_group
         self.report, self.validator = report, validator
-        self.before_step, self.after_step = before_step, after_step
+        self.before_step, self.after_step, self.after_optimizer_step = before_step, after_step, after_optimizer_step
         self.extra_metrics = extra_metrics or {}
         self.params = [p for part in runner.parts for p in part.parameters() if p.requires_grad]
 
@@ -147,6 +148,7 @@ class Trainer:
         grad_norm = clip_grad_norm_(self.params, self.max_norm, self.pp_group)
         self.checkpoint.wait_for_staging()  # an async save may still be copying these weights
         self.optimizer.step()
+        self.after_optimizer_step()  # e.g. Float8 scales for the next all-gather
         self.lr_scheduler.step()
         # Summed over data/context ranks; over pipeline stages, of which only the last has a loss.
         return all_reduce_sum(loss_sum, self.loss_group, self.pp_group).item(), grad_norm.item()

@@ -24,13 +24,16 @@ from raytitan.data.tokenizer import build_tokenizer
 from raytitan.metrics import METRICS_FILE, MetricsLogger
 from raytitan.models.llama3.args import FLAVORS
 from raytitan.models.llama3.model import Transformer, count_params, flops_per_token
-from raytitan.models.llama3.parallelize import parallelize_llama
+from raytitan.models.llama3.parallelize import param_dtype, parallelize_llama
 from raytitan.optim import build_lr_scheduler, build_optimizer
+from raytitan.parallel import float8
+from raytitan.parallel.compile import build_loss
 from raytitan.parallel.context import load_balanced_positions
 from raytitan.parallel.dims import ParallelDims
 from raytitan.parallel.pipeline import build_pipeline, keep_stage, microbatches, num_stages, rank_stages, stage_layers
 from raytitan.parallel.runner import ModelRunner, PipelineLoss
 from raytitan.preflight import plan_run
+from raytitan.profiling import Profiler
 from raytitan.runtime import Runtime, TorchrunRuntime, setup_logging
 from raytitan.fault import FaultInjector
 from raytitan.restarts import record_start, restart_metrics, write_progress
@@ -76,7 +79,7 @@ def build_model_parts(plan, mesh, config: JobConfig, device: torch.device) -> tu
             model = Transformer(args)
         if pp_mesh is not None:
             keep_stage(model, layers[stage], first=stage == 0, last=stage == stages - 1)
-        parallelize_llama(model, plan.dims, mesh, config.training, p)
+        parallelize_llama(model, plan.dims, mesh, config)
         model.to_empty(device=device)
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), warnings.catch_warnings():
             # On CPU, sharded random init differs from one-process init (DTensor's RNG is CUDA-only):
@@ -96,17 +99,22 @@ def build_runner(parts: list[Transformer], stage_ids: list[int], stages: int, me
     cp_positions = None if cp_mesh is None else load_balanced_positions(
         config.training.seq_len, cp_mesh.size(), cp_mesh.get_local_rank())
     loss_parallel = plan.dims.tp > 1 and not p.disable_loss_parallel
+    loss_fn = build_loss(config.compile.enable and "loss" in config.compile.components)
+    # FSDP casts parameters for compute; without it (one rank, TP only) autocast does.
+    dtype = param_dtype(config.training.mixed_precision_param, device.type)
+    autocast = dtype if ParallelDims.fsdp_mesh(mesh) is None and dtype != torch.float32 else None
     pp_mesh = ParallelDims.submesh(mesh, "pp")
     if pp_mesh is None:
-        return ModelRunner(parts, cp_positions=cp_positions, loss_parallel=loss_parallel)
-    loss = PipelineLoss()
+        return ModelRunner(parts, cp_positions=cp_positions, loss_parallel=loss_parallel, loss_fn=loss_fn,
+                           autocast_dtype=autocast)
+    loss = PipelineLoss(loss_fn)
 
     def schedule(local_batch: int):
         return build_pipeline(parts, stage_ids, stages, pp_mesh.get_group(), device, p.pipeline_parallel_schedule,
                               microbatches(local_batch, p.pipeline_parallel_microbatch_size), loss)
 
-    return ModelRunner(parts, cp_positions=cp_positions, loss_parallel=loss_parallel,
-                       pipeline=schedule(plan.local_batch_size),
+    return ModelRunner(parts, cp_positions=cp_positions, loss_parallel=loss_parallel, loss_fn=loss_fn,
+                       autocast_dtype=autocast, pipeline=schedule(plan.local_batch_size),
                        eval_pipeline=schedule(config.validation.local_batch_size) if config.validation.enable else None,
                        pipeline_loss=loss, is_last_stage=stages - 1 in stage_ids)
 
@@ -211,6 +219,17 @@ def run(config: JobConfig, runtime: Runtime) -> TrainState:
         extra_metrics = restart_metrics(config.run_dir)
 
     tb = os.path.join(config.run_dir, config.metrics.save_tb_folder) if config.metrics.enable_tensorboard else None
+    profiler = None
+    if config.profiling.enable_profiling or config.profiling.enable_memory_snapshot:
+        profiler = Profiler(config.profiling, config.run_dir, rank, device, first_step=state.step + 1)
+
+    def after_step(step: int) -> None:
+        if rank == 0:
+            write_progress(config.run_dir, step)
+        if profiler is not None:
+            profiler.step(step)
+
+    precompute_float8 = float8.wanted(config.model.converters) and config.float8.precompute_float8_dynamic_scale_for_fsdp
     metrics = MetricsLogger(device, flops_per_token(plan.model_args, n_params, n_embedding, config.training.seq_len),
                             active, config.metrics.peak_tflops, tb, rank,
                             jsonl_path=os.path.join(config.run_dir, METRICS_FILE))
@@ -219,10 +238,14 @@ def run(config: JobConfig, runtime: Runtime) -> TrainState:
         device=device, local_batch_size=plan.local_batch_size, schedule=schedule,
         max_norm=config.training.max_norm, loss_group=loss_group, pp_group=pp_group, validator=validator, report=runtime.report,
         before_step=fault.before_step,
-        after_step=(lambda s: write_progress(config.run_dir, s)) if rank == 0 else (lambda s: None),
+        after_step=after_step,
+        after_optimizer_step=(lambda: float8.precompute_scales(parts)) if precompute_float8 else (lambda: None),
         extra_metrics=extra_metrics,
     )
-    return trainer.fit()
+    state = trainer.fit()
+    if profiler is not None:
+        profiler.close()
+    return state
 
 
 def model_facts(config: JobConfig, plan, tokenizer) -> dict:

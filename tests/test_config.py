@@ -68,6 +68,18 @@ def test_help_lists_every_key(capsys):
             assert f"--{section}.{f.name}" in out
 
 
+def test_nested_toml_tables_and_dotted_keys(tmp_path):
+    """torchtitan's [quantize.linear.float8] table, and the same keys on the command line."""
+    path = write(tmp_path, '[model]\nconverters = ["quantize.linear.float8"]\n'
+                           '[quantize.linear.float8]\nrecipe_name = "rowwise"\nfilter_fqns = ["output", "w2"]\n')
+    c = parse_args(["--job.config_file", path, "--quantize.linear.float8.emulate"])
+    assert c.float8.recipe_name == "rowwise" and c.float8.filter_fqns == ["output", "w2"] and c.float8.emulate
+    assert JobConfig.from_dict(c.to_dict()) == c
+    assert parse_args(["--job.config_file", write(tmp_path, to_toml(c))]).float8 == c.float8
+    with pytest.raises(ConfigError, match="did you mean 'quantize.linear.float8.emulate'"):
+        parse_args(["--quantize.linear.float8.emulat"])
+
+
 def test_shipped_configs_parse():
     for name in os.listdir(os.path.join(REPO, "configs")):
         c = parse_args(["--job.config_file", os.path.join(REPO, "configs", name)])
@@ -123,6 +135,21 @@ def test_fit_api_overrides():
     ({"training": {"dataset_path": "/nonexistent/*.json.gz"}}, 2, "no shards"),
     ({"lr_scheduler": {"decay_type": "step"}}, 2, "lr_scheduler.decay_type"),
     ({"checkpoint": {"initial_load_path": "/nonexistent"}}, 2, "not a committed checkpoint"),
+    ({"checkpoint": {"initial_load_path": "/nonexistent", "initial_load_in_hf": True}}, 2, "has no config.json"),
+    ({"checkpoint": {"initial_load_in_hf": True}}, 2, "initial_load_in_hf needs checkpoint.initial_load_path"),
+    ({"checkpoint": {"exclude_from_loading": ["optimizer", "optimiser"]}}, 2, "optimiser not among"),
+    ({"checkpoint": {"async_mode": "background"}}, 2, "checkpoint.async_mode"),
+    ({"checkpoint": {"export_dtype": "int8"}}, 2, "checkpoint.export_dtype"),
+    ({"activation_checkpoint": {"mode": "partial"}}, 2, "activation_checkpoint.mode"),
+    ({"activation_checkpoint": {"mode": "selective", "selective_ac_option": "0"}}, 2, "use 'op' or a positive"),
+    ({"compile": {"components": ["model", "optimizer"]}}, 2, "compile.components: optimizer"),
+    ({"model": {"converters": ["int4"]}}, 2, "model.converters: int4 unknown"),
+    ({"quantize.linear.float8": {"recipe_name": "rowwise", "enable_fsdp_float8_all_gather": True}}, 2,
+     "needs recipe_name = 'tensorwise'"),
+    ({"quantize.linear.float8": {"precompute_float8_dynamic_scale_for_fsdp": True}}, 2,
+     "needs enable_fsdp_float8_all_gather"),
+    ({"model": {"converters": ["float8"]}, "parallelism": {"tensor_parallel_degree": 2}}, 2,
+     "Float8 with tensor parallel is not supported yet"),
 ])
 def test_preflight_errors(tmp_path, data_dir, sections, world, message):
     config = tiny_config(str(tmp_path), data_dir, **sections)

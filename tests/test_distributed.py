@@ -33,14 +33,15 @@ def reference_losses(tmp_path_factory, data_dir, seed_checkpoint):
     return run_ranks(config, 1, root)["losses"]
 
 
-@pytest.mark.parametrize("world, parallelism, local_batch", [
-    (2, {}, 4),  # FSDP over 2 ranks
-    (4, {"data_parallel_replicate_degree": 2}, 2),  # HSDP: 2 replicas x 2 shards
+@pytest.mark.parametrize("world, parallelism, local_batch, extra", [
+    (2, {}, 4, {}),  # FSDP over 2 ranks
+    (4, {"data_parallel_replicate_degree": 2}, 2, {}),  # HSDP: 2 replicas x 2 shards
+    (2, {}, 4, {"activation_checkpoint": {"mode": "selective", "selective_ac_option": "op"}}),  # FSDP + AC
 ])
 def test_data_parallel_matches_one_process(tmp_path, data_dir, seed_checkpoint, reference_losses, world,
-                                           parallelism, local_batch):
+                                           parallelism, local_batch, extra):
     config = tiny_config(str(tmp_path), data_dir, parallelism=parallelism, training={"local_batch_size": local_batch},
-                         checkpoint={"initial_load_path": seed_checkpoint, "enable": False})
+                         checkpoint={"initial_load_path": seed_checkpoint, "enable": False}, **extra)
     sharded = run_ranks(config, world, str(tmp_path))
     reference = {"losses": reference_losses}
     assert len(reference["losses"]) == len(sharded["losses"]) == 5

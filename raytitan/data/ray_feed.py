@@ -17,6 +17,7 @@ import numpy as np
 
 from raytitan.data.loader import BatchLoader
 from raytitan.data.stream import Cursor, GlobalBatch, global_batches, shard_plan, shard_rows
+from raytitan.data.tokenizer import TokenizerSpec
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +71,8 @@ class DataFeeder:
 
     def __init__(self, shards: list[str], model_config, seq_len: int, seed: int,
                  global_batch_size: int, shuffle_block: int = 0, prefetch: int = 4):
-        self._source = (shards, model_config, seq_len, seed, shuffle_block)
+        # Only what the tokenizer needs: a small immutable value Ray Data can hash and ship.
+        self._source = (shards, TokenizerSpec.of(model_config), seq_len, seed, shuffle_block)
         self.global_batch_size, self.prefetch = global_batch_size, max(prefetch, 3)
         self._cond = threading.Condition()
         self._buffer: OrderedDict[Cursor, GlobalBatch] = OrderedDict()

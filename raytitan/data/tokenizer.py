@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 
 
 class ByteTokenizer:
@@ -56,7 +57,20 @@ class HFTokenizer:
         return self._tok.decode(ids)
 
 
+@dataclass(frozen=True)
+class TokenizerSpec:
+    """Which tokenizer to build: the ``model`` config's tokenizer keys alone."""
+
+    tokenizer: str
+    hf_assets_path: str | None
+
+    @classmethod
+    def of(cls, model_config) -> TokenizerSpec:
+        return cls(model_config.tokenizer, model_config.hf_assets_path)
+
+
 def build_tokenizer(model_config) -> ByteTokenizer | HFTokenizer:
+    """From the ``model`` config section (or a TokenizerSpec)."""
     if model_config.tokenizer == "byte":
         return ByteTokenizer()
     if model_config.tokenizer == "hf":

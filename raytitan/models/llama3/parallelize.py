@@ -1,5 +1,6 @@
 """Apply parallelism to a Llama 3 model (or one pipeline stage of it) in a fixed order:
-tensor parallel, context parallel, then FSDP. The model is still on the meta device."""
+Float8 conversion, tensor parallel, context parallel, activation checkpointing, compile, then
+FSDP. The model is still on the meta device."""
 
 from __future__ import annotations
 
@@ -16,6 +17,9 @@ from torch.distributed.tensor.parallel import (
 )
 
 from raytitan.models.llama3.model import Transformer
+from raytitan.parallel import float8
+from raytitan.parallel.activation_checkpoint import apply_activation_checkpointing
+from raytitan.parallel.compile import compile_blocks
 from raytitan.parallel.context import apply_context_parallel
 from raytitan.parallel.dims import ParallelDims
 
@@ -28,14 +32,24 @@ def param_dtype(name: str, device_type: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def parallelize_llama(model: Transformer, dims: ParallelDims, mesh: DeviceMesh, training, parallelism) -> Transformer:
-    """Shard ``model`` over ``mesh``: TP (with sequence and loss parallel), CP, then FSDP/HSDP."""
+def parallelize_llama(model: Transformer, dims: ParallelDims, mesh: DeviceMesh, config) -> Transformer:
+    """Convert and shard ``model`` (per the JobConfig ``config``) over ``mesh``: Float8, TP (with
+    sequence and loss parallel), CP, activation checkpointing, compile, then FSDP/HSDP."""
+    training, parallelism = config.training, config.parallelism
+    if float8.wanted(config.model.converters):
+        float8.convert_to_float8(model, config.float8)
     tp_mesh = ParallelDims.submesh(mesh, "tp")
     if tp_mesh is not None:
         apply_tensor_parallel(model, tp_mesh, loss_parallel=not parallelism.disable_loss_parallel)
+        if parallelism.enable_async_tensor_parallel:
+            enable_async_tensor_parallel(tp_mesh)
     cp_mesh = ParallelDims.submesh(mesh, "cp")
     if cp_mesh is not None:
         apply_context_parallel(model, cp_mesh.get_group(), training.seq_len)
+    ac = config.activation_checkpoint
+    apply_activation_checkpointing(model, ac.mode, ac.selective_ac_option)
+    if config.compile.enable and "model" in config.compile.components:
+        compile_blocks(model)
     fsdp_mesh = ParallelDims.fsdp_mesh(mesh)
     if fsdp_mesh is not None:
         reshard = {"always": True, "never": False, "default": dims.pp == 1}[parallelism.fsdp_reshard_after_forward.lower()]
@@ -74,6 +88,16 @@ def apply_tensor_parallel(model: Transformer, tp_mesh: DeviceMesh, loss_parallel
             "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
             "feed_forward.w3": ColwiseParallel(),
         })
+
+
+def enable_async_tensor_parallel(tp_mesh: DeviceMesh) -> None:
+    """Let the compiler split TP's all-gather / reduce-scatter into pieces that overlap the
+    matmuls around them (CUDA symmetric memory; the blocks must be compiled)."""
+    import torch._inductor.config
+    from torch.distributed._symmetric_memory import enable_symm_mem_for_group
+
+    torch._inductor.config._micro_pipeline_tp = True
+    enable_symm_mem_for_group(tp_mesh.get_group().group_name)
 
 
 def apply_fsdp(model: Transformer, mesh: DeviceMesh, param: torch.dtype, reduce: torch.dtype,

@@ -1,0 +1,80 @@
+"""What Ray costs: the same config and steps through Ray (`python -m raytitan.train`) and
+through torchrun (`torchrun -m raytitan.worker`), alternating, --repeats times each.
+
+Reports steady-state tokens/s per device (median over the steps after --warmup) and start-up
+time (command start -> first step logged), and the ratio Ray / torchrun of both, from the same
+run. Under Ray the data comes from the Ray Data feeder; under torchrun each rank reads itself.
+
+    python benchmarks/ray_overhead.py [--workers 2] [--steps 20] [--repeats 3] [--gpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import print_table, record, steady  # noqa: E402
+
+from raytitan.metrics import read_metrics  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def launch(kind: str, args, root: str, name: str) -> tuple[float, float]:
+    """(steady tokens/s per device, seconds from command start to the first logged step)."""
+    common = ["--job.config_file", args.config, "--job.dump_folder", root, "--ray.name", name,
+              "--training.steps", str(args.steps), "--metrics.log_freq", "1", "--metrics.enable_tensorboard", "false",
+              "--checkpoint.enable", "false", "--ray.num_workers", str(args.workers), "--metrics.progress_bar", "off"]
+    if args.gpu:
+        common += ["--ray.use_gpu", "true"]
+    if kind == "ray":
+        cmd = [sys.executable, "-m", "raytitan.train", *common]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.workers),
+               "-m", "raytitan.worker", *common]
+    started = time.time()
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=3600)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{kind} run failed:\n{(proc.stdout + proc.stderr)[-4000:]}")
+    records = read_metrics(os.path.join(root, name))
+    first = min(r["time"] for r in records if "loss" in r)
+    return steady(records, "tokens_per_sec_per_device", args.warmup), first - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/llama3_debug.toml")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--gpu", action="store_true")
+    args = parser.parse_args()
+
+    root = tempfile.mkdtemp(prefix="raytitan-overhead-")
+    runs = {"ray": [], "torchrun": []}
+    for i in range(args.repeats):
+        for kind in ("torchrun", "ray") if i % 2 == 0 else ("ray", "torchrun"):  # alternate who goes first
+            tps, startup = launch(kind, args, root, f"{kind}-{i}")
+            runs[kind].append((tps, startup))
+            print(f"repeat {i} {kind:9s} {tps:10.0f} tok/s/device  start-up {startup:5.1f}s", flush=True)
+    rows = [{"launcher": kind, "tokens_per_s": statistics.median(t for t, _ in r),
+             "startup_s": statistics.median(s for _, s in r), "repeats": len(r)} for kind, r in runs.items()]
+    ray_row, torchrun_row = rows
+    summary = {"launcher": "ray / torchrun", "tokens_per_s": ray_row["tokens_per_s"] / torchrun_row["tokens_per_s"],
+               "startup_s": ray_row["startup_s"] / torchrun_row["startup_s"]}
+    print(f"\n{args.config}, {args.workers} workers, {args.steps} steps, medians of {args.repeats}\n")
+    print_table(rows + [summary], ["launcher", "tokens_per_s", "startup_s", "repeats"])
+    record("ray_overhead", vars(args), rows + [summary])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""Float8 training through torchao: linear layers compute in float8 with dynamic scales.
+
+Applied to the model on the meta device, before any parallelism, so FSDP shards the converted
+layers (and, with ``enable_fsdp_float8_all_gather``, all-gathers them in float8). Parameter
+names do not change, so checkpoints load with float8 on or off. ``emulate`` runs the float8
+casts with high-precision matmuls: the numerics can be checked on machines (and CPUs) without
+float8 hardware.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import torch
+
+logger = logging.getLogger("raytitan")
+
+CONVERTER_NAMES = ("quantize.linear.float8", "float8")
+RECIPES = ("tensorwise", "rowwise", "rowwise_with_gw_hp")
+
+
+def wanted(converters: list[str]) -> bool:
+    return any(name in CONVERTER_NAMES for name in converters)
+
+
+def module_filter(settings):
+    """Which linears to convert: not those named in ``filter_fqns``; with ``auto_filter_small_kn``
+    also not those torchao judges too small (or not divisible by 16) to gain from float8."""
+    if settings.auto_filter_small_kn:
+        from torchao.float8 import _auto_filter_for_recipe
+
+        return _auto_filter_for_recipe(settings.recipe_name, list(settings.filter_fqns))
+    return lambda module, fqn: not any(name in fqn for name in settings.filter_fqns)
+
+
+def convert_to_float8(model: torch.nn.Module, settings) -> list[str]:
+    """Swap the chosen ``nn.Linear`` layers of ``model`` for torchao's Float8Linear, in place.
+    Returns the names of the converted layers."""
+    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+
+    if settings.recipe_name == "tensorwise":
+        config = Float8LinearConfig(enable_fsdp_float8_all_gather=settings.enable_fsdp_float8_all_gather,
+                                    emulate=settings.emulate)
+    else:
+        config = dataclasses.replace(Float8LinearConfig.from_recipe_name(settings.recipe_name), emulate=settings.emulate)
+    before = {name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    convert_to_float8_training(model, config=config, module_filter_fn=module_filter(settings))
+    from torchao.float8.float8_linear import Float8Linear
+
+    converted = sorted(name for name, m in model.named_modules() if isinstance(m, Float8Linear))
+    logger.info("float8 (%s%s): %d of %d linear layers converted", settings.recipe_name,
+                ", emulated" if settings.emulate else "", len(converted), len(before))
+    return converted
+
+
+def precompute_scales(parts: list[torch.nn.Module]) -> None:
+    """After the optimizer step: every float8 weight's scale in one all-reduce (tensorwise with
+    float8 all-gather), instead of one per weight during the next forward."""
+    from torchao.float8 import precompute_float8_dynamic_scale_for_fsdp
+
+    for part in parts:
+        precompute_float8_dynamic_scale_for_fsdp(part)

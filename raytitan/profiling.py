@@ -1,0 +1,71 @@
+"""torch.profiler traces and CUDA memory snapshots, one step out of every ``profile_freq``.
+
+Traces land in ``{run}/{save_traces_folder}/iteration_{step}/rank{r}_trace.json`` (open them in
+Perfetto or chrome://tracing); memory snapshots in ``{run}/{save_memory_snapshot_folder}/
+iteration_{step}/rank{r}_memory_snapshot.pickle`` (open them at pytorch.org/memory_viz).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+
+import torch
+
+logger = logging.getLogger("raytitan")
+
+MEMORY_HISTORY_ENTRIES = 100_000
+
+
+class Profiler:
+    """Call ``step(n)`` after every training step and ``close()`` at the end."""
+
+    def __init__(self, settings, run_dir: str, rank: int, device: torch.device, first_step: int):
+        self.settings, self.rank, self.device = settings, rank, device
+        self.trace_dir = os.path.join(run_dir, settings.save_traces_folder)
+        self.snapshot_dir = os.path.join(run_dir, settings.save_memory_snapshot_folder)
+        self.step_no = first_step - 1
+        self.profiler = None
+        freq = settings.profile_freq
+        if settings.enable_profiling:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if device.type == "cuda":
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            # Skip to one step before the traced one, warm up on it, record the next: the last
+            # step of every ``freq`` (a trace of one step needs freq >= 2, else the first).
+            wait = max(freq - 2, 0)
+            self.profiler = torch.profiler.profile(
+                activities=activities,
+                schedule=torch.profiler.schedule(wait=wait, warmup=1 if freq > 1 else 0, active=1),
+                on_trace_ready=self._save_trace, record_shapes=True)
+            self.profiler.start()
+        self.snapshots = settings.enable_memory_snapshot and device.type == "cuda"
+        if settings.enable_memory_snapshot and not self.snapshots:
+            logger.warning("profiling.enable_memory_snapshot records CUDA allocations only; nothing to record here")
+        if self.snapshots:
+            torch.cuda.memory._record_memory_history(max_entries=MEMORY_HISTORY_ENTRIES)
+
+    def _save_trace(self, prof) -> None:
+        folder = os.path.join(self.trace_dir, f"iteration_{self.step_no}")
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, f"rank{self.rank}_trace.json")
+        prof.export_chrome_trace(path)
+        logger.info("profiler trace of step %d written to %s", self.step_no, path)
+
+    def step(self, step: int) -> None:
+        self.step_no = step
+        if self.profiler is not None:
+            self.profiler.step()
+        if self.snapshots and step % self.settings.profile_freq == 0:
+            folder = os.path.join(self.snapshot_dir, f"iteration_{step}")
+            os.makedirs(folder, exist_ok=True)
+            with open(os.path.join(folder, f"rank{self.rank}_memory_snapshot.pickle"), "wb") as f:
+                pickle.dump(torch.cuda.memory._snapshot(), f)
+
+    def close(self) -> None:
+        if self.profiler is not None:
+            self.profiler.stop()
+            self.profiler = None
+        if self.snapshots:
+            torch.cuda.memory._record_memory_history(enabled=None)
