@@ -41,8 +41,12 @@ def seed_weights(tmp_path_factory, data_dir):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(ray_local, tmp_path_factory, data_dir, seed_weights):
-    return train(tmp_path_factory.mktemp("uninterrupted"), data_dir, checkpoint__initial_load_path=seed_weights)[2]
+def uninterrupted(tmp_path_factory, data_dir, seed_weights):
+    """The same run on 4 plain gloo ranks (no Ray, no faults): what every Ray run must reproduce."""
+    root = str(tmp_path_factory.mktemp("uninterrupted"))
+    config = tiny_config(root, data_dir, training={"steps": 8, "global_batch_size": 8, "local_batch_size": 2},
+                         checkpoint={"initial_load_path": seed_weights, "enable": False})
+    return dict(enumerate(run_ranks(config, 4, root)["losses"], start=1))
 
 
 def assert_same_losses(got, expected):

@@ -15,6 +15,8 @@ import pytest
 import raytitan
 from raytitan.restarts import read_progress, read_starts
 
+from tests.helpers import run_ranks, tiny_config
+
 pytestmark = pytest.mark.slow
 
 STEPS = 40
@@ -48,6 +50,11 @@ def fit(root, data_dir, **extra):
 def test_node_lost_then_returned(tmp_path, data_dir, monkeypatch):
     from ray.cluster_utils import Cluster
 
+    # The uninterrupted run, on 4 plain gloo ranks (no Ray): the same layout, so the same init.
+    fixed = tiny_config(str(tmp_path / "fixed"), data_dir, training={
+        "steps": STEPS, "global_batch_size": 12, "local_batch_size": 3}, checkpoint={"enable": False})
+    expected = dict(enumerate(run_ranks(fixed, 4, str(tmp_path))["losses"], start=1))
+
     # After a node loss Ray first retries the old size until this start timeout (default 60 s).
     monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "30")
     # Detect a dead node in ~10 s rather than Ray's production default of about a minute. Not
@@ -60,7 +67,6 @@ def test_node_lost_then_returned(tmp_path, data_dir, monkeypatch):
     try:
         nodes = [cluster.add_node(num_cpus=1, resources={"slot": 1}) for _ in range(4)]
         cluster.wait_for_nodes()
-        expected = fit(tmp_path / "fixed", data_dir)
 
         run_dir = os.path.join(str(tmp_path / "elastic"), "llama3-debugmodel")
         outcome = {}

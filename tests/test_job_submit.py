@@ -5,6 +5,7 @@ import json
 import os
 import re
 import secrets
+import signal
 import subprocess
 import sys
 import tempfile
@@ -37,15 +38,16 @@ def token_env():
 
 @pytest.fixture(scope="module")
 def ray_head(token_env):
-    """A head of our own: `--block` ties its processes to this one, so terminating it ends them
-    all (never `ray stop`, which would end every Ray instance on the machine)."""
+    """A head of our own: `--block` ties its processes to this one, so ending it ends them all
+    (never `ray stop`, which would end every Ray instance on the machine)."""
     temp_dir = tempfile.mkdtemp(prefix="rt-", dir="/tmp")  # short: Ray's socket paths have a length limit
     dashboard = free_port()
     head = subprocess.Popen(
         [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", "--node-ip-address=127.0.0.1",
          f"--port={free_port()}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2",
          f"--temp-dir={temp_dir}", "--disable-usage-stats"],
-        env=token_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        env=token_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True)  # its own process group: ending it can never touch this process
     url = f"http://127.0.0.1:{dashboard}"
     try:
         end = time.monotonic() + 120
@@ -54,8 +56,22 @@ def ray_head(token_env):
             assert time.monotonic() < end, "the head's job API never answered"
         yield url
     finally:
-        head.terminate()
-        head.wait(timeout=120)
+        # The whole process group at once (a SIGTERM to `ray start` stops each process gracefully
+        # in turn, about 30 s); nothing of this test needs a graceful end.
+        os.killpg(head.pid, signal.SIGKILL)
+        head.wait(timeout=60)
+        end = time.monotonic() + 60
+        while group_alive(head.pid):
+            assert time.monotonic() < end, "the head's processes outlived it"
+            time.sleep(0.2)
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
 
 
 def test_a_job_without_the_token_is_refused(ray_head, token_env):
