@@ -246,6 +246,7 @@ class CheckpointManager:
         self.last_save_seconds = 0.0  # how long the last save blocked training
         self._pending: _PendingSave | None = None
         self._stager = None
+        self._committed: str | None = None  # newest step this rank committed, not yet taken
 
     # ------------------------------------------------------------------ saving
 
@@ -360,7 +361,13 @@ class CheckpointManager:
         world = dist.get_world_size(self.group) if dist.is_initialized() else 1
         write_commit(path, {"step": step, "world_size": world, "time": time.time(), "model_only": model_only,
                             **self.commit_info})
+        self._committed = path
         self._purge_old()
+
+    def take_committed(self) -> str | None:
+        """The newest step committed (by this rank: rank 0) since the last call, to report."""
+        path, self._committed = self._committed, None
+        return path
 
     def _barrier(self) -> None:
         if dist.is_initialized():

@@ -107,8 +107,11 @@ class Schedule:
     def saves(self, step: int) -> bool:
         return self.checkpoint_enabled and (step % self.checkpoint_interval == 0 or step == self.total_steps)
 
-    def reports(self, step: int, first_step: int) -> bool:
-        return self.logs(step, first_step) or self.validates(step) or self.saves(step)
+    def reports(self, step: int) -> bool:
+        """Steps that report to the launcher: checkpoints, validations and the last step. Not every
+        logged step: through Ray a report is a barrier over all workers (about a second each on a
+        small machine), and metrics already reach the log, metrics.jsonl and TensorBoard."""
+        return self.validates(step) or self.saves(step) or step == self.total_steps
 
 
 class Trainer:
@@ -157,7 +160,6 @@ class Trainer:
         for part in self.runner.parts:
             part.train()
         first_step = self.state.step + 1
-        committed = None  # a checkpoint committed but not yet reported
         while self.state.step < self.schedule.total_steps:
             step = self.state.step + 1
             self.before_step(step)
@@ -176,7 +178,7 @@ class Trainer:
             self.metrics.record_step(step_tokens, data_wait)
 
             self.after_step(step)
-            committed = self.checkpoint.poll() or committed  # an async save that finished writing
+            self.checkpoint.poll()  # commits an async save whose write completed
 
             metrics = None
             if self.schedule.logs(step, first_step):
@@ -190,11 +192,12 @@ class Trainer:
                 self.metrics.log_validation(step, validation)
                 metrics = {**(metrics or {"step": step, "loss": loss}), **validation}
             if self.schedule.saves(step):
-                last = step == self.schedule.total_steps
-                committed = (self.checkpoint.save_last(step) if last else self.checkpoint.save(step)) or committed
-            if self.schedule.reports(step, first_step):
-                self.report(metrics or {"step": step, "loss": loss}, committed)
-                committed = None
+                if step == self.schedule.total_steps:
+                    self.checkpoint.save_last(step)
+                else:
+                    self.checkpoint.save(step)
+            if self.schedule.reports(step):
+                self.report(metrics or {"step": step, "loss": loss}, self.checkpoint.take_committed())
         self.checkpoint.close()
         self.metrics.close()
         return self.state

@@ -292,7 +292,7 @@ def idle(config: JobConfig, runtime: Runtime, plan, schedule: Schedule) -> Train
     )
     first = agree_on_first_step(0)
     for step in range(first, config.training.steps + 1):
-        if schedule.reports(step, first):
+        if schedule.reports(step):
             runtime.report({"step": step, "idle": 1}, None)
     return TrainState(step=config.training.steps)
 

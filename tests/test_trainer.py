@@ -87,8 +87,9 @@ def test_lr_schedule_shapes():
     assert abs(cosine(5) - 0.5) < 1e-9 and abs(sqrt(5) - (1 - 0.5**0.5)) < 1e-9
 
 
-def test_schedule_reports_whenever_it_logs_validates_or_saves():
+def test_schedule_reports_at_checkpoints_validations_and_the_end():
     s = Schedule(total_steps=10, log_freq=4, checkpoint_interval=3, checkpoint_enabled=True, validation_freq=5)
-    assert [t for t in range(1, 11) if s.reports(t, first_step=7)] == [1, 3, 4, 5, 6, 7, 8, 9, 10]
+    assert [t for t in range(1, 11) if s.reports(t)] == [3, 5, 6, 9, 10]
+    assert [t for t in range(1, 11) if s.logs(t, first_step=7)] == [1, 4, 7, 8, 10]
     off = Schedule(total_steps=10, log_freq=100, checkpoint_interval=3, checkpoint_enabled=False, validation_freq=0)
-    assert [t for t in range(1, 11) if off.reports(t, first_step=1)] == [1, 10]
+    assert [t for t in range(1, 11) if off.reports(t)] == [10]
