@@ -106,12 +106,8 @@ def model_args_of(path: str, flavor: str | None = None) -> ModelArgs:
     flavor = flavor or marker.get("flavor")
     if flavor not in FLAVORS:
         raise CheckpointError(f"{path} does not record its model shape: name its flavor ({', '.join(FLAVORS)})")
-    vocab = read_metadata_checked(path).state_dict_metadata["model.tok_embeddings.weight"].size[0]
+    vocab = check_files(path).state_dict_metadata["model.tok_embeddings.weight"].size[0]
     return dataclasses.replace(FLAVORS[flavor], vocab_size=vocab)
-
-
-def read_metadata_checked(path: str) -> Metadata:
-    return check_files(path)
 
 
 # --------------------------------------------------------------------------- Hugging Face
