@@ -20,7 +20,6 @@ from raytitan.data.ray_feed import DataFeeder, RayFeedLoader
 from raytitan.metrics import METRICS_FILE, read_metrics
 from raytitan import progress
 from raytitan.preflight import data_parallel_degree, plan_run
-from raytitan.progress import ProgressBar
 from raytitan.runtime import Runtime, setup_logging
 
 logger = logging.getLogger("raytitan")
@@ -155,7 +154,8 @@ def launch(config: JobConfig) -> ray.train.Result:
         ),
     )
     t0 = time.perf_counter()
-    bar = ProgressBar(config.run_dir, config.training.steps) if progress.wanted(config.metrics.progress_bar) else None
+    wanted = progress.wanted(config.metrics.progress_bar)
+    bar = progress.ProgressBar(config.run_dir, config.training.steps) if wanted else None
     try:
         result = trainer.fit()
     except Exception as e:  # Ray raises once restarts are exhausted

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from raytitan.checkpoint import (
-    EXPORT_DTYPES, CheckpointError, CheckpointManager, ModelState, OptimizerState, read_commit_at,
+    COMMIT_MARKER, EXPORT_DTYPES, CheckpointError, CheckpointManager, ModelState, OptimizerState, read_commit_at,
 )
 from raytitan.checkpoint_io import import_hf
 from raytitan.config import JobConfig, parse_args
@@ -263,7 +263,7 @@ def hf_import(config: JobConfig, group) -> str:
     error = None
     if dist.get_rank() == 0:
         try:
-            if not (os.path.isfile(os.path.join(target, "COMMITTED")) and read_commit_at(target).get("source") == source):
+            if not (os.path.isfile(os.path.join(target, COMMIT_MARKER)) and read_commit_at(target).get("source") == source):
                 t0 = time.perf_counter()
                 import_hf(source, target)
                 logger.info("converted Hugging Face weights %s to %s in %.1fs", source, target, time.perf_counter() - t0)
