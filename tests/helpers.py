@@ -43,7 +43,6 @@ def _worker(rank: int, world: int, port: int, payloads: list[dict], out: str) ->
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     import torch
-    import torch.distributed as dist
 
     import raytitan.worker
     from raytitan.data.loader import BatchLoader
@@ -84,7 +83,7 @@ def _worker(rank: int, world: int, port: int, payloads: list[dict], out: str) ->
                         "tokens_seen": state.tokens_seen, "ledger": list(ledger), **held})
     with open(f"{out}.rank{rank}", "w") as f:
         json.dump(results, f)
-    dist.destroy_process_group()
+    _exit_together()
 
 
 def _global_ledger(ranks: list[dict]) -> list:
@@ -127,12 +126,26 @@ def _call(rank: int, world: int, port: int, fn, args: tuple, out: str) -> None:
 
     os.environ.update(OMP_NUM_THREADS="1")
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        result = fn(rank, world, *args)
-    finally:
-        dist.destroy_process_group()
+    result = fn(rank, world, *args)
     with open(f"{out}.rank{rank}", "w") as f:
         json.dump(result, f)
+    _exit_together()
+
+
+def _exit_together() -> None:
+    """End a rank once every rank is done: tear the group down in step, then leave without
+    interpreter finalization, where gloo's threads may still release Python objects (a rare
+    abort seen on busy machines). Results are on disk by now."""
+    import sys
+
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def spawn(fn, world: int, out_dir: str, *args) -> list:
