@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import shutil
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -23,7 +21,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
@@ -36,6 +33,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 from torch.distributed.checkpoint.stateful import Stateful
+
+from raytitan import storage
 
 logger = logging.getLogger(__name__)
 
@@ -83,17 +82,15 @@ class OptimizerState(Stateful):
 
 
 def step_dir(folder: str, step: int) -> str:
-    return os.path.join(folder, f"step-{step}")
+    return storage.join(folder, f"step-{step}")
 
 
 def committed_steps(folder: str) -> list[int]:
     """Committed steps in ``folder``, oldest first."""
-    if not os.path.isdir(folder):
-        return []
     steps = []
-    for name in os.listdir(folder):
+    for name in storage.listdir(folder):
         m = STEP_DIR.match(name)
-        if m and os.path.isfile(os.path.join(folder, name, COMMIT_MARKER)):
+        if m and storage.isfile(storage.join(folder, name, COMMIT_MARKER)):
             steps.append(int(m.group(1)))
     return sorted(steps)
 
@@ -103,21 +100,17 @@ def read_commit(folder: str, step: int) -> dict:
 
 
 def read_commit_at(path: str) -> dict:
-    with open(os.path.join(path, COMMIT_MARKER)) as f:
-        return json.load(f)
+    return json.loads(storage.read_text(storage.join(path, COMMIT_MARKER)))
 
 
 def write_commit(path: str, marker: dict) -> None:
-    """Mark a fully written step folder as usable (atomically: write, then rename)."""
-    tmp = os.path.join(path, COMMIT_MARKER + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(marker, f)
-    os.replace(tmp, os.path.join(path, COMMIT_MARKER))
+    """Mark a fully written step folder as usable (atomically)."""
+    storage.write_text(storage.join(path, COMMIT_MARKER), json.dumps(marker))
 
 
 def read_metadata(path: str) -> Metadata:
     try:
-        return FileSystemReader(path).read_metadata()
+        return storage.dcp_reader(path).read_metadata()
     except FileNotFoundError:
         raise CheckpointError(f"{path} has no DCP metadata file (.metadata): it is not a complete checkpoint") from None
     except Exception as e:
@@ -134,11 +127,12 @@ def check_files(path: str, metadata: Metadata | None = None) -> Metadata:
         if end > needed.get(info.relative_path, (0, ""))[0]:
             needed[info.relative_path] = (end, index.fqn)
     for name, (size, key) in sorted(needed.items()):
-        file = os.path.join(path, name)
-        if not os.path.isfile(file):
+        file = storage.join(path, name)
+        found = storage.size(file)
+        if found < 0:
             raise CheckpointError(f"{file} is missing (it holds '{key}' among others): the checkpoint is incomplete")
-        if os.path.getsize(file) < size:
-            raise CheckpointError(f"{file} is truncated: {os.path.getsize(file)} bytes, but '{key}' ends at byte {size}")
+        if found < size:
+            raise CheckpointError(f"{file} is truncated: {found} bytes, but '{key}' ends at byte {size}")
     return metadata
 
 
@@ -260,21 +254,20 @@ class CheckpointManager:
         path = step_dir(self.folder, step)
         if self.rank == 0:
             # An uncommitted folder of the same step is debris from a crashed save.
-            if os.path.isdir(path):
-                shutil.rmtree(path)
-            os.makedirs(path)
+            storage.rmtree(path)
+            storage.makedirs(path)
         self._barrier()
         states = self._states_to_save(model_only, dtype)
         if blocking is False or (blocking is None and self.async_mode != "disabled"):
-            response = dcp.async_save(states, checkpoint_id=path, process_group=self.group,
-                                      async_stager=self._async_stager())
+            response = dcp.async_save(states, checkpoint_id=path, storage_writer=storage.dcp_writer(path),
+                                      process_group=self.group, async_stager=self._async_stager())
             staged, written = (response.staging_completion, response.upload_completion) \
                 if isinstance(response, AsyncSaveResponse) else (None, response)
             self._pending = _PendingSave(step, path, model_only, written, staged, t0)
             self.last_save_seconds = time.perf_counter() - t0
             logger.info("checkpoint step %d: staged in %.2fs, writing in the background", step, self.last_save_seconds)
             return None
-        dcp.save(states, checkpoint_id=path, process_group=self.group)
+        dcp.save(states, checkpoint_id=path, storage_writer=storage.dcp_writer(path), process_group=self.group)
         if self.before_commit:
             self.before_commit(step)
         self._barrier()  # every rank wrote its part: only now may rank 0 commit
@@ -380,8 +373,8 @@ class CheckpointManager:
             if step == 0:
                 continue  # a seed checkpoint is the run's origin; keep it
             path = step_dir(self.folder, step)
-            os.remove(os.path.join(path, COMMIT_MARKER))  # uncommit first: never half-deleted yet valid
-            shutil.rmtree(path, ignore_errors=True)
+            storage.remove(storage.join(path, COMMIT_MARKER))  # uncommit first: never half-deleted yet valid
+            storage.rmtree(path)
 
     # ------------------------------------------------------------------ loading
 
@@ -399,7 +392,7 @@ class CheckpointManager:
     def load_path(self, path: str, model_only: bool) -> None:
         """Restore from a committed step folder anywhere (e.g. ``checkpoint.initial_load_path``),
         except the states named in ``exclude_from_loading``."""
-        if not os.path.isfile(os.path.join(path, COMMIT_MARKER)):
+        if not storage.isfile(storage.join(path, COMMIT_MARKER)):
             raise CheckpointError(f"{path} is not a committed checkpoint (no {COMMIT_MARKER} file)")
         names = ["model"] if model_only else list(self.states)
         states = {k: self.states[k] for k in names if k not in self.exclude}
@@ -408,7 +401,7 @@ class CheckpointManager:
         metadata = check_files(path)
         check_compatible(path, metadata, tensor_shapes(states), self.model_keys)
         try:
-            dcp.load(states, checkpoint_id=path, process_group=self.group)
+            dcp.load(states, checkpoint_id=path, storage_reader=storage.dcp_reader(path), process_group=self.group)
         except (Exception, CheckpointException) as e:
             raise CheckpointError(
                 f"cannot load checkpoint {path}: {_root_cause(e)}. If it is damaged, delete its "

@@ -90,6 +90,11 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("inspect", help="what one step holds").add_argument("path", help="step folder (or checkpoint folder: newest)")
     sub.add_parser("verify", help="read every tensor").add_argument("path", help="step folder, or checkpoint folder: all steps")
     args = parser.parse_args(argv)
+    target = getattr(args, "folder", None) or args.path
+    if "://" in target:
+        print(f"error: {target} is in an object store; this tool reads folders: copy the checkpoint folder first "
+              "(e.g. aws s3 sync / gcloud storage rsync)", file=sys.stderr)
+        return 2
     try:
         if args.command == "list":
             return cmd_list(args.folder)

@@ -251,11 +251,20 @@ class JobConfig:
 
     @property
     def run_dir(self) -> str:
-        """Folder holding this run's checkpoints, TensorBoard logs and resolved config."""
+        """Folder (or object-store URI, without its options) holding this run's checkpoints,
+        metrics, restart history and resolved config."""
         root = self.ray.storage_path or self.job.dump_folder
         if "://" not in root:
             root = os.path.abspath(os.path.expanduser(root))
-        return f"{root.rstrip('/')}/{self.run_name}"
+        return f"{root.split('?', 1)[0].rstrip('/')}/{self.run_name}"
+
+    @property
+    def local_dir(self) -> str:
+        """Where files that need a real filesystem go (TensorBoard, profiler traces): the run
+        folder itself unless that is in an object store, then job.dump_folder/<run name>."""
+        if "://" not in self.run_dir:
+            return self.run_dir
+        return os.path.join(os.path.abspath(os.path.expanduser(self.job.dump_folder)), self.run_name)
 
     def with_absolute_paths(self) -> JobConfig:
         """A copy whose local paths no longer depend on the current directory (workers run elsewhere)."""

@@ -49,6 +49,11 @@ def main(argv: list[str] | None = None) -> int:
     to_torch.add_argument("--all-states", action="store_true", help="every saved state, not only the model weights")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    remote = [p for p in (args.src, args.dst) if "://" in p]
+    if remote:
+        print(f"error: {remote[0]} is in an object store; the converters read and write folders: copy it first "
+              "(e.g. aws s3 sync / gcloud storage rsync)", file=sys.stderr)
+        return 2
 
     t0 = time.perf_counter()
     try:

@@ -13,6 +13,8 @@ import random
 import signal
 import time
 
+from raytitan import storage
+
 logger = logging.getLogger(__name__)
 
 
@@ -23,11 +25,11 @@ class FaultInjector:
             rng = random.Random(fault_config.seed)
             self.step, self.rank = rng.randint(2, total_steps), rng.randrange(world_size)
         self.my_rank = rank
-        self.marker = os.path.join(run_dir, "faults", f"step-{self.step}-rank-{self.rank}.json")
+        self.marker = storage.join(run_dir, "faults", f"step-{self.step}-rank-{self.rank}.json")
 
     @property
     def armed(self) -> bool:
-        return self.step > 0 and self.my_rank == self.rank and not os.path.exists(self.marker)
+        return self.step > 0 and self.my_rank == self.rank and not storage.isfile(self.marker)
 
     def before_step(self, step: int) -> None:
         if not self.during_save and step == self.step and self.armed:
@@ -38,20 +40,15 @@ class FaultInjector:
             self._kill(f"during the save of step {step}, before its commit")
 
     def _kill(self, when: str) -> None:
-        os.makedirs(os.path.dirname(self.marker), exist_ok=True)
-        with open(self.marker, "w") as f:
-            json.dump({"step": self.step, "rank": self.rank, "when": when, "time": time.time()}, f)
+        storage.makedirs(self.marker.rsplit("/", 1)[0])
+        storage.write_text(self.marker, json.dumps({"step": self.step, "rank": self.rank, "when": when,
+                                                     "time": time.time()}))
         logger.warning("fault injection: killing rank %d %s", self.my_rank, when)
         os.kill(os.getpid(), signal.SIGKILL)
 
 
 def injected_faults(run_dir: str) -> list[dict]:
     """Faults injected so far in this run, oldest first."""
-    folder = os.path.join(run_dir, "faults")
-    if not os.path.isdir(folder):
-        return []
-    faults = []
-    for name in os.listdir(folder):
-        with open(os.path.join(folder, name)) as f:
-            faults.append(json.load(f))
+    folder = storage.join(run_dir, "faults")
+    faults = [json.loads(storage.read_text(storage.join(folder, name))) for name in storage.listdir(folder)]
     return sorted(faults, key=lambda f: f["time"])

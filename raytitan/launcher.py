@@ -17,23 +17,28 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from raytitan.checkpoint import committed_steps, step_dir
 from raytitan.config import ConfigError, JobConfig, to_toml
 from raytitan.data.ray_feed import DataFeeder, RayFeedLoader
+from raytitan.growth import read_grow_request
 from raytitan.metrics import METRICS_FILE, read_metrics
-from raytitan import progress
+from raytitan import progress, storage
 from raytitan.preflight import data_parallel_degree, plan_run
+from raytitan.restarts import failures_since
 from raytitan.runtime import Runtime, setup_logging
 
 logger = logging.getLogger("raytitan")
 
 # CPUs the Ray Data pipeline needs that training workers must leave free (two 0.5-CPU packers).
 DATA_CPUS = 1.0
+# How long a capacity probe waits for Ray to place a placement group before calling it full.
+PROBE_TIMEOUT_S = 2.0
 
 
 class RayRuntime(Runtime):
     name = "ray"
     reads_shards = False  # the DataFeeder reads them; 512 workers need not each list the source
 
-    def __init__(self, feeders: dict):
+    def __init__(self, feeders: dict, worker_bundle: dict, max_workers: int):
         self.feeders = feeders  # purpose -> DataFeeder actor
+        self.worker_bundle, self.max_workers = worker_bundle, max_workers
 
     def device(self, use_gpu: bool):
         if use_gpu:
@@ -48,13 +53,34 @@ class RayRuntime(Runtime):
 
     def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
         # The checkpoint is already committed in the run folder (= Ray's experiment folder).
-        checkpoint = ray.train.Checkpoint(checkpoint_dir) if checkpoint_dir else None
+        checkpoint = None
+        if checkpoint_dir:
+            filesystem, path = storage.resolve(checkpoint_dir)
+            checkpoint = ray.train.Checkpoint(path, filesystem=filesystem)
         ray.train.report(
             metrics,
             checkpoint=checkpoint,
             checkpoint_dir_name=os.path.basename(checkpoint_dir) if checkpoint_dir else None,
             checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD,
         )
+
+
+    def max_world_size(self, world: int) -> int:
+        return max(world, self.max_workers)
+
+    def spare_workers(self, most: int) -> int:
+        """Probe with placement groups of 1, 2, ... worker bundles: what Ray could place right now."""
+        from ray.util.placement_group import placement_group, remove_placement_group
+
+        placed = 0
+        for n in range(1, most + 1):
+            group = placement_group([self.worker_bundle] * n)
+            fits = group.wait(timeout_seconds=PROBE_TIMEOUT_S)
+            remove_placement_group(group)
+            if not fits:
+                break
+            placed = n
+        return placed
 
 
 def _quiet_report_echo() -> None:
@@ -71,7 +97,8 @@ def _train_fn(loop_config: dict) -> None:
     from raytitan.worker import run
 
     _quiet_report_echo()
-    run(JobConfig.from_dict(loop_config["config"]), RayRuntime(loop_config["feeders"]))
+    run(JobConfig.from_dict(loop_config["config"]),
+        RayRuntime(loop_config["feeders"], loop_config["worker_bundle"], loop_config["max_workers"]))
 
 
 def _connect(config: JobConfig) -> None:
@@ -116,6 +143,7 @@ def launch(config: JobConfig) -> ray.train.Result:
     """Validate, start the workers through Ray Train, wait, and print a summary."""
     setup_logging(rank=0)
     config = config.with_absolute_paths()
+    storage.use_root(config.ray.storage_path)
     lo, hi = config.ray.worker_range
     if config.ray.elastic and config.training.global_batch_size == -1:
         # Fix the global batch once, at the largest world: it must not change when the world does.
@@ -126,9 +154,8 @@ def launch(config: JobConfig) -> ray.train.Result:
         print(f"elastic: {lo}..{hi} workers; at {lo}: {smallest.dims.summary}, local {smallest.local_batch_size} x "
               f"accumulation {smallest.accumulation_steps}", flush=True)
     print(f"resolved config:\n{to_toml(config)}", flush=True)
-    os.makedirs(config.run_dir, exist_ok=True)
-    with open(os.path.join(config.run_dir, "config.toml"), "w") as f:
-        f.write(to_toml(config))
+    storage.makedirs(config.run_dir)
+    storage.write_text(storage.join(config.run_dir, "config.toml"), to_toml(config))
 
     _connect(config)
     resources = _worker_resources(config)
@@ -139,27 +166,24 @@ def launch(config: JobConfig) -> ray.train.Result:
         feeders["validation"] = feeder_cls.remote(
             plan.validation_shards, config.model, config.training.seq_len, config.training.seed,
             config.validation.local_batch_size * plan.dims.dp)
-    trainer = TorchTrainer(
-        _train_fn,
-        train_loop_config={"config": config.to_dict(), "feeders": feeders},
-        torch_config=TorchConfig(backend="nccl" if config.ray.use_gpu else "gloo"),
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=(lo, hi) if lo != hi else hi, use_gpu=config.ray.use_gpu, resources_per_worker=resources,
-            elastic_resize_monitor_interval_s=config.ray.resize_check_interval_s,
-        ),
-        run_config=ray.train.RunConfig(
-            name=config.run_name,
-            storage_path=os.path.dirname(config.run_dir),
-            failure_config=ray.train.FailureConfig(max_failures=config.ray.max_failures),
-        ),
-    )
     t0 = time.perf_counter()
     wanted = progress.wanted(config.metrics.progress_bar)
     bar = progress.ProgressBar(config.run_dir, config.training.steps) if wanted else None
     try:
-        result = trainer.fit()
-    except Exception as e:  # Ray raises once restarts are exhausted
-        raise TrainingFailed(failure_message(config, e)) from e
+        launched_at = time.time()
+        while True:
+            attempt_at = time.time()
+            trainer = _trainer(config, feeders, resources, failures_left=config.ray.max_failures - failures_since(
+                config.run_dir, launched_at))
+            try:
+                result = trainer.fit()
+            except Exception as e:  # Ray raises once restarts are exhausted
+                raise TrainingFailed(failure_message(config, e)) from e
+            grow = read_grow_request(config.run_dir, since=attempt_at)
+            if grow is None:
+                break
+            print(f"growing: step {grow['step']} is committed; starting again with up to {grow['target']} workers "
+                  f"(was {grow['world']})", flush=True)
     finally:
         if bar:
             bar.close()
@@ -169,12 +193,38 @@ def launch(config: JobConfig) -> ray.train.Result:
     return result
 
 
+def _trainer(config: JobConfig, feeders: dict, resources: dict, failures_left: int) -> TorchTrainer:
+    lo, hi = config.ray.worker_range
+    parent = config.run_dir.rsplit("/", 1)[0]
+    bundle = dict(resources)
+    if config.ray.use_gpu:
+        bundle.setdefault("GPU", 1.0)
+    return TorchTrainer(
+        _train_fn,
+        train_loop_config={"config": config.to_dict(), "feeders": feeders, "worker_bundle": bundle, "max_workers": hi},
+        torch_config=TorchConfig(backend="nccl" if config.ray.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=(lo, hi) if lo != hi else hi, use_gpu=config.ray.use_gpu, resources_per_worker=resources,
+            # Ray would restart a running group as soon as capacity returns, losing the steps since
+            # the last checkpoint; the workers grow at a checkpoint boundary instead (raytitan.growth).
+            elastic_resize_monitor_interval_s=float("inf"),
+        ),
+        run_config=ray.train.RunConfig(
+            name=config.run_name,
+            # The same filesystem object as raytitan's own files (with the root's URI options).
+            storage_path=storage.resolve(parent)[1] if storage.is_remote(parent) else parent,
+            storage_filesystem=storage.resolve(parent)[0] if storage.is_remote(parent) else None,
+            failure_config=ray.train.FailureConfig(max_failures=max(0, failures_left)),
+        ),
+    )
+
+
 class TrainingFailed(RuntimeError):
     """The run stopped for good (more failures than ray.max_failures); its checkpoints are intact."""
 
 
 def failure_message(config: JobConfig, error: Exception) -> str:
-    folder = os.path.join(config.run_dir, config.checkpoint.folder)
+    folder = storage.join(config.run_dir, config.checkpoint.folder)
     steps = committed_steps(folder)
     where = f"newest committed checkpoint: {step_dir(folder, steps[-1])}" if steps else "no committed checkpoint"
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
@@ -192,12 +242,12 @@ def summary(config: JobConfig, result: ray.train.Result, seconds: float) -> str:
         f"  steps        {m.get('step', '?')} / {config.training.steps}",
         f"  tokens seen  {m.get('tokens_seen', '?')}",
         f"  final loss   {m['loss']:.4f}" if "loss" in m else "  final loss   ?",
-        f"  checkpoints  {os.path.join(config.run_dir, config.checkpoint.folder)}",
-        f"  metrics      {os.path.join(config.run_dir, METRICS_FILE)}",
+        f"  checkpoints  {storage.join(config.run_dir, config.checkpoint.folder)}",
+        f"  metrics      {storage.join(config.run_dir, METRICS_FILE)}",
     ]
     if result.checkpoint:
         lines.append(f"  latest       {result.checkpoint.path}")
     if config.metrics.enable_tensorboard:
-        lines.append(f"  tensorboard  tensorboard --logdir {os.path.join(config.run_dir, config.metrics.save_tb_folder)}")
+        lines.append(f"  tensorboard  tensorboard --logdir {os.path.join(config.local_dir, config.metrics.save_tb_folder)}")
     lines.append("=" * 72)
     return "\n".join(lines)

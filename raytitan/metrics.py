@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import resource
 import time
 
 import torch
+
+from raytitan import storage
 
 logger = logging.getLogger("raytitan")
 
@@ -64,6 +65,7 @@ class MetricsLogger:
         self.peak = peak_tflops(device, peak_override)
         self.rank = rank
         self.jsonl_path = jsonl_path if rank == 0 else None
+        self._lines: list[str] = []
         self.writer = None
         if tb_folder and rank == 0:
             from torch.utils.tensorboard import SummaryWriter
@@ -129,23 +131,31 @@ class MetricsLogger:
                     self.writer.add_scalar(k, v, step)
             self.writer.flush()
         if self.jsonl_path:
-            with open(self.jsonl_path, "a") as f:
-                f.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")
+            self._lines.append(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")
+            if not storage.is_remote(self.jsonl_path):
+                self.flush()
+
+    def flush(self) -> None:
+        """Append the buffered lines; an object store gets them in batches (each append rewrites
+        the object), at every report and at the end."""
+        if self._lines:
+            storage.append_text(self.jsonl_path, "".join(self._lines))
+            self._lines.clear()
 
     def close(self) -> None:
+        self.flush()
         if self.writer:
             self.writer.close()
 
 
 def read_jsonl(path: str) -> list[dict]:
     """The records of a JSON-lines file, oldest first (empty if it does not exist yet)."""
-    if not os.path.exists(path):
+    if not storage.isfile(path):
         return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]
 
 
 def read_metrics(run_dir: str) -> list[dict]:
     """Every metrics line rank 0 logged for a run, oldest first."""
-    return read_jsonl(os.path.join(run_dir, METRICS_FILE))
+    return read_jsonl(storage.join(run_dir, METRICS_FILE))
 

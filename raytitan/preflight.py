@@ -11,6 +11,7 @@ import dataclasses
 import os
 from dataclasses import dataclass
 
+from raytitan import storage
 from raytitan.checkpoint import ASYNC_MODES, COMMIT_MARKER, EXPORT_DTYPES, LOADABLE
 from raytitan.config import Checkpoint, ConfigError, JobConfig, section
 from raytitan.data.sources import DATASETS, DataSourceError, resolve_shards
@@ -88,7 +89,7 @@ def check_values(config: JobConfig) -> None:
         raise ConfigError("lr_scheduler.min_lr_factor must be within [0, 1]")
     if config.lr_scheduler.decay_ratio is not None and not 0 <= config.lr_scheduler.decay_ratio <= 1:
         raise ConfigError("lr_scheduler.decay_ratio must be within [0, 1] (or unset)")
-    check_checkpoint(config.checkpoint)
+    check_checkpoint(config.checkpoint, config.run_dir)
     check_speed_features(config)
     if config.model.hf_assets_path and not os.path.isdir(config.model.hf_assets_path):
         raise ConfigError(f"model.hf_assets_path: no such folder '{config.model.hf_assets_path}'")
@@ -118,7 +119,10 @@ def check_speed_features(config: JobConfig) -> None:
                           "parallelism.tensor_parallel_degree = 1")
 
 
-def check_checkpoint(c: Checkpoint) -> None:
+def check_checkpoint(c: Checkpoint, run_dir: str) -> None:
+    if storage.is_remote(run_dir) and (c.initial_load_in_hf or c.last_save_in_hf):
+        raise ConfigError("checkpoint.initial_load_in_hf and checkpoint.last_save_in_hf need ray.storage_path on a "
+                          f"filesystem, not an object store ({run_dir}); convert offline with python -m raytitan.convert")
     unknown = [name for name in c.exclude_from_loading if name not in LOADABLE]
     if unknown:
         raise ConfigError(f"checkpoint.exclude_from_loading: {', '.join(unknown)} not among {', '.join(LOADABLE)}")
@@ -132,7 +136,7 @@ def check_checkpoint(c: Checkpoint) -> None:
             read_hf_config(path)
         except HFFormatError as e:
             raise ConfigError(f"checkpoint.initial_load_path: {e}") from None
-    elif path and not os.path.isfile(os.path.join(path, COMMIT_MARKER)):
+    elif path and not storage.isfile(storage.join(path, COMMIT_MARKER)):
         raise ConfigError(f"checkpoint.initial_load_path: '{path}' is not a committed checkpoint step folder "
                           "(for a Hugging Face folder set checkpoint.initial_load_in_hf)")
 

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import sys
 import threading
 
+from raytitan import storage
 from raytitan.metrics import METRICS_FILE
 from raytitan.restarts import read_progress
 
@@ -41,7 +41,7 @@ class ProgressBar:
 
     def _metrics_size(self) -> int:
         try:
-            return os.path.getsize(os.path.join(self.run_dir, METRICS_FILE))
+            return max(0, storage.size(storage.join(self.run_dir, METRICS_FILE)))
         except OSError:
             return 0
 
@@ -49,14 +49,12 @@ class ProgressBar:
         """The newest logged loss since the last look."""
         loss = None
         try:
-            with open(os.path.join(self.run_dir, METRICS_FILE)) as f:
-                f.seek(self._metrics_offset)
-                for line in f:
-                    if not line.endswith("\n"):
-                        break  # being written: read it next time
-                    self._metrics_offset += len(line.encode())
-                    record = json.loads(line)
-                    loss = record.get("loss", loss)
+            new = storage.read_from(storage.join(self.run_dir, METRICS_FILE), self._metrics_offset)
+            for line in new.splitlines(keepends=True):
+                if not line.endswith(b"\n"):
+                    break  # being written: read it next time
+                self._metrics_offset += len(line)
+                loss = json.loads(line).get("loss", loss)
         except (OSError, ValueError):
             pass
         return loss

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 
+from raytitan import storage
 from raytitan.checkpoint import read_commit
 from raytitan.fault import injected_faults
+from raytitan.growth import read_grow_request
 from raytitan.metrics import read_jsonl
 
 logger = logging.getLogger(__name__)
@@ -23,20 +24,16 @@ PROGRESS_FILE = "progress.json"
 
 
 def read_starts(run_dir: str) -> list[dict]:
-    return read_jsonl(os.path.join(run_dir, RESTARTS_FILE))
+    return read_jsonl(storage.join(run_dir, RESTARTS_FILE))
 
 
 def write_progress(run_dir: str, step: int) -> None:
-    tmp = os.path.join(run_dir, PROGRESS_FILE + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump({"step": step, "time": time.time()}, f)
-    os.replace(tmp, os.path.join(run_dir, PROGRESS_FILE))
+    storage.write_text(storage.join(run_dir, PROGRESS_FILE), json.dumps({"step": step, "time": time.time()}))
 
 
 def read_progress(run_dir: str) -> dict | None:
     try:
-        with open(os.path.join(run_dir, PROGRESS_FILE)) as f:
-            return json.load(f)
+        return json.loads(storage.read_text(storage.join(run_dir, PROGRESS_FILE)))
     except (OSError, ValueError):
         return None
 
@@ -50,7 +47,11 @@ def record_start(run_dir: str, checkpoint_folder: str, *, started_at: float, wor
     last_start = previous[-1]["time"] if previous else 0.0
     faults = [f for f in injected_faults(run_dir) if f["time"] > last_start]
     resumed = resumed_step or 0
-    if faults:
+    grow = read_grow_request(run_dir, since=last_start)
+    if grow:
+        cause = f"grew after the checkpoint of step {grow['step']}: capacity for {grow['target'] - grow['world']} more workers"
+        failed_at = None
+    elif faults:
         f = faults[-1]
         cause = f"injected fault: rank {f['rank']} killed {f['when']}"
         failed_at = f["time"]
@@ -80,8 +81,7 @@ def record_start(run_dir: str, checkpoint_folder: str, *, started_at: float, wor
         "seconds_since_failure": round(started_at - failed_at, 3) if failed_at else None,
         "timings": timings,
     }
-    with open(os.path.join(run_dir, RESTARTS_FILE), "a") as f:
-        f.write(json.dumps(record) + "\n")
+    storage.append_text(storage.join(run_dir, RESTARTS_FILE), json.dumps(record) + "\n")
     if previous or resumed:
         logger.warning(
             "restart #%d: %s | world %s -> %d (%d active, dp %d, local %d x accumulation %d) | resumed at step %d, "
@@ -90,6 +90,11 @@ def record_start(run_dir: str, checkpoint_folder: str, *, started_at: float, wor
             record["lost_steps"], ", ".join(f"{k} {v:.2f}s" for k, v in timings.items()),
         )
     return record
+
+
+def failures_since(run_dir: str, since: float) -> int:
+    """Starts after ``since`` that followed a failure (not first starts, resubmissions or growth)."""
+    return sum(1 for s in read_starts(run_dir) if s["time"] >= since and s["seconds_since_failure"] is not None)
 
 
 def restart_metrics(run_dir: str) -> dict[str, float]:

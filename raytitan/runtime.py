@@ -62,6 +62,14 @@ class Runtime:
     def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
         """Hand metrics (and a committed checkpoint) to the launcher; nothing to do without one."""
 
+    def max_world_size(self, world: int) -> int:
+        """The most workers this launcher could restart the group with (``world``: it cannot grow)."""
+        return world
+
+    def spare_workers(self, most: int) -> int:
+        """How many of ``most`` more workers could be placed now."""
+        return 0
+
 
 class TorchrunRuntime(Runtime):
     name = "torchrun"

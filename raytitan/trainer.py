@@ -107,6 +107,10 @@ class Schedule:
     def saves(self, step: int) -> bool:
         return self.checkpoint_enabled and (step % self.checkpoint_interval == 0 or step == self.total_steps)
 
+    def boundary(self, step: int) -> bool:
+        """A checkpoint step before the last: where the group may stop to come back larger."""
+        return self.saves(step) and step < self.total_steps
+
     def reports(self, step: int) -> bool:
         """Steps that report to the launcher: checkpoints, validations and the last step. Not every
         logged step: through Ray a report is a barrier over all workers (about a second each on a
@@ -124,6 +128,7 @@ class Trainer:
                  before_step: Callable[[int], None] = lambda step: None,
                  after_step: Callable[[int], None] = lambda step: None,
                  after_optimizer_step: Callable[[], None] = lambda: None,
+                 stop_at_boundary: Callable[[int], bool] = lambda step: False,
                  extra_metrics: dict[str, float] | None = None):
         self.runner, self.optimizer, self.lr_scheduler = runner, optimizer, lr_scheduler
         self.loader, self.checkpoint, self.metrics, self.state = loader, checkpoint, metrics, state
@@ -132,6 +137,7 @@ class Trainer:
         self.loss_group, self.pp_group = loss_group, pp_group
         self.report, self.validator = report, validator
         self.before_step, self.after_step, self.after_optimizer_step = before_step, after_step, after_optimizer_step
+        self.stop_at_boundary = stop_at_boundary
         self.extra_metrics = extra_metrics or {}
         self.params = [p for part in runner.parts for p in part.parameters() if p.requires_grad]
 
@@ -197,7 +203,10 @@ class Trainer:
                 else:
                     self.checkpoint.save(step)
             if self.schedule.reports(step):
+                self.metrics.flush()
                 self.report(metrics or {"step": step, "loss": loss}, self.checkpoint.take_committed())
+            if self.schedule.boundary(step) and self.stop_at_boundary(step):
+                break  # to resume elsewhere from this step's checkpoint, committed by close()
         self.checkpoint.close()
         self.metrics.close()
         return self.state

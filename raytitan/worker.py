@@ -18,6 +18,7 @@ import torch.distributed as dist
 from raytitan.checkpoint import (
     COMMIT_MARKER, EXPORT_DTYPES, CheckpointError, CheckpointManager, ModelState, OptimizerState, read_commit_at,
 )
+from raytitan import storage
 from raytitan.checkpoint_io import import_hf
 from raytitan.config import JobConfig, parse_args
 from raytitan.data.tokenizer import build_tokenizer
@@ -36,6 +37,7 @@ from raytitan.preflight import plan_run
 from raytitan.profiling import Profiler
 from raytitan.runtime import Runtime, TorchrunRuntime, setup_logging
 from raytitan.fault import FaultInjector
+from raytitan.growth import GrowthCheck, new_control_group, request_grow
 from raytitan.restarts import record_start, restart_metrics, write_progress
 from raytitan.trainer import Schedule, Trainer, TrainState, Validator
 
@@ -132,7 +134,8 @@ def run(config: JobConfig, runtime: Runtime) -> TrainState:
     torch.manual_seed(config.training.seed)
     schedule = Schedule(config.training.steps, config.metrics.log_freq, config.checkpoint.interval,
                         config.checkpoint.enable, config.validation.freq if config.validation.enable else 0)
-    checkpoint_folder = os.path.join(config.run_dir, config.checkpoint.folder)
+    storage.use_root(config.ray.storage_path)
+    checkpoint_folder = storage.join(config.run_dir, config.checkpoint.folder)
 
     # Collective on every rank, also those that will idle.
     mesh = plan.dims.build_mesh(device.type)
@@ -141,8 +144,10 @@ def run(config: JobConfig, runtime: Runtime) -> TrainState:
     # Async saves coordinate on a CPU group of their own, from a background thread.
     async_save = config.checkpoint.async_mode != "disabled"
     checkpoint_group = dist.new_group(list(range(active)), backend="gloo") if async_save else active_group
+    growth = GrowthCheck(new_control_group(), world, runtime.max_world_size(world), config.ray.resize_check_interval_s,
+                         runtime.spare_workers, trained_by=lambda n: workers_that_train(config, n))
     if rank >= active:
-        return idle(config, runtime, plan, schedule)
+        return idle(config, runtime, plan, schedule, growth)
 
     dp_mesh, loss_mesh, pp_mesh = (ParallelDims.submesh(mesh, name) for name in ("dp", "dp_cp", "pp"))
     dp_rank, dp_size = (dp_mesh.get_local_rank(), dp_mesh.size()) if dp_mesh else (0, 1)
@@ -212,19 +217,21 @@ def run(config: JobConfig, runtime: Runtime) -> TrainState:
 
     extra_metrics = {}
     if rank == 0:
-        os.makedirs(config.run_dir, exist_ok=True)
+        storage.makedirs(config.run_dir)
         record_start(config.run_dir, checkpoint_folder, started_at=started_at, world=world, active=active, dp=dp_size,
                      local_batch=plan.local_batch_size, accumulation=plan.accumulation_steps, resumed_step=step,
                      target_steps=config.training.steps, timings=timings)
         extra_metrics = restart_metrics(config.run_dir)
 
-    tb = os.path.join(config.run_dir, config.metrics.save_tb_folder) if config.metrics.enable_tensorboard else None
+    tb = os.path.join(config.local_dir, config.metrics.save_tb_folder) if config.metrics.enable_tensorboard else None
     profiler = None
     if config.profiling.enable_profiling or config.profiling.enable_memory_snapshot:
-        profiler = Profiler(config.profiling, config.run_dir, rank, device, first_step=state.step + 1)
+        profiler = Profiler(config.profiling, config.local_dir, rank, device, first_step=state.step + 1)
+    # On an object store every write is an upload: the progress marker then follows the log steps.
+    progress_every_step = not storage.is_remote(config.run_dir)
 
     def after_step(step: int) -> None:
-        if rank == 0:
+        if rank == 0 and (progress_every_step or step % config.metrics.log_freq == 0 or schedule.reports(step)):
             write_progress(config.run_dir, step)
         if profiler is not None:
             profiler.step(step)
@@ -232,7 +239,7 @@ def run(config: JobConfig, runtime: Runtime) -> TrainState:
     precompute_float8 = float8.wanted(config.model.converters) and config.float8.precompute_float8_dynamic_scale_for_fsdp
     metrics = MetricsLogger(device, flops_per_token(plan.model_args, n_params, n_embedding, config.training.seq_len),
                             active, config.metrics.peak_tflops, tb, rank,
-                            jsonl_path=os.path.join(config.run_dir, METRICS_FILE))
+                            jsonl_path=storage.join(config.run_dir, METRICS_FILE))
     trainer = Trainer(
         runner, optimizer, lr_scheduler, loader, checkpoint, metrics, state,
         device=device, local_batch_size=plan.local_batch_size, schedule=schedule,
@@ -240,11 +247,14 @@ def run(config: JobConfig, runtime: Runtime) -> TrainState:
         before_step=fault.before_step,
         after_step=after_step,
         after_optimizer_step=(lambda: float8.precompute_scales(parts)) if precompute_float8 else (lambda: None),
+        stop_at_boundary=growth,
         extra_metrics=extra_metrics,
     )
     state = trainer.fit()
     if profiler is not None:
         profiler.close()
+    if growth.target and rank == 0:
+        request_grow(config.run_dir, state.step, world, growth.target)
     return state
 
 
@@ -276,6 +286,14 @@ def hf_import(config: JobConfig, group) -> str:
     return target
 
 
+def workers_that_train(config: JobConfig, world: int) -> int:
+    """How many of ``world`` workers the layout would use (0: it cannot be formed)."""
+    try:
+        return plan_run(config, world, resolve_data=False).dims.world_size
+    except ValueError:
+        return 0
+
+
 def agree_on_first_step(first: int) -> int:
     """Rank 0's first step, on every rank of the world (the ones that idle included)."""
     shared = [first]
@@ -283,9 +301,10 @@ def agree_on_first_step(first: int) -> int:
     return shared[0]
 
 
-def idle(config: JobConfig, runtime: Runtime, plan, schedule: Schedule) -> TrainState:
-    """A rank outside the layout: holds no state, and makes the same ``report`` calls as the others
-    (Ray requires every worker to report equally often) until the run ends or the group resizes."""
+def idle(config: JobConfig, runtime: Runtime, plan, schedule: Schedule, growth: GrowthCheck) -> TrainState:
+    """A rank outside the layout: holds no state, and makes the same ``report`` calls and grow
+    checks as the others (Ray requires every worker to report equally often) until the run ends
+    or the group resizes."""
     logger.warning(
         "rank %d idles: %d workers keep the global batch of %d only as %s; it rejoins at the next resize",
         dist.get_rank(), plan.world_size, plan.global_batch_size, plan.dims.summary,
@@ -294,6 +313,8 @@ def idle(config: JobConfig, runtime: Runtime, plan, schedule: Schedule) -> Train
     for step in range(first, config.training.steps + 1):
         if schedule.reports(step):
             runtime.report({"step": step, "idle": 1}, None)
+        if schedule.boundary(step) and growth(step):
+            return TrainState(step=step)
     return TrainState(step=config.training.steps)
 
 

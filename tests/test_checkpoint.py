@@ -81,7 +81,9 @@ def test_load_step_must_be_committed(tmp_path):
         m.resolve_load_step(3)
 
 
-def test_truncated_newest_checkpoint_is_skipped_with_a_warning(tmp_path, caplog):
+def test_truncated_newest_checkpoint_is_skipped_with_a_warning(tmp_path, caplog, monkeypatch):
+    # A launch earlier in the session stops raytitan's logger from propagating to the root.
+    monkeypatch.setattr(logging.getLogger("raytitan"), "propagate", True)
     m = manager(tmp_path, torch.nn.Linear(8, 8))
     m.save(1)
     shard = os.path.join(m.save(2), "__0_0.distcp")

@@ -2,7 +2,7 @@
 
 Four worker nodes with one training slot each. Mid-run one node is removed: the group
 restarts on the 3 survivors (dp 3), resharding the checkpoint and re-deriving local batch x
-accumulation for the same global batch. The node then returns and the run grows back to 4.
+accumulation for the same global batch. The node then returns and the run grows back to 4 at the next checkpoint, redoing no step.
 Every step's loss equals the uninterrupted 4-worker run's.
 """
 
@@ -93,6 +93,10 @@ def test_node_lost_then_returned(tmp_path, data_dir, monkeypatch):
     assert worlds[0] == 4 and 3 in worlds and worlds[-1] == 4, starts
     shrunk = starts[shrunk_at - 1]
     assert (shrunk["dp"], shrunk["local_batch"] * shrunk["accumulation"]) == (3, 4)  # 12 = 3 x 4
+    # Growing back waits for a checkpoint boundary: it resumes from the step it stopped at, losing none.
+    grew = starts[-1]
+    assert grew["cause"].startswith("grew after the checkpoint of step"), grew
+    assert grew["lost_steps"] == 0 and grew["resumed_step"] % 2 == 0, grew
     assert sorted(outcome["losses"]) == list(range(1, STEPS + 1))
     for step, loss in expected.items():
         assert abs(outcome["losses"][step] - loss) / loss < 1e-4, (step, outcome["losses"][step], loss)
