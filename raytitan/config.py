@@ -170,12 +170,13 @@ class Ray:
     num_workers: int = opt(2, "Training workers (one process each)")
     use_gpu: bool = opt(False, "One GPU per worker, NCCL backend")
     resources_per_worker: dict = opt({}, "Ray resources per worker, e.g. CPU=4,GPU=1 (default: CPU share leaving room for data)")
-    storage_path: str | None = opt(None, "Shared run storage (checkpoints, logs); default: job.dump_folder")
+    storage_path: str | None = opt(None, "Run storage every node sees: a shared folder or s3://, gs:// (pyarrow URI options after ?); "
+                                      "default: job.dump_folder")
     name: str | None = opt(None, "Run name; the run folder is storage_path/name (default: <model.name>-<model.flavor>)")
     max_failures: int = opt(0, "Worker-group restarts allowed before the run fails")
     min_workers: int = opt(-1, "Elastic: keep training on as few as this many workers (-1 = fixed size)")
     max_workers: int = opt(-1, "Elastic: grow back up to this many workers (-1 = ray.num_workers)")
-    resize_check_interval_s: float = opt(60.0, "Elastic: seconds between checks for capacity to grow")
+    resize_check_interval_s: float = opt(60.0, "Elastic: check for capacity to grow at checkpoint steps, at most this often (seconds)")
 
     @property
     def elastic(self) -> bool:

@@ -13,6 +13,7 @@ import time
 import ray
 import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from raytitan.checkpoint import committed_steps, step_dir
 from raytitan.config import ConfigError, JobConfig, to_toml
@@ -28,6 +29,8 @@ logger = logging.getLogger("raytitan")
 
 # CPUs the Ray Data pipeline needs that training workers must leave free (two 0.5-CPU packers).
 DATA_CPUS = 1.0
+# Ray Train's record of reported checkpoints in the run folder (ray.train.v2 constants).
+RAY_CHECKPOINT_LIST = "checkpoint_manager_snapshot.json"
 # How long a capacity probe waits for Ray to place a placement group before calling it full.
 PROBE_TIMEOUT_S = 2.0
 
@@ -159,7 +162,10 @@ def launch(config: JobConfig) -> ray.train.Result:
 
     _connect(config)
     resources = _worker_resources(config)
-    feeder_cls = ray.remote(DataFeeder).options(num_cpus=0, max_concurrency=64)
+    # The feeders hold the data stream for every restart of the group: on the driver's node (the
+    # head node under `ray job submit`), never on a worker node whose loss would take them along.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    feeder_cls = ray.remote(DataFeeder).options(num_cpus=0, max_concurrency=64, scheduling_strategy=here)
     feeders = {"train": feeder_cls.remote(plan.shards, config.model, config.training.seq_len, config.training.seed,
                                           plan.global_batch_size, config.training.shuffle_buffer)}
     if config.validation.enable:
@@ -173,6 +179,7 @@ def launch(config: JobConfig) -> ray.train.Result:
         launched_at = time.time()
         while True:
             attempt_at = time.time()
+            _forget_ray_checkpoint_list(config)
             trainer = _trainer(config, feeders, resources, failures_left=config.ray.max_failures - failures_since(
                 config.run_dir, launched_at))
             try:
@@ -184,6 +191,7 @@ def launch(config: JobConfig) -> ray.train.Result:
                 break
             print(f"growing: step {grow['step']} is committed; starting again with up to {grow['target']} workers "
                   f"(was {grow['world']})", flush=True)
+            _refresh_ray_cluster_view()
     finally:
         if bar:
             bar.close()
@@ -191,6 +199,30 @@ def launch(config: JobConfig) -> ray.train.Result:
             ray.kill(feeder)
     print(summary(config, result, time.perf_counter() - t0), flush=True)
     return result
+
+
+def _forget_ray_checkpoint_list(config: JobConfig) -> None:
+    """Drop Ray Train's list of reported checkpoints from the run folder before a new start.
+
+    raytitan resumes from its own committed steps, not from Ray's list; and that list still names
+    steps that checkpoint.keep_latest_k has since deleted, which Ray refuses to start with."""
+    path = storage.join(config.run_dir, RAY_CHECKPOINT_LIST)
+    if storage.isfile(path):
+        storage.remove(path)
+
+
+def _refresh_ray_cluster_view() -> None:
+    """Ray Train sizes a new group from its autoscaling coordinator's view of the nodes, refreshed
+    every 20 s; refresh it now, so the grown group sees the capacity the workers found."""
+    try:
+        from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+            get_or_create_autoscaling_coordinator,
+        )
+
+        coordinator = get_or_create_autoscaling_coordinator()
+        ray.get(coordinator.get_reserved_resources.remote("raytitan", recompute=True), timeout=30)
+    except Exception as e:  # a Ray version without it: the group may come back smaller and grow again
+        logger.warning("could not refresh Ray's view of the cluster before growing (%s: %s)", type(e).__name__, e)
 
 
 def _trainer(config: JobConfig, feeders: dict, resources: dict, failures_left: int) -> TorchTrainer:

@@ -79,6 +79,7 @@ def record_start(run_dir: str, checkpoint_folder: str, *, started_at: float, wor
         "target_steps": target_steps,
         "lost_steps": max(0, (progress or {}).get("step", resumed) - resumed) if previous or faults else 0,
         "seconds_since_failure": round(started_at - failed_at, 3) if failed_at else None,
+        "seconds_since_grow_stop": round(started_at - grow["time"], 3) if grow else None,
         "timings": timings,
     }
     storage.append_text(storage.join(run_dir, RESTARTS_FILE), json.dumps(record) + "\n")

@@ -97,6 +97,8 @@ def test_node_lost_then_returned(tmp_path, data_dir, monkeypatch):
     grew = starts[-1]
     assert grew["cause"].startswith("grew after the checkpoint of step"), grew
     assert grew["lost_steps"] == 0 and grew["resumed_step"] % 2 == 0, grew
+    print(f"grow: {grew['seconds_since_grow_stop']:.1f}s from the stop at step {grew['resumed_step']} to the start "
+          f"on 4 workers; timings {grew['timings']}")
     assert sorted(outcome["losses"]) == list(range(1, STEPS + 1))
     for step, loss in expected.items():
         assert abs(outcome["losses"][step] - loss) / loss < 1e-4, (step, outcome["losses"][step], loss)
