@@ -1,9 +1,10 @@
-"""Node loss and return on a simulated multi-node cluster (``ray.cluster_utils.Cluster``).
+"""Capacity arriving and nodes leaving on a simulated multi-node cluster (``ray.cluster_utils.Cluster``).
 
-Four worker nodes with one training slot each. Mid-run one node is removed: the group
-restarts on the 3 survivors (dp 3), resharding the checkpoint and re-deriving local batch x
-accumulation for the same global batch. The node then returns and the run grows back to 4 at the next checkpoint, redoing no step.
-Every step's loss equals the uninterrupted 4-worker run's.
+Worker nodes have one training slot each. The run starts with capacity for 2 workers; 2 more
+nodes join and the run grows to 4 at its next checkpoint, redoing no step; then a node is
+removed and the group restarts on the 3 survivors (dp 3), resharding the checkpoint and
+re-deriving local batch x accumulation for the same global batch. Every step's loss equals an
+uninterrupted 4-worker run's, all starting from the same seed weights.
 """
 
 import os
@@ -47,12 +48,18 @@ def fit(root, data_dir, **extra):
     return final
 
 
-def test_node_lost_then_returned(tmp_path, data_dir, monkeypatch):
+def test_capacity_arrives_then_a_node_is_lost(tmp_path, data_dir, monkeypatch):
     from ray.cluster_utils import Cluster
 
-    # The uninterrupted run, on 4 plain gloo ranks (no Ray): the same layout, so the same init.
+    # Seed weights from one process, and the uninterrupted run on 4 plain gloo ranks (no Ray).
+    seed_root = str(tmp_path / "seed")
+    run_ranks(tiny_config(seed_root, data_dir, checkpoint={"create_seed_checkpoint": True}), 1, str(tmp_path))
+    seed = {"checkpoint__initial_load_path": os.path.join(seed_root, "run", "checkpoint", "step-0"),
+            "checkpoint__initial_load_model_only": True}
     fixed = tiny_config(str(tmp_path / "fixed"), data_dir, training={
-        "steps": STEPS, "global_batch_size": 12, "local_batch_size": 3}, checkpoint={"enable": False})
+        "steps": STEPS, "global_batch_size": 12, "local_batch_size": 3},
+        checkpoint={"enable": False, "initial_load_path": seed["checkpoint__initial_load_path"],
+                    "initial_load_model_only": True})
     expected = dict(enumerate(run_ranks(fixed, 4, str(tmp_path))["losses"], start=1))
 
     # After a node loss Ray first retries the old size until this start timeout (default 60 s).
@@ -65,21 +72,21 @@ def test_node_lost_then_returned(tmp_path, data_dir, monkeypatch):
     cluster = Cluster(initialize_head=True, connect=True,
                       head_node_args={"num_cpus": 2, "_system_config": fast_health_checks})
     try:
-        nodes = [cluster.add_node(num_cpus=1, resources={"slot": 1}) for _ in range(4)]
+        nodes = [cluster.add_node(num_cpus=1, resources={"slot": 1}) for _ in range(2)]
         cluster.wait_for_nodes()
 
         run_dir = os.path.join(str(tmp_path / "elastic"), "llama3-debugmodel")
         outcome = {}
         thread = threading.Thread(target=lambda: outcome.update(losses=fit(
-            tmp_path / "elastic", data_dir, ray__min_workers=2, ray__max_workers=4, ray__resize_check_interval_s=1)))
+            tmp_path / "elastic", data_dir, ray__min_workers=2, ray__max_workers=4, ray__resize_check_interval_s=1,
+            **seed)))
         thread.start()
-        wait_for(lambda: (read_progress(run_dir) or {}).get("step", 0) >= 5, 240, "step 5 on 4 workers")
+        wait_for(lambda: (read_progress(run_dir) or {}).get("step", 0) >= 3, 240, "step 3 on 2 workers")
+        nodes += [cluster.add_node(num_cpus=1, resources={"slot": 1}) for _ in range(2)]
+        grown = wait_for(lambda: [s for s in read_starts(run_dir) if s["world"] == 4], 240, "growth to 4 workers")[0]
+        wait_for(lambda: (read_progress(run_dir) or {}).get("step", 0) > grown["resumed_step"] + 1,
+                 240, "progress on 4 workers")
         cluster.remove_node(nodes[3], allow_graceful=False)
-        wait_for(lambda: any(s["world"] == 3 for s in read_starts(run_dir)), 240, "restart on 3 workers")
-        shrunk_at = len(read_starts(run_dir))
-        wait_for(lambda: (read_progress(run_dir) or {}).get("step", 0) > read_starts(run_dir)[-1]["resumed_step"] + 1,
-                 240, "progress on 3 workers")
-        cluster.add_node(num_cpus=1, resources={"slot": 1})
         thread.join(timeout=600)
         assert not thread.is_alive()
     finally:
@@ -90,15 +97,14 @@ def test_node_lost_then_returned(tmp_path, data_dir, monkeypatch):
 
     starts = read_starts(run_dir)
     worlds = [s["world"] for s in starts]
-    assert worlds[0] == 4 and 3 in worlds and worlds[-1] == 4, starts
-    shrunk = starts[shrunk_at - 1]
+    assert worlds[0] == 2 and worlds[-1] == 3, starts
+    # Growing waits for a checkpoint boundary: it resumes from the step it stopped at, losing none.
+    assert grown["cause"].startswith("grew after the checkpoint of step"), grown
+    assert grown["lost_steps"] == 0 and grown["resumed_step"] % 2 == 0, grown
+    print(f"grow: {grown['seconds_since_grow_stop']:.1f}s from the stop at step {grown['resumed_step']} to the "
+          f"start on 4 workers; timings {grown['timings']}")
+    shrunk = starts[-1]
     assert (shrunk["dp"], shrunk["local_batch"] * shrunk["accumulation"]) == (3, 4)  # 12 = 3 x 4
-    # Growing back waits for a checkpoint boundary: it resumes from the step it stopped at, losing none.
-    grew = starts[-1]
-    assert grew["cause"].startswith("grew after the checkpoint of step"), grew
-    assert grew["lost_steps"] == 0 and grew["resumed_step"] % 2 == 0, grew
-    print(f"grow: {grew['seconds_since_grow_stop']:.1f}s from the stop at step {grew['resumed_step']} to the start "
-          f"on 4 workers; timings {grew['timings']}")
     assert sorted(outcome["losses"]) == list(range(1, STEPS + 1))
     for step, loss in expected.items():
         assert abs(outcome["losses"][step] - loss) / loss < 1e-4, (step, outcome["losses"][step], loss)
