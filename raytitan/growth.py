@@ -28,7 +28,8 @@ CONTROL_TIMEOUT = timedelta(days=7)
 
 
 def new_control_group() -> dist.ProcessGroup:
-    """A CPU group over the whole world (idle ranks included) for the grow decision."""
+    """A CPU group over the whole world (idle ranks included) for the grow decision; created only
+    where the group can grow (a gloo group over a large world is not free)."""
     return dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
 
 
@@ -40,7 +41,7 @@ class GrowthCheck:
     ``trained_by(world)``: how many of ``world`` workers would train (the rest idle).
     """
 
-    def __init__(self, group: dist.ProcessGroup, world: int, max_world: int, interval_s: float,
+    def __init__(self, group: dist.ProcessGroup | None, world: int, max_world: int, interval_s: float,
                  spare_workers: Callable[[int], int], trained_by: Callable[[int], int]):
         self.group, self.world, self.max_world, self.interval_s = group, world, max_world, interval_s
         self.spare_workers, self.trained_by = spare_workers, trained_by
@@ -49,7 +50,7 @@ class GrowthCheck:
 
     def __call__(self, step: int) -> bool:
         if self.world >= self.max_world:
-            return False  # the same on every rank: no collective needed
+            return False  # the same on every rank: no collective (and no group) needed
         decision = [self._decide(step) if dist.get_rank() == 0 else None]
         dist.broadcast_object_list(decision, src=0, group=self.group)
         self.target = decision[0]

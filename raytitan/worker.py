@@ -144,8 +144,10 @@ def run(config: JobConfig, runtime: Runtime) -> TrainState:
     # Async saves coordinate on a CPU group of their own, from a background thread.
     async_save = config.checkpoint.async_mode != "disabled"
     checkpoint_group = dist.new_group(list(range(active)), backend="gloo") if async_save else active_group
-    growth = GrowthCheck(new_control_group(), world, runtime.max_world_size(world), config.ray.resize_check_interval_s,
-                         runtime.spare_workers, trained_by=lambda n: workers_that_train(config, n))
+    max_world = runtime.max_world_size(world)  # the same on every rank
+    growth = GrowthCheck(new_control_group() if max_world > world else None, world, max_world,
+                         config.ray.resize_check_interval_s, runtime.spare_workers,
+                         trained_by=lambda n: workers_that_train(config, n))
     if rank >= active:
         return idle(config, runtime, plan, schedule, growth)
 
