@@ -67,7 +67,6 @@ class RayRuntime(Runtime):
             checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD,
         )
 
-
     def max_world_size(self, world: int) -> int:
         return max(world, self.max_workers)
 
@@ -227,7 +226,8 @@ def _refresh_ray_cluster_view() -> None:
 
 def _trainer(config: JobConfig, feeders: dict, resources: dict, failures_left: int) -> TorchTrainer:
     lo, hi = config.ray.worker_range
-    parent = config.run_dir.rsplit("/", 1)[0]
+    # Ray's experiment folder is the run folder; on an object store, through the same filesystem.
+    filesystem, parent = storage.resolve(config.run_dir.rsplit("/", 1)[0])
     bundle = dict(resources)
     if config.ray.use_gpu:
         bundle.setdefault("GPU", 1.0)
@@ -243,9 +243,8 @@ def _trainer(config: JobConfig, feeders: dict, resources: dict, failures_left: i
         ),
         run_config=ray.train.RunConfig(
             name=config.run_name,
-            # The same filesystem object as raytitan's own files (with the root's URI options).
-            storage_path=storage.resolve(parent)[1] if storage.is_remote(parent) else parent,
-            storage_filesystem=storage.resolve(parent)[0] if storage.is_remote(parent) else None,
+            storage_path=parent,
+            storage_filesystem=filesystem,
             failure_config=ray.train.FailureConfig(max_failures=max(0, failures_left)),
         ),
     )

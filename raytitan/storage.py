@@ -31,11 +31,6 @@ def is_remote(path: str) -> bool:
     return "://" in path and not path.startswith("file://")
 
 
-def strip_options(path: str) -> str:
-    """The path without pyarrow's URI options (what joins and logs use)."""
-    return path.split("?", 1)[0]
-
-
 def use_root(root: str | None) -> None:
     """Register the filesystem (with its URI options) for an object-store storage root."""
     if root and is_remote(root):
@@ -69,10 +64,6 @@ def isfile(path: str) -> bool:
     return _info(path).type == pafs.FileType.File
 
 
-def isdir(path: str) -> bool:
-    return _info(path).type == pafs.FileType.Directory
-
-
 def size(path: str) -> int:
     """Bytes in a file; -1 when there is none."""
     info = _info(path)
@@ -103,12 +94,6 @@ def remove(path: str) -> None:
     fs.delete_file(inner)
 
 
-def read_bytes(path: str) -> bytes:
-    fs, inner = resolve(path)
-    with fs.open_input_stream(inner) as f:
-        return f.read()
-
-
 def read_from(path: str, offset: int) -> bytes:
     """The bytes of ``path`` from ``offset`` on (a growing log followed by a reader)."""
     fs, inner = resolve(path)
@@ -118,7 +103,9 @@ def read_from(path: str, offset: int) -> bytes:
 
 
 def read_text(path: str) -> str:
-    return read_bytes(path).decode()
+    fs, inner = resolve(path)
+    with fs.open_input_stream(inner) as f:
+        return f.read().decode()
 
 
 def write_text(path: str, text: str) -> None:
