@@ -1,7 +1,8 @@
 """The cluster setups under cluster/: Ray's own launcher validation, and every raytitan command
 in them (also in their usage comments) names a real entry point and a config that plans at both
-ends of its elastic range. Nothing here starts a cluster: `ray up` with the local provider would
-run `ray stop`, ending every Ray process on the machine."""
+ends of its elastic range, on storage every node shares. Their shell steps (shared storage,
+SkyPilot's Ray start) run here against stub commands. Nothing here starts a cluster: `ray up`
+with the local provider would run `ray stop`, ending every Ray process on the machine."""
 
 import copy
 import glob
@@ -9,6 +10,9 @@ import importlib.util
 import os
 import re
 import shlex
+import socket
+import stat
+import subprocess
 
 import pytest
 import torch
@@ -23,6 +27,8 @@ CLUSTER = os.path.join(REPO, "cluster")
 LAUNCHER_FILES = ["cluster.yaml", "cluster-gcp.yaml"]
 ALL_FILES = sorted(os.path.relpath(p, CLUSTER) for p in glob.glob(os.path.join(CLUSTER, "**", "*.yaml"), recursive=True))
 COMMAND = re.compile(r"python -m (raytitan\.\w+)((?:[^\n])*)")
+SHARED = re.compile(r"^(/mnt/shared/|s3://|gs://)")  # what every node of a setup sees
+RAY_PORTS = {6379, 8265, 10001}  # GCS, dashboard (job submission), Ray client
 
 
 def load(name: str) -> dict:
@@ -66,15 +72,60 @@ def test_launcher_config_passes_rays_own_validation(name):
     assert 0 < workers["min_workers"] < workers["max_workers"] <= prepared["max_workers"]
 
 
+def world_open_ports(value) -> set[int]:
+    """Ports that a security-group rule (AWS IpPermissions) or firewall rule (GCP) anywhere in a
+    config opens to 0.0.0.0/0."""
+    ports = set()
+    if isinstance(value, list):
+        for v in value:
+            ports |= world_open_ports(v)
+    if not isinstance(value, dict):
+        return ports
+    for v in value.values():
+        ports |= world_open_ports(v)
+    if "0.0.0.0/0" in {r.get("CidrIp") for r in value.get("IpRanges", [])}:
+        if str(value.get("IpProtocol")) == "-1":
+            ports |= set(range(65536))
+        else:
+            ports |= set(range(int(value.get("FromPort", 0)), int(value.get("ToPort", 65535)) + 1))
+    if "0.0.0.0/0" in value.get("sourceRanges", []):
+        for allowed in value.get("allowed", []):
+            for spec in allowed.get("ports", ["0-65535"]):
+                low, _, high = str(spec).partition("-")
+                ports |= set(range(int(low), int(high or low) + 1))
+    return ports
+
+
+def test_the_open_port_check_sees_rules_open_to_the_world():
+    aws = {"provider": {"security_group": {"GroupName": "g", "IpPermissions": [
+        {"IpProtocol": "tcp", "FromPort": 8265, "ToPort": 8265, "IpRanges": [{"CidrIp": "0.0.0.0/0"}]},
+        {"IpProtocol": "tcp", "FromPort": 6379, "ToPort": 6379, "IpRanges": [{"CidrIp": "10.0.0.0/8"}]}]}}}
+    gcp = {"firewall": [{"sourceRanges": ["0.0.0.0/0"], "allowed": [{"IPProtocol": "tcp", "ports": ["10000-10010"]}]}]}
+    assert world_open_ports(aws) & RAY_PORTS == {8265}
+    assert world_open_ports(gcp) & RAY_PORTS == {10001}
+
+
 @pytest.mark.parametrize("name", LAUNCHER_FILES)
 def test_launcher_config_is_closed_and_authenticated(name):
     config = load(name)
-    head = " ".join(config["head_start_ray_commands"])
-    assert "--dashboard-host=127.0.0.1" in head and "0.0.0.0" not in head
-    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
-        assert all("RAY_AUTH_MODE=token" in c for c in config[key] if "ray start" in c), key
+    assert not world_open_ports(config) & RAY_PORTS
+    head_starts = [c for c in config["head_start_ray_commands"] if "ray start" in c]
+    worker_starts = [c for c in config["worker_start_ray_commands"] if "ray start" in c]
+    assert head_starts and worker_starts
+    for command in head_starts + worker_starts:
+        assert "RAY_AUTH_MODE=token" in command, command
+    for command in head_starts:
+        assert "--head" in command and "--dashboard-host=127.0.0.1" in command and "0.0.0.0" not in command
     assert config["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
-    assert "provider" in config and "ports" not in str(config["provider"])  # no extra open ports
+
+
+@pytest.mark.parametrize("name", LAUNCHER_FILES)
+def test_launcher_images_are_current(name):
+    """Ubuntu 22.04 images with drivers for H100 (Ray's "latest_dlami" is Ubuntu 18.04 / CUDA 11.2)."""
+    for node_type in load(name)["available_node_types"].values():
+        node = node_type["node_config"]
+        image = node.get("ImageId") or node["disks"][0]["initializeParams"]["sourceImage"]
+        assert "22.04" in image or "2204" in image, image
 
 
 @pytest.mark.parametrize("name", LAUNCHER_FILES)
@@ -105,6 +156,71 @@ def test_commands_name_real_entry_points_and_configs_that_plan(name):
             plan_run(config, world, resolve_data=False)
 
 
+def flag(args: list[str], name: str) -> str | None:
+    """The value a command line gives ``name`` (``--name value`` or ``--name=value``), if any."""
+    for i, arg in enumerate(args):
+        if arg == name and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith(name + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+@pytest.mark.parametrize("name", ALL_FILES)
+def test_commands_keep_the_run_on_shared_storage(name):
+    """Without these a run writes checkpoints to one node's local disk (no resume elsewhere) and
+    reads the config's defaults (/mnt/data, ./assets), which the setups do not provide."""
+    train = [args for module, args in commands(name) if module == "raytitan.train"]
+    assert train, f"{name} shows no training command"
+    for args in train:
+        storage_path = flag(args, "--ray.storage_path")
+        assert storage_path and SHARED.match(storage_path), (name, storage_path)
+        dataset_path = flag(args, "--training.dataset_path")
+        assert dataset_path and SHARED.match(dataset_path), (name, dataset_path)
+        assert flag(args, "--model.hf_assets_path"), name
+
+
+def stub_bin(tmp_path, log, **scripts: str) -> str:
+    """A folder of stand-in commands that log their arguments (and the auth mode they see)."""
+    folder = tmp_path / "bin"
+    folder.mkdir(exist_ok=True)
+    for command, body in scripts.items():
+        path = folder / command
+        path.write_text(f'#!/bin/bash\necho "{command} $* [auth=$RAY_AUTH_MODE:$RAY_AUTH_TOKEN]" >> {log}\n{body}\n')
+        path.chmod(path.stat().st_mode | stat.S_IXUSR)
+    return f"{folder}:/usr/bin:/bin"
+
+
+def shared_storage_step(name: str) -> str:
+    (step,) = [c for c in load(name)["setup_commands"] if "SHARED_FS=" in c]
+    return step
+
+
+@pytest.mark.parametrize("name", LAUNCHER_FILES)
+def test_shared_storage_setup_fails_loudly_until_it_is_set(name, tmp_path):
+    log = tmp_path / "calls.log"
+    log.touch()
+    path = stub_bin(tmp_path, log, sudo="exit 0", mountpoint="exit 1", **{"mount.nfs4": "", "mount.nfs": ""})
+    step = shared_storage_step(name)
+    placeholder = re.search(r"SHARED_FS=(\S+?);", step).group(1)
+
+    def run(value: str) -> tuple[subprocess.CompletedProcess, str]:
+        command = step.replace(f"SHARED_FS={placeholder};", f"SHARED_FS={value};", 1)
+        log.write_text("")
+        done = subprocess.run(["bash", "-c", command], env={"PATH": path}, capture_output=True, text=True, timeout=60)
+        return done, log.read_text()
+
+    done, calls = run(placeholder)  # left as shipped
+    assert done.returncode != 0 and "SHARED_FS" in done.stderr and calls == ""
+    done, calls = run("none")  # the opt-out for a bucket storage_path
+    assert done.returncode == 0, done.stderr
+    assert "sudo mkdir -p /mnt/shared" in calls and "mount" not in calls.replace("mountpoint", "")
+    done, calls = run("fs-0123" if "efs" in step else "10.0.0.2:/share")
+    assert done.returncode == 0, done.stderr
+    assert re.search(r"sudo mount .*(fs-0123\.efs\.|10\.0\.0\.2:/share).* /mnt/shared", calls), calls
+    assert calls.index("sudo mount") < calls.index("sudo chown")
+
+
 def kuberay_groups(name: str) -> tuple[dict, dict]:
     spec = load(name)["spec"]
     cluster = spec.get("rayClusterSpec", spec)
@@ -126,6 +242,13 @@ def test_kuberay_bounds_match_the_elastic_range(name):
     assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
 
 
+@pytest.mark.parametrize("name", ["kuberay/raycluster.yaml", "kuberay/rayjob.yaml"])
+def test_kuberay_clusters_use_token_auth(name):
+    cluster, _ = kuberay_groups(name)
+    assert cluster["authOptions"] == {"mode": "token"}
+    assert tuple(int(p) for p in cluster["rayVersion"].split(".")[:2]) >= (2, 52)  # Ray's token auth
+
+
 def test_skypilot_nodes_hold_the_elastic_range():
     task = load("skypilot.yaml")
     count = int(task["resources"]["accelerators"].split(":")[1])
@@ -136,3 +259,52 @@ def test_skypilot_nodes_hold_the_elastic_range():
     assert task["envs"]["RAY_PORT"] not in ("6379", "6380")
     code = [line.split("#")[0] for line in task["run"].splitlines()]
     assert not [line for line in code if "ray stop" in line]  # would stop SkyPilot's own Ray too
+
+
+def run_skypilot_node(tmp_path, rank: int, port: int, wait_s: int) -> tuple[subprocess.CompletedProcess, str]:
+    """The task's `run` script as node ``rank`` runs it, with stand-ins for ray and python."""
+    log = tmp_path / f"calls-{rank}.log"
+    log.touch()
+    env = {"PATH": stub_bin(tmp_path, log, ray="exit 0", python="exit 0"), "SKYPILOT_NODE_RANK": str(rank),
+           "SKYPILOT_NODE_IPS": "127.0.0.1\n127.0.0.2", "RAY_PORT": str(port), "HEAD_WAIT_S": str(wait_s),
+           "RAY_AUTH_TOKEN": "t0ken"}
+    done = subprocess.run(["bash", "-c", load("skypilot.yaml")["run"]], env=env, capture_output=True, text=True,
+                          timeout=120)
+    return done, log.read_text()
+
+
+def test_skypilot_ray_uses_the_shared_token():
+    task = load("skypilot.yaml")
+    assert "RAY_AUTH_TOKEN" in task["secrets"] and "RAY_AUTH_TOKEN" not in task["envs"]  # a secret, one for all
+    code = [line.split("#")[0].strip() for line in task["run"].splitlines()]
+    starts = [i for i, line in enumerate(code) if "ray start" in line]
+    assert len(starts) == 2
+    exported = [i for i, line in enumerate(code) if line == "export RAY_AUTH_MODE=token"]
+    assert all("RAY_AUTH_MODE=token" in code[i] or (exported and exported[0] < i) for i in starts)
+
+
+def test_skypilot_head_starts_ray_and_the_driver_with_token_auth(tmp_path):
+    done, calls = run_skypilot_node(tmp_path, rank=0, port=6385, wait_s=0)
+    assert done.returncode == 0, done.stderr
+    head, driver = calls.splitlines()
+    assert head.startswith("ray start --head --port=6385") and head.endswith("[auth=token:t0ken]")
+    assert driver.startswith("python -m raytitan.train") and driver.endswith("[auth=token:t0ken]")
+
+
+def test_skypilot_worker_joins_once_the_head_answers(tmp_path):
+    with socket.socket() as head:  # the head's GCS port, listening
+        head.bind(("127.0.0.1", 0))
+        head.listen()
+        port = head.getsockname()[1]
+        done, calls = run_skypilot_node(tmp_path, rank=1, port=port, wait_s=30)
+    assert done.returncode == 0, done.stderr
+    assert calls == f"ray start --address=127.0.0.1:{port} --disable-usage-stats [auth=token:t0ken]\n"
+
+
+def test_skypilot_worker_gives_up_when_the_head_never_answers(tmp_path):
+    with socket.socket() as closed:  # a port nothing listens on
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+        done, calls = run_skypilot_node(tmp_path, rank=1, port=port, wait_s=0)
+    assert done.returncode != 0 and "did not answer" in done.stderr
+    assert calls == ""  # never tried to join

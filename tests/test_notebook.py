@@ -1,6 +1,8 @@
 """examples/notebook.ipynb runs top to bottom: local Ray, a short run, a plot, sampled text."""
 
+import ast
 import os
+import re
 
 import nbformat
 import pytest
@@ -22,6 +24,11 @@ def test_notebook_executes_and_plots(tmp_path, monkeypatch):
     assert not [o for o in outputs if o.output_type == "error"]
     assert any("image/png" in o.get("data", {}) for o in outputs), "the plot cell drew no image"
     text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
+    run_dir = tmp_path / "outputs" / "llama3-debugmodel"
+    assert f"run folder: {run_dir}\n" in text  # taken from the run's config, under OUTPUT
     assert "final checkpoint:" in text and "step-4" in text
-    assert "'The ' -> '" in text and "'In the morning' -> '" in text
-    assert os.path.isdir(tmp_path / "outputs" / "llama3-debugmodel" / "checkpoint" / "step-4")
+    generated = {prompt: ast.literal_eval(continuation)
+                 for prompt, continuation in re.findall(r"^'(The |In the morning)' -> (.+)$", text, re.M)}
+    assert set(generated) == {"The ", "In the morning"}
+    assert all(generated.values()), generated  # some tokens beyond each prompt
+    assert os.path.isdir(run_dir / "checkpoint" / "step-4")
