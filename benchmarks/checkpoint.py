@@ -168,6 +168,9 @@ def main() -> None:
     parser.add_argument("--gpu", action="store_true")
     parser.add_argument("--folder", help="where to write (default: a temporary folder, removed after)")
     args = parser.parse_args()
+    if args.gpu and max(args.save_world, args.load_world) > torch.cuda.device_count():
+        parser.error(f"--gpu runs one rank per GPU and this machine has {torch.cuda.device_count()}: lower "
+                     "--save-world/--load-world (on one GPU: 1 and 1, no resharding)")
 
     folder = args.folder or tempfile.mkdtemp(prefix="raytitan-ckpt-bench-")
     cfg = {"flavor": args.flavor, "repeats": args.repeats, "steps": args.steps, "seq_len": args.seq_len,

@@ -175,9 +175,16 @@ def check_compatible(path: str, metadata: Metadata, expected: dict[str, tuple[in
                                   f"(first: '{extra[0]}'): was it saved from another model.flavor?")
 
 
+def is_export(folder: str, step: int) -> bool:
+    """A committed step after the start that holds model weights only (``last_save_model_only``):
+    weights to take away, not a state a run can resume from (a step-0 seed is a run's origin)."""
+    return step > 0 and read_commit(folder, step).get("model_only", False)
+
+
 def loadable_step(folder: str, load_step: int = -1) -> int | None:
     """The step to resume from: ``load_step`` if given (it must be committed and intact), else the
-    newest committed step whose files are intact. Damaged newer steps are skipped with a warning.
+    newest committed step whose files are intact. Damaged newer steps are skipped with a warning,
+    and so are weights-only exports (they lack the optimizer, schedule and data position).
 
     Depends only on what is on storage, so every rank (also one that idles) picks the same step."""
     steps = committed_steps(folder)
@@ -187,20 +194,44 @@ def loadable_step(folder: str, load_step: int = -1) -> int | None:
                 f"checkpoint.load_step = {load_step}, but {step_dir(folder, load_step)} is not a "
                 f"committed checkpoint; committed steps: {steps or 'none'}"
             )
+        if is_export(folder, load_step):
+            raise CheckpointError(f"checkpoint.load_step = {load_step}: {_export_advice(folder, load_step)}")
         check_files(step_dir(folder, load_step))
         return load_step
-    problems = []
+    problems, exports = [], []
     for step in reversed(steps):
+        if is_export(folder, step):
+            exports.append(step)
+            continue
         try:
             check_files(step_dir(folder, step))
-            return step
         except CheckpointError as e:
             logger.warning("skipping damaged checkpoint %s: %s", step_dir(folder, step), e)
             problems.append(str(e))
+            continue
+        if exports:
+            logger.warning("resuming from step-%d: the newer step(s) %s hold model weights only", step,
+                           ", ".join(map(str, sorted(exports))))
+        return step
     if problems:
         raise CheckpointError(f"every committed checkpoint in {folder} is damaged: " + "; ".join(problems) +
                               ". Move the folder away to start over, or repair it")
+    if exports:
+        raise CheckpointError(f"{folder} has no checkpoint to resume from: {_export_advice(folder, max(exports))}")
     return None
+
+
+def final_export(folder: str, total_steps: int) -> int | None:
+    """The weights-only last save of a run that reached ``total_steps``, if there is one: such a
+    run is finished, and starting it again would only redo its tail."""
+    done = [s for s in committed_steps(folder) if s >= total_steps and is_export(folder, s)]
+    return max(done) if done else None
+
+
+def _export_advice(folder: str, step: int) -> str:
+    return (f"{step_dir(folder, step)} holds model weights only (checkpoint.last_save_model_only), not the "
+            "optimizer, schedule and data position a resume needs. To train on from those weights, start a new "
+            f"run (another ray.name) with checkpoint.initial_load_path = {step_dir(folder, step)}")
 
 
 EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -240,6 +271,9 @@ class CheckpointManager:
         self.last_save_seconds = 0.0  # how long the last save blocked training
         self._pending: _PendingSave | None = None
         self._stager = None
+        if async_mode == "async_with_pinned_mem" and not torch.cuda.is_available():
+            logger.info("checkpoint.async_mode = async_with_pinned_mem: pinned memory needs CUDA; staging in "
+                        "ordinary memory as async does")
         self._committed: str | None = None  # newest step this rank committed, not yet taken
 
     # ------------------------------------------------------------------ saving
@@ -253,7 +287,11 @@ class CheckpointManager:
         self.wait()  # at most one save in flight
         path = step_dir(self.folder, step)
         if self.rank == 0:
-            # An uncommitted folder of the same step is debris from a crashed save.
+            # An uncommitted folder of the same step is debris from a crashed save; a committed one
+            # is an export, damaged, or newer than the load_step this run resumed from.
+            if storage.isfile(storage.join(path, COMMIT_MARKER)):
+                logger.warning("replacing the committed %s%s with a new save of that step", path,
+                               " (weights only)" if is_export(self.folder, step) else "")
             storage.rmtree(path)
             storage.makedirs(path)
         self._barrier()
@@ -404,8 +442,9 @@ class CheckpointManager:
             dcp.load(states, checkpoint_id=path, storage_reader=storage.dcp_reader(path), process_group=self.group)
         except (Exception, CheckpointException) as e:
             raise CheckpointError(
-                f"cannot load checkpoint {path}: {_root_cause(e)}. If it is damaged, delete its "
-                f"{COMMIT_MARKER} file so the run falls back to the previous step"
+                f"cannot load checkpoint {path}: {_root_cause(e)}. `python -m raytitan.checkpoints verify {path}` "
+                f"names the damaged file and key; delete its {COMMIT_MARKER} file so the run falls back to the "
+                "previous step"
             ) from e
 
 

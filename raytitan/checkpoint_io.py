@@ -62,8 +62,10 @@ def load_tensors(path: str, metadata: Metadata, keys: list[str]) -> dict[str, to
     try:
         _quiet_load(state, path)
     except (Exception, CheckpointException) as e:
-        raise CheckpointError(f"{path}: cannot read {keys[0]}{f' (and {len(keys) - 1} more)' if len(keys) > 1 else ''}"
-                              f": {_root_cause(e)}") from e
+        if len(keys) > 1:  # find the one that fails
+            for key in keys:
+                load_tensors(path, metadata, [key])
+        raise CheckpointError(f"{path}/{files_of(metadata, keys[0])}: cannot read '{keys[0]}': {_root_cause(e)}") from e
     return state
 
 
@@ -192,15 +194,18 @@ def read_hf_weights(folder: str, dtype: torch.dtype = torch.float32) -> dict[str
 def import_hf(folder: str, out_step_dir: str, dtype: torch.dtype = torch.float32) -> str:
     """A Hugging Face Llama folder as a committed, model-only DCP step folder that any layout
     loads (resharded) through ``checkpoint.initial_load_path``."""
-    weights = read_hf_weights(folder, dtype)
+    return write_weights_step(read_hf_weights(folder, dtype), out_step_dir, source=os.path.abspath(folder))
+
+
+def write_weights_step(weights: dict[str, torch.Tensor], out_step_dir: str, source: str) -> str:
+    """Model weights by name as a committed, model-only step folder (written aside, then renamed)."""
     tmp = out_step_dir.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*assuming the intent is to save in a single process")
         dcp.save({"model": weights}, checkpoint_id=tmp, no_dist=True)
-    write_commit(tmp, {"step": 0, "world_size": 1, "time": time.time(), "model_only": True,
-                       "source": os.path.abspath(folder)})
+    write_commit(tmp, {"step": 0, "world_size": 1, "time": time.time(), "model_only": True, "source": source})
     shutil.rmtree(out_step_dir, ignore_errors=True)
     os.replace(tmp, out_step_dir)
     return out_step_dir
@@ -222,6 +227,20 @@ def export_torch(step_path: str, out_file: str, model_only: bool = True) -> str:
 
         dcp_to_torch_save(step_path, out_file)
     return out_file
+
+
+def import_torch(file: str, out_step_dir: str) -> str:
+    """A ``torch.save`` file of model weights (either form ``export_torch`` writes) as a committed,
+    model-only step folder that any layout loads through ``checkpoint.initial_load_path``."""
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        raise CheckpointError(f"cannot read {file} as a torch.save file of weights: {type(e).__name__}: {e}") from e
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]  # every state was saved: take the weights
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{file} does not hold model weights by name (a dict of tensors, or one under 'model')")
+    return write_weights_step(state, out_step_dir, source=os.path.abspath(file))
 
 
 # --------------------------------------------------------------------------- inspection
@@ -269,12 +288,13 @@ class VerifyReport:
     tensors: int
     bytes: int
     non_finite: dict[str, int]
+    entries: int = 0  # non-tensor entries (schedule, data position, step), unpickled
 
 
 def verify(step_path: str, group_bytes: int = 256 << 20) -> Iterator[tuple[int, int] | VerifyReport]:
-    """Read every tensor of a step (a group at a time); yields (bytes done, total) as it goes,
-    then a report with the count of NaN/Inf values per tensor that has any. Raises naming the
-    file or key that cannot be read."""
+    """Read every tensor of a step (a group at a time) and every other entry; yields (bytes done,
+    total) as it goes, then a report with the count of NaN/Inf values per tensor that has any.
+    Raises naming the file and key that cannot be read."""
     metadata = check_files(step_path)
     keys = tensor_keys(metadata)
     total = sum(_nbytes(metadata.state_dict_metadata[k]) for k in keys)
@@ -287,4 +307,15 @@ def verify(step_path: str, group_bytes: int = 256 << 20) -> Iterator[tuple[int, 
                     non_finite[key] = bad
             done += tensor.nbytes
         yield done, total
-    yield VerifyReport(step_path, len(keys), total, non_finite)
+    entries = [k for k in metadata.state_dict_metadata if k not in set(keys)]
+    for key in entries:
+        try:
+            _quiet_load({key: None}, step_path)
+        except (Exception, CheckpointException) as e:
+            raise CheckpointError(f"{step_path}/{files_of(metadata, key)}: cannot read '{key}': {_root_cause(e)}") from e
+    yield VerifyReport(step_path, len(keys), total, non_finite, len(entries))
+
+
+def files_of(metadata: Metadata, key: str) -> str:
+    """The data file(s) that hold ``key``."""
+    return ", ".join(sorted({info.relative_path for index, info in metadata.storage_data.items() if index.fqn == key}))

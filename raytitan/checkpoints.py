@@ -2,8 +2,8 @@
 
 - ``list FOLDER``: every step folder: committed or not, size, world size it was saved with.
 - ``inspect STEP``: what a step holds: states, tensor counts and bytes, model weights and shapes.
-- ``verify STEP|FOLDER``: read every tensor of a step (or of every committed step), report
-  NaN/Inf values; exits 1 naming the file or key that cannot be read.
+- ``verify STEP|FOLDER``: read every tensor and every other entry of a step (or of every
+  committed step), report NaN/Inf values; exits 1 naming the file and key that cannot be read.
 """
 
 from __future__ import annotations
@@ -72,7 +72,8 @@ def cmd_verify(path: str) -> int:
         for item in verify(step_path):
             if isinstance(item, VerifyReport):
                 status = "ok" if not item.non_finite else f"{len(item.non_finite)} tensors with NaN/Inf"
-                print(f"{step_path}: {item.tensors} tensors, {_size(item.bytes)} read: {status}")
+                print(f"{step_path}: {item.tensors} tensors ({_size(item.bytes)}) and {item.entries} other entries "
+                      f"read: {status}")
                 for key, count in sorted(item.non_finite.items()):
                     print(f"  {key}: {count} non-finite values")
                 bad += bool(item.non_finite)
@@ -88,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="step folders of a checkpoint folder").add_argument("folder")
     sub.add_parser("inspect", help="what one step holds").add_argument("path", help="step folder (or checkpoint folder: newest)")
-    sub.add_parser("verify", help="read every tensor").add_argument("path", help="step folder, or checkpoint folder: all steps")
+    sub.add_parser("verify", help="read every tensor and entry").add_argument("path", help="step folder, or checkpoint folder: all steps")
     args = parser.parse_args(argv)
     target = getattr(args, "folder", None) or args.path
     if "://" in target:

@@ -16,10 +16,11 @@ import torch
 import torch.distributed as dist
 
 from raytitan.checkpoint import (
-    COMMIT_MARKER, EXPORT_DTYPES, CheckpointError, CheckpointManager, ModelState, OptimizerState, read_commit_at,
+    COMMIT_MARKER, EXPORT_DTYPES, CheckpointError, CheckpointManager, ModelState, OptimizerState, final_export,
+    read_commit_at,
 )
 from raytitan import storage
-from raytitan.checkpoint_io import import_hf
+from raytitan.checkpoint_io import import_hf, import_torch
 from raytitan.config import JobConfig, parse_args
 from raytitan.data.tokenizer import build_tokenizer
 from raytitan.metrics import METRICS_FILE, MetricsLogger
@@ -204,6 +205,11 @@ def run(config: JobConfig, runtime: Runtime) -> TrainState:
         logger.info("seed checkpoint written to %s", checkpoint.folder)
         return state
 
+    if c.enable and c.load_step < 0 and (done := final_export(checkpoint.folder, config.training.steps)) is not None:
+        logger.info("the run is finished: %s/step-%d holds its final weights; raise training.steps to train on "
+                    "(from the newest full checkpoint)", checkpoint.folder, done)
+        return state
+
     t2 = time.perf_counter()
     step = checkpoint.resolve_load_step(c.load_step) if c.enable else None
     if step is not None:
@@ -211,7 +217,8 @@ def run(config: JobConfig, runtime: Runtime) -> TrainState:
         logger.info("resumed from %s/step-%d (step %d, %d tokens seen, data cursor %s)",
                     checkpoint.folder, step, state.step, state.tokens_seen, loader.cursor.as_list())
     elif c.initial_load_path:
-        path = hf_import(config, checkpoint_group) if c.initial_load_in_hf else c.initial_load_path
+        path = import_weights(config, checkpoint_group) if c.initial_load_in_hf or is_torch_file(c.initial_load_path) \
+            else c.initial_load_path
         checkpoint.load_path(path, model_only=c.initial_load_model_only)
         logger.info("initial %s from %s", "weights" if c.initial_load_model_only else "state", c.initial_load_path)
     timings["checkpoint_load"] = time.perf_counter() - t2
@@ -267,24 +274,31 @@ def model_facts(config: JobConfig, plan, tokenizer) -> dict:
             "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id, "hf_assets_path": config.model.hf_assets_path}
 
 
-def hf_import(config: JobConfig, group) -> str:
-    """``checkpoint.initial_load_path`` (a Hugging Face folder) as a DCP step folder every rank
-    can load its shards from: converted once by rank 0 into the run folder, reused on restarts."""
+def is_torch_file(path: str) -> bool:
+    return path.endswith((".pt", ".pth")) and os.path.isfile(path)
+
+
+def import_weights(config: JobConfig, group) -> str:
+    """``checkpoint.initial_load_path`` (a Hugging Face folder or a torch.save file of weights) as
+    a DCP step folder every rank can load its shards from: converted once by rank 0 into the run
+    folder, reused on restarts."""
     source = os.path.abspath(config.checkpoint.initial_load_path)
-    target = os.path.join(config.run_dir, "hf_import")
+    hf = config.checkpoint.initial_load_in_hf
+    target = os.path.join(config.run_dir, "hf_import" if hf else "torch_import")
     error = None
     if dist.get_rank() == 0:
         try:
             if not (os.path.isfile(os.path.join(target, COMMIT_MARKER)) and read_commit_at(target).get("source") == source):
                 t0 = time.perf_counter()
-                import_hf(source, target)
-                logger.info("converted Hugging Face weights %s to %s in %.1fs", source, target, time.perf_counter() - t0)
+                (import_hf if hf else import_torch)(source, target)
+                logger.info("converted %s weights %s to %s in %.1fs", "Hugging Face" if hf else "torch.save",
+                            source, target, time.perf_counter() - t0)
         except Exception as e:  # every rank must learn of it, not wait forever
             error = f"{type(e).__name__}: {e}"
     shared = [error]
     dist.broadcast_object_list(shared, src=0, group=group)
     if shared[0]:
-        raise CheckpointError(f"cannot import Hugging Face weights from {source}: {shared[0]}")
+        raise CheckpointError(f"cannot import weights from {source}: {shared[0]}")
     return target
 
 

@@ -1,5 +1,9 @@
 import logging
 import os
+import signal
+import subprocess
+import sys
+import textwrap
 import threading
 
 import pytest
@@ -8,7 +12,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemWriter
 
 from raytitan.checkpoint import (
-    COMMIT_MARKER, CheckpointError, CheckpointManager, ModelState, OptimizerState, committed_steps, read_metadata,
+    COMMIT_MARKER, CheckpointError, CheckpointManager, ModelState, OptimizerState, committed_steps, final_export,
+    read_metadata,
 )
 
 
@@ -107,14 +112,14 @@ def test_missing_shard_names_the_file(tmp_path):
         m.resolve_load_step()
 
 
-def test_corrupt_bytes_name_the_folder(tmp_path):
+def test_corrupt_bytes_name_the_folder_and_how_to_find_the_file(tmp_path):
     m = manager(tmp_path, torch.nn.Linear(8, 8))
     path = m.save(1)
     shard = os.path.join(path, "__0_0.distcp")
     size = os.path.getsize(shard)
     with open(shard, "wb") as f:
         f.write(b"\0" * size)  # right length, garbage inside: found only while reading
-    with pytest.raises(CheckpointError, match=f"cannot load checkpoint {path}.*{COMMIT_MARKER}"):
+    with pytest.raises(CheckpointError, match=f"cannot load checkpoint {path}.*checkpoints verify {path}.*{COMMIT_MARKER}"):
         manager(tmp_path, torch.nn.Linear(8, 8)).load(1)
 
 
@@ -226,3 +231,125 @@ def test_crash_after_async_write_before_commit_keeps_previous_latest(tmp_path):
         m.close()
     assert committed_steps(str(tmp_path)) == [1]
     assert os.path.isfile(os.path.join(tmp_path, "step-2", ".metadata"))  # written, yet not a checkpoint
+
+
+def test_resume_skips_weights_only_exports(tmp_path, caplog):
+    """A weights-only last save cannot resume a run (no optimizer, schedule or data position):
+    the newest full step is taken instead, and with none there is a clear error, never a silent
+    restart from step 0 over the old steps."""
+    model, optimizer = trained()
+    m = full_manager(tmp_path, model, optimizer, last_save_model_only=True)
+    m.save(2)
+    m.save_last(4)
+    assert committed_steps(str(tmp_path)) == [2, 4]
+    with caplog.at_level(logging.WARNING):
+        assert m.resolve_load_step() == 2
+    assert "newer step(s) 4 hold model weights only" in caplog.text
+    assert final_export(str(tmp_path), 4) == 4 and final_export(str(tmp_path), 5) is None
+    with pytest.raises(CheckpointError, match="load_step = 4: .*step-4 holds model weights only.*initial_load_path"):
+        m.resolve_load_step(4)
+    os.remove(tmp_path / "step-2" / COMMIT_MARKER)
+    with pytest.raises(CheckpointError, match="no checkpoint to resume from: .*step-4 holds model weights only"):
+        m.resolve_load_step()
+
+
+def test_a_second_async_save_waits_for_the_first_to_commit(tmp_path, monkeypatch):
+    """At most one save in flight: save(2) commits step 1 before its own write starts."""
+    events, lock = [], threading.Condition()
+    original_write, original_commit = FileSystemWriter.write_data, CheckpointManager._commit
+    release = threading.Event()
+
+    def write_data(writer, plan, planner):
+        with lock:
+            events.append(("write", os.path.basename(str(writer.path))))
+            lock.notify_all()
+        assert release.wait(timeout=60), "test never released the write"
+        return original_write(writer, plan, planner)
+
+    def commit(self, step, path, model_only):
+        events.append(("commit", f"step-{step}"))
+        return original_commit(self, step, path, model_only)
+
+    monkeypatch.setattr(FileSystemWriter, "write_data", write_data)
+    monkeypatch.setattr(CheckpointManager, "_commit", commit)
+    model, optimizer = trained()
+    m = full_manager(tmp_path, model, optimizer, async_mode="async")
+    waiting = threading.Event()
+    original_wait = m.wait
+
+    def wait():
+        waiting.set()
+        return original_wait()
+
+    m.wait = wait
+    m.save(1)
+    waiting.clear()  # save(1) found nothing in flight
+    second = threading.Thread(target=m.save, args=(2,))
+    second.start()
+    with lock:  # the second save either waits for the first, or (wrongly) starts writing beside it
+        assert lock.wait_for(lambda: waiting.is_set() or len(events) > 1, timeout=60)
+    release.set()
+    second.join(timeout=60)
+    m.close()
+    assert events == [("write", "step-1"), ("commit", "step-1"), ("write", "step-2"), ("commit", "step-2")]
+
+
+def test_pinned_memory_mode_on_cpu_saves_like_async(tmp_path, caplog):
+    model, optimizer = trained()
+    with caplog.at_level(logging.INFO):
+        m = full_manager(tmp_path / "pinned", model, optimizer, async_mode="async_with_pinned_mem")
+    assert "pinned memory needs CUDA" in caplog.text
+    m.save(1)
+    assert m.wait() is not None
+    full_manager(tmp_path / "sync", model, optimizer).save(1)
+    a, b = trained(seed=1), trained(seed=2)
+    full_manager(tmp_path / "pinned", *a).load(1)
+    full_manager(tmp_path / "sync", *b).load(1)
+    assert_same_weights(a[0], b[0])
+
+
+KILLED_MID_WRITE = textwrap.dedent("""
+    import os, signal, sys, threading
+    import torch
+    from torch.distributed.checkpoint import FileSystemWriter
+    from raytitan.checkpoint import CheckpointManager, ModelState
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 8)
+    m = CheckpointManager(sys.argv[1], {"model": ModelState([model])}, 1, 0, async_mode="async")
+    m.save(1)
+    m.wait()
+    torch.save(model.state_dict(), sys.argv[2])
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    in_write = threading.Event()
+    original = FileSystemWriter.write_data
+
+    def write_data(writer, plan, planner):  # write step 2's data, then hold before its metadata
+        done = original(writer, plan, planner)
+        done.wait()
+        in_write.set()
+        threading.Event().wait()
+        return done
+
+    FileSystemWriter.write_data = write_data
+    m.save(2)
+    assert in_write.wait(timeout=60)
+    os.kill(os.getpid(), signal.SIGKILL)  # the background write of step 2 is in flight
+""")
+
+
+def test_process_killed_during_an_async_write_leaves_the_previous_step_latest(tmp_path):
+    folder, weights = tmp_path / "ckpt", tmp_path / "step1.pt"
+    proc = subprocess.run([sys.executable, "-c", KILLED_MID_WRITE, str(folder), str(weights)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert any(name.endswith(".distcp") for name in os.listdir(folder / "step-2"))  # step 2 was being written
+    assert committed_steps(str(folder)) == [1]
+    model = torch.nn.Linear(8, 8)
+    m = manager(folder, model)
+    assert m.resolve_load_step() == 1
+    m.load(1)
+    expected = torch.load(weights)
+    assert all(torch.equal(expected[k], v) for k, v in model.state_dict().items())
+    assert m.save(2) and committed_steps(str(folder)) == [1, 2]  # the debris is replaced

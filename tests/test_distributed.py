@@ -6,7 +6,8 @@ import shutil
 
 import pytest
 
-from raytitan.checkpoint import COMMIT_MARKER, committed_steps
+from raytitan.checkpoint import COMMIT_MARKER, committed_steps, read_commit_at, read_metadata
+from raytitan.checkpoint_io import export_torch
 
 from tests.helpers import run_ranks, tiny_config
 
@@ -104,27 +105,46 @@ def test_elastic_world_that_fits_no_layout_idles_a_rank(tmp_path, data_dir, seed
     assert (restarts[0]["world"], restarts[0]["active"], restarts[0]["dp"]) == (3, 2, 2)
 
 
-def test_runs_started_from_a_step_or_its_hugging_face_export(tmp_path, data_dir, seed_checkpoint):
-    """One process trains 5 steps and exports the last as a Hugging Face folder. Then, on 2 ranks
-    (resharded): runs started from step 5 and from its export have the same weights, so the same
-    losses bit for bit; a run started from all of step 3 (initial_load_model_only = false)
-    continues at step 4 with the first run's losses."""
+def test_runs_started_from_a_step_or_its_exports(tmp_path, data_dir, seed_checkpoint):
+    """One process trains 5 steps; its last save holds weights only and is also exported as a
+    Hugging Face folder and (offline) as a .pt file. Then, on 2 ranks (resharded): runs started
+    from step 5, its HF export and its .pt have the same weights, so the same losses bit for bit;
+    a run started from all of step 3 (initial_load_model_only = false) continues at step 4 with
+    the first run's losses, and with exclude_from_loading = optimizer only its first step
+    matches; the finished run, started again, trains nothing."""
     trained = tiny_config(str(tmp_path / "a"), data_dir, training={"steps": 5},
-                          checkpoint={"initial_load_path": seed_checkpoint, "interval": 3, "last_save_in_hf": True})
+                          checkpoint={"initial_load_path": seed_checkpoint, "interval": 3, "last_save_in_hf": True,
+                                      "last_save_model_only": True})
     folder = os.path.join(trained.run_dir, "checkpoint")
-    from_dcp = tiny_config(str(tmp_path / "b"), data_dir, training={"steps": 2},
+    started = {"training": {"steps": 2}}
+    from_dcp = tiny_config(str(tmp_path / "b"), data_dir, **started,
                            checkpoint={"initial_load_path": f"{folder}/step-5", "enable": False})
-    from_hf = tiny_config(str(tmp_path / "c"), data_dir, training={"steps": 2},
+    from_hf = tiny_config(str(tmp_path / "c"), data_dir, **started,
                           checkpoint={"initial_load_path": f"{folder}/step-5-hf", "initial_load_in_hf": True,
                                       "enable": False})
-    from_full = tiny_config(str(tmp_path / "d"), data_dir, training={"steps": 5},
+    from_pt = tiny_config(str(tmp_path / "e"), data_dir, **started,
+                          checkpoint={"initial_load_path": str(tmp_path / "step5.pt"), "enable": False})
+    resumed = {"training": {"steps": 5}}
+    from_full = tiny_config(str(tmp_path / "d"), data_dir, **resumed,
                             checkpoint={"initial_load_path": f"{folder}/step-3", "initial_load_model_only": False,
                                         "enable": False})
+    no_optimizer = tiny_config(str(tmp_path / "f"), data_dir, **resumed,
+                               checkpoint={"initial_load_path": f"{folder}/step-3", "initial_load_model_only": False,
+                                           "exclude_from_loading": ["optimizer"], "enable": False})
     first = run_ranks(trained, 1, str(tmp_path))
+    assert read_commit_at(f"{folder}/step-5")["model_only"] and not read_commit_at(f"{folder}/step-3")["model_only"]
+    assert {k.split(".")[0] for k in read_metadata(f"{folder}/step-5").state_dict_metadata} == {"model"}
     assert os.path.isfile(os.path.join(folder, "step-5-hf", "config.json"))
-    dcp_run, hf_run, full_run = run_ranks([from_dcp, from_hf, from_full], 2, str(tmp_path))
+    export_torch(f"{folder}/step-5", str(tmp_path / "step5.pt"))
+    dcp_run, hf_run, pt_run, full_run, partial_run, again = run_ranks(
+        [from_dcp, from_hf, from_pt, from_full, no_optimizer, trained], 2, str(tmp_path))
     assert os.path.isfile(os.path.join(from_hf.run_dir, "hf_import", COMMIT_MARKER))
-    assert hf_run["losses"] == dcp_run["losses"] and len(hf_run["losses"]) == 2
+    assert os.path.isfile(os.path.join(from_pt.run_dir, "torch_import", COMMIT_MARKER))
+    assert hf_run["losses"] == dcp_run["losses"] == pt_run["losses"] and len(hf_run["losses"]) == 2
     assert len(full_run["losses"]) == 2 and full_run["tokens_seen"] == first["tokens_seen"]
     for a, b in zip(first["losses"][3:], full_run["losses"]):
         assert abs(a - b) / a < 1e-5, (first["losses"], full_run["losses"])
+    # A fresh optimizer: step 4's loss (before any update) is the same, step 5's is not.
+    assert abs(partial_run["losses"][0] - first["losses"][3]) / first["losses"][3] < 1e-5
+    assert abs(partial_run["losses"][1] - first["losses"][4]) / first["losses"][4] > 1e-5
+    assert again["losses"] == [] and committed_steps(folder) == [3, 5]

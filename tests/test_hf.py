@@ -11,7 +11,7 @@ import transformers  # test-only dependency (the dev extra): the reference Llama
 from raytitan import checkpoints as checkpoints_cli
 from raytitan import convert as convert_cli
 from raytitan.checkpoint import CheckpointError, CheckpointManager, ModelState, read_metadata
-from raytitan.checkpoint_io import export_hf, import_hf, load_tensors, read_hf_weights
+from raytitan.checkpoint_io import export_hf, import_hf, import_torch, load_tensors, read_hf_weights
 from raytitan.models.llama3 import hf
 from raytitan.models.llama3.args import FLAVORS
 from raytitan.models.llama3.model import Transformer
@@ -154,6 +154,72 @@ def test_to_torch_writes_the_weights_by_name(tmp_path):
     assert loaded.keys() == model.state_dict().keys()
     assert all(torch.equal(loaded[k], v) for k, v in model.state_dict().items())
     assert convert_cli.main(["to-torch", str(tmp_path / "nowhere"), str(tmp_path / "x.pt")]) == 1
+
+
+def test_folder_saved_by_transformers_imports_with_the_same_logits(tmp_path):
+    """A Llama folder written by transformers itself (not by raytitan's exporter) imports, and
+    raytitan's forward of the imported weights matches transformers' logits."""
+    theirs_config = transformers.LlamaConfig(**hf.hf_config(ARGS, torch.float32))
+    torch.manual_seed(0)
+    theirs = transformers.LlamaForCausalLM(theirs_config).eval()
+    theirs.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    step = import_hf(str(tmp_path / "hf"), str(tmp_path / "imported"))
+    ours = Transformer(ARGS)
+    CheckpointManager(str(tmp_path), {"model": ModelState([ours])}, 1, 0).load_path(step, model_only=True)
+    tokens = torch.randint(0, ARGS.vocab_size, (2, 48))
+    with torch.no_grad():
+        diff = (ours.eval()(tokens) - theirs(tokens).logits).abs().max().item()
+    assert diff < 1e-4, diff
+
+
+@pytest.mark.parametrize("all_states", [False, True])
+def test_torch_file_imports_as_a_loadable_step(tmp_path, all_states):
+    """to-torch, then back into a step folder that loads the identical weights (either file form)."""
+    from torch.distributed.checkpoint.stateful import Stateful
+
+    class Step(Stateful):  # a non-tensor state, as a run's train_state is
+        def state_dict(self):
+            return {"step": 7}
+
+        def load_state_dict(self, state):
+            pass
+
+    model = random_model()
+    CheckpointManager(str(tmp_path / "ckpt"), {"model": ModelState([model]), "train_state": Step()}, 1, 0).save(1)
+    args = ["to-torch", str(tmp_path / "ckpt"), str(tmp_path / "model.pt")] + (["--all-states"] if all_states else [])
+    assert convert_cli.main(args) == 0
+    saved = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert ("train_state" in saved) == all_states
+    step = import_torch(str(tmp_path / "model.pt"), str(tmp_path / "imported"))
+    loaded = random_model(seed=1)
+    CheckpointManager(str(tmp_path), {"model": ModelState([loaded])}, 1, 0).load_path(step, model_only=True)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+    torch.save({"not": "weights"}, tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError, match="does not hold model weights by name"):
+        import_torch(str(tmp_path / "bad.pt"), str(tmp_path / "bad"))
+
+
+def test_verify_unpickles_every_entry_and_names_a_damaged_one(tmp_path, capsys):
+    from torch.distributed.checkpoint.stateful import Stateful
+
+    class Position(Stateful):
+        def state_dict(self):
+            return {"cursor": [3, 1, 4]}
+
+        def load_state_dict(self, state):
+            pass
+
+    step = CheckpointManager(str(tmp_path), {"model": ModelState([random_model()]), "dataloader": Position()},
+                             1, 0).save(1)
+    assert checkpoints_cli.main(["verify", step]) == 0
+    assert "1 other entries read: ok" in capsys.readouterr().out
+    entry = next((i, info) for i, info in read_metadata(step).storage_data.items() if i.fqn == "dataloader.cursor")[1]
+    with open(os.path.join(step, entry.relative_path), "r+b") as f:  # same length, other bytes
+        f.seek(entry.offset)
+        f.write(b"\x00" * entry.length)
+    assert checkpoints_cli.main(["verify", step]) == 1
+    err = capsys.readouterr().err
+    assert f"{entry.relative_path}: cannot read 'dataloader.cursor'" in err, err
 
 
 def test_checkpoint_without_recorded_shape_needs_a_flavor(tmp_path, capsys):
