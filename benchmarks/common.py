@@ -20,11 +20,20 @@ def device_name() -> str:
 
 
 def commit() -> str:
+    """HEAD's short hash, "+dirty" when tracked files differ from it (results files aside: the
+    benchmarks themselves append to them), so a number is never credited to code it did not run."""
+    repo = os.path.dirname(os.path.dirname(RESULTS_DIR))
+
+    def git(*args: str) -> str:
+        return subprocess.check_output(["git", *args], text=True, cwd=repo, stderr=subprocess.DEVNULL).strip()
+
     try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                       cwd=os.path.dirname(RESULTS_DIR), stderr=subprocess.DEVNULL).strip()
+        head = git("rev-parse", "--short", "HEAD")
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                      f":(exclude){os.path.relpath(RESULTS_DIR, repo)}")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+    return f"{head}+dirty" if changed else head
 
 
 def print_table(rows: list[dict], columns: list[str]) -> None:
@@ -40,15 +49,22 @@ def _fmt(v) -> str:
     return "" if v is None else str(v)
 
 
-def record(benchmark: str, config: dict, results: list[dict]) -> dict:
-    """Append one JSON line to benchmarks/results/<benchmark>.jsonl and return it."""
+def record(benchmark: str, config: dict, results: list[dict], results_dir: str = RESULTS_DIR) -> dict:
+    """Append one JSON line to <results_dir>/<benchmark>.jsonl and return it."""
     line = {"benchmark": benchmark, "device": device_name(), "date": datetime.date.today().isoformat(),
             "commit": commit(), "config": config, "results": results}
-    os.makedirs(RESULTS_DIR, exist_ok=True)
-    with open(os.path.join(RESULTS_DIR, f"{benchmark}.jsonl"), "a") as f:
-        f.write(json.dumps(line) + "\n")
+    append_json(os.path.join(results_dir, f"{benchmark}.jsonl"), line)
     print(json.dumps(line))
     return line
+
+
+def append_json(path: str, obj: dict) -> None:
+    """One JSON line, flushed to disk before returning: what a killed sweep leaves behind is readable."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(obj) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def steady(records: list[dict], key: str, skip: int) -> float:

@@ -46,12 +46,11 @@ def main() -> None:
     base = {"model.flavor": args.flavor, "training.steps": args.steps, "training.seq_len": args.seq_len,
             "training.local_batch_size": args.local_batch, "lr_scheduler.warmup_steps": 2}
     root = tempfile.mkdtemp(prefix="raytitan-features-")
+    chosen = {name: {**base, **overrides} for name, overrides in VARIANTS.items() if not args.only or name in args.only}
     rows = []
-    for name, overrides in VARIANTS.items():
-        if args.only and name not in args.only:
-            continue
+    for name, overrides in chosen.items():
         print(f"running {name} ...", flush=True)
-        records = run_worker({**base, **overrides}, root, name.replace(" ", "_").replace("+", "and"))
+        records = run_worker(overrides, root, name.replace(" ", "_").replace("+", "and"))
         losses = [r["loss"] for r in records if "loss" in r]
         rows.append({"variant": name, "tokens_per_s": steady(records, "tokens_per_sec_per_device", args.warmup),
                      "peak_rss_gib": max(r.get("memory/max_rss_gib", 0.0) for r in records),
@@ -63,7 +62,7 @@ def main() -> None:
     print(f"\n{args.flavor}, seq {args.seq_len}, batch {args.local_batch}, one process, medians after step {args.warmup}\n")
     print_table(rows, ["variant", "tokens_per_s", "speed_vs_eager", "peak_rss_gib", "rss_vs_eager", "first_loss",
                        "last_loss"])
-    record("features_cpu", vars(args), rows)
+    record("features_cpu", {**vars(args), "variants": chosen}, rows)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,14 @@
 """What Ray costs: the same config and steps through Ray (`python -m raytitan.train`) and
 through torchrun (`torchrun -m raytitan.worker`), alternating, --repeats times each.
 
-Reports steady-state tokens/s per device (median over the steps after --warmup) and start-up
-time (command start -> first step logged), and the ratio Ray / torchrun of both, from the same
-run. Under Ray the data comes from the Ray Data feeder; under torchrun each rank reads itself.
+Reports steady-state tokens/s per device (median over the steps after --warmup), the share of
+those steps spent waiting for data, and start-up time (command start -> first step logged), and
+the ratio Ray / torchrun, from the same run. Under Ray the data comes from the Ray Data feeder;
+under torchrun each rank reads itself. With fewer workers than cores, Ray's own processes (GCS,
+raylet, driver, feeder) get cores of their own, which separates their CPU use from their
+per-step cost.
 
-    python benchmarks/ray_overhead.py [--workers 2] [--steps 20] [--repeats 3] [--gpu]
+    python benchmarks/ray_overhead.py [--workers 2] [--steps 20] [--repeats 3] [--threads N] [--gpu]
 """
 
 from __future__ import annotations
@@ -28,8 +31,9 @@ from raytitan.metrics import read_metrics  # noqa: E402
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def launch(kind: str, args, root: str, name: str) -> tuple[float, float]:
-    """(steady tokens/s per device, seconds from command start to the first logged step)."""
+def launch(kind: str, args, root: str, name: str) -> tuple[float, float, float]:
+    """(steady tokens/s per device, steady data-wait share, seconds from command start to the
+    first logged step)."""
     common = ["--job.config_file", args.config, "--job.dump_folder", root, "--ray.name", name,
               "--training.steps", str(args.steps), "--metrics.log_freq", "1", "--metrics.enable_tensorboard", "false",
               "--checkpoint.enable", "false", "--ray.num_workers", str(args.workers), "--metrics.progress_bar", "off"]
@@ -40,13 +44,15 @@ def launch(kind: str, args, root: str, name: str) -> tuple[float, float]:
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.workers),
                "-m", "raytitan.worker", *common]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}  # the same for both (torchrun sets 1 otherwise)
     started = time.time()
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=3600)
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=3600)
     if proc.returncode != 0:
         raise RuntimeError(f"{kind} run failed:\n{(proc.stdout + proc.stderr)[-4000:]}")
     records = read_metrics(os.path.join(root, name))
     first = min(r["time"] for r in records if "loss" in r)
-    return steady(records, "tokens_per_sec_per_device", args.warmup), first - started
+    return (steady(records, "tokens_per_sec_per_device", args.warmup), steady(records, "data_wait_share", args.warmup),
+            first - started)
 
 
 def main() -> None:
@@ -57,22 +63,27 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--gpu", action="store_true")
+    parser.add_argument("--threads", type=int, help="intra-op threads per worker (default: cores / workers)")
     args = parser.parse_args()
+    args.threads = args.threads or max(1, (os.cpu_count() or 1) // args.workers)
 
     root = tempfile.mkdtemp(prefix="raytitan-overhead-")
     runs = {"ray": [], "torchrun": []}
     for i in range(args.repeats):
         for kind in ("torchrun", "ray") if i % 2 == 0 else ("ray", "torchrun"):  # alternate who goes first
-            tps, startup = launch(kind, args, root, f"{kind}-{i}")
-            runs[kind].append((tps, startup))
-            print(f"repeat {i} {kind:9s} {tps:10.0f} tok/s/device  start-up {startup:5.1f}s", flush=True)
-    rows = [{"launcher": kind, "tokens_per_s": statistics.median(t for t, _ in r),
-             "startup_s": statistics.median(s for _, s in r), "repeats": len(r)} for kind, r in runs.items()]
+            tps, wait, startup = launch(kind, args, root, f"{kind}-{i}")
+            runs[kind].append((tps, wait, startup))
+            print(f"repeat {i} {kind:9s} {tps:10.0f} tok/s/device  data wait {wait:6.1%}  start-up {startup:5.1f}s",
+                  flush=True)
+    rows = [{"launcher": kind, "tokens_per_s": statistics.median(t for t, _, _ in r),
+             "data_wait_share": statistics.median(w for _, w, _ in r),
+             "startup_s": statistics.median(s for _, _, s in r), "repeats": len(r),
+             "each_tokens_per_s": [round(t, 1) for t, _, _ in r]} for kind, r in runs.items()]
     ray_row, torchrun_row = rows
     summary = {"launcher": "ray / torchrun", "tokens_per_s": ray_row["tokens_per_s"] / torchrun_row["tokens_per_s"],
                "startup_s": ray_row["startup_s"] / torchrun_row["startup_s"]}
     print(f"\n{args.config}, {args.workers} workers, {args.steps} steps, medians of {args.repeats}\n")
-    print_table(rows + [summary], ["launcher", "tokens_per_s", "startup_s", "repeats"])
+    print_table(rows + [summary], ["launcher", "tokens_per_s", "data_wait_share", "startup_s", "repeats"])
     record("ray_overhead", vars(args), rows + [summary])
 
 

@@ -97,7 +97,8 @@ class Parallelism:
 class ActivationCheckpoint:
     mode: str = opt("none", "Recompute activations in backward to save memory: none, full (every block) or selective")
     selective_ac_option: str = opt(
-        "op", "selective: 'op' (keep matmul and attention outputs, recompute the rest) or N (every Nth block fully)")
+        "op", "selective: 'op' (keep matmul and attention outputs, recompute the rest) or N (every Nth block fully; "
+        "TOML may give it as an integer)")
 
 
 @dataclass
@@ -143,8 +144,8 @@ class Checkpoint:
     keep_latest_k: int = opt(3, "Keep this many newest committed checkpoints (0 = keep all)")
     create_seed_checkpoint: bool = opt(False, "Write initial weights as step-0 from one process, then exit")
     initial_load_path: str | None = opt(
-        None, "Where a run without checkpoints starts from: a committed step folder (or a Hugging Face Llama "
-        "folder with initial_load_in_hf)")
+        None, "Where a run without checkpoints starts from: a committed step folder, a .pt file of weights "
+        "(convert to-torch), or a Hugging Face Llama folder with initial_load_in_hf")
     initial_load_model_only: bool = opt(True, "Take only the weights from initial_load_path (not optimizer, schedule, data position, step)")
     initial_load_in_hf: bool = opt(False, "initial_load_path is a Hugging Face Llama folder (config.json + safetensors)")
     exclude_from_loading: list = opt([], "States not restored on load: any of model, optimizer, lr_scheduler, dataloader, train_state")
@@ -310,6 +311,11 @@ def _base_type(tp: Any) -> Any:
     return tp
 
 
+# String keys that torchtitan configs also write as TOML integers; stored as the string ("2"),
+# the same value the command line gives.
+INTEGER_STRINGS = ("activation_checkpoint.selective_ac_option",)
+
+
 def _convert(value: Any, tp: Any, key: str) -> Any:
     """Convert a TOML or command-line value to the field's type, or raise naming the key."""
     base = _base_type(tp)
@@ -334,6 +340,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
                 raise ValueError
             return float(value)
         if base is str:
+            if key in INTEGER_STRINGS and isinstance(value, int) and not isinstance(value, bool):
+                return str(value)
             if not isinstance(value, str):
                 raise ValueError
             return value
@@ -350,7 +358,7 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             return out
     except (TypeError, ValueError):
         pass
-    type_name = getattr(base, "__name__", str(base))
+    type_name = "str or int" if key in INTEGER_STRINGS else getattr(base, "__name__", str(base))
     raise ConfigError(f"{key}: expected {type_name}, got {value!r}")
 
 

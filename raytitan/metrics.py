@@ -45,8 +45,11 @@ def mfu_percent(flops_per_token: float, tokens_per_s_per_device: float, peak: fl
 
 
 def memory_gib(device: torch.device) -> dict[str, float]:
+    """Peak memory: on CUDA since the last report (the peaks are reset after each), on CPU the
+    process's peak RSS so far (the kernel keeps no resettable window)."""
     if device.type == "cuda":
         stats = torch.cuda.memory_stats(device)
+        torch.cuda.reset_peak_memory_stats(device)
         return {
             "memory/max_active_gib": stats.get("active_bytes.all.peak", 0) / 2**30,
             "memory/max_reserved_gib": stats.get("reserved_bytes.all.peak", 0) / 2**30,

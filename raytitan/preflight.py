@@ -21,7 +21,7 @@ from raytitan.models.llama3.hf import HFFormatError, check_matches, read_hf_conf
 from raytitan.parallel.dims import ParallelDims, ParallelismError
 from raytitan.parallel.activation_checkpoint import ActivationCheckpointError, check_option
 from raytitan.parallel.compile import COMPONENTS
-from raytitan.parallel.float8 import CONVERTER_NAMES, RECIPES
+from raytitan.parallel.float8 import AUTO_FILTER_RECIPES, CONVERTER_NAMES, RECIPES
 from raytitan.parallel.pipeline import SCHEDULES, PipelineError, microbatches, num_stages, stage_layers
 
 CHOICES = {
@@ -111,6 +111,10 @@ def check_speed_features(config: JobConfig) -> None:
     f8 = config.float8
     if f8.recipe_name != "tensorwise" and f8.enable_fsdp_float8_all_gather:
         raise ConfigError("quantize.linear.float8.enable_fsdp_float8_all_gather needs recipe_name = 'tensorwise'")
+    if f8.auto_filter_small_kn and f8.recipe_name.lower() not in AUTO_FILTER_RECIPES:
+        raise ConfigError(f"quantize.linear.float8.auto_filter_small_kn: torchao has no size filter for recipe_name = "
+                          f"{f8.recipe_name!r} (only {', '.join(AUTO_FILTER_RECIPES)}); turn it off and list the "
+                          "layers to keep in high precision in filter_fqns")
     if f8.precompute_float8_dynamic_scale_for_fsdp and not f8.enable_fsdp_float8_all_gather:
         raise ConfigError("quantize.linear.float8.precompute_float8_dynamic_scale_for_fsdp needs "
                           "enable_fsdp_float8_all_gather")
@@ -120,13 +124,15 @@ def check_speed_features(config: JobConfig) -> None:
 
 
 def check_checkpoint(c: Checkpoint, run_dir: str) -> None:
-    if storage.is_remote(run_dir) and (c.initial_load_in_hf or c.last_save_in_hf):
-        raise ConfigError("checkpoint.initial_load_in_hf and checkpoint.last_save_in_hf need ray.storage_path on a "
-                          f"filesystem, not an object store ({run_dir}); convert offline with python -m raytitan.convert")
+    path = c.initial_load_path
+    torch_file = bool(path) and path.endswith((".pt", ".pth"))
+    if storage.is_remote(run_dir) and (c.initial_load_in_hf or c.last_save_in_hf or torch_file):
+        raise ConfigError("checkpoint.initial_load_in_hf, last_save_in_hf and an initial_load_path .pt file need "
+                          f"ray.storage_path on a filesystem, not an object store ({run_dir}); convert offline with "
+                          "python -m raytitan.convert")
     unknown = [name for name in c.exclude_from_loading if name not in LOADABLE]
     if unknown:
         raise ConfigError(f"checkpoint.exclude_from_loading: {', '.join(unknown)} not among {', '.join(LOADABLE)}")
-    path = c.initial_load_path
     if c.initial_load_in_hf:
         if not path:
             raise ConfigError("checkpoint.initial_load_in_hf needs checkpoint.initial_load_path (a Hugging Face folder)")
@@ -136,9 +142,16 @@ def check_checkpoint(c: Checkpoint, run_dir: str) -> None:
             read_hf_config(path)
         except HFFormatError as e:
             raise ConfigError(f"checkpoint.initial_load_path: {e}") from None
+    elif torch_file:
+        if "://" in path or not os.path.isfile(path):
+            raise ConfigError(f"checkpoint.initial_load_path: no such file '{path}' (a .pt path is read as a "
+                              "torch.save file of weights, e.g. from python -m raytitan.convert to-torch)")
+        if not c.initial_load_model_only:
+            raise ConfigError("checkpoint.initial_load_path: a .pt file gives weights only: set "
+                              "checkpoint.initial_load_model_only")
     elif path and not storage.isfile(storage.join(path, COMMIT_MARKER)):
         raise ConfigError(f"checkpoint.initial_load_path: '{path}' is not a committed checkpoint step folder "
-                          "(for a Hugging Face folder set checkpoint.initial_load_in_hf)")
+                          "(for a Hugging Face folder set checkpoint.initial_load_in_hf; a torch.save file ends in .pt)")
 
 
 def check_layout(config: JobConfig, dims: ParallelDims, args: ModelArgs, local_batch: int) -> None:

@@ -7,6 +7,7 @@ iteration_{step}/rank{r}_memory_snapshot.pickle`` (open them at pytorch.org/memo
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import pickle
@@ -18,6 +19,18 @@ logger = logging.getLogger("raytitan")
 MEMORY_HISTORY_ENTRIES = 100_000
 
 
+def traced_schedule(freq: int, first_step: int, profiler_step: int) -> torch.profiler.ProfilerAction:
+    """The profiler's action for its ``profiler_step``-th step (0 = training step ``first_step``),
+    by absolute training step so a resumed run traces the same steps as an uninterrupted one:
+    record step s when s % freq == 0, warm up on the step before it, idle otherwise."""
+    step = first_step + profiler_step
+    if step % freq == 0:
+        return torch.profiler.ProfilerAction.RECORD_AND_SAVE
+    if (step + 1) % freq == 0:
+        return torch.profiler.ProfilerAction.WARMUP
+    return torch.profiler.ProfilerAction.NONE
+
+
 class Profiler:
     """Call ``step(n)`` after every training step and ``close()`` at the end."""
 
@@ -27,17 +40,13 @@ class Profiler:
         self.snapshot_dir = os.path.join(run_dir, settings.save_memory_snapshot_folder)
         self.step_no = first_step - 1
         self.profiler = None
-        freq = settings.profile_freq
+        self.closing = False
         if settings.enable_profiling:
             activities = [torch.profiler.ProfilerActivity.CPU]
             if device.type == "cuda":
                 activities.append(torch.profiler.ProfilerActivity.CUDA)
-            # Skip to one step before the traced one, warm up on it, record the next: the last
-            # step of every ``freq`` (a trace of one step needs freq >= 2, else the first).
-            wait = max(freq - 2, 0)
             self.profiler = torch.profiler.profile(
-                activities=activities,
-                schedule=torch.profiler.schedule(wait=wait, warmup=1 if freq > 1 else 0, active=1),
+                activities=activities, schedule=functools.partial(traced_schedule, settings.profile_freq, first_step),
                 on_trace_ready=self._save_trace, record_shapes=True)
             self.profiler.start()
         self.snapshots = settings.enable_memory_snapshot and device.type == "cuda"
@@ -47,6 +56,8 @@ class Profiler:
             torch.cuda.memory._record_memory_history(max_entries=MEMORY_HISTORY_ENTRIES)
 
     def _save_trace(self, prof) -> None:
+        if self.closing:  # stopped while set to record a step that never ran
+            return
         folder = os.path.join(self.trace_dir, f"iteration_{self.step_no}")
         os.makedirs(folder, exist_ok=True)
         path = os.path.join(folder, f"rank{self.rank}_trace.json")
@@ -65,6 +76,7 @@ class Profiler:
 
     def close(self) -> None:
         if self.profiler is not None:
+            self.closing = True
             self.profiler.stop()
             self.profiler = None
         if self.snapshots:

@@ -80,6 +80,32 @@ def test_nested_toml_tables_and_dotted_keys(tmp_path):
         parse_args(["--quantize.linear.float8.emulat"])
 
 
+def test_selective_ac_option_takes_a_toml_integer(tmp_path, data_dir):
+    """torchtitan configs write ``selective_ac_option = 2``; it means the same as "2" on the command line."""
+    path = write(tmp_path, '[activation_checkpoint]\nmode = "selective"\nselective_ac_option = 2\n')
+    c = parse_args(["--job.config_file", path])
+    assert c.activation_checkpoint.selective_ac_option == "2"
+    assert parse_args(["--activation_checkpoint.mode", "selective", "--activation_checkpoint.selective_ac_option",
+                       "2"]).activation_checkpoint == c.activation_checkpoint
+    assert parse_args(["--job.config_file", write(tmp_path, to_toml(c))]).activation_checkpoint == c.activation_checkpoint
+    plan_run(tiny_config(str(tmp_path), data_dir, activation_checkpoint={"mode": "selective", "selective_ac_option": 2}), 2)
+
+
+@pytest.mark.parametrize("value, message", [
+    ("0", "use 'op' or a positive integer"),
+    ("-1", "use 'op' or a positive integer"),
+    ('"foo"', "use 'op' or a positive integer"),
+    ("2.5", "expected str or int"),
+    ("true", "expected str or int"),
+])
+def test_selective_ac_option_rejects_what_names_no_policy(tmp_path, data_dir, value, message):
+    path = write(tmp_path, f'[activation_checkpoint]\nmode = "selective"\nselective_ac_option = {value}\n')
+    with pytest.raises(ConfigError, match=f"activation_checkpoint.selective_ac_option.*{message}"):
+        config = parse_args(["--job.config_file", path])
+        config.job.dump_folder, config.training.dataset, config.training.dataset_path = str(tmp_path), "files", data_dir
+        plan_run(config, 2)
+
+
 def test_shipped_configs_parse():
     for name in os.listdir(os.path.join(REPO, "configs")):
         c = parse_args(["--job.config_file", os.path.join(REPO, "configs", name)])
@@ -137,6 +163,7 @@ def test_fit_api_overrides():
     ({"checkpoint": {"initial_load_path": "/nonexistent"}}, 2, "not a committed checkpoint"),
     ({"checkpoint": {"initial_load_path": "/nonexistent", "initial_load_in_hf": True}}, 2, "has no config.json"),
     ({"checkpoint": {"initial_load_in_hf": True}}, 2, "initial_load_in_hf needs checkpoint.initial_load_path"),
+    ({"checkpoint": {"initial_load_path": "/nonexistent/model.pt"}}, 2, "no such file '/nonexistent/model.pt'"),
     ({"checkpoint": {"exclude_from_loading": ["optimizer", "optimiser"]}}, 2, "optimiser not among"),
     ({"checkpoint": {"async_mode": "background"}}, 2, "checkpoint.async_mode"),
     ({"checkpoint": {"export_dtype": "int8"}}, 2, "checkpoint.export_dtype"),
@@ -155,6 +182,17 @@ def test_preflight_errors(tmp_path, data_dir, sections, world, message):
     config = tiny_config(str(tmp_path), data_dir, **sections)
     with pytest.raises(ConfigError, match=message):
         plan_run(config, world)
+
+
+def test_preflight_takes_a_torch_file_for_weights_only(tmp_path, data_dir):
+    import torch
+
+    torch.save({"norm.weight": torch.ones(4)}, tmp_path / "model.pt")
+    path = str(tmp_path / "model.pt")
+    plan_run(tiny_config(str(tmp_path), data_dir, checkpoint={"initial_load_path": path}), 2)
+    with pytest.raises(ConfigError, match="a .pt file gives weights only"):
+        plan_run(tiny_config(str(tmp_path), data_dir,
+                             checkpoint={"initial_load_path": path, "initial_load_model_only": False}), 2)
 
 
 def test_preflight_heads_and_vocab(tmp_path, data_dir, monkeypatch):

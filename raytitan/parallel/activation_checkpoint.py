@@ -2,7 +2,8 @@
 
 - ``full``: every transformer block keeps only its input; everything inside is recomputed.
 - ``selective`` with ``op``: per-op policy: outputs of matmuls and attention (expensive to
-  recompute) are kept, the cheap ops between them (norms, activations, RoPE) are recomputed.
+  recompute) and Float8's scalar amax are kept, the cheap ops between them (norms, activations,
+  RoPE) are recomputed.
 - ``selective`` with an integer N: every Nth block (by layer id) is checkpointed fully.
 
 Blocks are wrapped in place in ``model.layers``; state-dict keys are unchanged (the wrapper
@@ -20,11 +21,14 @@ from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint
 from raytitan.models.llama3.model import Transformer
 
 aten = torch.ops.aten
-# Outputs kept by the per-op policy: the FLOP-heavy ops of a block.
+# Outputs kept by the per-op policy: the FLOP-heavy ops of a block, plus whole-tensor max: Float8's
+# tensorwise amax (max(abs(x))) is a full pass over an activation but its result is one scalar.
 SAVED_OPS = {
     aten.mm.default,
     aten.addmm.default,
     aten.bmm.default,
+    aten._scaled_mm.default,  # Float8 matmuls on hardware that has them
+    aten.max.default,
     aten._scaled_dot_product_efficient_attention.default,
     aten._scaled_dot_product_flash_attention.default,
     aten._scaled_dot_product_cudnn_attention.default,
@@ -37,7 +41,8 @@ class ActivationCheckpointError(ValueError):
     """An activation_checkpoint setting that does not name a policy."""
 
 
-def check_option(mode: str, option: str) -> None:
+def check_option(mode: str, option: str | int) -> None:
+    option = str(option)
     if mode not in MODES:
         raise ActivationCheckpointError(f"activation_checkpoint.mode = {mode!r} is not one of {', '.join(MODES)}")
     if mode == "selective" and option != "op" and not (option.isdigit() and int(option) > 0):
@@ -49,8 +54,9 @@ def _keep_matmuls_and_attention(ctx, op, *args, **kwargs) -> CheckpointPolicy:
     return CheckpointPolicy.MUST_SAVE if op in SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
 
 
-def apply_activation_checkpointing(model: Transformer, mode: str, option: str = "op") -> None:
+def apply_activation_checkpointing(model: Transformer, mode: str, option: str | int = "op") -> None:
     check_option(mode, option)
+    option = str(option)
     if mode == "none":
         return
     per_op = mode == "selective" and option == "op"

@@ -18,6 +18,14 @@ logger = logging.getLogger("raytitan")
 
 CONVERTER_NAMES = ("quantize.linear.float8", "float8")
 RECIPES = ("tensorwise", "rowwise", "rowwise_with_gw_hp")
+# Recipes torchao has an automatic size filter for (rowwise_with_gw_hp has none).
+AUTO_FILTER_RECIPES = ("tensorwise", "rowwise")
+# Float8 matmuls (torch._scaled_mm) need Ada or Hopper tensor cores or newer: SM 8.9+.
+MIN_CUDA_CAPABILITY = (8, 9)
+
+
+class Float8HardwareError(RuntimeError):
+    """Float8 asked of a GPU that has no float8 matmuls."""
 
 
 def wanted(converters: list[str]) -> bool:
@@ -30,14 +38,35 @@ def module_filter(settings):
     if settings.auto_filter_small_kn:
         from torchao.float8 import _auto_filter_for_recipe
 
+        if settings.recipe_name.lower() not in AUTO_FILTER_RECIPES:
+            raise ValueError(f"quantize.linear.float8.auto_filter_small_kn supports recipe_name "
+                             f"{' or '.join(AUTO_FILTER_RECIPES)}, not {settings.recipe_name!r}")
+
         return _auto_filter_for_recipe(settings.recipe_name, list(settings.filter_fqns))
     return lambda module, fqn: not any(name in fqn for name in settings.filter_fqns)
 
 
-def convert_to_float8(model: torch.nn.Module, settings) -> list[str]:
+def check_hardware(device_type: str, capability: tuple[int, int] | None, emulate: bool) -> None:
+    """Refuse real float8 matmuls on a CUDA device older than SM 8.9 (A100, V100, ...): torchao
+    would only fail later, inside the first forward, with a kernel error. Emulation and CPUs
+    (where torch has its own float8 matmul) pass."""
+    if emulate or device_type != "cuda" or capability is None or tuple(capability) >= MIN_CUDA_CAPABILITY:
+        return
+    major, minor = capability
+    raise Float8HardwareError(
+        f"Float8 training needs a GPU of compute capability {MIN_CUDA_CAPABILITY[0]}.{MIN_CUDA_CAPABILITY[1]} "
+        f"or newer (H100, H200, L4, B200...); this one is {major}.{minor}. Drop model.converters, or set "
+        "quantize.linear.float8.emulate to check the numerics without the speed-up")
+
+
+def convert_to_float8(model: torch.nn.Module, settings, device_type: str = "cpu") -> list[str]:
     """Swap the chosen ``nn.Linear`` layers of ``model`` for torchao's Float8Linear, in place.
-    Returns the names of the converted layers."""
+    ``device_type``: where the model will train (the mesh's); on CUDA the GPU must have float8
+    matmuls unless ``settings.emulate``. Returns the names of the converted layers."""
     from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+
+    capability = torch.cuda.get_device_capability() if device_type == "cuda" and torch.cuda.is_available() else None
+    check_hardware(device_type, capability, settings.emulate)
 
     if settings.recipe_name == "tensorwise":
         config = Float8LinearConfig(enable_fsdp_float8_all_gather=settings.enable_fsdp_float8_all_gather,

@@ -37,7 +37,7 @@ def parallelize_llama(model: Transformer, dims: ParallelDims, mesh: DeviceMesh, 
     sequence and loss parallel), CP, activation checkpointing, compile, then FSDP/HSDP."""
     training, parallelism = config.training, config.parallelism
     if float8.wanted(config.model.converters):
-        float8.convert_to_float8(model, config.float8)
+        float8.convert_to_float8(model, config.float8, mesh.device_type)
     tp_mesh = ParallelDims.submesh(mesh, "tp")
     if tp_mesh is not None:
         apply_tensor_parallel(model, tp_mesh, loss_parallel=not parallelism.disable_loss_parallel)
