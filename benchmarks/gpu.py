@@ -12,6 +12,7 @@ checkpointing may not fit 80 GiB: such a variant becomes an "out of memory" row.
     python benchmarks/gpu.py --quick             # 1B, seq 2048, fewer steps: a few minutes
     python benchmarks/gpu.py --flavors 1B --seq-lens 8192 --features bf16 compile float8+compile
     python benchmarks/gpu.py --dry-run           # print the plan, run nothing (no GPU needed)
+    python benchmarks/gpu.py --cpu --flavors debugmodel --seq-lens 256 --features bf16   # check the script on CPU
 
 Each finished variant is printed and appended at once to benchmarks/results/gpu_rows.jsonl
 (tagged with the sweep's id); the whole sweep is one line of benchmarks/results/gpu.jsonl at
@@ -74,7 +75,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=int, default=1200, help="seconds one variant may take")
     parser.add_argument("--quick", action="store_true", help="1B at seq 2048 only, 8 steps (3 warm-up)")
     parser.add_argument("--dry-run", action="store_true", help="print the variants and their overrides, run nothing")
-    parser.add_argument("--cpu", action="store_true", help=argparse.SUPPRESS)  # checks the script itself, no numbers
+    parser.add_argument("--cpu", action="store_true",
+                        help="run on the CPU (Float8 emulated) to check the script itself; the numbers mean nothing")
     parser.add_argument("--results-dir", default=RESULTS_DIR, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
