@@ -331,20 +331,25 @@ def test_bf16_autocast_without_fsdp_keeps_float32_weights():
     assert losses[None] != losses[torch.bfloat16] and abs(losses[None] - losses[torch.bfloat16]) < 0.01
 
 
-def test_profiler_traces_the_last_step_of_every_period(tmp_path):
-    import json
-
+def profiled_steps(folder, first: int, last: int) -> list[str]:
+    """Train steps first..last under a profiler with profile_freq 3; the trace folders written."""
     from raytitan.config import Profiling
     from raytitan.profiling import Profiler
 
     m = model()
-    profiler = Profiler(Profiling(enable_profiling=True, profile_freq=3), str(tmp_path), rank=0,
-                        device=torch.device("cpu"), first_step=1)
-    for step in range(1, 7):
+    profiler = Profiler(Profiling(enable_profiling=True, profile_freq=3), str(folder), rank=0,
+                        device=torch.device("cpu"), first_step=first)
+    for step in range(first, last + 1):
         loss_of(m, tokens()).backward()
         profiler.step(step)
     profiler.close()
-    assert sorted(os.listdir(tmp_path / "profile_traces")) == ["iteration_3", "iteration_6"]
+    return sorted(os.listdir(folder / "profile_traces"))
+
+
+def test_profiler_traces_the_last_step_of_every_period(tmp_path):
+    import json
+
+    assert profiled_steps(tmp_path, 1, 6) == ["iteration_3", "iteration_6"]
     with open(tmp_path / "profile_traces" / "iteration_6" / "rank0_trace.json") as f:
         names = {event.get("name") for event in json.load(f)["traceEvents"]}
     assert "aten::mm" in names
@@ -353,14 +358,4 @@ def test_profiler_traces_the_last_step_of_every_period(tmp_path):
 def test_profiler_keeps_its_grid_after_a_resume(tmp_path):
     """A run resumed at step 5 traces steps 6 and 9 (multiples of profile_freq), as the
     uninterrupted run would, and no half-set-up trace when it stops before step 12."""
-    from raytitan.config import Profiling
-    from raytitan.profiling import Profiler
-
-    m = model()
-    profiler = Profiler(Profiling(enable_profiling=True, profile_freq=3), str(tmp_path), rank=0,
-                        device=torch.device("cpu"), first_step=5)
-    for step in range(5, 12):
-        loss_of(m, tokens()).backward()
-        profiler.step(step)
-    profiler.close()
-    assert sorted(os.listdir(tmp_path / "profile_traces")) == ["iteration_6", "iteration_9"]
+    assert profiled_steps(tmp_path, 5, 11) == ["iteration_6", "iteration_9"]
