@@ -5,6 +5,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -45,6 +46,9 @@ def ray_head(token_env):
     head = subprocess.Popen(
         [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", "--node-ip-address=127.0.0.1",
          f"--port={free_port()}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2",
+         # Every fixed default port moved too, so another Ray instance on the machine cannot collide.
+         f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
+         f"--metrics-export-port={free_port()}",
          f"--temp-dir={temp_dir}", "--disable-usage-stats"],
         env=token_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         start_new_session=True)  # its own process group: ending it can never touch this process
@@ -64,6 +68,7 @@ def ray_head(token_env):
         while group_alive(head.pid):
             assert time.monotonic() < end, "the head's processes outlived it"
             time.sleep(0.2)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def group_alive(pgid: int) -> bool:
