@@ -9,16 +9,20 @@ CheckpointManager:
   steps_s        --steps training steps run right after save() returned (the write overlaps
                  them in async modes), next to idle_steps_s: the same steps with no save
 Then it times loading the newest step on the same ranks, and on --load-world ranks (reshard).
-Rank 0's medians are reported; the stall ratio is async / sync from the same run.
+Rank 0's medians are reported (each repeat's stall too); the stall ratio is async / sync from
+the same run. --profile prints where rank 0's last async save() spent its time (cProfile).
 
-    python benchmarks/checkpoint.py [--flavor debugmodel] [--save-world 2] [--load-world 1] [--gpu]
+    python benchmarks/checkpoint.py [--flavor debugmodel] [--save-world 2] [--load-world 1] [--repeats 3]
+                                    [--profile] [--gpu]
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
 import os
+import pstats
 import shutil
 import socket
 import statistics
@@ -113,8 +117,16 @@ def _save_phase(rank, world, port, cfg, out):
             n += 1
             dist.barrier()
             t0 = time.perf_counter()
+            profile = cfg["profile"] and rank == 0 and mode != "disabled" and len(stalls) == cfg["repeats"] - 1
+            profiler = cProfile.Profile() if profile else None
+            if profiler:
+                profiler.enable()
             committed = m.save(n) is not None or rank != 0  # rank 0 commits; it times the landing
             stalls.append(time.perf_counter() - t0)
+            if profiler:
+                profiler.disable()
+                print(f"\nrank 0, last {mode} save(): {stalls[-1]:.3f}s")
+                pstats.Stats(profiler).sort_stats("tottime").print_stats(8)
             landed_at = stalls[-1] if committed else None
             for _ in range(cfg["steps"]):
                 m.wait_for_staging()
@@ -125,7 +137,8 @@ def _save_phase(rank, world, port, cfg, out):
             m.wait()
             landed.append(landed_at if landed_at is not None else time.perf_counter() - t0)
         m.close()
-        rows.append({"mode": mode, "stall_s": statistics.median(stalls), "landed_s": statistics.median(landed),
+        rows.append({"mode": mode, "stall_s": statistics.median(stalls), "each_stall_s": [round(x, 3) for x in stalls],
+                     "landed_s": statistics.median(landed),
                      "steps_s": statistics.median(steps), "idle_steps_s": statistics.median(idle)})
     loads = []
     for _ in range(cfg["repeats"]):
@@ -166,6 +179,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="training steps after each save")
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--gpu", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="cProfile rank 0's last async save()")
     parser.add_argument("--folder", help="where to write (default: a temporary folder, removed after)")
     args = parser.parse_args()
     if args.gpu and max(args.save_world, args.load_world) > torch.cuda.device_count():
@@ -174,7 +188,7 @@ def main() -> None:
 
     folder = args.folder or tempfile.mkdtemp(prefix="raytitan-ckpt-bench-")
     cfg = {"flavor": args.flavor, "repeats": args.repeats, "steps": args.steps, "seq_len": args.seq_len,
-           "gpu": args.gpu, "folder": folder}
+           "gpu": args.gpu, "folder": folder, "profile": args.profile}
     out = os.path.join(folder, "result.json")
     mp.start_processes(_save_phase, args=(args.save_world, _free_port(), cfg, out), nprocs=args.save_world,
                        start_method="spawn")

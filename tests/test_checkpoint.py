@@ -204,6 +204,28 @@ def test_async_save_overlaps_training_and_equals_a_synchronous_save(tmp_path, mo
             assert torch.equal(a[key], b[key]), key
 
 
+def test_repeated_async_saves_each_hold_the_weights_of_their_step(tmp_path):
+    """The staging memory is reused from save to save: every save must still copy its own
+    step's values (no stale copy of an earlier step)."""
+    model, optimizer = trained()
+    m = full_manager(tmp_path / "async", model, optimizer, async_mode="async")
+    for step in (1, 2, 3):
+        m.save(step)
+        m.wait_for_staging()
+        full_manager(tmp_path / "sync", model, optimizer).save(step)
+        model(torch.randn(2, 8)).sum().backward()
+        optimizer.step()  # the weights change while the async write is in flight
+    m.close()
+    for step in (1, 2, 3):
+        from_sync, from_async = trained(seed=1), trained(seed=2)
+        full_manager(tmp_path / "sync", *from_sync).load(step)
+        full_manager(tmp_path / "async", *from_async).load(step)
+        assert_same_weights(from_sync[0], from_async[0])
+        for a, b in zip(from_sync[1].state_dict()["state"].values(), from_async[1].state_dict()["state"].values()):
+            for key in a:
+                assert torch.equal(a[key], b[key]), (step, key)
+
+
 def test_failed_async_write_leaves_the_previous_checkpoint_latest(tmp_path, monkeypatch):
     model, optimizer = trained()
     m = full_manager(tmp_path, model, optimizer, async_mode="async")
