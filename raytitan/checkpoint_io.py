@@ -307,7 +307,8 @@ def verify(step_path: str, group_bytes: int = 256 << 20) -> Iterator[tuple[int, 
                     non_finite[key] = bad
             done += tensor.nbytes
         yield done, total
-    entries = [k for k in metadata.state_dict_metadata if k not in set(keys)]
+    tensors = set(keys)
+    entries = [k for k in metadata.state_dict_metadata if k not in tensors]
     for key in entries:
         try:
             _quiet_load({key: None}, step_path)
