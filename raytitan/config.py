@@ -90,7 +90,8 @@ class Parallelism:
     pipeline_parallel_first_stage_less_layers: int = opt(1, "The first stage holds this many fewer blocks (for the embedding)")
     pipeline_parallel_last_stage_less_layers: int = opt(1, "The last stage holds this many fewer blocks (for the output head)")
     context_parallel_rotate_method: str = opt(
-        "allgather", "How context-parallel attention exchanges K/V: allgather (any backend)")
+        "allgather", "How ring attention moves K/V between cp ranks: allgather (once, memory for the "
+        "whole sequence's K/V) or alltoall (passed round the ring, memory for two ranks' K/V)")
 
 
 @dataclass

@@ -21,6 +21,7 @@ from raytitan.models.llama3.hf import HFFormatError, check_matches, read_hf_conf
 from raytitan.parallel.dims import ParallelDims, ParallelismError
 from raytitan.parallel.activation_checkpoint import ActivationCheckpointError, check_option
 from raytitan.parallel.compile import COMPONENTS
+from raytitan.parallel.context import ROTATE_METHODS
 from raytitan.parallel.float8 import AUTO_FILTER_RECIPES, CONVERTER_NAMES, RECIPES
 from raytitan.parallel.pipeline import SCHEDULES, PipelineError, microbatches, num_stages, stage_layers
 
@@ -36,7 +37,7 @@ CHOICES = {
     "validation.dataset": DATASETS,
     "parallelism.fsdp_reshard_after_forward": ("default", "always", "never"),
     "parallelism.pipeline_parallel_schedule": tuple(SCHEDULES),
-    "parallelism.context_parallel_rotate_method": ("allgather",),
+    "parallelism.context_parallel_rotate_method": ROTATE_METHODS,
     "checkpoint.async_mode": ASYNC_MODES,
     "checkpoint.export_dtype": tuple(EXPORT_DTYPES),
     "metrics.progress_bar": ("auto", "on", "off"),
@@ -165,6 +166,9 @@ def check_layout(config: JobConfig, dims: ParallelDims, args: ModelArgs, local_b
     if dims.cp > 1 and seq % (2 * dims.cp * dims.tp):
         raise ConfigError(f"training.seq_len {seq} is not divisible by 2 x context_parallel_degree x "
                           f"tensor_parallel_degree = {2 * dims.cp * dims.tp}")
+    if dims.cp > 1 and config.ray.use_gpu and config.training.mixed_precision_param == "float32":
+        raise ConfigError("context parallel on CUDA runs flash attention, which needs bfloat16: set "
+                          "training.mixed_precision_param = auto or bfloat16")
     if dims.tp > 1 and seq % dims.tp:
         raise ConfigError(f"training.seq_len {seq} is not divisible by tensor_parallel_degree {dims.tp} "
                           "(sequence parallel splits it)")

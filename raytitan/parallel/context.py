@@ -1,18 +1,30 @@
 """Context parallel: each rank holds a slice of every sequence and attends over all of it.
 
-The sequence is cut into 2 x cp chunks and rank r keeps chunks r and 2cp-1-r (head and tail),
-so every rank gets the same share of the causal mask's work. Attention all-gathers keys and
-values from the other ranks of the cp group (differentiably) and masks by true position. This
-runs on any backend, gloo included; memory for K/V is that of the full sequence.
+Sharding: the sequence is cut into 2 x cp chunks and rank r keeps chunks r and 2cp-1-r (head and
+tail), so every rank gets the same share of the causal mask's work. This is the layout torch's
+load-balanced ring attention assumes (a test checks it against torch's head-tail balancer).
+
+Attention: torch's ring attention (``torch.distributed.tensor.experimental``) runs one fused
+attention call per K/V chunk and merges the partial results by their log-sum-exp. torch reaches
+it only by DTensor dispatch of the CUDA kernels; here it is called directly with the fused
+kernel of the device (flash attention on CUDA, its CPU counterpart on CPU), so one code path runs
+on NCCL and on gloo. K/V travel by ``context_parallel_rotate_method``: ``allgather`` gathers the
+other ranks' K/V once (one collective, memory for the whole sequence's K/V) and ``alltoall``
+passes them round the ring cp - 1 times (memory for two ranks' K/V).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any, Callable
+
 import torch
 import torch.distributed as dist
-from torch.distributed._functional_collectives import all_gather_single
-import torch.nn.functional as F
 from torch import nn
+from torch.distributed.distributed_c10d import _resolve_process_group
+
+aten = torch.ops.aten
+ROTATE_METHODS = ("allgather", "alltoall")
 
 
 def load_balanced_positions(seq_len: int, cp: int, cp_rank: int) -> torch.Tensor:
@@ -30,33 +42,130 @@ def shard_sequence(t: torch.Tensor, positions: torch.Tensor, dim: int = 1) -> to
     return t.index_select(dim, positions.to(t.device))
 
 
-class ContextParallelAttention(nn.Module):
-    """Causal attention for a rank holding ``positions`` of each sequence; q, k, v [b, h, s, d]."""
+def _ring():
+    """torch's ring attention internals (private, so imported with an error that says what to do)."""
+    try:
+        from torch.distributed.tensor.experimental._context_parallel import _attention
+        _attention._templated_ring_attention, _attention._templated_ring_attention_backward
+        _attention._cp_options.rotate_method, _attention._RotateMethod.ALL_TO_ALL
+    except (ImportError, AttributeError) as e:
+        raise RuntimeError(f"context parallel calls torch's ring attention, which this torch "
+                           f"{torch.__version__} does not have where torch 2.13 keeps it ({e}); "
+                           "install torch 2.13") from e
+    return _attention
 
-    def __init__(self, group: dist.ProcessGroup, positions: torch.Tensor, all_positions: torch.Tensor):
+
+@dataclass(frozen=True)
+class FusedKernel:
+    """A fused attention forward/backward pair that returns the log-sum-exp the ring merges by.
+
+    ``backward_kwargs(q, k)`` gives the backward's extra arguments. Without dropout, CUDA's
+    random-state arguments are not read; the sequence lengths are those of the whole call."""
+
+    forward: Any
+    backward: Any
+    backward_kwargs: Callable[[torch.Tensor, torch.Tensor], dict]
+
+
+KERNELS = {
+    "cpu": FusedKernel(aten._scaled_dot_product_flash_attention_for_cpu.default,
+                       aten._scaled_dot_product_flash_attention_for_cpu_backward.default,
+                       lambda q, k: {}),
+    "cuda": FusedKernel(aten._scaled_dot_product_flash_attention.default,
+                        aten._scaled_dot_product_flash_attention_backward.default,
+                        lambda q, k: dict(cum_seq_q=None, cum_seq_k=None, max_q=q.size(2), max_k=k.size(2),
+                                          philox_seed=q.new_zeros(2, dtype=torch.uint64),
+                                          philox_offset=q.new_zeros((), dtype=torch.uint64))),
+}
+
+
+def kernel_for(t: torch.Tensor) -> FusedKernel:
+    if t.device.type not in KERNELS:
+        raise RuntimeError(f"context parallel attention has no fused kernel for {t.device.type} tensors")
+    if t.device.type == "cuda" and t.dtype not in (torch.bfloat16, torch.float16):
+        raise RuntimeError(f"context parallel on CUDA runs flash attention, which needs bfloat16 or float16 "
+                           f"inputs, not {t.dtype}: keep training.mixed_precision_param = auto or bfloat16")
+    return KERNELS[t.device.type]
+
+
+# A custom op, so torch.compile keeps the ring (collectives and fused kernels) whole inside a
+# compiled block and selective activation checkpointing can keep its output as one op.
+@torch.library.custom_op("raytitan::ring_attention", mutates_args=())
+def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention over the load-balanced chunks of the cp group; returns (out, log-sum-exp)."""
+    out, lse, *_ = _ring()._templated_ring_attention(
+        _resolve_process_group(group_name), 2, kernel_for(q).forward, q, k, v, is_causal=True, dropout_p=0.0)
+    return out.contiguous(), lse.contiguous()
+
+
+@ring_attention.register_fake
+def _(q, k, v, group_name):
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("raytitan::ring_attention_backward", mutates_args=())
+def ring_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                            out: torch.Tensor, lse: torch.Tensor, group_name: str
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    kernel = kernel_for(q)
+    grads = _ring()._templated_ring_attention_backward(
+        _resolve_process_group(group_name), 2, kernel.backward, grad_out=grad_out.contiguous(),
+        grad_out_name="grad_out", query=q, key=k, value=v, out=out, logsumexp=lse, is_causal=True,
+        dropout_p=0.0, **kernel.backward_kwargs(q, k))
+    grad_q, grad_k, grad_v = grads[:3]
+    # torch returns grad_k and grad_v as views of one received buffer; an op's outputs may not alias.
+    return grad_q.contiguous(), grad_k.clone(), grad_v.clone()
+
+
+@ring_attention_backward.register_fake
+def _(grad_out, q, k, v, out, lse, group_name):
+    return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+
+
+def _save_for_backward(ctx, inputs, output):
+    q, k, v, ctx.group_name = inputs
+    ctx.save_for_backward(q, k, v, *output)
+
+
+def _backward(ctx, grad_out, grad_lse):
+    return (*ring_attention_backward(grad_out, *ctx.saved_tensors, ctx.group_name), None)
+
+
+ring_attention.register_autograd(_backward, setup_context=_save_for_backward)
+
+
+class RingAttention(nn.Module):
+    """Causal attention for a rank holding the load-balanced chunks of each sequence; q [b, h, s, d],
+    k and v [b, kv_h, s, d] (the kernels take grouped-query heads as they are)."""
+
+    def __init__(self, group: dist.ProcessGroup):
         super().__init__()
-        self.group = group
-        # Query i may see key j when position(i) >= position(j); keys arrive as all_gather returns
-        # them, every rank's positions by rank. Not a buffer: to_empty() must not wipe it.
-        self.mask = positions[:, None] >= all_positions[None, :]
+        self.group_name = group.group_name
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        # Differentiable: the backward reduce-scatters each rank's K/V gradients back to their owners.
-        k = all_gather_single(k.contiguous(), gather_dim=2, group=self.group)
-        v = all_gather_single(v.contiguous(), gather_dim=2, group=self.group)
-        if self.mask.device != q.device:
-            self.mask = self.mask.to(q.device)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, enable_gqa=True)
+        return ring_attention(q, k, v, self.group_name)[0]
 
 
-def apply_context_parallel(model: nn.Module, cp_group: dist.ProcessGroup, seq_len: int) -> torch.Tensor:
+def configure_ring(rotate_method: str) -> None:
+    """Set torch's process-wide ring options: head-tail load balance and the K/V rotation."""
+    if rotate_method not in ROTATE_METHODS:
+        raise ValueError(f"parallelism.context_parallel_rotate_method = {rotate_method!r} is not one of "
+                         f"{', '.join(ROTATE_METHODS)}")
+    ring = _ring()
+    ring._cp_options.enable_load_balance = True
+    ring._cp_options.rotate_method = {"allgather": ring._RotateMethod.ALL_GATHER,
+                                      "alltoall": ring._RotateMethod.ALL_TO_ALL}[rotate_method]
+
+
+def apply_context_parallel(model: nn.Module, cp_group: dist.ProcessGroup, seq_len: int,
+                           rotate_method: str = "allgather") -> torch.Tensor:
     """Give ``model`` (a Transformer or a pipeline stage of one) this rank's positions: rotary
-    frequencies for them and attention over the whole sequence. Returns the positions, which
+    frequencies for them and ring attention over the whole sequence. Returns the positions, which
     also select this rank's inputs and labels."""
+    configure_ring(rotate_method)
     cp, rank = dist.get_world_size(cp_group), dist.get_rank(cp_group)
     positions = load_balanced_positions(seq_len, cp, rank)
-    all_positions = torch.cat([load_balanced_positions(seq_len, cp, r) for r in range(cp)])
     model.rope_positions = positions
     for block in model.layers.values():
-        block.attention.core = ContextParallelAttention(cp_group, positions, all_positions)
+        block.attention.core = RingAttention(cp_group)
     return positions

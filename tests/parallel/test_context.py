@@ -1,10 +1,10 @@
-"""Context-parallel attention equals full causal attention, forward and backward."""
+"""Context parallel: the sequence layout, and ring attention equal to full causal attention."""
 
 import pytest
 import torch
 
 from raytitan.models.llama3.model import CausalAttention
-from raytitan.parallel.context import load_balanced_positions, shard_sequence
+from raytitan.parallel.context import KERNELS, configure_ring, kernel_for, load_balanced_positions, shard_sequence
 
 from tests.helpers import spawn
 
@@ -20,22 +20,57 @@ def test_positions_balance_the_causal_work_and_cover_the_sequence():
         load_balanced_positions(36, cp, 0)
 
 
-def _compare(rank: int, world: int) -> dict:
+def test_positions_are_the_layout_torchs_ring_attention_balances_for():
+    from torch.distributed.tensor.experimental._context_parallel._load_balancer import _HeadTailLoadBalancer
+
+    seq, cp = 48, 3
+    torch_order = _HeadTailLoadBalancer(seq, cp, "cpu")._generate_indices()[0]
+    assert torch.equal(torch.cat([load_balanced_positions(seq, cp, r) for r in range(cp)]), torch_order)
+
+
+def test_the_cuda_kernel_binds_its_forward_outputs_to_its_backward():
+    """The CUDA flash-attention pair, run on meta tensors: what the forward returns after (out, lse)
+    must feed the backward's arguments (a GPU run is the only other place this is exercised)."""
+    kernel = KERNELS["cuda"]
+    q = torch.empty(2, 4, 16, 64, device="meta", dtype=torch.bfloat16)
+    k = torch.empty(2, 2, 16, 64, device="meta", dtype=torch.bfloat16)
+    out, lse, *rest = kernel.forward(q, k, k, is_causal=True, dropout_p=0.0)
+    grads = kernel.backward(grad_out=out, query=q, key=k, value=k, out=out, logsumexp=lse, is_causal=True,
+                            dropout_p=0.0, **kernel.backward_kwargs(q, k))
+    assert [g.shape for g in grads] == [q.shape, k.shape, k.shape]
+
+
+def test_cuda_refuses_float32_attention_and_unknown_rotate_methods_with_advice():
+    with pytest.raises(RuntimeError, match="needs bfloat16"):
+        kernel_for(_On("cuda", torch.float32))
+    assert kernel_for(_On("cuda", torch.bfloat16)) is KERNELS["cuda"]
+    with pytest.raises(ValueError, match="rotate_method = 'ring' is not one of allgather, alltoall"):
+        configure_ring("ring")
+
+
+class _On:
+    """Just the device and dtype of a tensor on a device this machine may not have."""
+
+    def __init__(self, device, dtype):
+        self.device, self.dtype = torch.device(device), dtype
+
+
+def _compare(rank: int, world: int, rotate_method: str) -> dict:
     import torch.distributed as dist
 
-    from raytitan.parallel.context import ContextParallelAttention
+    from raytitan.parallel.context import RingAttention
 
+    configure_ring(rotate_method)
     torch.manual_seed(0)
     seq = 8 * world
-    q, k, v = (torch.randn(2, heads, seq, 8, dtype=torch.float64, requires_grad=True) for heads in (4, 2, 2))
-    grad_out = torch.randn(2, 4, seq, 8, dtype=torch.float64)
+    q, k, v = (torch.randn(2, heads, seq, 8, requires_grad=True) for heads in (4, 2, 2))
+    grad_out = torch.randn(2, 4, seq, 8)
     full = CausalAttention()(q, k, v)
     (full * grad_out).sum().backward()
 
     positions = load_balanced_positions(seq, world, rank)
-    all_positions = torch.cat([load_balanced_positions(seq, world, r) for r in range(world)])
     local = [shard_sequence(t.detach(), positions, dim=2).requires_grad_() for t in (q, k, v)]
-    out = ContextParallelAttention(dist.group.WORLD, positions, all_positions)(*local)
+    out = RingAttention(dist.group.WORLD)(*local)
     (out * shard_sequence(grad_out, positions, dim=2)).sum().backward()
 
     def diff(a, b):
@@ -45,7 +80,44 @@ def _compare(rank: int, world: int) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("rotate_method", ["allgather", "alltoall"])
 @pytest.mark.parametrize("world", [2, 4])
-def test_context_parallel_attention_equals_full_attention(tmp_path, world):
-    for rank, diffs in enumerate(spawn(_compare, world, str(tmp_path))):
-        assert max(diffs.values()) < 1e-12, (rank, diffs)
+def test_ring_attention_equals_full_attention(tmp_path, world, rotate_method):
+    """Forward and gradients (grouped-query heads) in fp32; the ring merges partial results in fp32."""
+    for rank, diffs in enumerate(spawn(_compare, world, str(tmp_path), rotate_method)):
+        assert max(diffs.values()) < 1e-5, (rank, diffs)
+
+
+def _ring_calls_in_backward(rank: int, world: int) -> dict:
+    import torch.distributed as dist
+
+    from raytitan.models.llama3.model import Transformer
+    from raytitan.parallel.activation_checkpoint import apply_activation_checkpointing
+    from raytitan.parallel.context import apply_context_parallel
+    from raytitan.loss import cross_entropy_sum
+    from tests.test_speed_features import ARGS, CountOps, tokens
+
+    batch = tokens(seq=8 * world + 1)
+    results = {}
+    for mode in ("none", "selective", "full"):
+        torch.manual_seed(0)
+        model = Transformer(ARGS)
+        positions = apply_context_parallel(model, dist.group.WORLD, 8 * world)
+        model.init_weights()
+        apply_activation_checkpointing(model, mode, "op")
+        inputs, labels = (shard_sequence(t, positions) for t in (batch[:, :-1], batch[:, 1:]))
+        loss = cross_entropy_sum(model(inputs), labels) / labels.numel()
+        with CountOps((torch.ops.raytitan.ring_attention.default,)) as counter:
+            loss.backward()
+        results[mode] = {"calls": counter.count, "grads": [p.grad.sum().item() for p in model.parameters()]}
+    return results
+
+
+@pytest.mark.slow
+def test_per_op_checkpointing_keeps_the_ring_output(tmp_path):
+    """Under the per-op policy backward runs no ring attention again (and so no K/V exchange);
+    full checkpointing reruns it once per block. Gradients are the same either way."""
+    for results in spawn(_ring_calls_in_backward, 2, str(tmp_path)):
+        assert [results[m]["calls"] for m in ("none", "selective", "full")] == [0, 0, 4]
+        for mode in ("selective", "full"):
+            assert results[mode]["grads"] == pytest.approx(results["none"]["grads"], rel=1e-5, abs=1e-7)

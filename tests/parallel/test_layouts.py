@@ -26,7 +26,7 @@ FOUR_RANKS = {
     "FSDP+TP": {"tensor_parallel_degree": 2},
     "FSDP+PP": {"pipeline_parallel_degree": 2},
     "TP+PP": {"tensor_parallel_degree": 2, "pipeline_parallel_degree": 2},
-    "FSDP+CP": {"context_parallel_degree": 2},
+    "FSDP+CP alltoall": {"context_parallel_degree": 2, "context_parallel_rotate_method": "alltoall"},
 }
 EIGHT_RANKS = {
     "FSDP+TP+PP": {"tensor_parallel_degree": 2, "pipeline_parallel_degree": 2},
@@ -107,10 +107,15 @@ def full_param_bytes(reference):
 
 
 def test_two_rank_layouts_match_one_process(tmp_path, data_dir, seed_checkpoint, reference, full_param_bytes):
-    results = run_ranks([config(tmp_path / name.replace(" ", "_"), data_dir, seed_checkpoint, p)
-                         for name, p in TWO_RANKS.items()], 2, str(tmp_path))
+    """Also context parallel inside compiled blocks (one graph each) with per-op checkpointing."""
+    layouts = {**TWO_RANKS, "CP compiled, per-op AC": {"context_parallel_degree": 2}}
+    compiled_cp = {"compile": {"enable": True, "components": ["model"]},
+                   "activation_checkpoint": {"mode": "selective", "selective_ac_option": "op"}}
+    results = run_ranks([config(tmp_path / name.replace(" ", "_").replace(",", ""), data_dir, seed_checkpoint, p,
+                                **(compiled_cp if "compiled" in name else {}))
+                         for name, p in layouts.items()], 2, str(tmp_path))
     assert reference["losses"][-1] < reference["losses"][0]
-    for (name, p), result in zip(TWO_RANKS.items(), results):
+    for (name, p), result in zip(layouts.items(), results):
         assert_matches(name, result["losses"], reference["losses"])
         # TP and PP split the parameters in two; FSDP over the cp ranks shards them in two as well.
         check_state_split(name, {**result, "full_param_bytes": full_param_bytes, "replicas": 1}, 2)

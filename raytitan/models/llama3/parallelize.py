@@ -45,7 +45,7 @@ def parallelize_llama(model: Transformer, dims: ParallelDims, mesh: DeviceMesh, 
             enable_async_tensor_parallel(tp_mesh)
     cp_mesh = ParallelDims.submesh(mesh, "cp")
     if cp_mesh is not None:
-        apply_context_parallel(model, cp_mesh.get_group(), training.seq_len)
+        apply_context_parallel(model, cp_mesh.get_group(), training.seq_len, parallelism.context_parallel_rotate_method)
     ac = config.activation_checkpoint
     apply_activation_checkpointing(model, ac.mode, ac.selective_ac_option)
     if config.compile.enable and "model" in config.compile.components:
