@@ -24,7 +24,6 @@ import json
 import os
 import pstats
 import shutil
-import socket
 import statistics
 import sys
 import tempfile
@@ -37,13 +36,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
-from common import print_table, record  # noqa: E402
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from common import free_port, print_table, record  # noqa: E402
 
 
 def _setup(rank: int, world: int, port: int, gpu: bool):
@@ -190,11 +183,11 @@ def main() -> None:
     cfg = {"flavor": args.flavor, "repeats": args.repeats, "steps": args.steps, "seq_len": args.seq_len,
            "gpu": args.gpu, "folder": folder, "profile": args.profile}
     out = os.path.join(folder, "result.json")
-    mp.start_processes(_save_phase, args=(args.save_world, _free_port(), cfg, out), nprocs=args.save_world,
+    mp.start_processes(_save_phase, args=(args.save_world, free_port(), cfg, out), nprocs=args.save_world,
                        start_method="spawn")
     with open(out) as f:
         saved = json.load(f)
-    mp.start_processes(_load_phase, args=(args.load_world, _free_port(), {**cfg, "step": saved["step"]}, out),
+    mp.start_processes(_load_phase, args=(args.load_world, free_port(), {**cfg, "step": saved["step"]}, out),
                        nprocs=args.load_world, start_method="spawn")
     with open(out) as f:
         resharded = json.load(f)

@@ -1,4 +1,4 @@
-"""Shared by the benchmark scripts: device description, a result table, and a JSON line per run."""
+"""Shared by the benchmark scripts: device description, a free port, a result table, and a JSON line per run."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import datetime
 import json
 import os
 import platform
+import socket
 import subprocess
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -34,6 +35,13 @@ def commit() -> str:
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return f"{head}+dirty" if changed else head
+
+
+def free_port() -> int:
+    """A local TCP port nobody listens on, for a spawned process group's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def print_table(rows: list[dict], columns: list[str]) -> None:

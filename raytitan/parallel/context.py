@@ -15,6 +15,7 @@ passes them round the ring cp - 1 times (memory for two ranks' K/V).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -46,13 +47,29 @@ def _ring():
     """torch's ring attention internals (private, so imported with an error that says what to do)."""
     try:
         from torch.distributed.tensor.experimental._context_parallel import _attention
-        _attention._templated_ring_attention, _attention._templated_ring_attention_backward
-        _attention._cp_options.rotate_method, _attention._RotateMethod.ALL_TO_ALL
+        for name in ("_templated_ring_attention", "_templated_ring_attention_backward", "_cp_options",
+                     "_RotateMethod"):
+            getattr(_attention, name)
     except (ImportError, AttributeError) as e:
         raise RuntimeError(f"context parallel calls torch's ring attention, which this torch "
                            f"{torch.__version__} does not have where torch 2.13 keeps it ({e}); "
                            "install torch 2.13") from e
     return _attention
+
+
+@contextlib.contextmanager
+def _ring_options(rotate_method: str):
+    """torch reads its ring settings from process-wide options: set ours for one call."""
+    ring = _ring()
+    options = ring._cp_options
+    saved = options.enable_load_balance, options.rotate_method
+    options.enable_load_balance = True  # the head-tail layout above
+    options.rotate_method = {"allgather": ring._RotateMethod.ALL_GATHER,
+                             "alltoall": ring._RotateMethod.ALL_TO_ALL}[rotate_method]
+    try:
+        yield ring
+    finally:
+        options.enable_load_balance, options.rotate_method = saved
 
 
 @dataclass(frozen=True)
@@ -91,44 +108,48 @@ def kernel_for(t: torch.Tensor) -> FusedKernel:
 # A custom op, so torch.compile keeps the ring (collectives and fused kernels) whole inside a
 # compiled block and selective activation checkpointing can keep its output as one op.
 @torch.library.custom_op("raytitan::ring_attention", mutates_args=())
-def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group_name: str,
+                   rotate_method: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal attention over the load-balanced chunks of the cp group; returns (out, log-sum-exp)."""
-    out, lse, *_ = _ring()._templated_ring_attention(
-        _resolve_process_group(group_name), 2, kernel_for(q).forward, q, k, v, is_causal=True, dropout_p=0.0)
+    with _ring_options(rotate_method) as ring:
+        out, lse, *_ = ring._templated_ring_attention(
+            _resolve_process_group(group_name), 2, kernel_for(q).forward, q, k, v, is_causal=True, dropout_p=0.0)
     return out.contiguous(), lse.contiguous()
 
 
 @ring_attention.register_fake
-def _(q, k, v, group_name):
+def _(q, k, v, group_name, rotate_method):
     return torch.empty(q.shape, dtype=q.dtype, device=q.device), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 @torch.library.custom_op("raytitan::ring_attention_backward", mutates_args=())
 def ring_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                            out: torch.Tensor, lse: torch.Tensor, group_name: str
+                            out: torch.Tensor, lse: torch.Tensor, group_name: str, rotate_method: str
                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     kernel = kernel_for(q)
-    grads = _ring()._templated_ring_attention_backward(
-        _resolve_process_group(group_name), 2, kernel.backward, grad_out=grad_out.contiguous(),
-        grad_out_name="grad_out", query=q, key=k, value=v, out=out, logsumexp=lse, is_causal=True,
-        dropout_p=0.0, **kernel.backward_kwargs(q, k))
+    with _ring_options(rotate_method) as ring:
+        grads = ring._templated_ring_attention_backward(
+            _resolve_process_group(group_name), 2, kernel.backward, grad_out=grad_out.contiguous(),
+            grad_out_name="grad_out", query=q, key=k, value=v, out=out, logsumexp=lse, is_causal=True,
+            dropout_p=0.0, **kernel.backward_kwargs(q, k))
     grad_q, grad_k, grad_v = grads[:3]
     # torch returns grad_k and grad_v as views of one received buffer; an op's outputs may not alias.
     return grad_q.contiguous(), grad_k.clone(), grad_v.clone()
 
 
 @ring_attention_backward.register_fake
-def _(grad_out, q, k, v, out, lse, group_name):
+def _(grad_out, q, k, v, out, lse, group_name, rotate_method):
     return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
 
 
 def _save_for_backward(ctx, inputs, output):
-    q, k, v, ctx.group_name = inputs
+    q, k, v, ctx.group_name, ctx.rotate_method = inputs
     ctx.save_for_backward(q, k, v, *output)
 
 
 def _backward(ctx, grad_out, grad_lse):
-    return (*ring_attention_backward(grad_out, *ctx.saved_tensors, ctx.group_name), None)
+    grads = ring_attention_backward(grad_out, *ctx.saved_tensors, ctx.group_name, ctx.rotate_method)
+    return (*grads, None, None)
 
 
 ring_attention.register_autograd(_backward, setup_context=_save_for_backward)
@@ -138,23 +159,15 @@ class RingAttention(nn.Module):
     """Causal attention for a rank holding the load-balanced chunks of each sequence; q [b, h, s, d],
     k and v [b, kv_h, s, d] (the kernels take grouped-query heads as they are)."""
 
-    def __init__(self, group: dist.ProcessGroup):
+    def __init__(self, group: dist.ProcessGroup, rotate_method: str = "allgather"):
         super().__init__()
-        self.group_name = group.group_name
+        if rotate_method not in ROTATE_METHODS:
+            raise ValueError(f"parallelism.context_parallel_rotate_method = {rotate_method!r} is not one of "
+                             f"{', '.join(ROTATE_METHODS)}")
+        self.group_name, self.rotate_method = group.group_name, rotate_method
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return ring_attention(q, k, v, self.group_name)[0]
-
-
-def configure_ring(rotate_method: str) -> None:
-    """Set torch's process-wide ring options: head-tail load balance and the K/V rotation."""
-    if rotate_method not in ROTATE_METHODS:
-        raise ValueError(f"parallelism.context_parallel_rotate_method = {rotate_method!r} is not one of "
-                         f"{', '.join(ROTATE_METHODS)}")
-    ring = _ring()
-    ring._cp_options.enable_load_balance = True
-    ring._cp_options.rotate_method = {"allgather": ring._RotateMethod.ALL_GATHER,
-                                      "alltoall": ring._RotateMethod.ALL_TO_ALL}[rotate_method]
+        return ring_attention(q, k, v, self.group_name, self.rotate_method)[0]
 
 
 def apply_context_parallel(model: nn.Module, cp_group: dist.ProcessGroup, seq_len: int,
@@ -162,10 +175,9 @@ def apply_context_parallel(model: nn.Module, cp_group: dist.ProcessGroup, seq_le
     """Give ``model`` (a Transformer or a pipeline stage of one) this rank's positions: rotary
     frequencies for them and ring attention over the whole sequence. Returns the positions, which
     also select this rank's inputs and labels."""
-    configure_ring(rotate_method)
     cp, rank = dist.get_world_size(cp_group), dist.get_rank(cp_group)
     positions = load_balanced_positions(seq_len, cp, rank)
     model.rope_positions = positions
     for block in model.layers.values():
-        block.attention.core = RingAttention(cp_group)
+        block.attention.core = RingAttention(cp_group, rotate_method)
     return positions

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from raytitan.models.llama3.model import CausalAttention
-from raytitan.parallel.context import KERNELS, configure_ring, kernel_for, load_balanced_positions, shard_sequence
+from raytitan.parallel.context import KERNELS, RingAttention, kernel_for, load_balanced_positions, shard_sequence
 
 from tests.helpers import spawn
 
@@ -45,7 +45,7 @@ def test_cuda_refuses_float32_attention_and_unknown_rotate_methods_with_advice()
         kernel_for(_On("cuda", torch.float32))
     assert kernel_for(_On("cuda", torch.bfloat16)) is KERNELS["cuda"]
     with pytest.raises(ValueError, match="rotate_method = 'ring' is not one of allgather, alltoall"):
-        configure_ring("ring")
+        RingAttention(None, "ring")
 
 
 class _On:
@@ -55,12 +55,12 @@ class _On:
         self.device, self.dtype = torch.device(device), dtype
 
 
+KV_EXCHANGES = ("_c10d_functional::all_gather_into_tensor", "_c10d_functional::all_to_all_single")
+
+
 def _compare(rank: int, world: int, rotate_method: str) -> dict:
     import torch.distributed as dist
 
-    from raytitan.parallel.context import RingAttention
-
-    configure_ring(rotate_method)
     torch.manual_seed(0)
     seq = 8 * world
     q, k, v = (torch.randn(2, heads, seq, 8, requires_grad=True) for heads in (4, 2, 2))
@@ -70,22 +70,29 @@ def _compare(rank: int, world: int, rotate_method: str) -> dict:
 
     positions = load_balanced_positions(seq, world, rank)
     local = [shard_sequence(t.detach(), positions, dim=2).requires_grad_() for t in (q, k, v)]
-    out = RingAttention(dist.group.WORLD)(*local)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        out = RingAttention(dist.group.WORLD, rotate_method)(*local)
     (out * shard_sequence(grad_out, positions, dim=2)).sum().backward()
+    collectives = [e.name for e in prof.events() if e.name in KV_EXCHANGES]
 
     def diff(a, b):
         return (a - shard_sequence(b, positions, dim=2)).abs().max().item()
 
-    return {"out": diff(out, full), **{n: diff(t.grad, f.grad) for n, t, f in zip("qkv", local, (q, k, v))}}
+    diffs = {"out": diff(out, full), **{n: diff(t.grad, f.grad) for n, t, f in zip("qkv", local, (q, k, v))}}
+    return {"diffs": diffs, "forward_collectives": sorted(collectives)}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("rotate_method", ["allgather", "alltoall"])
 @pytest.mark.parametrize("world", [2, 4])
 def test_ring_attention_equals_full_attention(tmp_path, world, rotate_method):
-    """Forward and gradients (grouped-query heads) in fp32; the ring merges partial results in fp32."""
-    for rank, diffs in enumerate(spawn(_compare, world, str(tmp_path), rotate_method)):
-        assert max(diffs.values()) < 1e-5, (rank, diffs)
+    """Forward and gradients (grouped-query heads) in fp32; the ring merges partial results in fp32.
+    The forward moves K/V as the rotate method says: one all-gather, or cp - 1 ring passes."""
+    expected = {"allgather": ["_c10d_functional::all_gather_into_tensor"],
+                "alltoall": ["_c10d_functional::all_to_all_single"] * (world - 1)}[rotate_method]
+    for rank, result in enumerate(spawn(_compare, world, str(tmp_path), rotate_method)):
+        assert max(result["diffs"].values()) < 1e-5, (rank, result)
+        assert result["forward_collectives"] == expected, (rank, result)
 
 
 def _ring_calls_in_backward(rank: int, world: int) -> dict:
