@@ -5,8 +5,9 @@ sequence (the baseline), measured in one run.
 Shapes default to Llama 3 8B's attention (32 query heads, 8 K/V heads, head dim 128); the
 sequence is --seq tokens. Each cp rank gets cores / cp threads on CPU (gloo), or one GPU (NCCL,
 bf16) with --gpu; the baseline gets all the cores, or one GPU. Reported per variant: median
-seconds, baseline / variant (the speed-up; cp at best), and on CUDA the peak memory the call
-added on a rank.
+seconds (the slowest rank's), baseline / variant (the speed-up), and on CUDA the peak memory the
+call added on a rank. The ideal speed-up is cp with one GPU per rank, and 1.0 on a CPU, whose
+cores the ranks share.
 
     python benchmarks/context_parallel.py [--seq 8192] [--cp 2] [--repeats 5] [--gpu]
 """
