@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from raytitan.models.llama3.model import CausalAttention
-from raytitan.parallel.context import KERNELS, RingAttention, kernel_for, load_balanced_positions, shard_sequence
+from raytitan.parallel.context import (
+    KERNELS, ROTATE_METHODS, RingAttention, kernel_for, load_balanced_positions, shard_sequence)
 
 from tests.helpers import spawn
 
@@ -58,7 +59,8 @@ class _On:
 KV_EXCHANGES = ("_c10d_functional::all_gather_into_tensor", "_c10d_functional::all_to_all_single")
 
 
-def _compare(rank: int, world: int, rotate_method: str) -> dict:
+def _compare(rank: int, world: int) -> dict:
+    """Per rotate method: the largest differences from full attention, and the forward's K/V exchanges."""
     import torch.distributed as dist
 
     torch.manual_seed(0)
@@ -67,32 +69,36 @@ def _compare(rank: int, world: int, rotate_method: str) -> dict:
     grad_out = torch.randn(2, 4, seq, 8)
     full = CausalAttention()(q, k, v)
     (full * grad_out).sum().backward()
-
     positions = load_balanced_positions(seq, world, rank)
-    local = [shard_sequence(t.detach(), positions, dim=2).requires_grad_() for t in (q, k, v)]
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        out = RingAttention(dist.group.WORLD, rotate_method)(*local)
-    (out * shard_sequence(grad_out, positions, dim=2)).sum().backward()
-    collectives = [e.name for e in prof.events() if e.name in KV_EXCHANGES]
 
     def diff(a, b):
         return (a - shard_sequence(b, positions, dim=2)).abs().max().item()
 
-    diffs = {"out": diff(out, full), **{n: diff(t.grad, f.grad) for n, t, f in zip("qkv", local, (q, k, v))}}
-    return {"diffs": diffs, "forward_collectives": sorted(collectives)}
+    results = {}
+    for rotate_method in ROTATE_METHODS:
+        local = [shard_sequence(t.detach(), positions, dim=2).requires_grad_() for t in (q, k, v)]
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            out = RingAttention(dist.group.WORLD, rotate_method)(*local)
+        (out * shard_sequence(grad_out, positions, dim=2)).sum().backward()
+        results[rotate_method] = {
+            "diffs": {"out": diff(out, full), **{n: diff(t.grad, f.grad) for n, t, f in zip("qkv", local, (q, k, v))}},
+            "forward_exchanges": sorted(e.name for e in prof.events() if e.name in KV_EXCHANGES)}
+    return results
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("rotate_method", ["allgather", "alltoall"])
 @pytest.mark.parametrize("world", [2, 4])
-def test_ring_attention_equals_full_attention(tmp_path, world, rotate_method):
-    """Forward and gradients (grouped-query heads) in fp32; the ring merges partial results in fp32.
-    The forward moves K/V as the rotate method says: one all-gather, or cp - 1 ring passes."""
+def test_ring_attention_equals_full_attention(tmp_path, world):
+    """Forward and gradients (grouped-query heads) in fp32, with either rotate method; the ring
+    merges partial results in fp32. The forward moves K/V as the method says: one all-gather, or
+    cp - 1 passes round the ring."""
     expected = {"allgather": ["_c10d_functional::all_gather_into_tensor"],
-                "alltoall": ["_c10d_functional::all_to_all_single"] * (world - 1)}[rotate_method]
-    for rank, result in enumerate(spawn(_compare, world, str(tmp_path), rotate_method)):
-        assert max(result["diffs"].values()) < 1e-5, (rank, result)
-        assert result["forward_collectives"] == expected, (rank, result)
+                "alltoall": ["_c10d_functional::all_to_all_single"] * (world - 1)}
+    for rank, results in enumerate(spawn(_compare, world, str(tmp_path))):
+        assert results.keys() == expected.keys()
+        for method, result in results.items():
+            assert max(result["diffs"].values()) < 1e-5, (rank, method, result)
+            assert result["forward_exchanges"] == expected[method], (rank, method, result)
 
 
 def _ring_calls_in_backward(rank: int, world: int) -> dict:
