@@ -119,9 +119,6 @@ def check_speed_features(config: JobConfig) -> None:
     if f8.precompute_float8_dynamic_scale_for_fsdp and not f8.enable_fsdp_float8_all_gather:
         raise ConfigError("quantize.linear.float8.precompute_float8_dynamic_scale_for_fsdp needs "
                           "enable_fsdp_float8_all_gather")
-    if config.model.converters and config.parallelism.tensor_parallel_degree > 1:
-        raise ConfigError("Float8 with tensor parallel is not supported yet: drop model.converters or set "
-                          "parallelism.tensor_parallel_degree = 1")
 
 
 def check_checkpoint(c: Checkpoint, run_dir: str) -> None:

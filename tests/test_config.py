@@ -178,8 +178,6 @@ def test_fit_api_overrides():
      "needs recipe_name = 'tensorwise'"),
     ({"quantize.linear.float8": {"precompute_float8_dynamic_scale_for_fsdp": True}}, 2,
      "needs enable_fsdp_float8_all_gather"),
-    ({"model": {"converters": ["float8"]}, "parallelism": {"tensor_parallel_degree": 2}}, 2,
-     "Float8 with tensor parallel is not supported yet"),
 ])
 def test_preflight_errors(tmp_path, data_dir, sections, world, message):
     config = tiny_config(str(tmp_path), data_dir, **sections)
