@@ -19,7 +19,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoi
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from raytitan.models.llama3.model import Transformer
-from raytitan.parallel.context import ring_attention
+import raytitan.parallel.context  # noqa: F401  registers raytitan::ring_attention
 
 aten = torch.ops.aten
 # Outputs kept by the per-op policy: the FLOP-heavy ops of a block, plus whole-tensor max: Float8's
@@ -34,7 +34,7 @@ SAVED_OPS = {
     aten._scaled_dot_product_flash_attention.default,
     aten._scaled_dot_product_cudnn_attention.default,
     aten._scaled_dot_product_flash_attention_for_cpu.default,
-    ring_attention._opoverload,  # context parallel: keeping it also spares the ring's K/V exchange
+    torch.ops.raytitan.ring_attention.default,  # context parallel: keeping it also spares the ring's K/V exchange
 }
 MODES = ("none", "full", "selective")
 
