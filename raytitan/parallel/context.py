@@ -16,6 +16,7 @@ passes them round the ring cp - 1 times (memory for two ranks' K/V).
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -43,8 +44,10 @@ def shard_sequence(t: torch.Tensor, positions: torch.Tensor, dim: int = 1) -> to
     return t.index_select(dim, positions.to(t.device))
 
 
+@functools.cache
 def _ring():
-    """torch's ring attention internals (private, so imported with an error that says what to do)."""
+    """torch's ring attention internals (private, so imported with an error that says what to do;
+    looked up once, not on every attention call)."""
     try:
         from torch.distributed.tensor.experimental._context_parallel import _attention
         for name in ("_templated_ring_attention", "_templated_ring_attention_backward", "_cp_options",
