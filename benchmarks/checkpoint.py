@@ -83,7 +83,7 @@ def _build(flavor: str, device: torch.device, seq_len: int):
 
 
 def _manager(folder, model, optimizer, mode, group):
-    from raytitan.checkpoint import CheckpointManager, ModelState, OptimizerState
+    from raytitan.components.checkpoint.manager import CheckpointManager, ModelState, OptimizerState
 
     states = {"model": ModelState([model]), "optimizer": OptimizerState([model], [optimizer])}
     return CheckpointManager(folder, states, interval=1, keep_latest_k=2, process_group=group, async_mode=mode)

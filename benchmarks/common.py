@@ -90,7 +90,7 @@ def run_worker(overrides: dict, run_root: str, name: str, nproc: int = 1, timeou
     code Ray runs; returns the run's metrics.jsonl records. ``overrides``: {"section.key": value}."""
     import sys
 
-    from raytitan.metrics import read_metrics
+    from raytitan.components.metrics import read_metrics
 
     args = ["--job.dump_folder", run_root, "--ray.name", name, "--metrics.log_freq", "1",
             "--metrics.enable_tensorboard", "false", "--checkpoint.enable", "false"]

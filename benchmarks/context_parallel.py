@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import free_port, print_table, record  # noqa: E402
 
-from raytitan.parallel.context import RingAttention, load_balanced_positions  # noqa: E402
+from raytitan.distributed.context import RingAttention, load_balanced_positions  # noqa: E402
 
 
 def qkv(args, seq: int, device: torch.device):

@@ -25,10 +25,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import print_table, record  # noqa: E402
 
-from raytitan.config import Model  # noqa: E402
-from raytitan.data.stream import Cursor, global_batches, local_rows  # noqa: E402
-from raytitan.data.synthetic import ensure_synthetic_shards  # noqa: E402
-from raytitan.data.tokenizer import build_tokenizer  # noqa: E402
+from raytitan.config.job import Model  # noqa: E402
+from raytitan.components.data.stream import Cursor, global_batches, local_rows  # noqa: E402
+from raytitan.components.data.synthetic import ensure_synthetic_shards  # noqa: E402
+from raytitan.components.data.tokenizer import build_tokenizer  # noqa: E402
 
 
 def train_bpe(shards: list[str], folder: str) -> str:
@@ -37,7 +37,7 @@ def train_bpe(shards: list[str], folder: str) -> str:
 
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from raytitan.data.stream import ShardStats, read_texts
+    from raytitan.components.data.stream import ShardStats, read_texts
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -66,8 +66,8 @@ def training_tokens_per_s(seq_len: int, batch: int, steps: int) -> float:
 
     from raytitan.models.llama3.args import FLAVORS
     from raytitan.models.llama3.model import Transformer
-    from raytitan.parallel.runner import ModelRunner
-    from raytitan.trainer import Schedule, Trainer
+    from raytitan.trainer.runner import ModelRunner
+    from raytitan.trainer.loop import Schedule, Trainer
 
     import dataclasses
 
@@ -98,7 +98,7 @@ def main() -> None:
 
     import ray
 
-    from raytitan.data.ray_feed import ray_rows
+    from raytitan.ray.data_feed import ray_rows
 
     work = tempfile.mkdtemp(prefix="raytitan-bench-")
     shards = ensure_synthetic_shards(os.path.join(work, "c4"), seed=0, num_shards=8, docs_per_shard=2000)

@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import print_table, record, steady  # noqa: E402
 
-from raytitan.metrics import read_metrics  # noqa: E402
+from raytitan.components.metrics import read_metrics  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

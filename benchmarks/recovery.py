@@ -24,8 +24,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import print_table, record  # noqa: E402
 
 import raytitan  # noqa: E402
-from raytitan.fault import injected_faults  # noqa: E402
-from raytitan.restarts import read_starts  # noqa: E402
+from raytitan.trainer.elastic.fault import injected_faults  # noqa: E402
+from raytitan.trainer.elastic.history import read_starts  # noqa: E402
 
 
 def main() -> None:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from raytitan.config import JobConfig, apply_dict, load_toml, set_key
+from raytitan.config.job import JobConfig, apply_dict, load_toml, set_key
 
-from raytitan.metrics import read_metrics
+from raytitan.components.metrics import read_metrics
 
 __all__ = ["JobConfig", "fit", "generate", "load_config", "read_metrics"]
 
@@ -32,14 +32,14 @@ def fit(config: str | JobConfig | dict | None = None, **overrides: Any):
 
     Example: ``raytitan.fit("configs/llama3_debug.toml", training__steps=20)``.
     """
-    from raytitan.launcher import launch
+    from raytitan.ray.launcher import launch
 
     return launch(load_config(config, **overrides))
 
 
 def generate(checkpoint: str, prompt: str, max_new_tokens: int = 32, temperature: float = 0.0, **kwargs: Any) -> str:
     """Continue ``prompt`` with the model of a checkpoint (a step folder, or a run's checkpoint
-    folder for its newest step), on one process. See ``raytitan.sampling.generate``."""
-    from raytitan.sampling import generate as _generate
+    folder for its newest step), on one process. See ``raytitan.tools.sampling.generate``."""
+    from raytitan.tools.sampling import generate as _generate
 
     return _generate(checkpoint, prompt, max_new_tokens, temperature, **kwargs)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from raytitan.config import ConfigError, parse_args
+from raytitan.config.job import ConfigError, parse_args
 
 DEFAULT_CONFIG = "configs/llama3_debug.toml"
 
@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    from raytitan.launcher import TrainingFailed, launch
+    from raytitan.ray.launcher import TrainingFailed, launch
 
     try:
         result = launch(config)

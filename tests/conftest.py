@@ -3,7 +3,7 @@ import os
 import pytest
 import ray
 
-from raytitan.data.synthetic import ensure_synthetic_shards
+from raytitan.components.data.synthetic import ensure_synthetic_shards
 
 
 @pytest.fixture(scope="session")

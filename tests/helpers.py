@@ -8,7 +8,7 @@ import socket
 
 import torch.multiprocessing as mp
 
-from raytitan.config import JobConfig
+from raytitan.config.job import JobConfig
 
 
 def tiny_config(run_root: str, data_dir: str, **sections) -> JobConfig:
@@ -44,9 +44,9 @@ def _worker(rank: int, world: int, port: int, payloads: list[dict], out: str) ->
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     import torch
 
-    import raytitan.worker
-    from raytitan.data.loader import BatchLoader
-    from raytitan.runtime import TorchrunRuntime
+    import raytitan.trainer.worker
+    from raytitan.components.data.loader import BatchLoader
+    from raytitan.trainer.runtime import TorchrunRuntime
 
     # Ledger: the ids of every training row this rank consumed, in order.
     ledger: list = []
@@ -61,8 +61,8 @@ def _worker(rank: int, world: int, port: int, payloads: list[dict], out: str) ->
 
     # The optimizer, to measure what this rank holds of the parameters and their state.
     optimizers: list = []
-    build_optimizer = raytitan.worker.build_optimizer
-    raytitan.worker.build_optimizer = lambda *a, **k: optimizers.append(build_optimizer(*a, **k)) or optimizers[-1]
+    build_optimizer = raytitan.trainer.worker.build_optimizer
+    raytitan.trainer.worker.build_optimizer = lambda *a, **k: optimizers.append(build_optimizer(*a, **k)) or optimizers[-1]
 
     BatchLoader.next_batch = recording_next_batch
     torch.set_num_threads(1)
@@ -72,7 +72,7 @@ def _worker(rank: int, world: int, port: int, payloads: list[dict], out: str) ->
         optimizers.clear()
         ledger_batch[0] = payload["_ledger_global_batch"]
         config = {k: v for k, v in payload.items() if not k.startswith("_")}
-        state = raytitan.worker.run(JobConfig.from_dict(config), TorchrunRuntime())
+        state = raytitan.trainer.worker.run(JobConfig.from_dict(config), TorchrunRuntime())
         held = {"param_bytes": 0, "optimizer_bytes": 0}
         if optimizers:
             params = [p for group in optimizers[0].param_groups for p in group["params"]]
@@ -96,14 +96,14 @@ def _global_ledger(ranks: list[dict]) -> list:
 
 
 def run_ranks(config: JobConfig | list[JobConfig], world: int, out_dir: str) -> dict | list[dict]:
-    """Run ``raytitan.worker.run`` on ``world`` spawned gloo ranks; a list of configs runs one
+    """Run ``raytitan.trainer.worker.run`` on ``world`` spawned gloo ranks; a list of configs runs one
     after the other in the same processes (spawning is the slow part).
 
     Returns, per config, rank 0's summary plus ``global_ledger`` (per step, the ids of the whole
     global batch, assembled from every data-parallel rank's rows) and ``ranks`` (every rank's
     summary, with the bytes of parameters and optimizer state it held).
     """
-    from raytitan.preflight import plan_run
+    from raytitan.config.plan import plan_run
 
     configs = config if isinstance(config, list) else [config]
     out = os.path.join(out_dir, f"result-{free_port()}.json")

@@ -11,10 +11,13 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemWriter
 
-from raytitan.checkpoint import (
-    COMMIT_MARKER, CheckpointError, CheckpointManager, ModelState, OptimizerState, committed_steps, final_export,
-    read_metadata,
+from raytitan.components.checkpoint.layout import (
+
+    COMMIT_MARKER, CheckpointError, committed_steps, final_export, read_metadata,
+
 )
+
+from raytitan.components.checkpoint.manager import CheckpointManager, ModelState, OptimizerState
 
 
 def manager(folder, model, keep=3, **kwargs):
@@ -94,7 +97,7 @@ def test_truncated_newest_checkpoint_is_skipped_with_a_warning(tmp_path, caplog,
     shard = os.path.join(m.save(2), "__0_0.distcp")
     with open(shard, "r+b") as f:
         f.truncate(10)
-    with caplog.at_level(logging.WARNING, logger="raytitan.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="raytitan.components.checkpoint"):
         assert m.resolve_load_step() == 1
     assert f"skipping damaged checkpoint {tmp_path}/step-2" in caplog.text and "truncated" in caplog.text
     with pytest.raises(CheckpointError, match=f"{shard} is truncated: 10 bytes, but '.*' ends at byte"):
@@ -334,7 +337,7 @@ KILLED_MID_WRITE = textwrap.dedent("""
     import os, signal, sys, threading
     import torch
     from torch.distributed.checkpoint import FileSystemWriter
-    from raytitan.checkpoint import CheckpointManager, ModelState
+    from raytitan.components.checkpoint.manager import CheckpointManager, ModelState
 
     torch.manual_seed(0)
     model = torch.nn.Linear(8, 8)

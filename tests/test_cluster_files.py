@@ -19,8 +19,8 @@ import torch
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
-from raytitan.config import parse_args
-from raytitan.preflight import plan_run
+from raytitan.config.job import parse_args
+from raytitan.config.plan import plan_run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLUSTER = os.path.join(REPO, "cluster")

@@ -4,8 +4,8 @@ import os
 import pytest
 
 from raytitan import load_config
-from raytitan.config import SECTIONS, ConfigError, JobConfig, parse_args, to_toml
-from raytitan.preflight import plan_run
+from raytitan.config.job import SECTIONS, ConfigError, JobConfig, parse_args, to_toml
+from raytitan.config.plan import plan_run
 
 from tests.helpers import tiny_config
 

@@ -6,8 +6,8 @@ import shutil
 
 import pytest
 
-from raytitan.checkpoint import COMMIT_MARKER, committed_steps, read_commit_at, read_metadata
-from raytitan.checkpoint_io import export_torch
+from raytitan.components.checkpoint.layout import COMMIT_MARKER, committed_steps, read_commit_at, read_metadata
+from raytitan.components.checkpoint.convert import export_torch
 
 from tests.helpers import run_ranks, tiny_config
 

@@ -5,9 +5,10 @@ import os
 import pytest
 
 import raytitan
-from raytitan.checkpoint import CheckpointManager, ModelState, committed_steps
-from raytitan.launcher import TrainingFailed
-from raytitan.restarts import read_starts
+from raytitan.components.checkpoint.manager import CheckpointManager, ModelState
+from raytitan.components.checkpoint.layout import committed_steps
+from raytitan.ray.launcher import TrainingFailed
+from raytitan.trainer.elastic.history import read_starts
 
 from tests.helpers import run_ranks, tiny_config
 

@@ -14,7 +14,7 @@ import time
 import pytest
 
 import raytitan
-from raytitan.restarts import read_progress, read_starts
+from raytitan.trainer.elastic.history import read_progress, read_starts
 
 from tests.helpers import run_ranks, tiny_config
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from raytitan.checkpoint import committed_steps
+from raytitan.components.checkpoint.layout import committed_steps
 
 pytestmark = pytest.mark.slow
 

@@ -6,7 +6,7 @@ import pytest
 import ray
 
 import raytitan
-from raytitan.checkpoint import committed_steps
+from raytitan.components.checkpoint.layout import committed_steps
 
 pytestmark = pytest.mark.slow
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from raytitan.growth import GrowthCheck, new_control_group, read_grow_request, request_grow
+from raytitan.trainer.elastic.growth import GrowthCheck, new_control_group, read_grow_request, request_grow
 
 from tests.helpers import spawn
 

@@ -10,8 +10,9 @@ import transformers  # test-only dependency (the dev extra): the reference Llama
 
 from raytitan import checkpoints as checkpoints_cli
 from raytitan import convert as convert_cli
-from raytitan.checkpoint import CheckpointError, CheckpointManager, ModelState, read_metadata
-from raytitan.checkpoint_io import export_hf, import_hf, import_torch, load_tensors, read_hf_weights
+from raytitan.components.checkpoint.layout import CheckpointError, read_metadata
+from raytitan.components.checkpoint.manager import CheckpointManager, ModelState
+from raytitan.components.checkpoint.convert import export_hf, import_hf, import_torch, load_tensors, read_hf_weights
 from raytitan.models.llama3 import hf
 from raytitan.models.llama3.args import FLAVORS
 from raytitan.models.llama3.model import Transformer

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from raytitan.checkpoint import committed_steps
+from raytitan.components.checkpoint.layout import committed_steps
 
 from tests.helpers import free_port
 

@@ -12,11 +12,11 @@ import types
 
 import pytest
 
-from raytitan import progress
-from raytitan.metrics import METRICS_FILE
-from raytitan.restarts import write_progress
+from raytitan.ray import progress
+from raytitan.components.metrics import METRICS_FILE
+from raytitan.trainer.elastic.history import write_progress
 
-SHOW_AUTO = "from raytitan.progress import wanted; print('bar' if wanted('auto') else 'no bar', flush=True)"
+SHOW_AUTO = "from raytitan.ray.progress import wanted; print('bar' if wanted('auto') else 'no bar', flush=True)"
 
 
 def wait_for(condition, timeout_s: float = 30.0) -> None:

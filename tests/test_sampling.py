@@ -3,10 +3,10 @@ import dataclasses
 import torch
 
 import raytitan
-from raytitan.checkpoint import CheckpointManager, ModelState
+from raytitan.components.checkpoint.manager import CheckpointManager, ModelState
 from raytitan.models.llama3.args import FLAVORS
 from raytitan.models.llama3.model import Transformer
-from raytitan.sampling import generate_tokens, load_model
+from raytitan.tools.sampling import generate_tokens, load_model
 
 ARGS = FLAVORS["tiny"].with_vocab(259)
 

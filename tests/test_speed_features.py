@@ -7,15 +7,15 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from raytitan.config import ConfigError, Float8, JobConfig
-from raytitan.loss import cross_entropy_sum
-from raytitan.metrics import MetricsLogger, mfu_percent, peak_tflops
+from raytitan.config.job import ConfigError, Float8, JobConfig
+from raytitan.components.loss import cross_entropy_sum
+from raytitan.components.metrics import MetricsLogger, mfu_percent, peak_tflops
 from raytitan.models.llama3.args import FLAVORS, ModelArgs
 from raytitan.models.llama3.model import Transformer, count_params, flops_per_token
-from raytitan.parallel.activation_checkpoint import apply_activation_checkpointing
-from raytitan.parallel.compile import build_loss, compile_blocks
-from raytitan.parallel.float8 import Float8HardwareError, check_hardware, convert_to_float8
-from raytitan.preflight import check_speed_features
+from raytitan.distributed.activation_checkpoint import apply_activation_checkpointing
+from raytitan.distributed.compile import build_loss, compile_blocks
+from raytitan.distributed.float8 import Float8HardwareError, check_hardware, convert_to_float8
+from raytitan.config.plan import check_speed_features
 
 ARGS = ModelArgs(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=97, multiple_of=32, max_seq_len=32)
 
@@ -316,7 +316,7 @@ def test_peak_table(monkeypatch, name, peak):
 def test_bf16_autocast_without_fsdp_keeps_float32_weights():
     """One rank (no FSDP to cast parameters): training.mixed_precision_param = bfloat16 computes
     under autocast; the weights and their gradients stay float32."""
-    from raytitan.parallel.runner import ModelRunner
+    from raytitan.trainer.runner import ModelRunner
 
     batch = tokens()
     losses = {}
@@ -333,8 +333,8 @@ def test_bf16_autocast_without_fsdp_keeps_float32_weights():
 
 def profiled_steps(folder, first: int, last: int) -> list[str]:
     """Train steps first..last under a profiler with profile_freq 3; the trace folders written."""
-    from raytitan.config import Profiling
-    from raytitan.profiling import Profiler
+    from raytitan.config.job import Profiling
+    from raytitan.components.profiling import Profiler
 
     m = model()
     profiler = Profiler(Profiling(enable_profiling=True, profile_freq=3), str(folder), rank=0,

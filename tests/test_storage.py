@@ -10,8 +10,7 @@ import os
 import pytest
 import ray
 
-from raytitan import storage
-
+from raytitan.components import storage
 from tests.helpers import run_ranks, tiny_config
 
 BUCKET = "raytitan-test"
@@ -55,7 +54,7 @@ def test_files_round_trip_on_s3(s3_root):
 
 @pytest.mark.slow
 def test_checkpoints_on_s3_resume_resharded_with_the_same_losses(tmp_path, data_dir, s3_root):
-    from raytitan.checkpoint import committed_steps, loadable_step
+    from raytitan.components.checkpoint.layout import committed_steps, loadable_step
 
     storage.use_root(s3_root)
     run_dir = f"s3://{BUCKET}/runs/run"
@@ -81,7 +80,7 @@ def test_checkpoints_on_s3_resume_resharded_with_the_same_losses(tmp_path, data_
 @pytest.mark.slow
 def test_a_ray_run_keeps_everything_on_s3(tmp_path, data_dir, s3_root):
     import raytitan
-    from raytitan.checkpoint import committed_steps
+    from raytitan.components.checkpoint.layout import committed_steps
 
     ray.init(num_cpus=2, include_dashboard=False)  # after the fixture: workers see the credentials
     try:
@@ -99,9 +98,10 @@ def test_a_ray_run_keeps_everything_on_s3(tmp_path, data_dir, s3_root):
 
 
 def test_object_store_runs_refuse_what_needs_a_filesystem(tmp_path):
-    from raytitan import checkpoints, convert
-    from raytitan.config import ConfigError, JobConfig
-    from raytitan.preflight import check_checkpoint
+    from raytitan.tools import checkpoints
+    from raytitan.tools import convert
+    from raytitan.config.job import ConfigError, JobConfig
+    from raytitan.config.plan import check_checkpoint
 
     config = JobConfig.from_dict({"ray": {"storage_path": f"s3://{BUCKET}/runs"}, "checkpoint": {"last_save_in_hf": True}})
     assert config.run_dir == f"s3://{BUCKET}/runs/llama3-debugmodel"

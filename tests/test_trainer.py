@@ -2,13 +2,13 @@ import copy
 
 import torch
 
-from raytitan.checkpoint import CheckpointManager
+from raytitan.components.checkpoint.manager import CheckpointManager
 from raytitan.models.llama3.args import ModelArgs
 from raytitan.models.llama3.model import Transformer
-from raytitan.loss import cross_entropy_sum
-from raytitan.optim import PartOptimizers, WarmupStableDecay, build_lr_scheduler
-from raytitan.parallel.runner import ModelRunner
-from raytitan.trainer import Schedule, Trainer, clip_grad_norm_
+from raytitan.components.loss import cross_entropy_sum
+from raytitan.components.optimizer import PartOptimizers, WarmupStableDecay, build_lr_scheduler
+from raytitan.trainer.runner import ModelRunner
+from raytitan.trainer.loop import Schedule, Trainer, clip_grad_norm_
 
 ARGS = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=61, max_seq_len=16)
 
@@ -61,7 +61,7 @@ def test_clip_grad_norm_clips_to_max_norm():
 def test_lr_schedule_reaches_every_part_also_after_a_state_load():
     """The schedule sets the learning rate of each part's optimizer, including after loading a
     state dict (which replaces an optimizer's param-group dicts)."""
-    from raytitan.config import JobConfig
+    from raytitan.config.job import JobConfig
 
     parts = [torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)]
     optimizers = [torch.optim.SGD(p.parameters(), lr=1.0) for p in parts]

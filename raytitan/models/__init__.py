@@ -1,0 +1,2 @@
+"""Model families, one folder each: args and flavors, the model, its parallelization, and its
+Hugging Face adapter."""

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import ray
 
-from raytitan.config import Model
-from raytitan.data.ray_feed import DataFeeder, ray_rows
-from raytitan.data.stream import Cursor, global_batches, local_rows
-from raytitan.data.synthetic import ensure_synthetic_shards
-from raytitan.data.tokenizer import ByteTokenizer
+from raytitan.config.job import Model
+from raytitan.ray.data_feed import DataFeeder, ray_rows
+from raytitan.components.data.stream import Cursor, global_batches, local_rows
+from raytitan.components.data.synthetic import ensure_synthetic_shards
+from raytitan.components.data.tokenizer import ByteTokenizer
 
 pytestmark = pytest.mark.slow
 

@@ -9,12 +9,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from raytitan.config import Model
-from raytitan.data import stream
-from raytitan.data.loader import LocalLoader
-from raytitan.data.sources import DataSourceError, resolve_shards
-from raytitan.data.stream import ShardStats, pack_shard, read_texts
-from raytitan.data.tokenizer import ByteTokenizer, HFTokenizer, build_tokenizer
+from raytitan.config.job import Model
+from raytitan.components.data import stream
+from raytitan.components.data.loader import LocalLoader
+from raytitan.components.data.sources import DataSourceError, resolve_shards
+from raytitan.components.data.stream import ShardStats, pack_shard, read_texts
+from raytitan.components.data.tokenizer import ByteTokenizer, HFTokenizer, build_tokenizer
 
 TOK = ByteTokenizer()
 DOCS = [f"document number {i} says hello" for i in range(40)]
@@ -148,7 +148,7 @@ def test_hf_tokenizer_json_with_special_tokens(tmp_path):
 
 
 def test_model_vocab_follows_the_hf_tokenizer(tmp_path, data_dir):
-    from raytitan.preflight import plan_run
+    from raytitan.config.plan import plan_run
 
     from tests.helpers import tiny_config
 

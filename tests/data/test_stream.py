@@ -5,10 +5,10 @@ import json
 import numpy as np
 import pytest
 
-from raytitan.data.loader import LocalLoader
-from raytitan.data.stream import Cursor, epoch_order, global_batches, local_rows, pack_shard, shard_rows
-from raytitan.data.synthetic import ensure_synthetic_shards
-from raytitan.data.tokenizer import ByteTokenizer
+from raytitan.components.data.loader import LocalLoader
+from raytitan.components.data.stream import Cursor, epoch_order, global_batches, local_rows, pack_shard, shard_rows
+from raytitan.components.data.synthetic import ensure_synthetic_shards
+from raytitan.components.data.tokenizer import ByteTokenizer
 
 TOK = ByteTokenizer()
 

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from raytitan.models.llama3.model import CausalAttention
-from raytitan.parallel.context import (
-    KERNELS, ROTATE_METHODS, RingAttention, kernel_for, load_balanced_positions, shard_sequence)
+from raytitan.distributed.context import (
+    KERNELS, ROTATE_METHODS, RingAttention, kernel_for, load_balanced_positions, shard_sequence,
+)
 
 from tests.helpers import spawn
 
@@ -105,9 +106,9 @@ def _ring_calls_in_backward(rank: int, world: int) -> dict:
     import torch.distributed as dist
 
     from raytitan.models.llama3.model import Transformer
-    from raytitan.parallel.activation_checkpoint import apply_activation_checkpointing
-    from raytitan.parallel.context import apply_context_parallel
-    from raytitan.loss import cross_entropy_sum
+    from raytitan.distributed.activation_checkpoint import apply_activation_checkpointing
+    from raytitan.distributed.context import apply_context_parallel
+    from raytitan.components.loss import cross_entropy_sum
     from tests.test_speed_features import ARGS, CountOps, tokens
 
     batch = tokens(seq=8 * world + 1)

@@ -2,8 +2,8 @@
 
 import pytest
 
-from raytitan.config import JobConfig
-from raytitan.parallel.pipeline import PipelineError, num_stages, rank_stages, stage_layers
+from raytitan.config.job import JobConfig
+from raytitan.distributed.pipeline import PipelineError, num_stages, rank_stages, stage_layers
 
 
 def parallelism(**keys):

@@ -17,11 +17,11 @@ from torch.distributed.tensor.parallel import (
 )
 
 from raytitan.models.llama3.model import Transformer
-from raytitan.parallel import float8
-from raytitan.parallel.activation_checkpoint import apply_activation_checkpointing
-from raytitan.parallel.compile import compile_blocks
-from raytitan.parallel.context import apply_context_parallel
-from raytitan.parallel.dims import ParallelDims
+from raytitan.distributed import float8
+from raytitan.distributed.activation_checkpoint import apply_activation_checkpointing
+from raytitan.distributed.compile import compile_blocks
+from raytitan.distributed.context import apply_context_parallel
+from raytitan.distributed.dims import ParallelDims
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

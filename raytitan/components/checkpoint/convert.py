@@ -1,0 +1,323 @@
+"""Checkpoint folders outside a training run, on one process: read DCP steps, convert them to
+and from Hugging Face safetensors or a single torch file, summarize and verify them.
+
+Conversions to Hugging Face and verification read a few tensors at a time, so memory stays
+near one output shard, not the whole model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import logging
+import os
+import re
+import shutil
+import time
+import warnings
+from collections.abc import Iterator
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+
+from raytitan.components.checkpoint.layout import (
+
+    COMMIT_MARKER, STEP_DIR, CheckpointError, root_cause, check_files, committed_steps, read_commit_at, step_dir, write_commit,
+
+)
+from raytitan.models.llama3 import hf
+from raytitan.models.llama3.args import FLAVORS, ModelArgs
+
+logger = logging.getLogger("raytitan")
+
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+_LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def resolve_step_path(path: str) -> str:
+    """A committed step folder, or the newest committed step of a checkpoint folder."""
+    if os.path.isfile(os.path.join(path, COMMIT_MARKER)):
+        return path
+    steps = committed_steps(path)
+    if steps:
+        return step_dir(path, steps[-1])
+    raise CheckpointError(f"'{path}' is neither a committed step folder (with {COMMIT_MARKER}) nor a folder "
+                          "of committed step-N folders")
+
+
+def _quiet_load(state: dict, path: str) -> None:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
+        dcp.load(state, checkpoint_id=path, no_dist=True)
+
+
+def load_tensors(path: str, metadata: Metadata, keys: list[str]) -> dict[str, torch.Tensor]:
+    """The named tensors (DCP keys, e.g. ``model.norm.weight``), whole, on the CPU."""
+    state = {}
+    for key in keys:
+        meta = metadata.state_dict_metadata[key]
+        state[key] = torch.empty(meta.size, dtype=meta.properties.dtype)
+    try:
+        _quiet_load(state, path)
+    except (Exception, CheckpointException) as e:
+        if len(keys) > 1:  # find the one that fails
+            for key in keys:
+                load_tensors(path, metadata, [key])
+        raise CheckpointError(f"{path}/{files_of(metadata, keys[0])}: cannot read '{keys[0]}': {root_cause(e)}") from e
+    return state
+
+
+def tensor_keys(metadata: Metadata, prefix: str = "") -> list[str]:
+    return [k for k, m in metadata.state_dict_metadata.items()
+            if isinstance(m, TensorStorageMetadata) and k.startswith(prefix)]
+
+
+def _nbytes(meta: TensorStorageMetadata, dtype: torch.dtype | None = None) -> int:
+    return meta.size.numel() * (dtype or meta.properties.dtype).itemsize
+
+
+def model_order(key: str) -> tuple:
+    """Embedding, then layers in numeric order, then the final norm and output head."""
+    m = _LAYER_KEY.match(key)
+    if m:
+        return (1, int(m.group(1)), key)
+    return (0 if "tok_embeddings" in key else 2, 0, key)
+
+
+def _groups(metadata: Metadata, keys: list[str], max_bytes: int, dtype: torch.dtype | None = None) -> list[list[str]]:
+    """Consecutive keys in groups of at most ``max_bytes`` (a bigger tensor gets a group of its own)."""
+    groups, current, size = [], [], 0
+    for key in keys:
+        n = _nbytes(metadata.state_dict_metadata[key], dtype)
+        if current and size + n > max_bytes:
+            groups.append(current)
+            current, size = [], 0
+        current.append(key)
+        size += n
+    return groups + ([current] if current else [])
+
+
+def model_args_of(path: str, flavor: str | None = None) -> ModelArgs:
+    """The model shape a step was saved with: from its commit marker, or a named flavor sized to
+    the checkpoint's vocabulary."""
+    marker = read_commit_at(path)
+    if flavor is None and "model_args" in marker:
+        return ModelArgs(**marker["model_args"])
+    flavor = flavor or marker.get("flavor")
+    if flavor not in FLAVORS:
+        raise CheckpointError(f"{path} does not record its model shape: name its flavor ({', '.join(FLAVORS)})")
+    vocab = check_files(path).state_dict_metadata["model.tok_embeddings.weight"].size[0]
+    return dataclasses.replace(FLAVORS[flavor], vocab_size=vocab)
+
+
+# --------------------------------------------------------------------------- Hugging Face
+
+
+def export_hf(step_path: str, out_dir: str, dtype: torch.dtype = torch.bfloat16, max_shard_bytes: int = 5 << 30,
+              args: ModelArgs | None = None, tokenizer_folder: str | None = None) -> str:
+    """Write a step's weights as a Hugging Face Llama folder: config.json, safetensors shards
+    (with an index when more than one), and the tokenizer files when given."""
+    from safetensors.torch import save_file
+
+    metadata = check_files(step_path)
+    marker = read_commit_at(step_path)
+    args = args or model_args_of(step_path)
+    keys = sorted(tensor_keys(metadata, "model."), key=model_order)
+    if not keys:
+        raise CheckpointError(f"{step_path} holds no model weights")
+    tmp = out_dir.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    groups = _groups(metadata, keys, max_shard_bytes, dtype)
+    names = (["model.safetensors"] if len(groups) == 1 else
+             [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))])
+    weight_map, total = {}, 0
+    for group, name in zip(groups, names):
+        tensors = {}
+        for key, tensor in load_tensors(step_path, metadata, group).items():
+            ours = key.removeprefix("model.")
+            hf_name = hf.to_hf_name(ours)
+            tensors[hf_name] = hf.to_hf_tensor(ours, tensor, args.n_heads, args.kv_heads).to(dtype).contiguous()
+            weight_map[hf_name] = name
+            total += tensors[hf_name].nbytes
+        save_file(tensors, os.path.join(tmp, name), metadata={"format": "pt"})
+        logger.info("wrote %s (%d tensors)", name, len(tensors))
+    if len(groups) > 1:
+        with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+        json.dump(hf.hf_config(args, dtype, marker.get("bos_id"), marker.get("eos_id")), f, indent=2)
+    tokenizer_folder = tokenizer_folder or marker.get("hf_assets_path")
+    for name in HF_TOKENIZER_FILES:
+        if tokenizer_folder and os.path.isfile(os.path.join(tokenizer_folder, name)):
+            shutil.copy(os.path.join(tokenizer_folder, name), tmp)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+    return out_dir
+
+
+def _hf_files(folder: str) -> list[str]:
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            names = sorted(set(json.load(f)["weight_map"].values()))
+        return [os.path.join(folder, n) for n in names]
+    return sorted(glob.glob(os.path.join(folder, "*.safetensors")))
+
+
+def read_hf_weights(folder: str, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """A Hugging Face Llama folder's weights under raytitan's names, in raytitan's RoPE row order."""
+    from safetensors import safe_open
+
+    config = hf.read_hf_config(folder)
+    n_heads, n_kv_heads = hf.heads_from_hf_config(config)
+    weights = {}
+    for file in _hf_files(folder):
+        if not os.path.isfile(file):
+            raise CheckpointError(f"{file} is listed in the index but missing")
+        try:
+            with safe_open(file, framework="pt") as f:
+                for name in f.keys():
+                    if name.endswith("rotary_emb.inv_freq"):
+                        continue  # a cache older exports carry; recomputed from the config
+                    ours = hf.from_hf_name(name)
+                    weights[ours] = hf.from_hf_tensor(ours, f.get_tensor(name), n_heads, n_kv_heads).to(dtype)
+        except (OSError, RuntimeError) as e:
+            raise CheckpointError(f"cannot read {file}: {e}") from e
+    if "output.weight" not in weights and config.get("tie_word_embeddings") and "tok_embeddings.weight" in weights:
+        weights["output.weight"] = weights["tok_embeddings.weight"].clone()  # raytitan's head is untied
+    return weights
+
+
+def import_hf(folder: str, out_step_dir: str, dtype: torch.dtype = torch.float32) -> str:
+    """A Hugging Face Llama folder as a committed, model-only DCP step folder that any layout
+    loads (resharded) through ``checkpoint.initial_load_path``."""
+    return write_weights_step(read_hf_weights(folder, dtype), out_step_dir, source=os.path.abspath(folder))
+
+
+def write_weights_step(weights: dict[str, torch.Tensor], out_step_dir: str, source: str) -> str:
+    """Model weights by name as a committed, model-only step folder (written aside, then renamed)."""
+    tmp = out_step_dir.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to save in a single process")
+        dcp.save({"model": weights}, checkpoint_id=tmp, no_dist=True)
+    write_commit(tmp, {"step": 0, "world_size": 1, "time": time.time(), "model_only": True, "source": source})
+    shutil.rmtree(out_step_dir, ignore_errors=True)
+    os.replace(tmp, out_step_dir)
+    return out_step_dir
+
+
+# --------------------------------------------------------------------------- torch
+
+
+def export_torch(step_path: str, out_file: str, model_only: bool = True) -> str:
+    """A step as one ``torch.save`` file: the model's weights by name, or (``model_only=False``)
+    every saved state as nested dicts."""
+    metadata = check_files(step_path)
+    if model_only:
+        state = {k.removeprefix("model."): v for k, v in
+                 load_tensors(step_path, metadata, tensor_keys(metadata, "model.")).items()}
+        torch.save(state, out_file)
+    else:
+        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+        dcp_to_torch_save(step_path, out_file)
+    return out_file
+
+
+def import_torch(file: str, out_step_dir: str) -> str:
+    """A ``torch.save`` file of model weights (either form ``export_torch`` writes) as a committed,
+    model-only step folder that any layout loads through ``checkpoint.initial_load_path``."""
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        raise CheckpointError(f"cannot read {file} as a torch.save file of weights: {type(e).__name__}: {e}") from e
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]  # every state was saved: take the weights
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{file} does not hold model weights by name (a dict of tensors, or one under 'model')")
+    return write_weights_step(state, out_step_dir, source=os.path.abspath(file))
+
+
+# --------------------------------------------------------------------------- inspection
+
+
+@dataclasses.dataclass
+class StepSummary:
+    path: str
+    step: int
+    committed: bool
+    bytes: int
+    marker: dict
+
+
+def list_steps(folder: str) -> list[StepSummary]:
+    """Every step folder, committed or not, oldest first."""
+    if not os.path.isdir(folder):
+        raise CheckpointError(f"no such checkpoint folder '{folder}'")
+    out = []
+    for name in os.listdir(folder):
+        m = STEP_DIR.match(name)
+        if not m:
+            continue
+        path = os.path.join(folder, name)
+        committed = os.path.isfile(os.path.join(path, COMMIT_MARKER))
+        size = sum(os.path.getsize(f) for f in glob.glob(os.path.join(path, "*")) + glob.glob(os.path.join(path, ".*"))
+                   if os.path.isfile(f))
+        out.append(StepSummary(path, int(m.group(1)), committed, size, read_commit_at(path) if committed else {}))
+    return sorted(out, key=lambda s: s.step)
+
+
+def state_sizes(metadata: Metadata) -> dict[str, tuple[int, int]]:
+    """Per saved state (model, optimizer, ...): (entries, tensor bytes)."""
+    out: dict[str, tuple[int, int]] = {}
+    for key, meta in metadata.state_dict_metadata.items():
+        state = key.split(".", 1)[0]
+        n, size = out.get(state, (0, 0))
+        out[state] = (n + 1, size + (_nbytes(meta) if isinstance(meta, TensorStorageMetadata) else 0))
+    return out
+
+
+@dataclasses.dataclass
+class VerifyReport:
+    path: str
+    tensors: int
+    bytes: int
+    non_finite: dict[str, int]
+    entries: int = 0  # non-tensor entries (schedule, data position, step), unpickled
+
+
+def verify(step_path: str, group_bytes: int = 256 << 20) -> Iterator[tuple[int, int] | VerifyReport]:
+    """Read every tensor of a step (a group at a time) and every other entry; yields (bytes done,
+    total) as it goes, then a report with the count of NaN/Inf values per tensor that has any.
+    Raises naming the file and key that cannot be read."""
+    metadata = check_files(step_path)
+    keys = tensor_keys(metadata)
+    total = sum(_nbytes(metadata.state_dict_metadata[k]) for k in keys)
+    done, non_finite = 0, {}
+    for group in _groups(metadata, keys, group_bytes):
+        for key, tensor in load_tensors(step_path, metadata, group).items():
+            if tensor.is_floating_point():
+                bad = int((~torch.isfinite(tensor)).sum())
+                if bad:
+                    non_finite[key] = bad
+            done += tensor.nbytes
+        yield done, total
+    tensors = set(keys)
+    entries = [k for k in metadata.state_dict_metadata if k not in tensors]
+    for key in entries:
+        try:
+            _quiet_load({key: None}, step_path)
+        except (Exception, CheckpointException) as e:
+            raise CheckpointError(f"{step_path}/{files_of(metadata, key)}: cannot read '{key}': {root_cause(e)}") from e
+    yield VerifyReport(step_path, len(keys), total, non_finite, len(entries))
+
+
+def files_of(metadata: Metadata, key: str) -> str:
+    """The data file(s) that hold ``key``."""
+    return ", ".join(sorted({info.relative_path for index, info in metadata.storage_data.items() if index.fqn == key}))

@@ -1,0 +1,338 @@
+"""Saving and loading a run's state through DCP: atomic commits, retention, async writes.
+
+Where steps live and which count is ``layout``'s; this module writes and reads them. Loads
+check keys and shapes first, so a wrong checkpoint is an error naming the key, never a
+partial load.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import Metadata
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+from torch.distributed.checkpoint.state_dict_saver import AsyncSaveResponse
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.checkpoint.stateful import Stateful
+
+from raytitan.components import storage
+from raytitan.components.checkpoint.convert import export_hf
+from raytitan.components.checkpoint.layout import (
+    COMMIT_MARKER, CheckpointError, check_files, committed_steps, is_export, loadable_step, read_commit, root_cause,
+    step_dir, write_commit,
+)
+logger = logging.getLogger(__name__)
+
+
+class ModelState(Stateful):
+    """Model weights as a (possibly sharded) state dict that DCP reshards on load.
+
+    ``parts`` are this rank's pipeline stages (or the one whole model); their parameter names
+    are the whole model's, so the merged dict reads the same under any layout."""
+
+    def __init__(self, parts: list[torch.nn.Module]):
+        self.parts = parts
+
+    def state_dict(self) -> dict[str, Any]:
+        return {k: v for part in self.parts for k, v in get_model_state_dict(part).items()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        for part in self.parts:
+            own = {k: state_dict[k] for k in get_model_state_dict(part)}
+            set_model_state_dict(part, own, options=StateDictOptions(strict=True))
+
+
+class OptimizerState(Stateful):
+    """Optimizer state keyed by parameter name (flattened), one optimizer per model part."""
+
+    OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
+
+    def __init__(self, parts: list[torch.nn.Module], optimizers: list[torch.optim.Optimizer]):
+        self.pairs = list(zip(parts, optimizers))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {k: v for part, o in self.pairs for k, v in get_optimizer_state_dict(part, o, options=self.OPTIONS).items()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        for part, o in self.pairs:
+            own = {k: state_dict[k] for k in get_optimizer_state_dict(part, o, options=self.OPTIONS)}
+            set_optimizer_state_dict(part, o, own, options=self.OPTIONS)
+
+
+def tensor_shapes(states: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """Global shapes of the tensors in (nested) state dicts, keyed as DCP flattens them."""
+    shapes = {}
+
+    def visit(prefix: str, value: Any) -> None:
+        if isinstance(value, Stateful) and not isinstance(value, torch.Tensor):
+            value = value.state_dict()
+        if isinstance(value, dict):
+            for k, v in value.items():
+                visit(f"{prefix}.{k}" if prefix else str(k), v)
+        elif isinstance(value, torch.Tensor):
+            shapes[prefix] = tuple(value.shape)
+
+    visit("", states)
+    return shapes
+
+
+def check_compatible(path: str, metadata: Metadata, expected: dict[str, tuple[int, ...]],
+                     model_keys: set[str] | None = None) -> None:
+    """The checkpoint holds every tensor ``expected`` names, in that shape (and, given the model's
+    full key set, no model weights the model lacks): a clear error instead of a partial load."""
+    stored = metadata.state_dict_metadata
+    for key, shape in expected.items():
+        meta = stored.get(key)
+        if meta is None:
+            raise CheckpointError(f"checkpoint {path} has no '{key}': it was saved from a different model "
+                                  "(or without that state: see checkpoint.exclude_from_loading)")
+        if not hasattr(meta, "size"):
+            raise CheckpointError(f"checkpoint {path}: '{key}' is stored as bytes, not a tensor")
+        if tuple(meta.size) != shape:
+            raise CheckpointError(f"checkpoint {path}: '{key}' has shape {list(meta.size)} but this model's is "
+                                  f"{list(shape)}: was it saved from another model.flavor or tokenizer?")
+    if model_keys is not None:
+        extra = sorted(k for k in stored if k.startswith("model.") and k.removeprefix("model.") not in model_keys)
+        if extra:
+            raise CheckpointError(f"checkpoint {path} has {len(extra)} model weights this model lacks "
+                                  f"(first: '{extra[0]}'): was it saved from another model.flavor?")
+
+
+EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+LOADABLE = ("model", "optimizer", "lr_scheduler", "dataloader", "train_state")
+ASYNC_MODES = ("disabled", "async", "async_with_pinned_mem")
+
+
+class CheckpointManager:
+    """Saves every ``interval`` steps and at the end; resumes from the newest committed step.
+
+    With ``async_mode`` the write of a step overlaps the next training steps: ``save`` returns
+    once the state is copied (staged), the step is committed when its write completes (see
+    ``poll``), and at most one save is in flight.
+    """
+
+    def __init__(self, folder: str, states: dict[str, Stateful], interval: int, keep_latest_k: int,
+                 enable: bool = True, process_group: dist.ProcessGroup | None = None,
+                 before_commit: Callable[[int], None] | None = None, async_mode: str = "disabled",
+                 exclude_from_loading: tuple[str, ...] | list[str] = (), model_keys: set[str] | None = None,
+                 commit_info: dict | None = None, last_save_model_only: bool = False,
+                 export_dtype: torch.dtype = torch.float32, last_save_in_hf: bool = False):
+        """``process_group``: the ranks that hold state (all by default; a gloo group for async
+        saves); ``before_commit``: a hook each rank calls after writing its part of step N, before
+        the commit (fault injection); ``model_keys``: the whole model's parameter names, to reject
+        checkpoints of bigger models; ``commit_info``: extra facts for the commit marker (the
+        model's shape, for exports); the ``last_*`` and ``export_dtype`` options shape the run's
+        last save (see ``save_last``)."""
+        if async_mode not in ASYNC_MODES:
+            raise ValueError(f"checkpoint.async_mode = {async_mode!r} is not one of {', '.join(ASYNC_MODES)}")
+        self.folder, self.states = folder, states
+        self.interval, self.keep_latest_k, self.enable = interval, keep_latest_k, enable
+        self.group, self.before_commit = process_group, before_commit
+        self.async_mode, self.exclude = async_mode, set(exclude_from_loading)
+        self.model_keys, self.commit_info = model_keys, commit_info or {}
+        self.last_save_model_only, self.export_dtype, self.last_save_in_hf = last_save_model_only, export_dtype, last_save_in_hf
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.last_save_seconds = 0.0  # how long the last save blocked training
+        self._pending: _PendingSave | None = None
+        self._stager = None
+        if async_mode == "async_with_pinned_mem" and not torch.cuda.is_available():
+            logger.info("checkpoint.async_mode = async_with_pinned_mem: pinned memory needs CUDA; staging in "
+                        "ordinary memory as async does")
+        self._committed: str | None = None  # newest step this rank committed, not yet taken
+
+    # ------------------------------------------------------------------ saving
+
+    def save(self, step: int, model_only: bool = False, dtype: torch.dtype | None = None,
+             blocking: bool | None = None) -> str | None:
+        """Write ``step-N`` on every rank and commit it. Returns the step folder once committed,
+        or None while an async write is still in flight. ``dtype`` converts a model-only save's
+        weights (an export); ``blocking`` overrides the async mode (the last save of a run)."""
+        t0 = time.perf_counter()
+        self.wait()  # at most one save in flight
+        path = step_dir(self.folder, step)
+        if self.rank == 0:
+            # An uncommitted folder of the same step is debris from a crashed save; a committed one
+            # is an export, damaged, or newer than the load_step this run resumed from.
+            if storage.isfile(storage.join(path, COMMIT_MARKER)):
+                logger.warning("replacing the committed %s%s with a new save of that step", path,
+                               " (weights only)" if is_export(self.folder, step) else "")
+            storage.rmtree(path)
+            storage.makedirs(path)
+        self._barrier()
+        states = self._states_to_save(model_only, dtype)
+        if blocking is False or (blocking is None and self.async_mode != "disabled"):
+            response = dcp.async_save(states, checkpoint_id=path, storage_writer=storage.dcp_writer(path),
+                                      process_group=self.group, async_stager=self._async_stager())
+            staged, written = (response.staging_completion, response.upload_completion) \
+                if isinstance(response, AsyncSaveResponse) else (None, response)
+            self._pending = _PendingSave(step, path, model_only, written, staged, t0)
+            self.last_save_seconds = time.perf_counter() - t0
+            logger.info("checkpoint step %d: staged in %.2fs, writing in the background", step, self.last_save_seconds)
+            return None
+        dcp.save(states, checkpoint_id=path, storage_writer=storage.dcp_writer(path), process_group=self.group)
+        if self.before_commit:
+            self.before_commit(step)
+        self._barrier()  # every rank wrote its part: only now may rank 0 commit
+        if self.rank == 0:
+            self._commit(step, path, model_only)
+        self._barrier()
+        self.last_save_seconds = time.perf_counter() - t0
+        logger.info("saved checkpoint step %d to %s in %.2fs", step, path, self.last_save_seconds)
+        return path
+
+    def save_last(self, step: int) -> str:
+        """The run's last save: blocking, optionally weights only in ``export_dtype``, and
+        optionally exported as a Hugging Face folder ``step-N-hf`` next to it (by rank 0)."""
+        dtype = self.export_dtype if self.last_save_model_only and self.export_dtype != torch.float32 else None
+        path = self.save(step, model_only=self.last_save_model_only, dtype=dtype, blocking=True)
+        if self.last_save_in_hf and self.rank == 0:
+
+            t0 = time.perf_counter()
+            out = export_hf(path, path + "-hf", dtype=self.export_dtype)
+            logger.info("exported step %d as a Hugging Face folder %s in %.2fs", step, out, time.perf_counter() - t0)
+        return path
+
+    def _states_to_save(self, model_only: bool, dtype: torch.dtype | None) -> dict[str, Any]:
+        if not model_only:
+            return self.states
+        if dtype is None:
+            return {"model": self.states["model"]}
+        return {"model": {k: v.detach().to(dtype) for k, v in self.states["model"].state_dict().items()}}
+
+    def _async_stager(self) -> DefaultStager:
+        """One stager for the whole run, so its staging memory is reused from save to save
+        (allocating it anew for every save more than doubled the stall in benchmarks/checkpoint.py):
+        pinned memory with the copy in the background on CUDA for ``async_with_pinned_mem``, a
+        plain blocking copy otherwise."""
+        if self._stager is None:
+            pinned = self.async_mode == "async_with_pinned_mem" and torch.cuda.is_available()
+            self._stager = DefaultStager(StagingOptions(use_pinned_memory=pinned, use_shared_memory=False,
+                                                        use_async_staging=pinned, use_non_blocking_copy=pinned))
+        return self._stager
+
+    def wait_for_staging(self) -> None:
+        """Block until an in-flight save has copied the weights (call before changing them)."""
+        if self._pending is not None and self._pending.staged is not None:
+            self._pending.staged.result()
+            self._pending.staged = None
+
+    def poll(self) -> str | None:
+        """Commit the in-flight save if its write completed; returns the folder committed by this
+        call on rank 0 (None elsewhere, or when nothing completed). Not collective."""
+        if self._pending is None or not self._pending.written.done():
+            return None
+        return self._finish_pending()
+
+    def wait(self) -> str | None:
+        """Finish the in-flight save, if any (collective: every rank calls it at the same point)."""
+        if self._pending is None:
+            return None
+        return self._finish_pending()  # blocks until the write completes
+
+    def close(self) -> None:
+        """Clean shutdown: the in-flight save completes and commits."""
+        self.wait()
+        if self._stager is not None:
+            self._stager.close()
+            self._stager = None
+
+    def _finish_pending(self) -> str | None:
+        pending, self._pending = self._pending, None
+        try:
+            pending.written.result()
+        except (Exception, CheckpointException) as e:  # DCP's exception is a BaseException
+            raise CheckpointError(f"writing checkpoint {pending.path} failed: {root_cause(e)}; the previous "
+                                  "committed checkpoint stays the latest") from e
+        if self.before_commit:
+            self.before_commit(pending.step)
+        # DCP wrote the metadata after every rank's data: rank 0 may commit without a barrier.
+        if self.rank != 0:
+            return None
+        self._commit(pending.step, pending.path, pending.model_only)
+        logger.info("committed checkpoint step %d to %s (%.2fs after the save began)", pending.step, pending.path,
+                    time.perf_counter() - pending.started)
+        return pending.path
+
+    def _commit(self, step: int, path: str, model_only: bool) -> None:
+        world = dist.get_world_size(self.group) if dist.is_initialized() else 1
+        write_commit(path, {"step": step, "world_size": world, "time": time.time(), "model_only": model_only,
+                            **self.commit_info})
+        self._committed = path
+        self._purge_old()
+
+    def take_committed(self) -> str | None:
+        """The newest step committed (by this rank: rank 0) since the last call, to report."""
+        path, self._committed = self._committed, None
+        return path
+
+    def _barrier(self) -> None:
+        if dist.is_initialized():
+            dist.barrier(group=self.group)
+
+    def _purge_old(self) -> None:
+        if self.keep_latest_k <= 0:
+            return
+        for step in committed_steps(self.folder)[: -self.keep_latest_k]:
+            if step == 0:
+                continue  # a seed checkpoint is the run's origin; keep it
+            path = step_dir(self.folder, step)
+            storage.remove(storage.join(path, COMMIT_MARKER))  # uncommit first: never half-deleted yet valid
+            storage.rmtree(path)
+
+    # ------------------------------------------------------------------ loading
+
+    def resolve_load_step(self, load_step: int = -1) -> int | None:
+        return loadable_step(self.folder, load_step)
+
+    def load(self, step: int) -> None:
+        """Restore every state from ``step-N``, resharded to this run's layout.
+
+        A model-only checkpoint (a seed checkpoint) restores the weights alone.
+        """
+        path = step_dir(self.folder, step)
+        self.load_path(path, model_only=read_commit(self.folder, step).get("model_only", False))
+
+    def load_path(self, path: str, model_only: bool) -> None:
+        """Restore from a committed step folder anywhere (e.g. ``checkpoint.initial_load_path``),
+        except the states named in ``exclude_from_loading``."""
+        if not storage.isfile(storage.join(path, COMMIT_MARKER)):
+            raise CheckpointError(f"{path} is not a committed checkpoint (no {COMMIT_MARKER} file)")
+        names = ["model"] if model_only else list(self.states)
+        states = {k: self.states[k] for k in names if k not in self.exclude}
+        if not states:
+            return
+        metadata = check_files(path)
+        check_compatible(path, metadata, tensor_shapes(states), self.model_keys)
+        try:
+            dcp.load(states, checkpoint_id=path, storage_reader=storage.dcp_reader(path), process_group=self.group)
+        except (Exception, CheckpointException) as e:
+            raise CheckpointError(
+                f"cannot load checkpoint {path}: {root_cause(e)}. `python -m raytitan.checkpoints verify {path}` "
+                f"names the damaged file and key; delete its {COMMIT_MARKER} file so the run falls back to the "
+                "previous step"
+            ) from e
+
+
+@dataclass
+class _PendingSave:
+    step: int
+    path: str
+    model_only: bool
+    written: Future
+    staged: Future | None
+    started: float

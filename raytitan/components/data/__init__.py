@@ -1,0 +1,1 @@
+"""Text data without Ray: sources, tokenizers, the deterministic sample stream and loaders."""

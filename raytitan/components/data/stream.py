@@ -1,0 +1,272 @@
+"""The deterministic packed-sequence stream and its resumable position.
+
+The stream is a pure function of (shard list, tokenizer, seq_len, seed):
+  epoch e visits the shards in a seeded order; each shard's documents are tokenized as
+  BOS text EOS, concatenated, and cut into non-overlapping windows of seq_len + 1 tokens
+  (a shard's last partial window is dropped). Every window is identified by
+  (epoch, shard, window). Optionally, windows are shuffled within seeded blocks of a shard.
+  Global batch k is rows [k*G, (k+1)*G) of this order, and data-parallel rank d of D takes
+  the d-th contiguous 1/D of it.
+
+A ``Cursor`` (epoch, position in that epoch's shard order, position in that shard's output)
+names the next window: it is all a checkpoint needs to resume, on any number of ranks.
+"""
+
+from __future__ import annotations
+
+import gzip
+import itertools
+import json
+import logging
+import random
+import zlib
+from collections.abc import Iterator
+from dataclasses import astuple, dataclass
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+ID_COLUMNS = ("epoch", "shard", "window")
+
+
+@dataclass(frozen=True, order=True)
+class Cursor:
+    epoch: int = 0
+    shard_pos: int = 0
+    position: int = 0
+
+    def as_list(self) -> list[int]:
+        return list(astuple(self))
+
+
+def epoch_order(num_shards: int, seed: int, epoch: int) -> list[int]:
+    """Shard visiting order of one epoch: a seeded permutation, different every epoch."""
+    order = list(range(num_shards))
+    random.Random(f"{seed}:epoch:{epoch}").shuffle(order)
+    return order
+
+
+MAX_DOCUMENT_CHARS = 1_000_000  # longer documents are truncated (and counted)
+
+
+@dataclass
+class ShardStats:
+    """Records a shard reader could not use as they were; reported, never fatal."""
+
+    malformed: int = 0  # not JSON, not an object, no string text, invalid UTF-8
+    empty: int = 0
+    truncated: int = 0
+    corrupt: int = 0  # the file itself broke off (bad gzip member, truncated file)
+
+    @property
+    def total(self) -> int:
+        return self.malformed + self.empty + self.truncated + self.corrupt
+
+
+def _lines(stream, chunk_bytes: int = 1 << 20) -> Iterator[bytes]:
+    # read1 stops at a gzip member boundary, so records before a corrupt member still arrive.
+    read = getattr(stream, "read1", stream.read)
+    pending = b""
+    while chunk := read(chunk_bytes):
+        parts = (pending + chunk).split(b"\n")
+        pending = parts.pop()
+        yield from parts
+    if pending:
+        yield pending
+
+
+def _json_texts(stream, stats: ShardStats) -> Iterator[str | None]:
+    for line in _lines(stream):
+        if not line.strip():
+            continue
+        try:
+            text = json.loads(line).get("text")
+        except (ValueError, AttributeError):  # UnicodeDecodeError is a ValueError
+            text = None
+        if not isinstance(text, str):
+            stats.malformed += 1
+            continue
+        yield text
+
+
+def _parquet_texts(stream, stats: ShardStats) -> Iterator[str | None]:
+    import pyarrow.parquet as pq
+
+    for batch in pq.ParquetFile(stream).iter_batches(columns=["text"], batch_size=1024):
+        for text in batch.column(0).to_pylist():
+            if not isinstance(text, str):
+                stats.malformed += 1
+                continue
+            yield text
+
+
+def read_texts(path: str, stats: ShardStats, chunk_docs: int = 512) -> Iterator[list[str]]:
+    """Texts of a C4-format shard (json lines, gzipped or not, or parquet), in file order.
+
+    Unusable records are skipped or truncated and counted in ``stats``; a file that breaks
+    off mid-way (corrupt gzip, truncated) yields what was readable before the break.
+    """
+    from raytitan.components.storage import open_binary
+
+    chunk: list[str] = []
+    with open_binary(path) as raw:
+        if path.endswith(".parquet"):
+            texts = _parquet_texts(raw, stats)
+        else:
+            texts = _json_texts(gzip.GzipFile(fileobj=raw) if path.endswith(".gz") else raw, stats)
+        try:
+            for text in texts:
+                if not text.strip():
+                    stats.empty += 1
+                    continue
+                if len(text) > MAX_DOCUMENT_CHARS:
+                    text = text[:MAX_DOCUMENT_CHARS]
+                    stats.truncated += 1
+                chunk.append(text)
+                if len(chunk) == chunk_docs:
+                    yield chunk
+                    chunk = []
+        except (OSError, EOFError, zlib.error) as e:
+            stats.corrupt += 1
+            logger.warning("%s is corrupt after the records read so far (%s); using those", path, e)
+    if chunk:
+        yield chunk
+    if stats.total:
+        logger.warning("%s: skipped %d malformed, %d empty, truncated %d giant records, %d corrupt tail",
+                       path, stats.malformed, stats.empty, stats.truncated, stats.corrupt)
+
+
+def pack_shard(path: str, tokenizer, seq_len: int, stats: ShardStats | None = None,
+               rows_per_chunk: int = 256) -> Iterator[np.ndarray]:
+    """All windows [n, seq_len + 1] (int32) of one shard in order, a chunk at a time.
+
+    The last chunk is held back until the file is fully read, so ``stats`` is final
+    when it is yielded.
+    """
+    stats = stats if stats is not None else ShardStats()
+    width = seq_len + 1
+    buffer: list[int] = []
+    ready: list[np.ndarray] = []
+    have = 0
+    for texts in read_texts(path, stats):
+        for ids in tokenizer.encode_batch(texts):
+            buffer.append(tokenizer.bos_id)
+            buffer.extend(ids)
+            buffer.append(tokenizer.eos_id)
+        full = len(buffer) // width
+        if full:
+            ready.append(np.asarray(buffer[: full * width], dtype=np.int32).reshape(full, width))
+            del buffer[: full * width]
+            have += full
+            while have > rows_per_chunk:
+                stacked = np.concatenate(ready)
+                yield stacked[:rows_per_chunk]
+                ready, have = [stacked[rows_per_chunk:]], have - rows_per_chunk
+    if have:
+        yield np.concatenate(ready)
+
+
+def _blocks(windows: Iterator[np.ndarray], size: int) -> Iterator[np.ndarray]:
+    """Regroup window chunks into consecutive blocks of exactly ``size`` (the last may be short)."""
+    pending: list[np.ndarray] = []
+    have = 0
+    for chunk in windows:
+        pending.append(chunk)
+        have += len(chunk)
+        while have >= size:
+            stacked = np.concatenate(pending)
+            yield stacked[:size]
+            pending, have = [stacked[size:]], have - size
+    if have:
+        yield np.concatenate(pending)
+
+
+def shard_rows(path: str, shard: int, epoch: int, shard_pos: int, tokenizer, seq_len: int, skip: int,
+               seed: int = 0, shuffle_block: int = 0) -> Iterator[dict]:
+    """Batches of rows of one shard from output position ``skip`` on, with their ids.
+
+    Columns: tokens, epoch, shard, shard_pos, window (the window's index in the shard: its
+    identity), position (its index in this epoch's output order of the shard: the cursor),
+    bad_records (records of this shard found unusable since the previous batch).
+    With ``shuffle_block`` > 0, windows are permuted within consecutive blocks of that many,
+    seeded by (seed, epoch, shard, block): order stays a pure function of the cursor.
+    """
+    stats = ShardStats()
+    reported = 0
+    block = shuffle_block or 256
+    chunks = pack_shard(path, tokenizer, seq_len, stats, rows_per_chunk=block)
+    start = 0
+    for tokens in _blocks(chunks, block) if shuffle_block else chunks:
+        n = len(tokens)
+        window = np.arange(start, start + n, dtype=np.int64)
+        if shuffle_block:
+            order = np.random.default_rng([seed, epoch, shard, start // block]).permutation(n)
+            tokens, window = tokens[order], window[order]
+        position = np.arange(start, start + n, dtype=np.int64)
+        start += n
+        keep = position >= skip
+        if not keep.any():
+            continue
+        bad = np.zeros(int(keep.sum()), dtype=np.int64)
+        bad[0], reported = stats.total - reported, stats.total
+        yield {
+            "tokens": tokens[keep],
+            "epoch": np.full(len(bad), epoch, dtype=np.int64),
+            "shard": np.full(len(bad), shard, dtype=np.int64),
+            "shard_pos": np.full(len(bad), shard_pos, dtype=np.int64),
+            "window": window[keep],
+            "position": position[keep],
+            "bad_records": bad,
+        }
+
+
+def shard_plan(num_shards: int, seed: int, start: Cursor) -> Iterator[dict]:
+    """The (epoch, shard_pos, shard, skip) work items from ``start`` on, forever."""
+    for epoch in itertools.count(start.epoch):
+        order = epoch_order(num_shards, seed, epoch)
+        first = start.shard_pos if epoch == start.epoch else 0
+        for pos in range(first, num_shards):
+            skip = start.position if (epoch == start.epoch and pos == first) else 0
+            yield {"epoch": epoch, "shard_pos": pos, "shard": order[pos], "skip": skip}
+
+
+def local_rows(shards: list[str], tokenizer, seq_len: int, seed: int, start: Cursor,
+               shuffle_block: int = 0) -> Iterator[dict]:
+    """The stream computed in this process (torchrun runs, tests, the reference order)."""
+    for item in shard_plan(len(shards), seed, start):
+        yield from shard_rows(shards[item["shard"]], item["shard"], item["epoch"], item["shard_pos"],
+                              tokenizer, seq_len, item["skip"], seed, shuffle_block)
+
+
+@dataclass
+class GlobalBatch:
+    tokens: np.ndarray  # [G, seq_len + 1] int32
+    ids: np.ndarray  # [G, 3] int64: (epoch, shard, window)
+    start: Cursor
+    end: Cursor  # cursor of the next global batch
+    bad_records: int = 0  # unusable source records met while producing this batch
+
+    def rows_for(self, dp_rank: int, dp_size: int) -> tuple[np.ndarray, np.ndarray]:
+        per_rank = len(self.tokens) // dp_size
+        sl = slice(dp_rank * per_rank, (dp_rank + 1) * per_rank)
+        return self.tokens[sl], self.ids[sl]
+
+
+def global_batches(row_batches: Iterator[dict], global_batch_size: int, start: Cursor) -> Iterator[GlobalBatch]:
+    """Regroup a row stream (any chunking) into global batches of exactly G rows."""
+    pending: list[dict] = []
+    have = 0
+    for batch in row_batches:
+        pending.append(batch)
+        have += len(batch["tokens"])
+        while have >= global_batch_size:
+            merged = {k: np.concatenate([b[k] for b in pending]) for k in pending[0]}
+            take = {k: v[:global_batch_size] for k, v in merged.items()}
+            rest = {k: v[global_batch_size:] for k, v in merged.items()}
+            pending, have = ([rest], len(rest["tokens"])) if len(rest["tokens"]) else ([], 0)
+            last = -1
+            end = Cursor(int(take["epoch"][last]), int(take["shard_pos"][last]), int(take["position"][last]) + 1)
+            ids = np.stack([take[c] for c in ID_COLUMNS], axis=1)
+            yield GlobalBatch(take["tokens"], ids, start, end, int(take["bad_records"].sum()))
+            start = end

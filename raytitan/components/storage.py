@@ -1,0 +1,245 @@
+"""The one filesystem layer: a run's files and the data shards, on a local or shared folder, or
+an object store (``s3://``, ``gs://``, ``hdfs://``) through pyarrow's filesystems; other URL
+schemes (``hf://``) through fsspec, for reading data only.
+
+Paths stay plain strings throughout raytitan: folder paths, or URIs for object stores. The
+storage root may carry pyarrow's URI options (``s3://bucket/runs?endpoint_override=host:9000&
+scheme=http`` for an S3-compatible store); ``use_root`` registers them once per process, so the
+paths below the root need no query. Checkpoints go through DCP's file-system writer and reader,
+given a pyarrow filesystem by ``dcp_writer``/``dcp_reader``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import glob
+import io
+import os
+import posixpath
+from contextlib import contextmanager
+from typing import Generator
+from urllib.parse import urlsplit
+
+import pyarrow.fs as pafs
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.filesystem import FileSystemBase
+
+LOCAL = pafs.LocalFileSystem()
+_OBJECT_STORES = ("s3", "gs", "gcs")  # URIs whose host part is the bucket, part of the path
+_READ_WHOLE_BYTES = 64 << 20  # remote files up to this size are fetched in one request
+_filesystems: dict[tuple[str, str], pafs.FileSystem] = {}
+
+
+def is_remote(path: str) -> bool:
+    return "://" in path and not path.startswith("file://")
+
+
+def use_root(root: str | None) -> None:
+    """Register the filesystem (with its URI options) for an object-store storage root."""
+    if root and is_remote(root):
+        u = urlsplit(root)
+        fs, _ = pafs.FileSystem.from_uri(root)
+        _filesystems[(u.scheme, u.netloc)] = fs
+
+
+def resolve(path: str) -> tuple[pafs.FileSystem, str]:
+    """The filesystem holding ``path`` and the path within it."""
+    if not is_remote(path):
+        return LOCAL, os.path.abspath(path.removeprefix("file://"))
+    u = urlsplit(path)
+    key = (u.scheme, u.netloc)
+    if key not in _filesystems:
+        _filesystems[key] = pafs.FileSystem.from_uri(f"{u.scheme}://{u.netloc}{'?' + u.query if u.query else ''}")[0]
+    inner = (u.netloc + u.path) if u.scheme in _OBJECT_STORES else u.path
+    return _filesystems[key], inner.rstrip("/")
+
+
+def join(path: str, *names: str) -> str:
+    return posixpath.join(path, *names) if is_remote(path) else os.path.join(path, *names)
+
+
+def _info(path: str) -> pafs.FileInfo:
+    fs, inner = resolve(path)
+    return fs.get_file_info(inner)
+
+
+def isfile(path: str) -> bool:
+    return _info(path).type == pafs.FileType.File
+
+
+def size(path: str) -> int:
+    """Bytes in a file; -1 when there is none."""
+    info = _info(path)
+    return info.size if info.type == pafs.FileType.File else -1
+
+
+def listdir(path: str) -> list[str]:
+    """Names directly under ``path`` (empty if it does not exist)."""
+    fs, inner = resolve(path)
+    return [i.base_name for i in fs.get_file_info(pafs.FileSelector(inner, allow_not_found=True))]
+
+
+def makedirs(path: str) -> None:
+    fs, inner = resolve(path)
+    fs.create_dir(inner, recursive=True)
+
+
+def rmtree(path: str) -> None:
+    fs, inner = resolve(path)
+    try:
+        fs.delete_dir(inner)
+    except FileNotFoundError:
+        pass
+
+
+def remove(path: str) -> None:
+    fs, inner = resolve(path)
+    fs.delete_file(inner)
+
+
+def read_from(path: str, offset: int) -> bytes:
+    """The bytes of ``path`` from ``offset`` on (a growing log followed by a reader)."""
+    fs, inner = resolve(path)
+    with fs.open_input_file(inner) as f:
+        f.seek(offset)
+        return f.read()
+
+
+def read_text(path: str) -> str:
+    fs, inner = resolve(path)
+    with fs.open_input_stream(inner) as f:
+        return f.read().decode()
+
+
+def write_text(path: str, text: str) -> None:
+    """Replace ``path`` atomically: readers see the old or the new content, never a part."""
+    if not is_remote(path):
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+        return
+    fs, inner = resolve(path)
+    with fs.open_output_stream(inner) as f:  # an object appears whole when its upload completes
+        f.write(text.encode())
+
+
+def append_text(path: str, text: str) -> None:
+    """Add to the end of a small file (object stores rewrite it: keep such files small)."""
+    if not is_remote(path):
+        with open(path, "a") as f:
+            f.write(text)
+        return
+    old = read_text(path) if isfile(path) else ""
+    write_text(path, old + text)
+
+
+class _ArrowFileSystem(FileSystemBase):
+    """DCP's file-system interface over a pyarrow filesystem."""
+
+    @contextmanager
+    def create_stream(self, path, mode: str) -> Generator[io.IOBase, None, None]:
+        fs, inner = resolve(str(path))
+        if "w" in mode:
+            with fs.open_output_stream(inner) as stream:
+                yield stream
+        else:
+            with fs.open_input_file(inner) as stream:  # seekable: DCP reads slices
+                if stream.size() <= _READ_WHOLE_BYTES:  # e.g. the metadata, unpickled in many small reads
+                    yield io.BytesIO(stream.read())
+                else:
+                    yield stream
+
+    def concat_path(self, path, suffix: str) -> str:
+        return join(str(path), suffix)
+
+    def init_path(self, path) -> str:
+        return str(path)
+
+    def rename(self, path, new_path) -> None:
+        fs, inner = resolve(str(path))
+        fs.move(inner, resolve(str(new_path))[1])
+
+    def mkdir(self, path) -> None:
+        makedirs(str(path))
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id) -> bool:
+        return is_remote(str(checkpoint_id))
+
+    def exists(self, path) -> bool:
+        return _info(str(path)).type != pafs.FileType.NotFound
+
+    def rm_file(self, path) -> None:
+        remove(str(path))
+
+
+class _ArrowWriter(FileSystemWriter):
+    def __init__(self, path: str):
+        super().__init__(path, sync_files=False)  # an uploaded object is durable once closed
+        self.fs = _ArrowFileSystem()
+        self.path = path
+
+
+class _ArrowReader(FileSystemReader):
+    def __init__(self, path: str):
+        super().__init__(path)
+        self.fs = _ArrowFileSystem()
+        self.path = path
+
+    def _slice_file(self, file, sinfo):
+        # One ranged read per stored item: unpickling from the remote file directly would issue
+        # a request for every small read (minutes for a small model on S3).
+        file.seek(sinfo.offset)
+        return io.BytesIO(file.read(sinfo.length))
+
+
+def dcp_writer(path: str) -> FileSystemWriter:
+    return _ArrowWriter(path) if is_remote(path) else FileSystemWriter(path)
+
+
+def dcp_reader(path: str) -> FileSystemReader:
+    return _ArrowReader(path) if is_remote(path) else FileSystemReader(path)
+
+
+# --------------------------------------------------------------------------- data shards
+
+
+def _is_glob(path: str) -> bool:
+    return any(c in path for c in "*?[")
+
+
+def _pyarrow_scheme(path: str) -> bool:
+    return urlsplit(path).scheme in ("file", "hdfs", "viewfs", *_OBJECT_STORES)
+
+
+def list_files(path: str) -> list[str]:
+    """Files in a folder, or matching a glob in its last component, sorted."""
+    if "://" not in path:
+        path = os.path.expanduser(path)
+        found = [os.path.join(path, n) for n in os.listdir(path)] if os.path.isdir(path) else glob.glob(path)
+        return sorted(os.path.abspath(p) for p in found if os.path.isfile(p))
+    if _pyarrow_scheme(path):
+        folder, pattern = (posixpath.dirname(path), posixpath.basename(path)) if _is_glob(path) else (path, "*")
+        fs, inner = resolve(folder)
+        infos = fs.get_file_info(pafs.FileSelector(inner, recursive=False, allow_not_found=True))
+        return sorted(f"{folder.rstrip('/')}/{i.base_name}" for i in infos
+                      if i.type == pafs.FileType.File and fnmatch.fnmatch(i.base_name, pattern))
+    import fsspec
+
+    scheme = path.split("://", 1)[0] + "://"
+    fs, inner = fsspec.core.url_to_fs(path)
+    found = fs.glob(inner) if _is_glob(inner) else [p for p in fs.ls(inner, detail=False) if fs.isfile(p)]
+    return sorted(f"{scheme}{p}" for p in found)
+
+
+def open_binary(path: str):
+    """A binary stream of the file's bytes (gzip is left to the caller)."""
+    if "://" not in path:
+        return open(path, "rb")
+    if _pyarrow_scheme(path):
+        fs, inner = resolve(path)
+        return fs.open_input_file(inner)
+    import fsspec
+
+    return fsspec.open(path, "rb").open()

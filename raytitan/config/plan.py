@@ -1,0 +1,288 @@
+"""Check a config against the world it will run on, once, before any worker starts.
+
+``plan_run`` turns a config plus a world size into every derived value the workers need
+(degrees, batch split, model shape, shard list), or raises ``ConfigError`` naming the key.
+Workers call it again on their side: the derivation lives in one place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+
+from raytitan.components import storage
+from raytitan.components.checkpoint.manager import ASYNC_MODES, EXPORT_DTYPES, LOADABLE
+from raytitan.components.checkpoint.layout import COMMIT_MARKER
+from raytitan.config.job import Checkpoint, ConfigError, JobConfig, section
+from raytitan.components.data.sources import DATASETS, DataSourceError, resolve_shards
+from raytitan.components.data.tokenizer import build_tokenizer
+from raytitan.models.llama3.args import FLAVORS, ModelArgs
+from raytitan.models.llama3.hf import HFFormatError, check_matches, read_hf_config
+from raytitan.distributed.dims import ParallelDims, ParallelismError
+from raytitan.distributed.activation_checkpoint import ActivationCheckpointError, check_option
+from raytitan.distributed.compile import COMPONENTS
+from raytitan.distributed.context import ROTATE_METHODS
+from raytitan.distributed.float8 import AUTO_FILTER_RECIPES, CONVERTER_NAMES, RECIPES
+from raytitan.distributed.pipeline import SCHEDULES, PipelineError, microbatches, num_stages, stage_layers
+
+CHOICES = {
+    "model.name": ("llama3",),
+    "model.tokenizer": ("byte", "hf"),
+    "optimizer.name": ("AdamW", "Adam"),
+    "optimizer.implementation": ("auto", "foreach", "fused", "for-loop"),
+    "lr_scheduler.decay_type": ("linear", "sqrt", "cosine"),
+    "training.mixed_precision_param": ("auto", "bfloat16", "float32"),
+    "training.mixed_precision_reduce": ("float32", "bfloat16"),
+    "training.dataset": DATASETS,
+    "validation.dataset": DATASETS,
+    "parallelism.fsdp_reshard_after_forward": ("default", "always", "never"),
+    "parallelism.pipeline_parallel_schedule": tuple(SCHEDULES),
+    "parallelism.context_parallel_rotate_method": ROTATE_METHODS,
+    "checkpoint.async_mode": ASYNC_MODES,
+    "checkpoint.export_dtype": tuple(EXPORT_DTYPES),
+    "metrics.progress_bar": ("auto", "on", "off"),
+    "activation_checkpoint.mode": ("none", "full", "selective"),
+    "quantize.linear.float8.recipe_name": RECIPES,
+}
+POSITIVE = ("profiling.profile_freq", "ray.resize_check_interval_s", "training.local_batch_size", "validation.local_batch_size", "validation.freq", "validation.steps", "training.seq_len", "training.steps", "optimizer.lr",
+            "checkpoint.interval", "metrics.log_freq", "ray.num_workers")
+NON_NEGATIVE = ("training.shuffle_buffer", "training.max_norm", "training.seed", "optimizer.weight_decay", "optimizer.eps",
+                "lr_scheduler.warmup_steps", "lr_scheduler.min_lr_factor", "checkpoint.keep_latest_k",
+                "ray.max_failures", "metrics.peak_tflops")
+
+
+# Synthetic validation shards use their own seed, so they are never the training shards.
+VALIDATION_SEED_OFFSET = 1_000_003
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    dims: ParallelDims  # over the active ranks
+    world_size: int  # all ranks; ranks >= dims.world_size idle (elastic worlds that fit no layout fully)
+    model_args: ModelArgs
+    global_batch_size: int
+    local_batch_size: int
+    accumulation_steps: int
+    shards: list[str]
+    validation_shards: list[str]
+
+
+def _get(config: JobConfig, key: str):
+    path, _, name = key.rpartition(".")
+    return getattr(section(config, path), name)
+
+
+def check_values(config: JobConfig) -> None:
+    """World-independent checks: choices, signs, ranges, files."""
+    for key, choices in CHOICES.items():
+        value = _get(config, key)
+        if value not in choices and value.lower() not in [c.lower() for c in choices]:
+            raise ConfigError(f"{key} = {value!r} is not one of {', '.join(choices)}")
+    if config.model.flavor not in FLAVORS:
+        raise ConfigError(f"model.flavor = {config.model.flavor!r} is not one of {', '.join(FLAVORS)}")
+    for key in POSITIVE:
+        if _get(config, key) <= 0:
+            raise ConfigError(f"{key} must be > 0, got {_get(config, key)}")
+    for key in NON_NEGATIVE:
+        if _get(config, key) < 0:
+            raise ConfigError(f"{key} must be >= 0, got {_get(config, key)}")
+    if not 0 <= config.lr_scheduler.min_lr_factor <= 1:
+        raise ConfigError("lr_scheduler.min_lr_factor must be within [0, 1]")
+    if config.lr_scheduler.decay_ratio is not None and not 0 <= config.lr_scheduler.decay_ratio <= 1:
+        raise ConfigError("lr_scheduler.decay_ratio must be within [0, 1] (or unset)")
+    check_checkpoint(config.checkpoint, config.run_dir)
+    check_speed_features(config)
+    if config.model.hf_assets_path and not os.path.isdir(config.model.hf_assets_path):
+        raise ConfigError(f"model.hf_assets_path: no such folder '{config.model.hf_assets_path}'")
+
+
+def check_speed_features(config: JobConfig) -> None:
+    """Activation checkpointing, compile and Float8 settings that name nothing or cannot combine."""
+    ac = config.activation_checkpoint
+    try:
+        check_option(ac.mode, ac.selective_ac_option)
+    except ActivationCheckpointError as e:
+        raise ConfigError(str(e)) from None
+    unknown = [c for c in config.compile.components if c not in COMPONENTS]
+    if unknown:
+        raise ConfigError(f"compile.components: {', '.join(unknown)} not among {', '.join(COMPONENTS)}")
+    unknown = [c for c in config.model.converters if c not in CONVERTER_NAMES]
+    if unknown:
+        raise ConfigError(f"model.converters: {', '.join(unknown)} unknown; the one converter is quantize.linear.float8")
+    f8 = config.float8
+    if f8.recipe_name != "tensorwise" and f8.enable_fsdp_float8_all_gather:
+        raise ConfigError("quantize.linear.float8.enable_fsdp_float8_all_gather needs recipe_name = 'tensorwise'")
+    if f8.auto_filter_small_kn and f8.recipe_name.lower() not in AUTO_FILTER_RECIPES:
+        raise ConfigError(f"quantize.linear.float8.auto_filter_small_kn: torchao has no size filter for recipe_name = "
+                          f"{f8.recipe_name!r} (only {', '.join(AUTO_FILTER_RECIPES)}); turn it off and list the "
+                          "layers to keep in high precision in filter_fqns")
+    if f8.precompute_float8_dynamic_scale_for_fsdp and not f8.enable_fsdp_float8_all_gather:
+        raise ConfigError("quantize.linear.float8.precompute_float8_dynamic_scale_for_fsdp needs "
+                          "enable_fsdp_float8_all_gather")
+
+
+def check_checkpoint(c: Checkpoint, run_dir: str) -> None:
+    path = c.initial_load_path
+    torch_file = bool(path) and path.endswith((".pt", ".pth"))
+    if storage.is_remote(run_dir) and (c.initial_load_in_hf or c.last_save_in_hf or torch_file):
+        raise ConfigError("checkpoint.initial_load_in_hf, last_save_in_hf and an initial_load_path .pt file need "
+                          f"ray.storage_path on a filesystem, not an object store ({run_dir}); convert offline with "
+                          "python -m raytitan.convert")
+    unknown = [name for name in c.exclude_from_loading if name not in LOADABLE]
+    if unknown:
+        raise ConfigError(f"checkpoint.exclude_from_loading: {', '.join(unknown)} not among {', '.join(LOADABLE)}")
+    if c.initial_load_in_hf:
+        if not path:
+            raise ConfigError("checkpoint.initial_load_in_hf needs checkpoint.initial_load_path (a Hugging Face folder)")
+        if not c.initial_load_model_only:
+            raise ConfigError("checkpoint.initial_load_in_hf loads weights only: set checkpoint.initial_load_model_only")
+        try:
+            read_hf_config(path)
+        except HFFormatError as e:
+            raise ConfigError(f"checkpoint.initial_load_path: {e}") from None
+    elif torch_file:
+        if "://" in path or not os.path.isfile(path):
+            raise ConfigError(f"checkpoint.initial_load_path: no such file '{path}' (a .pt path is read as a "
+                              "torch.save file of weights, e.g. from python -m raytitan.convert to-torch)")
+        if not c.initial_load_model_only:
+            raise ConfigError("checkpoint.initial_load_path: a .pt file gives weights only: set "
+                              "checkpoint.initial_load_model_only")
+    elif path and not storage.isfile(storage.join(path, COMMIT_MARKER)):
+        raise ConfigError(f"checkpoint.initial_load_path: '{path}' is not a committed checkpoint step folder "
+                          "(for a Hugging Face folder set checkpoint.initial_load_in_hf; a torch.save file ends in .pt)")
+
+
+def check_layout(config: JobConfig, dims: ParallelDims, args: ModelArgs, local_batch: int) -> None:
+    """Tensor, context and pipeline parallel constraints that the model shape must meet."""
+    p, seq = config.parallelism, config.training.seq_len
+    if dims.tp > 1:
+        for what, n in (("n_heads", args.n_heads), ("n_kv_heads", args.kv_heads)):
+            if n % dims.tp:
+                raise ConfigError(f"parallelism.tensor_parallel_degree {dims.tp} does not divide the model's {what} "
+                                  f"({n}): pick a degree that divides both head counts")
+    if dims.cp > 1 and seq % (2 * dims.cp * dims.tp):
+        raise ConfigError(f"training.seq_len {seq} is not divisible by 2 x context_parallel_degree x "
+                          f"tensor_parallel_degree = {2 * dims.cp * dims.tp}")
+    if dims.cp > 1 and config.ray.use_gpu and config.training.mixed_precision_param == "float32":
+        raise ConfigError("context parallel on CUDA runs flash attention, which needs bfloat16: set "
+                          "training.mixed_precision_param = auto or bfloat16")
+    if dims.tp > 1 and seq % dims.tp:
+        raise ConfigError(f"training.seq_len {seq} is not divisible by tensor_parallel_degree {dims.tp} "
+                          "(sequence parallel splits it)")
+    if p.enable_async_tensor_parallel and not (
+            dims.tp > 1 and config.ray.use_gpu and config.compile.enable and "model" in config.compile.components):
+        raise ConfigError("parallelism.enable_async_tensor_parallel needs CUDA and torch.compile of the model "
+                          "(ray.use_gpu, compile.enable with 'model') and tensor_parallel_degree > 1")
+    if dims.pp > 1:
+        try:
+            stages = num_stages(p, args.n_layers, dims.pp)
+            stage_layers(args.n_layers, stages, p.pipeline_parallel_first_stage_less_layers,
+                         p.pipeline_parallel_last_stage_less_layers)
+            microbatches(local_batch, p.pipeline_parallel_microbatch_size)
+            if config.validation.enable:
+                microbatches(config.validation.local_batch_size, p.pipeline_parallel_microbatch_size)
+        except PipelineError as e:
+            raise ConfigError(str(e)) from None
+
+
+def _largest_divisor_at_most(n: int, cap: int) -> int:
+    return max(d for d in range(1, min(n, cap) + 1) if n % d == 0)
+
+
+def data_parallel_degree(config: JobConfig, world_size: int) -> int:
+    """dp when data parallel fills ``world_size`` (replicate x shard)."""
+    p = config.parallelism
+    block = p.context_parallel_degree * p.tensor_parallel_degree * p.pipeline_parallel_degree
+    return world_size // block
+
+
+def elastic_layout(config: JobConfig, world_size: int, global_batch: int) -> tuple[ParallelDims, int]:
+    """For an elastic world: the largest data-parallel degree that fits and divides the global
+    batch, and the local batch for it. Ranks beyond the layout idle until the next resize."""
+    p = config.parallelism
+    block = p.data_parallel_replicate_degree * p.context_parallel_degree * p.tensor_parallel_degree * \
+        p.pipeline_parallel_degree
+    if world_size < block:
+        raise ConfigError(
+            f"{world_size} workers cannot form one block of replicate x cp x tp x pp = {block} ranks; "
+            f"the run needs at least {block} (raise ray.min_workers to {block} or more)"
+        )
+    shard = max(d for d in range(1, world_size // block + 1)
+                if global_batch % (p.data_parallel_replicate_degree * d) == 0)
+    dims = ParallelDims(p.data_parallel_replicate_degree, shard, p.context_parallel_degree,
+                        p.tensor_parallel_degree, p.pipeline_parallel_degree, block * shard)
+    return dims, _largest_divisor_at_most(global_batch // dims.dp, config.training.local_batch_size)
+
+
+def plan_run(config: JobConfig, world_size: int, resolve_data: bool = True) -> RunPlan:
+    """Everything derived from the config for a world of ``world_size`` ranks.
+
+    Fixed-size runs must match the degrees exactly. Elastic runs (``ray.min_workers``) keep the
+    global batch and let data parallel absorb the world size: local batch x accumulation is
+    re-derived, and ranks that fit no full layout idle. ``resolve_data=False`` skips listing and
+    checking the shards (workers fed by the Ray data feeder never read them).
+    """
+    check_values(config)
+    if config.ray.elastic:
+        lo, hi = config.ray.worker_range
+        if not lo <= hi:
+            raise ConfigError(f"ray.min_workers ({lo}) must not exceed ray.max_workers ({hi})")
+        if config.parallelism.data_parallel_shard_degree != -1:
+            raise ConfigError("elastic runs (ray.min_workers set) need parallelism.data_parallel_shard_degree = -1")
+        if config.training.global_batch_size <= 0:
+            raise ConfigError("elastic runs need an explicit training.global_batch_size: it must not change on resize")
+        global_batch = config.training.global_batch_size
+        dims, local = elastic_layout(config, world_size, global_batch)
+    else:
+        try:
+            dims = ParallelDims.from_config(config.parallelism, world_size)
+        except ParallelismError as e:
+            raise ConfigError(str(e)) from None
+        local = config.training.local_batch_size
+        global_batch = config.training.global_batch_size
+        if global_batch == -1:
+            global_batch = local * dims.dp
+    try:
+        tokenizer = build_tokenizer(config.model)
+    except (OSError, ValueError) as e:
+        raise ConfigError(str(e)) from None
+    args = FLAVORS[config.model.flavor].with_vocab(tokenizer.vocab_size)
+    args = dataclasses.replace(args, max_seq_len=config.training.seq_len)
+    if args.vocab_size < tokenizer.vocab_size:
+        raise ConfigError(
+            f"model.flavor {config.model.flavor} has vocab {args.vocab_size}, smaller than the tokenizer's "
+            f"{tokenizer.vocab_size}: pick a tokenizer that fits or a flavor sized to it"
+        )
+    if args.n_heads % args.kv_heads:
+        raise ConfigError(f"model: n_heads {args.n_heads} is not divisible by n_kv_heads {args.kv_heads}")
+    if args.dim % args.n_heads or args.head_dim % 2:
+        raise ConfigError(f"model: dim {args.dim} must split into an even head_dim over {args.n_heads} heads")
+
+    if config.checkpoint.initial_load_in_hf:
+        try:
+            check_matches(args, read_hf_config(config.checkpoint.initial_load_path))
+        except HFFormatError as e:
+            raise ConfigError(f"checkpoint.initial_load_path: {e}") from None
+
+    check_layout(config, dims, args, local)
+
+    if global_batch <= 0:
+        raise ConfigError("training.global_batch_size must be > 0, or -1 for local_batch_size x dp")
+    if global_batch % (local * dims.dp):
+        raise ConfigError(
+            f"training.global_batch_size {global_batch} is not divisible by local_batch_size {local} x "
+            f"data-parallel degree {dims.dp} = {local * dims.dp}; change one of them (or ray.num_workers)"
+        )
+
+    shards, validation_shards = [], []
+    try:
+        if resolve_data:
+            shards = resolve_shards(config.training.dataset, config.training.dataset_path, config.training.seed)
+            if config.validation.enable:
+                validation_shards = resolve_shards(config.validation.dataset, config.validation.dataset_path,
+                                                   VALIDATION_SEED_OFFSET + config.training.seed, key="validation")
+    except DataSourceError as e:
+        raise ConfigError(str(e)) from None
+    return RunPlan(dims, world_size, args, global_batch, local, global_batch // (local * dims.dp), shards,
+                   validation_shards)

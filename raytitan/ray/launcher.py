@@ -1,0 +1,216 @@
+"""Ray layer: connect to (or start) Ray, start the data feeder and a TorchTrainer, summarize.
+
+Everything Ray-specific lives here; the workers run ``raytitan.trainer.worker.run`` with a
+``RayRuntime`` instead of the torchrun one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import ray
+import ray.train
+from ray.train.torch import TorchConfig, TorchTrainer
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from raytitan.components.checkpoint.layout import committed_steps, step_dir
+from raytitan.config.job import ConfigError, JobConfig, to_toml
+from raytitan.ray.data_feed import DataFeeder
+from raytitan.trainer.elastic.growth import read_grow_request
+from raytitan.components.metrics import METRICS_FILE, read_metrics
+from raytitan.ray import progress
+from raytitan.components import storage
+from raytitan.config.plan import data_parallel_degree, plan_run
+from raytitan.trainer.elastic.history import failures_since
+from raytitan.ray.runtime import train_worker
+from raytitan.trainer.runtime import setup_logging
+
+logger = logging.getLogger("raytitan")
+
+# CPUs the Ray Data pipeline needs that training workers must leave free (two 0.5-CPU packers).
+DATA_CPUS = 1.0
+# Ray Train's record of reported checkpoints in the run folder (ray.train.v2 constants).
+RAY_CHECKPOINT_LIST = "checkpoint_manager_snapshot.json"
+
+
+def _connect(config: JobConfig) -> None:
+    if ray.is_initialized():
+        return
+    address = config.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        # On a cluster raytitan comes from the nodes' install or the job's working_dir: passing
+        # a runtime_env here would replace the one `ray job submit` set up.
+        ray.init(address=address, log_to_driver=True)
+    else:
+        # A local instance: workers import raytitan from where the driver does, installed or not.
+        package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        paths = os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))
+        ray.init(runtime_env={"env_vars": {"PYTHONPATH": paths}})
+
+
+def _worker_resources(config: JobConfig) -> dict:
+    """Per-worker resources; by default on CPU, an equal share of what the data pipeline leaves."""
+    workers = config.ray.worker_range[1]
+    if config.ray.resources_per_worker:
+        resources = dict(config.ray.resources_per_worker)
+    elif config.ray.use_gpu:
+        resources = {"CPU": 1.0, "GPU": 1.0}
+    else:
+        total = ray.cluster_resources().get("CPU", 0.0)
+        resources = {"CPU": max(0.1, round((total - DATA_CPUS) / workers, 2))}
+    # Checked at the smallest size: an autoscaling cluster may not have the capacity for more yet.
+    fewest = config.ray.worker_range[0]
+    total_cpus = ray.cluster_resources().get("CPU", 0.0)
+    spare = total_cpus - resources.get("CPU", 1.0) * fewest
+    if spare < DATA_CPUS - 1e-6:
+        raise ConfigError(
+            f"ray.resources_per_worker: {fewest} workers x {resources.get('CPU', 1.0)} CPU leave "
+            f"{spare:.2f} of the cluster's {total_cpus:g} CPUs for the data pipeline, which needs {DATA_CPUS:g}; "
+            "lower the per-worker CPU share or add CPUs (a starved pipeline would hang training)"
+        )
+    return resources
+
+
+def launch(config: JobConfig) -> ray.train.Result:
+    """Validate, start the workers through Ray Train, wait, and print a summary."""
+    setup_logging(rank=0)
+    config = config.with_absolute_paths()
+    storage.use_root(config.ray.storage_path)
+    lo, hi = config.ray.worker_range
+    if config.ray.elastic and config.training.global_batch_size == -1:
+        # Fix the global batch once, at the largest world: it must not change when the world does.
+        config.training.global_batch_size = config.training.local_batch_size * data_parallel_degree(config, hi)
+    plan = plan_run(config, hi)  # every config error surfaces here, before Ray starts
+    if lo != hi:
+        smallest = plan_run(config, lo)
+        print(f"elastic: {lo}..{hi} workers; at {lo}: {smallest.dims.summary}, local {smallest.local_batch_size} x "
+              f"accumulation {smallest.accumulation_steps}", flush=True)
+    print(f"resolved config:\n{to_toml(config)}", flush=True)
+    storage.makedirs(config.run_dir)
+    storage.write_text(storage.join(config.run_dir, "config.toml"), to_toml(config))
+
+    _connect(config)
+    resources = _worker_resources(config)
+    # The feeders hold the data stream for every restart of the group: on the driver's node (the
+    # head node under `ray job submit`), never on a worker node whose loss would take them along.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    feeder_cls = ray.remote(DataFeeder).options(num_cpus=0, max_concurrency=64, scheduling_strategy=here)
+    feeders = {"train": feeder_cls.remote(plan.shards, config.model, config.training.seq_len, config.training.seed,
+                                          plan.global_batch_size, config.training.shuffle_buffer)}
+    if config.validation.enable:
+        feeders["validation"] = feeder_cls.remote(
+            plan.validation_shards, config.model, config.training.seq_len, config.training.seed,
+            config.validation.local_batch_size * plan.dims.dp)
+    t0 = time.perf_counter()
+    wanted = progress.wanted(config.metrics.progress_bar)
+    bar = progress.ProgressBar(config.run_dir, config.training.steps) if wanted else None
+    try:
+        launched_at = time.time()
+        while True:
+            attempt_at = time.time()
+            _forget_ray_checkpoint_list(config)
+            trainer = _trainer(config, feeders, resources, failures_left=config.ray.max_failures - failures_since(
+                config.run_dir, launched_at))
+            try:
+                result = trainer.fit()
+            except Exception as e:  # Ray raises once restarts are exhausted
+                raise TrainingFailed(failure_message(config, e)) from e
+            grow = read_grow_request(config.run_dir, since=attempt_at)
+            if grow is None:
+                break
+            print(f"growing: step {grow['step']} is committed; starting again with up to {grow['target']} workers "
+                  f"(was {grow['world']})", flush=True)
+            _refresh_ray_cluster_view()
+    finally:
+        if bar:
+            bar.close()
+        for feeder in feeders.values():
+            ray.kill(feeder)
+    print(summary(config, result, time.perf_counter() - t0), flush=True)
+    return result
+
+
+def _forget_ray_checkpoint_list(config: JobConfig) -> None:
+    """Drop Ray Train's list of reported checkpoints from the run folder before a new start.
+
+    raytitan resumes from its own committed steps, not from Ray's list; and that list still names
+    steps that checkpoint.keep_latest_k has since deleted, which Ray refuses to start with."""
+    path = storage.join(config.run_dir, RAY_CHECKPOINT_LIST)
+    if storage.isfile(path):
+        storage.remove(path)
+
+
+def _refresh_ray_cluster_view() -> None:
+    """Ray Train sizes a new group from its autoscaling coordinator's view of the nodes, refreshed
+    every 20 s; refresh it now, so the grown group sees the capacity the workers found."""
+    try:
+        from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+            get_or_create_autoscaling_coordinator,
+        )
+
+        coordinator = get_or_create_autoscaling_coordinator()
+        ray.get(coordinator.get_reserved_resources.remote("raytitan", recompute=True), timeout=30)
+    except Exception as e:  # a Ray version without it: the group may come back smaller and grow again
+        logger.warning("could not refresh Ray's view of the cluster before growing (%s: %s)", type(e).__name__, e)
+
+
+def _trainer(config: JobConfig, feeders: dict, resources: dict, failures_left: int) -> TorchTrainer:
+    lo, hi = config.ray.worker_range
+    # Ray's experiment folder is the run folder; on an object store, through the same filesystem.
+    filesystem, parent = storage.resolve(config.run_dir.rsplit("/", 1)[0])
+    bundle = dict(resources)
+    if config.ray.use_gpu:
+        bundle.setdefault("GPU", 1.0)
+    return TorchTrainer(
+        train_worker,
+        train_loop_config={"config": config.to_dict(), "feeders": feeders, "worker_bundle": bundle, "max_workers": hi},
+        torch_config=TorchConfig(backend="nccl" if config.ray.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=(lo, hi) if lo != hi else hi, use_gpu=config.ray.use_gpu, resources_per_worker=resources,
+            # Ray would restart a running group as soon as capacity returns, losing the steps since
+            # the last checkpoint; the workers grow at a checkpoint boundary instead (raytitan.trainer.elastic.growth).
+            elastic_resize_monitor_interval_s=float("inf"),
+        ),
+        run_config=ray.train.RunConfig(
+            name=config.run_name,
+            storage_path=parent,
+            storage_filesystem=filesystem,
+            failure_config=ray.train.FailureConfig(max_failures=max(0, failures_left)),
+        ),
+    )
+
+
+class TrainingFailed(RuntimeError):
+    """The run stopped for good (more failures than ray.max_failures); its checkpoints are intact."""
+
+
+def failure_message(config: JobConfig, error: Exception) -> str:
+    folder = storage.join(config.run_dir, config.checkpoint.folder)
+    steps = committed_steps(folder)
+    where = f"newest committed checkpoint: {step_dir(folder, steps[-1])}" if steps else "no committed checkpoint"
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    first_line = " ".join(lines[:2]) if lines else type(error).__name__
+    return (f"run {config.run_name} failed after using its {config.ray.max_failures} allowed restarts "
+            f"(ray.max_failures): {first_line}\n{where}; run the same command again to resume from it")
+
+
+def summary(config: JobConfig, result: ray.train.Result, seconds: float) -> str:
+    logged = [m for m in read_metrics(config.run_dir) if "loss" in m]
+    m = logged[-1] if logged else (result.metrics or {})
+    lines = [
+        "=" * 72,
+        f"run {config.run_name} finished in {seconds:.1f}s",
+        f"  steps        {m.get('step', '?')} / {config.training.steps}",
+        f"  tokens seen  {m.get('tokens_seen', '?')}",
+        f"  final loss   {m['loss']:.4f}" if "loss" in m else "  final loss   ?",
+        f"  checkpoints  {storage.join(config.run_dir, config.checkpoint.folder)}",
+        f"  metrics      {storage.join(config.run_dir, METRICS_FILE)}",
+    ]
+    if result.checkpoint:
+        lines.append(f"  latest       {result.checkpoint.path}")
+    if config.metrics.enable_tensorboard:
+        lines.append(f"  tensorboard  tensorboard --logdir {os.path.join(config.local_dir, config.metrics.save_tb_folder)}")
+    lines.append("=" * 72)
+    return "\n".join(lines)

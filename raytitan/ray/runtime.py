@@ -1,0 +1,87 @@
+"""The workers' side of Ray: a ``Runtime`` that takes its data from the feeder actors and
+reports through Ray Train, and the function each Ray Train worker runs."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import ray
+import ray.train
+
+from raytitan.components import storage
+from raytitan.config.job import JobConfig
+from raytitan.ray.data_feed import RayFeedLoader
+from raytitan.trainer.runtime import Runtime
+
+# How long a capacity probe waits for Ray to place a placement group before calling it full.
+PROBE_TIMEOUT_S = 2.0
+
+
+class RayRuntime(Runtime):
+    name = "ray"
+    reads_shards = False  # the DataFeeder reads them; 512 workers need not each list the source
+
+    def __init__(self, feeders: dict, worker_bundle: dict, max_workers: int):
+        self.feeders = feeders  # purpose -> DataFeeder actor
+        self.worker_bundle, self.max_workers = worker_bundle, max_workers
+
+    def device(self, use_gpu: bool):
+        if use_gpu:
+            import ray.train.torch
+
+            return ray.train.torch.get_device()
+        return super().device(False)
+
+    def build_loader(self, purpose, shards, model_config, tokenizer, seq_len, seed, global_batch_size, dp_rank,
+                     dp_size, shuffle_block, reader=None, readers=None):
+        return RayFeedLoader(self.feeders[purpose], global_batch_size, dp_rank, dp_size, reader, readers)
+
+    def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
+        # The checkpoint is already committed in the run folder (= Ray's experiment folder).
+        checkpoint = None
+        if checkpoint_dir:
+            filesystem, path = storage.resolve(checkpoint_dir)
+            checkpoint = ray.train.Checkpoint(path, filesystem=filesystem)
+        ray.train.report(
+            metrics,
+            checkpoint=checkpoint,
+            checkpoint_dir_name=os.path.basename(checkpoint_dir) if checkpoint_dir else None,
+            checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD,
+        )
+
+    def max_world_size(self, world: int) -> int:
+        return max(world, self.max_workers)
+
+    def spare_workers(self, most: int) -> int:
+        """Probe with placement groups of 1, 2, ... worker bundles: what Ray could place right now."""
+        from ray.util.placement_group import placement_group, remove_placement_group
+
+        placed = 0
+        for n in range(1, most + 1):
+            group = placement_group([self.worker_bundle] * n)
+            fits = group.wait(timeout_seconds=PROBE_TIMEOUT_S)
+            remove_placement_group(group)
+            if not fits:
+                break
+            placed = n
+        return placed
+
+
+def _quiet_report_echo() -> None:
+    """Ray Train logs every report's whole metrics dict from every worker at INFO; rank 0's own
+    metrics line already says it, once."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # a Ray version that moved it: keep its logging as it is
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
+def train_worker(loop_config: dict) -> None:
+    """What each Ray Train worker runs: the same ``run`` as under torchrun, with a RayRuntime."""
+    from raytitan.trainer.worker import run
+
+    _quiet_report_echo()
+    run(JobConfig.from_dict(loop_config["config"]),
+        RayRuntime(loop_config["feeders"], loop_config["worker_bundle"], loop_config["max_workers"]))

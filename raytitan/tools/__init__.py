@@ -1,0 +1,1 @@
+"""Command-line tools over finished or running runs: checkpoints, conversion, sampling."""

@@ -1,0 +1,67 @@
+"""Sample text from a checkpoint on one process: a quick look at what a run learned.
+
+Plain autoregressive decoding that recomputes the whole prefix per token (no KV cache): meant
+for a few dozen tokens in a notebook, not for serving.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from raytitan.components.checkpoint.layout import check_files, read_commit_at
+from raytitan.components.checkpoint.convert import load_tensors, model_args_of, resolve_step_path, tensor_keys
+from raytitan.components.data.tokenizer import ByteTokenizer, HFTokenizer
+from raytitan.models.llama3.model import Transformer
+
+
+def load_model(checkpoint: str, device: str | torch.device = "cpu") -> tuple[Transformer, ByteTokenizer | HFTokenizer]:
+    """The model and tokenizer of a step folder (or the newest step of a checkpoint folder)."""
+    path = resolve_step_path(checkpoint)
+    args, marker = model_args_of(path), read_commit_at(path)
+    metadata = check_files(path)
+    weights = load_tensors(path, metadata, tensor_keys(metadata, "model."))
+    with torch.device("meta"):
+        model = Transformer(args)
+    model.load_state_dict({k.removeprefix("model."): v.float() for k, v in weights.items()}, assign=True)
+    model.freqs_cis = model._rope()
+    model.to(device).eval()
+    if marker.get("tokenizer") == "hf" and marker.get("hf_assets_path"):
+        tokenizer = HFTokenizer(marker["hf_assets_path"])
+    else:
+        tokenizer = ByteTokenizer()
+    return model, tokenizer
+
+
+@torch.no_grad()
+def generate_tokens(model: Transformer, prompt: list[int], max_new_tokens: int, temperature: float = 0.0,
+                    top_k: int | None = None, generator: torch.Generator | None = None,
+                    stop: int | None = None) -> list[int]:
+    """Greedy (temperature 0) or sampled continuation of ``prompt``'s token ids."""
+    device = next(model.parameters()).device
+    tokens = torch.tensor([prompt], device=device)
+    new: list[int] = []
+    for _ in range(max_new_tokens):
+        logits = model(tokens[:, -model.args.max_seq_len:])[0, -1].float()
+        if temperature <= 0:
+            token = int(logits.argmax())
+        else:
+            logits = logits / temperature
+            if top_k:
+                kth = torch.topk(logits, top_k).values[-1]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            token = int(torch.multinomial(torch.softmax(logits, -1), 1, generator=generator))
+        if token == stop:
+            break
+        new.append(token)
+        tokens = torch.cat([tokens, torch.tensor([[token]], device=device)], dim=1)
+    return new
+
+
+def generate(checkpoint: str, prompt: str, max_new_tokens: int = 32, temperature: float = 0.0,
+             top_k: int | None = None, seed: int = 0, device: str = "cpu") -> str:
+    """``prompt`` continued by the model in ``checkpoint`` (the text after the prompt)."""
+    model, tokenizer = load_model(checkpoint, device)
+    prompt_ids = [tokenizer.bos_id] + tokenizer.encode_batch([prompt])[0]
+    generator = torch.Generator(device=device).manual_seed(seed)
+    ids = generate_tokens(model, prompt_ids, max_new_tokens, temperature, top_k, generator, stop=tokenizer.eos_id)
+    return tokenizer.decode(ids)
