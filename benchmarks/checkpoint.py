@@ -86,7 +86,7 @@ def _manager(folder, model, optimizer, mode, group):
     from raytitan.components.checkpoint.manager import CheckpointManager, ModelState, OptimizerState
 
     states = {"model": ModelState([model]), "optimizer": OptimizerState([model], [optimizer])}
-    return CheckpointManager(folder, states, interval=1, keep_latest_k=2, process_group=group, async_mode=mode)
+    return CheckpointManager(folder, states, keep_latest_k=2, process_group=group, async_mode=mode)
 
 
 def _save_phase(rank, world, port, cfg, out):

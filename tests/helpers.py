@@ -44,43 +44,49 @@ def _worker(rank: int, world: int, port: int, payloads: list[dict], out: str) ->
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     import torch
 
-    import raytitan.trainer.worker
-    from raytitan.components.data.loader import BatchLoader
+    from raytitan.components.metrics import read_metrics
+    from raytitan.trainer.loop import Trainer
     from raytitan.trainer.runtime import TorchrunRuntime
+    from raytitan.trainer.worker import run
 
-    # Ledger: the ids of every training row this rank consumed, in order.
-    ledger: list = []
-    original = BatchLoader.next_batch
-    ledger_batch = [0]
+    class LedgerRuntime(TorchrunRuntime):
+        """Records the ids of every training row this rank consumes, in order."""
 
-    def recording_next_batch(self):
-        batch = original(self)
-        if self.global_batch_size == ledger_batch[0]:
-            ledger.append({"dp_rank": self.dp_rank, "dp_size": self.dp_size, "ids": batch.ids.tolist()})
-        return batch
+        def __init__(self):
+            self.ledger: list = []
 
-    # The optimizer, to measure what this rank holds of the parameters and their state.
-    optimizers: list = []
-    build_optimizer = raytitan.trainer.worker.build_optimizer
-    raytitan.trainer.worker.build_optimizer = lambda *a, **k: optimizers.append(build_optimizer(*a, **k)) or optimizers[-1]
+        def build_loader(self, purpose, *args, **kwargs):
+            loader = super().build_loader(purpose, *args, **kwargs)
+            if purpose == "train":
+                next_batch = loader.next_batch
 
-    BatchLoader.next_batch = recording_next_batch
+                def recording_next_batch():
+                    batch = next_batch()
+                    self.ledger.append({"dp_rank": loader.dp_rank, "dp_size": loader.dp_size, "ids": batch.ids.tolist()})
+                    return batch
+
+                loader.next_batch = recording_next_batch
+            return loader
+
     torch.set_num_threads(1)
     results = []
     for payload in payloads:
-        ledger.clear()
-        optimizers.clear()
-        ledger_batch[0] = payload["_ledger_global_batch"]
-        config = {k: v for k, v in payload.items() if not k.startswith("_")}
-        state = raytitan.trainer.worker.run(JobConfig.from_dict(config), TorchrunRuntime())
+        config = JobConfig.from_dict(payload)
+        logged_before = len(read_metrics(config.run_dir))
+        runtime = LedgerRuntime()
+        outcome = run(config, runtime)
+        trained = isinstance(outcome, Trainer)
+        state = outcome.state if trained else outcome
         held = {"param_bytes": 0, "optimizer_bytes": 0}
-        if optimizers:
-            params = [p for group in optimizers[0].param_groups for p in group["params"]]
+        if trained:
+            params = [p for group in outcome.optimizer.param_groups for p in group["params"]]
             held["param_bytes"] = _local_bytes(params)
             held["optimizer_bytes"] = _local_bytes(
-                v for o in optimizers[0].optimizers for s in o.state.values() for v in s.values() if v.dim() > 0)
-        results.append({"losses": state.losses, "validation_losses": state.validation_losses, "step": state.step,
-                        "tokens_seen": state.tokens_seen, "ledger": list(ledger), **held})
+                v for o in outcome.optimizer.optimizers for s in o.state.values() for v in s.values() if v.dim() > 0)
+        logged = read_metrics(config.run_dir)[logged_before:] if rank == 0 else []
+        results.append({"losses": [m["loss"] for m in logged if "loss" in m],
+                        "validation_losses": [m["validation/loss"] for m in logged if "validation/loss" in m],
+                        "step": state.step, "tokens_seen": state.tokens_seen, "ledger": runtime.ledger, **held})
     with open(f"{out}.rank{rank}", "w") as f:
         json.dump(results, f)
     _exit_together()
@@ -99,15 +105,14 @@ def run_ranks(config: JobConfig | list[JobConfig], world: int, out_dir: str) -> 
     """Run ``raytitan.trainer.worker.run`` on ``world`` spawned gloo ranks; a list of configs runs one
     after the other in the same processes (spawning is the slow part).
 
-    Returns, per config, rank 0's summary plus ``global_ledger`` (per step, the ids of the whole
+    Losses are the ones rank 0 logged to metrics.jsonl during that run (every step with the
+    tiny config's ``metrics.log_freq = 1``). Returns, per config, rank 0's summary plus ``global_ledger`` (per step, the ids of the whole
     global batch, assembled from every data-parallel rank's rows) and ``ranks`` (every rank's
     summary, with the bytes of parameters and optimizer state it held).
     """
-    from raytitan.config.plan import plan_run
-
     configs = config if isinstance(config, list) else [config]
     out = os.path.join(out_dir, f"result-{free_port()}.json")
-    payloads = [{**c.to_dict(), "_ledger_global_batch": plan_run(c, world).global_batch_size} for c in configs]
+    payloads = [c.to_dict() for c in configs]
     mp.start_processes(_worker, args=(world, free_port(), payloads, out), nprocs=world,
                        start_method="spawn", join=True)
     per_rank = []

@@ -21,7 +21,7 @@ from raytitan.components.checkpoint.manager import CheckpointManager, ModelState
 
 
 def manager(folder, model, keep=3, **kwargs):
-    return CheckpointManager(str(folder), {"model": ModelState([model])}, interval=1, keep_latest_k=keep, **kwargs)
+    return CheckpointManager(str(folder), {"model": ModelState([model])}, keep_latest_k=keep, **kwargs)
 
 
 def trained(seed=0):
@@ -36,7 +36,7 @@ def trained(seed=0):
 
 def full_manager(folder, model, optimizer, **kwargs):
     states = {"model": ModelState([model]), "optimizer": OptimizerState([model], [optimizer])}
-    return CheckpointManager(str(folder), states, interval=1, keep_latest_k=0, **kwargs)
+    return CheckpointManager(str(folder), states, keep_latest_k=0, **kwargs)
 
 
 def assert_same_weights(a, b):
@@ -341,7 +341,7 @@ KILLED_MID_WRITE = textwrap.dedent("""
 
     torch.manual_seed(0)
     model = torch.nn.Linear(8, 8)
-    m = CheckpointManager(sys.argv[1], {"model": ModelState([model])}, 1, 0, async_mode="async")
+    m = CheckpointManager(sys.argv[1], {"model": ModelState([model])}, 0, async_mode="async")
     m.save(1)
     m.wait()
     torch.save(model.state_dict(), sys.argv[2])

@@ -32,7 +32,7 @@ def random_model(args=ARGS, seed=0) -> Transformer:
 
 def save_step(folder, model, step=1, args=ARGS) -> str:
     info = {"flavor": "tiny", "model_args": dataclasses.asdict(args), "bos_id": 256, "eos_id": 257}
-    return CheckpointManager(str(folder), {"model": ModelState([model])}, 1, 0, commit_info=info).save(step)
+    return CheckpointManager(str(folder), {"model": ModelState([model])}, 0, commit_info=info).save(step)
 
 
 @pytest.mark.parametrize("n_heads, n_kv_heads", [(4, 2), (4, 4)])
@@ -166,7 +166,7 @@ def test_folder_saved_by_transformers_imports_with_the_same_logits(tmp_path):
     theirs.save_pretrained(tmp_path / "hf", safe_serialization=True)
     step = import_hf(str(tmp_path / "hf"), str(tmp_path / "imported"))
     ours = Transformer(ARGS)
-    CheckpointManager(str(tmp_path), {"model": ModelState([ours])}, 1, 0).load_path(step, model_only=True)
+    CheckpointManager(str(tmp_path), {"model": ModelState([ours])}, 0).load_path(step, model_only=True)
     tokens = torch.randint(0, ARGS.vocab_size, (2, 48))
     with torch.no_grad():
         diff = (ours.eval()(tokens) - theirs(tokens).logits).abs().max().item()
@@ -186,14 +186,14 @@ def test_torch_file_imports_as_a_loadable_step(tmp_path, all_states):
             pass
 
     model = random_model()
-    CheckpointManager(str(tmp_path / "ckpt"), {"model": ModelState([model]), "train_state": Step()}, 1, 0).save(1)
+    CheckpointManager(str(tmp_path / "ckpt"), {"model": ModelState([model]), "train_state": Step()}, 0).save(1)
     args = ["to-torch", str(tmp_path / "ckpt"), str(tmp_path / "model.pt")] + (["--all-states"] if all_states else [])
     assert convert_cli.main(args) == 0
     saved = torch.load(tmp_path / "model.pt", weights_only=False)
     assert ("train_state" in saved) == all_states
     step = import_torch(str(tmp_path / "model.pt"), str(tmp_path / "imported"))
     loaded = random_model(seed=1)
-    CheckpointManager(str(tmp_path), {"model": ModelState([loaded])}, 1, 0).load_path(step, model_only=True)
+    CheckpointManager(str(tmp_path), {"model": ModelState([loaded])}, 0).load_path(step, model_only=True)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
     torch.save({"not": "weights"}, tmp_path / "bad.pt")
     with pytest.raises(CheckpointError, match="does not hold model weights by name"):
@@ -211,7 +211,7 @@ def test_verify_unpickles_every_entry_and_names_a_damaged_one(tmp_path, capsys):
             pass
 
     step = CheckpointManager(str(tmp_path), {"model": ModelState([random_model()]), "dataloader": Position()},
-                             1, 0).save(1)
+                             0).save(1)
     assert checkpoints_cli.main(["verify", step]) == 0
     assert "1 other entries read: ok" in capsys.readouterr().out
     entry = next((i, info) for i, info in read_metadata(step).storage_data.items() if i.fqn == "dataloader.cursor")[1]
@@ -224,7 +224,7 @@ def test_verify_unpickles_every_entry_and_names_a_damaged_one(tmp_path, capsys):
 
 
 def test_checkpoint_without_recorded_shape_needs_a_flavor(tmp_path, capsys):
-    CheckpointManager(str(tmp_path / "ckpt"), {"model": ModelState([random_model()])}, 1, 0).save(1)
+    CheckpointManager(str(tmp_path / "ckpt"), {"model": ModelState([random_model()])}, 0).save(1)
     assert convert_cli.main(["to-hf", str(tmp_path / "ckpt"), str(tmp_path / "hf")]) == 1
     assert "name its flavor" in capsys.readouterr().err
     assert convert_cli.main(["to-hf", str(tmp_path / "ckpt"), str(tmp_path / "hf"), "--flavor", "tiny"]) == 0

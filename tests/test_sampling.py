@@ -16,7 +16,7 @@ def saved_model(folder) -> Transformer:
     model = Transformer(ARGS)
     model.init_weights()
     info = {"model_args": dataclasses.asdict(ARGS), "tokenizer": "byte", "bos_id": 256, "eos_id": 257}
-    CheckpointManager(str(folder), {"model": ModelState([model])}, 1, 0, commit_info=info).save(2)
+    CheckpointManager(str(folder), {"model": ModelState([model])}, 0, commit_info=info).save(2)
     return model.eval()
 
 

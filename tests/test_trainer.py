@@ -18,7 +18,7 @@ def make_trainer(model, local_batch_size):
     # (Adam's g / sqrt(v) would amplify float rounding of near-zero gradients).
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-    checkpoint = CheckpointManager("unused", {}, interval=1, keep_latest_k=0, enable=False)
+    checkpoint = CheckpointManager("unused", {}, keep_latest_k=0)
     return Trainer(ModelRunner([model]), optimizer, scheduler, loader=None, checkpoint=checkpoint, metrics=None, state=None,
                    device=torch.device("cpu"), local_batch_size=local_batch_size,
                    schedule=Schedule(1, 1, 1, False, 0), max_norm=1.0, loss_group=None)

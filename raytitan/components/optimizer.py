@@ -91,3 +91,21 @@ def build_lr_scheduler(optimizer: torch.optim.Optimizer, config, total_steps: in
     schedule = WarmupStableDecay(config.warmup_steps, total_steps, config.decay_ratio, config.decay_type,
                                  config.min_lr_factor)
     return LambdaLR(optimizer, schedule)
+
+
+class LRSchedulerState:
+    """The schedule's position only, for checkpoints: its shape is rebuilt from the config."""
+
+    def __init__(self, scheduler: LambdaLR):
+        self.scheduler = scheduler
+
+    def state_dict(self) -> dict:
+        return {"last_epoch": self.scheduler.last_epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scheduler.last_epoch = int(state["last_epoch"])
+        self.scheduler._step_count = self.scheduler.last_epoch + 1
+        factors = [fn(self.scheduler.last_epoch) for fn in self.scheduler.lr_lambdas]
+        self.scheduler._last_lr = [base * f for base, f in zip(self.scheduler.base_lrs, factors)]
+        for group, lr in zip(self.scheduler.optimizer.param_groups, self.scheduler._last_lr):
+            group["lr"] = lr

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -17,6 +17,7 @@ from torch.distributed.tensor import DTensor
 from raytitan.components.checkpoint.manager import CheckpointManager
 from raytitan.components.data.loader import BatchLoader
 from raytitan.components.metrics import MetricsLogger
+from raytitan.components.profiling import Profiler
 from raytitan.trainer.runner import ModelRunner
 
 logger = logging.getLogger("raytitan")
@@ -28,8 +29,6 @@ class TrainState:
 
     step: int = 0
     tokens_seen: int = 0
-    losses: list[float] = field(default_factory=list)  # global mean loss of each step this process ran
-    validation_losses: list[float] = field(default_factory=list)
 
     def state_dict(self) -> dict:
         return {"step": self.step, "tokens_seen": self.tokens_seen}
@@ -119,6 +118,8 @@ class Schedule:
 
 
 class Trainer:
+    """The loop over steps, with every part it needs built by ``raytitan.trainer.build``."""
+
     def __init__(self, runner: ModelRunner, optimizer, lr_scheduler, loader: BatchLoader,
                  checkpoint: CheckpointManager, metrics: MetricsLogger, state: TrainState, *, device: torch.device,
                  local_batch_size: int, schedule: Schedule, max_norm: float,
@@ -129,7 +130,7 @@ class Trainer:
                  after_step: Callable[[int], None] = lambda step: None,
                  after_optimizer_step: Callable[[], None] = lambda: None,
                  stop_at_boundary: Callable[[int], bool] = lambda step: False,
-                 extra_metrics: dict[str, float] | None = None):
+                 profiler: Profiler | None = None, extra_metrics: dict[str, float] | None = None):
         self.runner, self.optimizer, self.lr_scheduler = runner, optimizer, lr_scheduler
         self.loader, self.checkpoint, self.metrics, self.state = loader, checkpoint, metrics, state
         self.device, self.local_batch_size = device, local_batch_size
@@ -137,19 +138,20 @@ class Trainer:
         self.loss_group, self.pp_group = loss_group, pp_group
         self.report, self.validator = report, validator
         self.before_step, self.after_step, self.after_optimizer_step = before_step, after_step, after_optimizer_step
-        self.stop_at_boundary = stop_at_boundary
+        self.stop_at_boundary, self.profiler = stop_at_boundary, profiler
         self.extra_metrics = extra_metrics or {}
         self.params = [p for part in runner.parts for p in part.parameters() if p.requires_grad]
 
-    def train_step(self, tokens: torch.Tensor) -> tuple[float, float]:
-        """One optimizer step over this rank's rows, split into microbatches.
+    def train_step(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step over this rank's rows, split into microbatches; returns the global
+        mean loss and the gradient norm as tensors (read them only where they are logged).
 
         Each microbatch's summed loss is divided by the *global* target-token count, and
         gradients are summed over ranks, so the update is the same however the global
         batch is split across ranks and microbatches.
         """
         inputs, labels = tokens[:, :-1], tokens[:, 1:]
-        global_tokens = all_reduce_sum(self.runner.target_tokens(labels), self.loss_group).item()
+        global_tokens = all_reduce_sum(self.runner.target_tokens(labels), self.loss_group)
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), device=self.device)
         for mb_inputs, mb_labels in zip(inputs.split(self.local_batch_size), labels.split(self.local_batch_size)):
@@ -160,7 +162,7 @@ class Trainer:
         self.after_optimizer_step()  # e.g. Float8 scales for the next all-gather
         self.lr_scheduler.step()
         # Summed over data/context ranks; over pipeline stages, of which only the last has a loss.
-        return all_reduce_sum(loss_sum, self.loss_group, self.pp_group).item(), grad_norm.item()
+        return all_reduce_sum(loss_sum, self.loss_group, self.pp_group), grad_norm
 
     def fit(self) -> TrainState:
         for part in self.runner.parts:
@@ -180,23 +182,24 @@ class Trainer:
             self.state.step = step
             step_tokens = self.loader.global_batch_size * (tokens.shape[1] - 1)
             self.state.tokens_seen += step_tokens
-            self.state.losses.append(loss)
             self.metrics.record_step(step_tokens, data_wait)
-
             self.after_step(step)
+            if self.profiler is not None:
+                self.profiler.step(step)
             self.checkpoint.poll()  # commits an async save whose write completed
 
             metrics = None
+            if self.schedule.logs(step, first_step) or self.schedule.reports(step):
+                metrics = {"step": step, "loss": loss.item()}
             if self.schedule.logs(step, first_step):
-                metrics = self.metrics.summarize(step, loss, grad_norm, lr)
+                metrics = self.metrics.summarize(step, metrics["loss"], grad_norm.item(), lr)
                 metrics.update(tokens_seen=self.state.tokens_seen, **self.extra_metrics)
                 metrics["data/bad_records"] = self.loader.bad_records
                 self.metrics.log(metrics)
             if self.validator and self.schedule.validates(step):
                 validation = {"validation/loss": self.validator.evaluate()}
-                self.state.validation_losses.append(validation["validation/loss"])
                 self.metrics.log_validation(step, validation)
-                metrics = {**(metrics or {"step": step, "loss": loss}), **validation}
+                metrics.update(validation)
             if self.schedule.saves(step):
                 if step == self.schedule.total_steps:
                     self.checkpoint.save_last(step)
@@ -204,9 +207,11 @@ class Trainer:
                     self.checkpoint.save(step)
             if self.schedule.reports(step):
                 self.metrics.flush()
-                self.report(metrics or {"step": step, "loss": loss}, self.checkpoint.take_committed())
+                self.report(metrics, self.checkpoint.take_committed())
             if self.schedule.boundary(step) and self.stop_at_boundary(step):
                 break  # to resume elsewhere from this step's checkpoint, committed by close()
         self.checkpoint.close()
         self.metrics.close()
+        if self.profiler is not None:
+            self.profiler.close()
         return self.state

@@ -119,15 +119,15 @@ ASYNC_MODES = ("disabled", "async", "async_with_pinned_mem")
 
 
 class CheckpointManager:
-    """Saves every ``interval`` steps and at the end; resumes from the newest committed step.
+    """Saves the steps the trainer asks for; resumes from the newest committed step.
 
     With ``async_mode`` the write of a step overlaps the next training steps: ``save`` returns
     once the state is copied (staged), the step is committed when its write completes (see
     ``poll``), and at most one save is in flight.
     """
 
-    def __init__(self, folder: str, states: dict[str, Stateful], interval: int, keep_latest_k: int,
-                 enable: bool = True, process_group: dist.ProcessGroup | None = None,
+    def __init__(self, folder: str, states: dict[str, Stateful], keep_latest_k: int,
+                 process_group: dist.ProcessGroup | None = None,
                  before_commit: Callable[[int], None] | None = None, async_mode: str = "disabled",
                  exclude_from_loading: tuple[str, ...] | list[str] = (), model_keys: set[str] | None = None,
                  commit_info: dict | None = None, last_save_model_only: bool = False,
@@ -141,7 +141,7 @@ class CheckpointManager:
         if async_mode not in ASYNC_MODES:
             raise ValueError(f"checkpoint.async_mode = {async_mode!r} is not one of {', '.join(ASYNC_MODES)}")
         self.folder, self.states = folder, states
-        self.interval, self.keep_latest_k, self.enable = interval, keep_latest_k, enable
+        self.keep_latest_k = keep_latest_k
         self.group, self.before_commit = process_group, before_commit
         self.async_mode, self.exclude = async_mode, set(exclude_from_loading)
         self.model_keys, self.commit_info = model_keys, commit_info or {}
