@@ -217,3 +217,18 @@ def test_plan_derives_accumulation(tmp_path, data_dir):
     plan = plan_run(tiny_config(str(tmp_path), data_dir, training={"global_batch_size": 16, "local_batch_size": 2}), 2)
     assert (plan.dims.dp, plan.accumulation_steps, plan.model_args.vocab_size) == (2, 4, 259)
     assert len(plan.shards) == 4
+
+
+def test_none_on_the_command_line_unsets_optional_keys(tmp_path):
+    """``--section.key None`` means unset for every optional key, strings included (TOML has no
+    null, so the command line and dicts are where None is written)."""
+    path = write(tmp_path, '[model]\nhf_assets_path = "/tokenizer"\n[ray]\nname = "x"\n')
+    c = parse_args(["--job.config_file", path, "--model.hf_assets_path", "None", "--ray.name=none",
+                    "--checkpoint.initial_load_path", "None", "--lr_scheduler.decay_ratio", "None"])
+    assert c.model.hf_assets_path is None and c.ray.name is None and c.checkpoint.initial_load_path is None
+    assert c.lr_scheduler.decay_ratio is None
+    assert c.run_name == JobConfig().run_name  # the default run name, not a run called "None"
+    assert parse_args(["--ray.name", "Nonesuch"]).ray.name == "Nonesuch"
+    assert parse_args(["--activation_checkpoint.mode", "none"]).activation_checkpoint.mode == "none"  # a value
+    with pytest.raises(ConfigError, match="training.steps: expected int"):
+        parse_args(["--training.steps", "None"])  # not optional: None is no value for it

@@ -320,9 +320,11 @@ INTEGER_STRINGS = ("activation_checkpoint.selective_ac_option",)
 def _convert(value: Any, tp: Any, key: str) -> Any:
     """Convert a TOML or command-line value to the field's type, or raise naming the key."""
     base = _base_type(tp)
-    if value is None or (isinstance(value, str) and value.lower() == "none" and base is not str):
-        if base is not tp:  # optional
-            return None
+    # An optional key (``T | None``, strings included) is unset by None or "None" (any case): TOML
+    # has no null, so the command line and dicts write it so. A plain str key keeps "none" as a
+    # value (e.g. activation_checkpoint.mode = "none").
+    if base is not tp and (value is None or (isinstance(value, str) and value.strip().lower() == "none")):
+        return None
     try:
         if base is bool:
             if isinstance(value, bool):
@@ -422,7 +424,8 @@ def _help_text() -> str:
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             lines.append(f"  --{section}.{f.name:<34} {f.metadata['doc']} (default: {default!r})")
         lines.append("")
-    lines.append("Booleans: --section.key / --no-section.key; lists: comma-separated; dicts: K=V,K=V.")
+    lines.append("Booleans: --section.key / --no-section.key; lists: comma-separated; dicts: K=V,K=V; "
+                 "None unsets a key whose default is None.")
     return "\n".join(lines)
 
 
