@@ -6,16 +6,22 @@ for a few dozen tokens in a notebook, not for serving.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
-from raytitan.components.checkpoint.layout import check_files, read_commit_at
+from raytitan.components.checkpoint.layout import CheckpointError, check_files, read_commit_at
 from raytitan.components.checkpoint.convert import load_tensors, model_args_of, resolve_step_path, tensor_keys
 from raytitan.components.data.tokenizer import ByteTokenizer, HFTokenizer
 from raytitan.models.llama3.model import Transformer
 
 
-def load_model(checkpoint: str, device: str | torch.device = "cpu") -> tuple[Transformer, ByteTokenizer | HFTokenizer]:
-    """The model and tokenizer of a step folder (or the newest step of a checkpoint folder)."""
+def load_model(checkpoint: str, device: str | torch.device = "cpu",
+               tokenizer_folder: str | None = None) -> tuple[Transformer, ByteTokenizer | HFTokenizer]:
+    """The model and tokenizer of a step folder (or the newest step of a checkpoint folder).
+
+    ``tokenizer_folder``: a folder with the run's tokenizer.json, for a run trained with the
+    Hugging Face tokenizer whose ``model.hf_assets_path`` has moved (or is not on this machine)."""
     path = resolve_step_path(checkpoint)
     args, marker = model_args_of(path), read_commit_at(path)
     metadata = check_files(path)
@@ -25,11 +31,27 @@ def load_model(checkpoint: str, device: str | torch.device = "cpu") -> tuple[Tra
     model.load_state_dict({k.removeprefix("model."): v.float() for k, v in weights.items()}, assign=True)
     model.freqs_cis = model._rope()
     model.to(device).eval()
-    if marker.get("tokenizer") == "hf" and marker.get("hf_assets_path"):
-        tokenizer = HFTokenizer(marker["hf_assets_path"])
+    return model, checkpoint_tokenizer(path, marker, tokenizer_folder)
+
+
+def checkpoint_tokenizer(path: str, marker: dict, tokenizer_folder: str | None = None) -> ByteTokenizer | HFTokenizer:
+    """The tokenizer the run of step folder ``path`` trained with (its commit ``marker`` says
+    which). A Hugging Face tokenizer whose files cannot be found is an error: the byte tokenizer
+    would turn the model's ids into garbage without a word."""
+    if marker.get("tokenizer", "byte") == "byte" and not tokenizer_folder:
+        return ByteTokenizer()
+    folder = tokenizer_folder or marker.get("hf_assets_path")
+    if folder and os.path.isfile(os.path.join(folder, "tokenizer.json")):
+        return HFTokenizer(folder)
+    if tokenizer_folder:
+        problem = f"no tokenizer.json in {tokenizer_folder} (the tokenizer_folder given)"
+    elif folder:
+        problem = f"its tokenizer is not where the run had it: no {os.path.join(folder, 'tokenizer.json')}"
     else:
-        tokenizer = ByteTokenizer()
-    return model, tokenizer
+        problem = "the checkpoint records no model.hf_assets_path to find its tokenizer.json in"
+    raise CheckpointError(
+        f"{path} was trained with the Hugging Face tokenizer (model.tokenizer = 'hf'), but {problem}; "
+        "pass tokenizer_folder='<folder with the run's tokenizer.json>' to generate / load_model")
 
 
 @torch.no_grad()
@@ -58,9 +80,10 @@ def generate_tokens(model: Transformer, prompt: list[int], max_new_tokens: int, 
 
 
 def generate(checkpoint: str, prompt: str, max_new_tokens: int = 32, temperature: float = 0.0,
-             top_k: int | None = None, seed: int = 0, device: str = "cpu") -> str:
-    """``prompt`` continued by the model in ``checkpoint`` (the text after the prompt)."""
-    model, tokenizer = load_model(checkpoint, device)
+             top_k: int | None = None, seed: int = 0, device: str = "cpu", tokenizer_folder: str | None = None) -> str:
+    """``prompt`` continued by the model in ``checkpoint`` (the text after the prompt);
+    ``tokenizer_folder`` as in ``load_model``."""
+    model, tokenizer = load_model(checkpoint, device, tokenizer_folder)
     prompt_ids = [tokenizer.bos_id] + tokenizer.encode_batch([prompt])[0]
     generator = torch.Generator(device=device).manual_seed(seed)
     ids = generate_tokens(model, prompt_ids, max_new_tokens, temperature, top_k, generator, stop=tokenizer.eos_id)
