@@ -75,6 +75,7 @@ def _worker(rank: int, world: int, port: int, payloads: list[dict], out: str) ->
         logged_before = len(read_metrics(config.run_dir))
         runtime = LedgerRuntime()
         outcome = run(config, runtime)
+        torch.distributed.barrier()  # the next run starts when this one ended on every rank, as on a restart
         trained = isinstance(outcome, Trainer)
         state = outcome.state if trained else outcome
         held = {"param_bytes": 0, "optimizer_bytes": 0}
@@ -101,7 +102,8 @@ def _global_ledger(ranks: list[dict]) -> list:
     return [sum((by_dp[d][k]["ids"] for d in sorted(by_dp)), []) for k in range(steps)]
 
 
-def run_ranks(config: JobConfig | list[JobConfig], world: int, out_dir: str) -> dict | list[dict]:
+def run_ranks(config: JobConfig | list[JobConfig], world: int, out_dir: str,
+              deadline_s: float = 600.0) -> dict | list[dict]:
     """Run ``raytitan.trainer.worker.run`` on ``world`` spawned gloo ranks; a list of configs runs one
     after the other in the same processes (spawning is the slow part).
 
@@ -113,8 +115,8 @@ def run_ranks(config: JobConfig | list[JobConfig], world: int, out_dir: str) -> 
     configs = config if isinstance(config, list) else [config]
     out = os.path.join(out_dir, f"result-{free_port()}.json")
     payloads = [c.to_dict() for c in configs]
-    mp.start_processes(_worker, args=(world, free_port(), payloads, out), nprocs=world,
-                       start_method="spawn", join=True)
+    _join(mp.start_processes(_worker, args=(world, free_port(), payloads, out), nprocs=world,
+                             start_method="spawn", join=False), deadline_s)
     per_rank = []
     for r in range(world):
         with open(f"{out}.rank{r}") as f:
@@ -153,10 +155,27 @@ def _exit_together() -> None:
     os._exit(0)
 
 
+def _join(context, deadline_s: float) -> None:
+    """Wait for every rank; a rank that fails fails the test, and so do ranks still running after
+    ``deadline_s`` (a hang in a collective is a bug to report, not to wait out)."""
+    import time
+
+    deadline = time.monotonic() + deadline_s
+    while not context.join(timeout=max(0.0, min(5.0, deadline - time.monotonic()))):
+        if time.monotonic() >= deadline:
+            for process in context.processes:
+                process.kill()
+            raise TimeoutError(f"ranks still running after {deadline_s:.0f}s (a hang in a collective?)")
+
+
+DEADLINE_S = 600.0
+
+
 def spawn(fn, world: int, out_dir: str, *args) -> list:
     """Run ``fn(rank, world, *args)`` on ``world`` gloo ranks; returns each rank's (JSON) result."""
     out = os.path.join(out_dir, f"call-{free_port()}")
-    mp.start_processes(_call, args=(world, free_port(), fn, args, out), nprocs=world, start_method="spawn", join=True)
+    _join(mp.start_processes(_call, args=(world, free_port(), fn, args, out), nprocs=world, start_method="spawn",
+                             join=False), DEADLINE_S)
     results = []
     for r in range(world):
         with open(f"{out}.rank{r}") as f:

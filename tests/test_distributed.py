@@ -105,6 +105,16 @@ def test_elastic_world_that_fits_no_layout_idles_a_rank(tmp_path, data_dir, seed
     assert (restarts[0]["world"], restarts[0]["active"], restarts[0]["dp"]) == (3, 2, 2)
 
 
+def test_finished_run_restarted_on_a_world_with_an_idle_rank_ends(tmp_path, data_dir):
+    """A run whose last save holds weights only is finished: started again on 3 ranks (one
+    idles), every rank sees that and returns, none waits for the others in a collective."""
+    finished = tiny_config(str(tmp_path), data_dir, training={"steps": 2}, ray={"min_workers": 1, "max_workers": 4},
+                           checkpoint={"last_save_model_only": True})
+    first, again = run_ranks([finished, finished], 3, str(tmp_path), deadline_s=120)
+    assert len(first["losses"]) == 2 and again["losses"] == []
+    assert [r["step"] for r in again["ranks"]] == [2, 2, 2]
+
+
 def test_runs_started_from_a_step_or_its_exports(tmp_path, data_dir, seed_checkpoint):
     """One process trains 5 steps; its last save holds weights only and is also exported as a
     Hugging Face folder and (offline) as a .pt file. Then, on 2 ranks (resharded): runs started
