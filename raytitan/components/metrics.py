@@ -12,6 +12,7 @@ import torch
 from raytitan.components import storage
 logger = logging.getLogger("raytitan")
 
+PROGRESS_BAR_MODES = ("auto", "on", "off")  # metrics.progress_bar: see raytitan.ray.progress
 METRICS_FILE = "metrics.jsonl"
 
 # Dense bf16 peak TFLOP/s per device, from the vendors' datasheets.

@@ -12,37 +12,41 @@ import os
 from dataclasses import dataclass
 
 from raytitan.components import storage
-from raytitan.components.checkpoint.manager import ASYNC_MODES, EXPORT_DTYPES, LOADABLE
+from raytitan.components.checkpoint.manager import ASYNC_MODES, LOADABLE
 from raytitan.components.checkpoint.layout import COMMIT_MARKER
 from raytitan.config.job import Checkpoint, ConfigError, JobConfig, section
 from raytitan.components.data.sources import DATASETS, DataSourceError, resolve_shards
-from raytitan.components.data.tokenizer import build_tokenizer
+from raytitan.components.data.tokenizer import TOKENIZERS, build_tokenizer
+from raytitan.components.metrics import PROGRESS_BAR_MODES
 from raytitan.models.llama3.args import FLAVORS, ModelArgs
 from raytitan.models.llama3.hf import HFFormatError, check_matches, read_hf_config
 from raytitan.distributed.dims import ParallelDims, ParallelismError
-from raytitan.distributed.activation_checkpoint import ActivationCheckpointError, check_option
+from raytitan.distributed.precision import DTYPES, PARAM_DTYPES, REDUCE_DTYPES, RESHARD_AFTER_FORWARD
+from raytitan.models import MODELS
+from raytitan.distributed.activation_checkpoint import MODES as AC_MODES, ActivationCheckpointError, check_option
 from raytitan.distributed.compile import COMPONENTS
 from raytitan.distributed.context import ROTATE_METHODS
 from raytitan.distributed.float8 import AUTO_FILTER_RECIPES, CONVERTER_NAMES, RECIPES
 from raytitan.distributed.pipeline import SCHEDULES, PipelineError, microbatches, num_stages, stage_layers
 
+# Each choice list lives with its owner; this table only says which key each one checks.
 CHOICES = {
-    "model.name": ("llama3",),
-    "model.tokenizer": ("byte", "hf"),
+    "model.name": MODELS,
+    "model.tokenizer": TOKENIZERS,
     "optimizer.name": ("AdamW", "Adam"),
     "optimizer.implementation": ("auto", "foreach", "fused", "for-loop"),
     "lr_scheduler.decay_type": ("linear", "sqrt", "cosine"),
-    "training.mixed_precision_param": ("auto", "bfloat16", "float32"),
-    "training.mixed_precision_reduce": ("float32", "bfloat16"),
+    "training.mixed_precision_param": PARAM_DTYPES,
+    "training.mixed_precision_reduce": REDUCE_DTYPES,
     "training.dataset": DATASETS,
     "validation.dataset": DATASETS,
-    "parallelism.fsdp_reshard_after_forward": ("default", "always", "never"),
+    "parallelism.fsdp_reshard_after_forward": RESHARD_AFTER_FORWARD,
     "parallelism.pipeline_parallel_schedule": tuple(SCHEDULES),
     "parallelism.context_parallel_rotate_method": ROTATE_METHODS,
     "checkpoint.async_mode": ASYNC_MODES,
-    "checkpoint.export_dtype": tuple(EXPORT_DTYPES),
-    "metrics.progress_bar": ("auto", "on", "off"),
-    "activation_checkpoint.mode": ("none", "full", "selective"),
+    "checkpoint.export_dtype": tuple(DTYPES),
+    "metrics.progress_bar": PROGRESS_BAR_MODES,
+    "activation_checkpoint.mode": AC_MODES,
     "quantize.linear.float8.recipe_name": RECIPES,
 }
 POSITIVE = ("profiling.profile_freq", "ray.resize_check_interval_s", "training.local_batch_size", "validation.local_batch_size", "validation.freq", "validation.steps", "training.seq_len", "training.steps", "optimizer.lr",

@@ -15,7 +15,7 @@ import re
 import sys
 import time
 
-from raytitan.components.checkpoint.manager import EXPORT_DTYPES
+from raytitan.distributed.precision import DTYPES
 
 from raytitan.components.checkpoint.layout import CheckpointError
 from raytitan.components.checkpoint.convert import (
@@ -39,14 +39,14 @@ def main(argv: list[str] | None = None) -> int:
     to_hf = sub.add_parser("to-hf", help="DCP step -> Hugging Face Llama folder")
     to_hf.add_argument("src", help="step folder, or a checkpoint folder (its newest committed step)")
     to_hf.add_argument("dst", help="output folder (replaced)")
-    to_hf.add_argument("--dtype", choices=list(EXPORT_DTYPES), default="bfloat16")
+    to_hf.add_argument("--dtype", choices=list(DTYPES), default="bfloat16")
     to_hf.add_argument("--max-shard-size", type=parse_size, default="5GB", help="per safetensors file (default 5GB)")
     to_hf.add_argument("--flavor", help="model flavor, for checkpoints that do not record their shape")
     to_hf.add_argument("--tokenizer", help="folder whose tokenizer files to copy (default: the run's)")
     from_hf = sub.add_parser("from-hf", help="Hugging Face Llama folder -> DCP step folder")
     from_hf.add_argument("src", help="folder with config.json and *.safetensors")
     from_hf.add_argument("dst", help="output step folder (replaced)")
-    from_hf.add_argument("--dtype", choices=list(EXPORT_DTYPES), default="float32", help="stored dtype (default float32)")
+    from_hf.add_argument("--dtype", choices=list(DTYPES), default="float32", help="stored dtype (default float32)")
     to_torch = sub.add_parser("to-torch", help="DCP step -> one torch.save file")
     to_torch.add_argument("src", help="step folder, or a checkpoint folder (its newest committed step)")
     to_torch.add_argument("dst", help="output .pt file")
@@ -63,10 +63,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "to-hf":
             src = resolve_step_path(args.src)
-            out = export_hf(src, args.dst, EXPORT_DTYPES[args.dtype], args.max_shard_size,
+            out = export_hf(src, args.dst, DTYPES[args.dtype], args.max_shard_size,
                             model_args_of(src, args.flavor), args.tokenizer)
         elif args.command == "from-hf":
-            out = import_hf(args.src, args.dst, EXPORT_DTYPES[args.dtype])
+            out = import_hf(args.src, args.dst, DTYPES[args.dtype])
         else:
             out = export_torch(resolve_step_path(args.src), args.dst, model_only=not args.all_states)
     except (CheckpointError, HFFormatError, FileNotFoundError) as e:

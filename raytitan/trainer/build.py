@@ -19,7 +19,7 @@ import torch.distributed as dist
 from raytitan.components import storage
 from raytitan.components.checkpoint.convert import import_hf, import_torch
 from raytitan.components.checkpoint.layout import COMMIT_MARKER, CheckpointError, read_commit_at
-from raytitan.components.checkpoint.manager import EXPORT_DTYPES, CheckpointManager, ModelState, OptimizerState
+from raytitan.components.checkpoint.manager import CheckpointManager, ModelState, OptimizerState
 from raytitan.components.data.tokenizer import build_tokenizer
 from raytitan.components.metrics import METRICS_FILE, MetricsLogger
 from raytitan.components.optimizer import LRSchedulerState, build_lr_scheduler, build_optimizer
@@ -31,7 +31,8 @@ from raytitan.distributed.dims import ParallelDims
 from raytitan.distributed.pipeline import build_pipeline, keep_stage, microbatches, num_stages, rank_stages, stage_layers
 from raytitan.models.llama3.args import FLAVORS
 from raytitan.models.llama3.model import Transformer, count_params, flops_per_token
-from raytitan.models.llama3.parallelize import param_dtype, parallelize_llama
+from raytitan.distributed.precision import DTYPES, param_dtype
+from raytitan.models.llama3.parallelize import parallelize_llama
 from raytitan.trainer.elastic.fault import FaultInjector
 from raytitan.trainer.loop import Trainer, TrainState, Validator
 from raytitan.trainer.runner import ModelRunner, PipelineLoss
@@ -84,7 +85,7 @@ def build(ctx) -> Trainer:
         keep_latest_k=c.keep_latest_k, process_group=ctx.checkpoint_group,
         before_commit=fault.before_commit, async_mode=c.async_mode, exclude_from_loading=c.exclude_from_loading,
         model_keys=model_keys, commit_info=model_facts(config, plan, tokenizer),
-        last_save_model_only=c.last_save_model_only, export_dtype=EXPORT_DTYPES[c.export_dtype],
+        last_save_model_only=c.last_save_model_only, export_dtype=DTYPES[c.export_dtype],
         last_save_in_hf=c.last_save_in_hf,
     )
     tb = os.path.join(config.local_dir, config.metrics.save_tb_folder) if config.metrics.enable_tensorboard else None

@@ -113,7 +113,6 @@ def check_compatible(path: str, metadata: Metadata, expected: dict[str, tuple[in
                                   f"(first: '{extra[0]}'): was it saved from another model.flavor?")
 
 
-EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LOADABLE = ("model", "optimizer", "lr_scheduler", "dataloader", "train_state")
 ASYNC_MODES = ("disabled", "async", "async_with_pinned_mem")
 

@@ -57,6 +57,9 @@ class HFTokenizer:
         return self._tok.decode(ids)
 
 
+TOKENIZERS = ("byte", "hf")  # model.tokenizer
+
+
 @dataclass(frozen=True)
 class TokenizerSpec:
     """Which tokenizer to build: the ``model`` config's tokenizer keys alone."""
@@ -77,4 +80,4 @@ def build_tokenizer(model_config) -> ByteTokenizer | HFTokenizer:
         if not model_config.hf_assets_path:
             raise ValueError("model.tokenizer = 'hf' needs model.hf_assets_path (folder with tokenizer.json)")
         return HFTokenizer(model_config.hf_assets_path)
-    raise ValueError(f"model.tokenizer: unknown tokenizer '{model_config.tokenizer}'; use 'byte' or 'hf'")
+    raise ValueError(f"model.tokenizer: unknown tokenizer '{model_config.tokenizer}'; use one of {', '.join(TOKENIZERS)}")

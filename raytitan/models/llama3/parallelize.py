@@ -22,15 +22,7 @@ from raytitan.distributed.activation_checkpoint import apply_activation_checkpoi
 from raytitan.distributed.compile import compile_blocks
 from raytitan.distributed.context import apply_context_parallel
 from raytitan.distributed.dims import ParallelDims
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def param_dtype(name: str, device_type: str) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device_type == "cuda" else torch.float32
-    return DTYPES[name]
-
+from raytitan.distributed.precision import DTYPES, param_dtype, reshard_after_forward
 
 def parallelize_llama(model: Transformer, dims: ParallelDims, mesh: DeviceMesh, config) -> Transformer:
     """Convert and shard ``model`` (per the JobConfig ``config``) over ``mesh``: Float8, TP (with
@@ -52,9 +44,9 @@ def parallelize_llama(model: Transformer, dims: ParallelDims, mesh: DeviceMesh, 
         compile_blocks(model)
     fsdp_mesh = ParallelDims.fsdp_mesh(mesh)
     if fsdp_mesh is not None:
-        reshard = {"always": True, "never": False, "default": dims.pp == 1}[parallelism.fsdp_reshard_after_forward.lower()]
         apply_fsdp(model, fsdp_mesh, param_dtype(training.mixed_precision_param, mesh.device_type),
-                   DTYPES[training.mixed_precision_reduce], reshard)
+                   DTYPES[training.mixed_precision_reduce],
+                   reshard_after_forward(parallelism.fsdp_reshard_after_forward, dims.pp))
     return model
 
 
@@ -92,12 +84,22 @@ def apply_tensor_parallel(model: Transformer, tp_mesh: DeviceMesh, loss_parallel
 
 def enable_async_tensor_parallel(tp_mesh: DeviceMesh) -> None:
     """Let the compiler split TP's all-gather / reduce-scatter into pieces that overlap the
-    matmuls around them (CUDA symmetric memory; the blocks must be compiled)."""
+    matmuls around them (CUDA symmetric memory; the blocks must be compiled).
+
+    torch has only private switches for it (torch 2.13, as torchtitan uses them), all here and
+    checked by tests/test_private_apis.py: inductor's ``_micro_pipeline_tp`` and
+    ``torch.distributed._symmetric_memory.enable_symm_mem_for_group``. The latter says it is
+    deprecated and no longer needed, yet inductor's micro-pipeline pass still skips every group
+    it was not called for, so it is called (its warning silenced)."""
+    import warnings
+
     import torch._inductor.config
     from torch.distributed._symmetric_memory import enable_symm_mem_for_group
 
     torch._inductor.config._micro_pipeline_tp = True
-    enable_symm_mem_for_group(tp_mesh.get_group().group_name)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`enable_symm_mem_for_group` is deprecated", category=FutureWarning)
+        enable_symm_mem_for_group(tp_mesh.get_group().group_name)
 
 
 def apply_fsdp(model: Transformer, mesh: DeviceMesh, param: torch.dtype, reduce: torch.dtype,
