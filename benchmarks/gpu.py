@@ -17,7 +17,7 @@ checkpointing may not fit 80 GiB: such a variant becomes an "out of memory" row.
 Each finished variant is printed and appended at once to benchmarks/results/gpu_rows.jsonl
 (tagged with the sweep's id); the whole sweep is one line of benchmarks/results/gpu.jsonl at
 the end, written also when it is interrupted. A GPU missing from raytitan's peak table gets no
-MFU unless --peak-tflops gives its dense bf16 peak. BENCHMARKS.md records the runs made.
+MFU unless --peak-tflops gives its dense bf16 peak. docs/performance.md records the runs made.
 """
 
 from __future__ import annotations
