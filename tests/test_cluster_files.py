@@ -1,8 +1,10 @@
 """The cluster setups under cluster/: Ray's own launcher validation, and every raytitan command
 in them (also in their usage comments) names a real entry point and a config that plans at both
 ends of its elastic range, on storage every node shares. Their shell steps (shared storage,
-SkyPilot's Ray start) run here against stub commands. Nothing here starts a cluster: `ray up`
-with the local provider would run `ray stop`, ending every Ray process on the machine."""
+SkyPilot's Ray start) run here against stub commands. The commands shown in the README and
+docs/ (docs/clusters.md: the cluster walkthrough) name real entry points and options, and their
+configs plan too. Nothing here starts a cluster: `ray up` with the local provider would run
+`ray stop`, ending every Ray process on the machine."""
 
 import copy
 import glob
@@ -308,3 +310,58 @@ def test_skypilot_worker_gives_up_when_the_head_never_answers(tmp_path):
         done, calls = run_skypilot_node(tmp_path, rank=1, port=port, wait_s=0)
     assert done.returncode != 0 and "did not answer" in done.stderr
     assert calls == ""  # never tried to join
+
+
+# Commands shown in the README and in docs/ (docs/clusters.md holds the cluster walkthrough).
+DOC_PAGES = ["README.md", *sorted(os.path.relpath(p, REPO) for p in glob.glob(os.path.join(REPO, "docs", "*.md")))]
+DOC_COMMAND = re.compile(r"(?:python -m|torchrun((?: [^`\n]*?)?) -m) (raytitan(?:\.\w+)+)([^`\n]*)")
+
+
+def doc_commands(page: str) -> list[tuple[str, list[str], list[str]]]:
+    """(module, args, torchrun args) of every ``python -m raytitan.X`` or ``torchrun ... -m
+    raytitan.X`` in a page's code blocks and inline code, with line continuations joined."""
+    with open(os.path.join(REPO, page), encoding="utf-8") as f:
+        text = f.read()
+    blocks = re.findall(r"^```[^\n]*\n(.*?)^```", text, re.MULTILINE | re.DOTALL)
+    inline = re.findall(r"`([^`\n]+)`", re.sub(r"^```.*?^```", "", text, flags=re.MULTILINE | re.DOTALL))
+    found = []
+    for code in [*blocks, *inline]:
+        code = re.sub(r"\\\n\s*", " ", code)
+        for launcher, module, args in DOC_COMMAND.findall(code):
+            words = [w.strip("[]") for w in shlex.split(args.split(" #")[0]) if w not in ("...", "[...]")]
+            found.append((module, words, shlex.split(launcher)))
+    return found
+
+
+def test_docs_show_commands():
+    assert len(doc_commands("README.md")) >= 3
+    assert any(m == "raytitan.train" and "--ray.storage_path" in a for m, a, _ in doc_commands("docs/clusters.md"))
+
+
+@pytest.mark.parametrize("page", DOC_PAGES)
+def test_doc_commands_name_real_entry_points_and_configs_that_plan(page, capsys):
+    for module, args, launcher in doc_commands(page):
+        assert importlib.util.find_spec(module) is not None, (page, module)
+        if module in ("raytitan.train", "raytitan.worker"):
+            if "--help" in args:
+                continue
+            config_file = flag(args, "--job.config_file")
+            if config_file:
+                assert os.path.isfile(os.path.join(REPO, config_file)), (page, config_file)
+                args = [a if a != config_file else os.path.join(REPO, config_file) for a in args]
+            config = parse_args(args)
+            config.model.tokenizer, config.model.hf_assets_path = "byte", None  # the real ones are not here
+            nproc = flag(launcher, "--nproc_per_node")
+            worlds = {int(nproc)} if nproc and nproc.isdigit() else set(config.ray.worker_range)
+            for world in worlds:
+                plan_run(config, world, resolve_data=False)
+            continue
+        # Other commands: the subcommand exists and takes every option shown.
+        main = importlib.import_module(module).main
+        sub = [args[0]] if args and not args[0].startswith("-") else []
+        with pytest.raises(SystemExit) as done:
+            main([*sub, "--help"])
+        assert done.value.code == 0, (page, module, sub)
+        usage = capsys.readouterr().out
+        for option in (a.split("=")[0] for a in args if a.startswith("--")):
+            assert option in usage, (page, module, option)
