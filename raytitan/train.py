@@ -10,8 +10,6 @@ import sys
 
 from raytitan.config.job import ConfigError, parse_args
 
-DEFAULT_CONFIG = "configs/llama3_debug.toml"
-
 
 def main(argv: list[str] | None = None) -> int:
     # Imported here, not at the top: --help and config errors answer without loading Ray.

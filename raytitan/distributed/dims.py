@@ -21,6 +21,14 @@ class ParallelismError(ValueError):
     """Degrees that cannot form a mesh on the given world size."""
 
 
+def flatten_dims(mesh: DeviceMesh, dims: tuple[str, ...], name: str) -> None:
+    """Add to ``mesh`` one dimension ``name`` over the ranks of ``dims`` together (``mesh[name]``).
+
+    torch has no public API for it: this is the one call of the private ``DeviceMesh._flatten``
+    (torch 2.13, as torchtitan uses it); tests/test_private_apis.py checks it."""
+    mesh[dims]._flatten(name)
+
+
 @dataclass
 class ParallelDims:
     dp_replicate: int
@@ -78,14 +86,6 @@ class ParallelDims:
         """Data-parallel degree: how many distinct slices of each global batch there are."""
         return self.dp_replicate * self.dp_shard
 
-    @property
-    def fsdp_enabled(self) -> bool:
-        return self.dp_shard > 1
-
-    @property
-    def hsdp_enabled(self) -> bool:
-        return self.dp_replicate > 1
-
     def build_mesh(self, device_type: str) -> DeviceMesh:
         """Named mesh over the enabled dims (pp, dp_replicate, dp_shard, cp, tp), plus flattened
         views where more than one dim takes part: 'dp' (data rows), 'dp_shard_cp' (FSDP
@@ -108,7 +108,7 @@ class ParallelDims:
         for flat, parts in FLATTENED.items():
             present = tuple(n for n in parts if n in names)
             if len(present) > 1:
-                mesh[present]._flatten(flat)
+                flatten_dims(mesh, present, flat)
         return mesh
 
     @staticmethod

@@ -15,7 +15,6 @@ from raytitan.components.data.stream import Cursor, GlobalBatch, global_batches,
 class RankBatch:
     tokens: torch.Tensor  # [rows, seq_len + 1] int64: this data-parallel rank's rows
     ids: np.ndarray  # [rows, 3]: (epoch, shard, window) of each row
-    end: Cursor  # where the next global batch starts
 
 
 class BatchLoader:
@@ -41,7 +40,7 @@ class BatchLoader:
         tokens, ids, end, bad = self._fetch(self.cursor)
         self.cursor, self.consumed = end, self.consumed + self.global_batch_size
         self.bad_records += bad
-        return RankBatch(torch.from_numpy(tokens.astype(np.int64)), ids, end)
+        return RankBatch(torch.from_numpy(tokens.astype(np.int64)), ids)
 
     def state_dict(self) -> dict:
         return {"cursor": self.cursor.as_list(), "consumed": self.consumed}
