@@ -2,6 +2,7 @@
 log, and moved by the run folder's progress marker and metrics lines."""
 
 import json
+import logging
 import os
 import pty
 import subprocess
@@ -14,7 +15,8 @@ import pytest
 
 from raytitan.ray import progress
 from raytitan.components.metrics import METRICS_FILE
-from raytitan.trainer.elastic.history import write_progress
+from raytitan.trainer.elastic.history import (PROGRESS_FILE, ProgressMarkerError, read_progress, record_start,
+                                              restart_metrics, write_progress)
 
 SHOW_AUTO = "from raytitan.ray.progress import wanted; print('bar' if wanted('auto') else 'no bar', flush=True)"
 
@@ -135,3 +137,75 @@ def test_the_bar_follows_the_run_until_closed(run_dir):
     write_progress(run_dir, 10)  # the last step lands just before the run ends
     late.close()
     assert late.bar.n == 10  # close takes a final look
+
+
+@pytest.fixture
+def raytitan_logs(monkeypatch, caplog):
+    monkeypatch.setattr(logging.getLogger("raytitan"), "propagate", True)  # setup_logging may have run
+    caplog.set_level(logging.WARNING, logger="raytitan")
+    return caplog
+
+
+def corrupt_marker(run_dir) -> str:
+    path = os.path.join(run_dir, PROGRESS_FILE)
+    with open(path, "w") as f:
+        f.write('{"step": 7, "ti')
+    return path
+
+
+def test_a_missing_marker_is_none_and_a_corrupt_one_an_error_naming_it(run_dir):
+    assert read_progress(run_dir) is None
+    write_progress(run_dir, 3)
+    assert read_progress(run_dir)["step"] == 3
+    path = corrupt_marker(run_dir)
+    with pytest.raises(ProgressMarkerError, match=path):
+        read_progress(run_dir)
+    with open(path, "w") as f:
+        f.write('{"time": 1.0}')  # JSON, but no step
+    with pytest.raises(ProgressMarkerError, match=path):
+        read_progress(run_dir)
+
+
+def start(run_dir, started_at, resumed_step=None):
+    return record_start(run_dir, os.path.join(run_dir, "checkpoint"), started_at=started_at, world=2, active=2,
+                        dp=2, local_batch=1, accumulation=1, resumed_step=resumed_step, target_steps=10, timings={})
+
+
+def test_a_corrupt_marker_leaves_the_lost_steps_unknown_with_a_warning(run_dir, raytitan_logs):
+    start(run_dir, started_at=1000.0)
+    write_progress(run_dir, 7)
+    counted = start(run_dir, started_at=1001.0, resumed_step=4)
+    assert counted["lost_steps"] == 3 and counted["cause"].startswith("worker group restarted")
+    assert "progress" not in raytitan_logs.text  # a readable marker: nothing to say
+
+    path = corrupt_marker(run_dir)
+    unknown = start(run_dir, started_at=1002.0, resumed_step=4)
+    assert unknown["lost_steps"] is None  # not a made-up 0
+    assert "unknown" in unknown["cause"] and path in unknown["cause"]
+    assert path in raytitan_logs.text and "lost steps unknown" in raytitan_logs.text
+    assert "None steps lost" not in raytitan_logs.text and "? steps lost" in raytitan_logs.text
+    assert restart_metrics(run_dir) == {"elastic/restarts": 2.0, "elastic/lost_steps": 3.0}  # the known ones
+
+
+def test_a_missing_marker_is_a_normal_first_start(run_dir, raytitan_logs):
+    first = start(run_dir, started_at=1000.0)
+    assert first["cause"] == "first start" and first["lost_steps"] == 0
+    assert raytitan_logs.text == ""
+
+
+def test_the_bar_warns_once_about_a_corrupt_marker(run_dir, raytitan_logs):
+    bar = progress.ProgressBar(run_dir, total_steps=10, interval_s=3600)
+    try:
+        write_progress(run_dir, 3)
+        bar.update()
+        path = corrupt_marker(run_dir)
+        bar.update()
+        bar.update()
+        assert bar.bar.n == 3  # stays where it was
+        warnings = [r.getMessage() for r in raytitan_logs.records if path in r.getMessage()]
+        assert len(warnings) == 1 and "progress bar" in warnings[0]
+        write_progress(run_dir, 5)
+        bar.update()
+        assert bar.bar.n == 5
+    finally:
+        bar.close()

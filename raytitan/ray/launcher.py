@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import uuid
 
 import ray
 import ray.train
@@ -18,12 +19,12 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from raytitan.components.checkpoint.layout import committed_steps, step_dir
 from raytitan.config.job import ConfigError, JobConfig, to_toml
 from raytitan.ray.data_feed import DataFeeder
-from raytitan.trainer.elastic.growth import read_grow_request
+from raytitan.trainer.elastic.growth import GrowRequestError, read_grow_request
 from raytitan.components.metrics import METRICS_FILE, read_metrics
 from raytitan.ray import progress
 from raytitan.components import storage
 from raytitan.config.plan import data_parallel_degree, plan_run
-from raytitan.trainer.elastic.history import failures_since
+from raytitan.trainer.elastic.history import PROGRESS_FILE, ProgressMarkerError, failures_in, read_progress
 from raytitan.ray.runtime import train_worker
 from raytitan.trainer.runtime import setup_logging
 
@@ -107,17 +108,19 @@ def launch(config: JobConfig) -> ray.train.Result:
     wanted = progress.wanted(config.metrics.progress_bar)
     bar = progress.ProgressBar(config.run_dir, config.training.steps) if wanted else None
     try:
-        launched_at = time.time()
+        attempts: set[str] = set()  # this launch's; restarts of earlier launches are not counted
         while True:
-            attempt_at = time.time()
+            # The workers name this id in a grow request and their restart records: no clocks compared.
+            attempt = uuid.uuid4().hex[:12]
             _forget_ray_checkpoint_list(config)
-            trainer = _trainer(config, feeders, resources, failures_left=config.ray.max_failures - failures_since(
-                config.run_dir, launched_at))
+            failures_left = config.ray.max_failures - failures_in(config.run_dir, attempts)
+            attempts.add(attempt)
+            trainer = _trainer(config, feeders, resources, failures_left=failures_left, attempt=attempt)
             try:
                 result = trainer.fit()
             except Exception as e:  # Ray raises once restarts are exhausted
                 raise TrainingFailed(failure_message(config, e)) from e
-            grow = read_grow_request(config.run_dir, since=attempt_at)
+            grow = _grow_request(config, attempt)
             if grow is None:
                 break
             print(f"growing: step {grow['step']} is committed; starting again with up to {grow['target']} workers "
@@ -128,8 +131,51 @@ def launch(config: JobConfig) -> ray.train.Result:
             bar.close()
         for feeder in feeders.values():
             ray.kill(feeder)
+    if not config.checkpoint.create_seed_checkpoint:  # a seed run saves step 0 and trains nothing
+        check_reached_steps(config)
     print(summary(config, result, time.perf_counter() - t0), flush=True)
     return result
+
+
+def _grow_request(config: JobConfig, attempt: str) -> dict | None:
+    """The grow request this attempt's workers left, if any. One that cannot be read is reported
+    and not acted on: whether the run is finished is then told by ``check_reached_steps``."""
+    try:
+        return read_grow_request(config.run_dir, attempt=attempt)
+    except GrowRequestError as e:
+        logger.warning("%s: not starting the workers again for it; if the run stopped short of training.steps "
+                       "it fails below, and running the same command again resumes it", e)
+        return None
+
+
+def check_reached_steps(config: JobConfig) -> int:
+    """The step the run reached; raises TrainingFailed if that is short of training.steps.
+
+    The authority is the progress marker, which rank 0 rewrites after every completed step (the
+    last one and every checkpoint step included, also on an object store). A committed checkpoint
+    proves its step was completed too: it stands in where the marker is missing or unreadable.
+    Ray reports no error when the workers return early (e.g. at a checkpoint boundary to grow,
+    with the grow request lost), so without this check such a run would look finished."""
+    target = config.training.steps
+    marker = storage.join(config.run_dir, PROGRESS_FILE)
+    try:
+        progress = read_progress(config.run_dir)
+        marked, note = (progress["step"], "") if progress else (None, f"no progress marker {marker}")
+    except ProgressMarkerError as e:
+        logger.warning("%s: telling from the committed checkpoints whether the run reached training.steps", e)
+        marked, note = None, str(e)
+    folder = storage.join(config.run_dir, config.checkpoint.folder)
+    steps = committed_steps(folder)
+    reached = max([s for s in (marked, steps[-1] if steps else None) if s is not None], default=None)
+    if reached is not None and reached >= target:
+        return reached
+    where = (f"newest committed checkpoint: {step_dir(folder, steps[-1])}; run the same command again to resume "
+             "from it" if steps else "no committed checkpoint: run the same command again to start it over")
+    done = f"stopped at step {reached} " if reached is not None else "completed no step "
+    raise TrainingFailed(
+        f"run {config.run_name} {done}of training.steps = {target}, although its workers reported no error "
+        f"(e.g. they stopped at a checkpoint to grow and the launcher found no grow request){'; ' + note if note else ''}"
+        f"\n{where}")
 
 
 def _forget_ray_checkpoint_list(config: JobConfig) -> None:
@@ -156,7 +202,8 @@ def _refresh_ray_cluster_view() -> None:
         logger.warning("could not refresh Ray's view of the cluster before growing (%s: %s)", type(e).__name__, e)
 
 
-def _trainer(config: JobConfig, feeders: dict, resources: dict, failures_left: int) -> TorchTrainer:
+def _trainer(config: JobConfig, feeders: dict, resources: dict, failures_left: int,
+             attempt: str | None = None) -> TorchTrainer:
     lo, hi = config.ray.worker_range
     # Ray's experiment folder is the run folder; on an object store, through the same filesystem.
     filesystem, parent = storage.resolve(config.run_dir.rsplit("/", 1)[0])
@@ -165,7 +212,8 @@ def _trainer(config: JobConfig, feeders: dict, resources: dict, failures_left: i
         bundle.setdefault("GPU", 1.0)
     return TorchTrainer(
         train_worker,
-        train_loop_config={"config": config.to_dict(), "feeders": feeders, "worker_bundle": bundle, "max_workers": hi},
+        train_loop_config={"config": config.to_dict(), "feeders": feeders, "worker_bundle": bundle, "max_workers": hi,
+                           "attempt": attempt},
         torch_config=TorchConfig(backend="nccl" if config.ray.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=(lo, hi) if lo != hi else hi, use_gpu=config.ray.use_gpu, resources_per_worker=resources,
@@ -183,7 +231,8 @@ def _trainer(config: JobConfig, feeders: dict, resources: dict, failures_left: i
 
 
 class TrainingFailed(RuntimeError):
-    """The run stopped for good (more failures than ray.max_failures); its checkpoints are intact."""
+    """The run stopped for good (more failures than ray.max_failures, or short of training.steps);
+    its checkpoints are intact."""
 
 
 def failure_message(config: JobConfig, error: Exception) -> str:

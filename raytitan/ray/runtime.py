@@ -22,9 +22,10 @@ class RayRuntime(Runtime):
     name = "ray"
     reads_shards = False  # the DataFeeder reads them; 512 workers need not each list the source
 
-    def __init__(self, feeders: dict, worker_bundle: dict, max_workers: int):
+    def __init__(self, feeders: dict, worker_bundle: dict, max_workers: int, attempt: str | None = None):
         self.feeders = feeders  # purpose -> DataFeeder actor
         self.worker_bundle, self.max_workers = worker_bundle, max_workers
+        self.attempt = attempt
 
     def device(self, use_gpu: bool):
         if use_gpu:
@@ -84,4 +85,5 @@ def train_worker(loop_config: dict) -> None:
 
     _quiet_report_echo()
     run(JobConfig.from_dict(loop_config["config"]),
-        RayRuntime(loop_config["feeders"], loop_config["worker_bundle"], loop_config["max_workers"]))
+        RayRuntime(loop_config["feeders"], loop_config["worker_bundle"], loop_config["max_workers"],
+                   loop_config.get("attempt")))

@@ -31,6 +31,7 @@ def setup_logging(rank: int) -> None:
 class Runtime:
     name = "base"
     reads_shards = True  # whether this rank reads the data files itself (or is fed)
+    attempt: str | None = None  # the launcher's id for this attempt (the grow request names it)
 
     def init_distributed(self, use_gpu: bool) -> torch.device:
         """Join the process group (if the launcher has not) and return this rank's device."""

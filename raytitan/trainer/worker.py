@@ -146,7 +146,7 @@ def run(config: JobConfig, runtime: Runtime) -> Trainer | TrainState:
         record_start(config.run_dir, ctx.checkpoint_folder, started_at=ctx.started_at, world=ctx.world,
                      active=ctx.active, dp=trainer.loader.dp_size, local_batch=ctx.plan.local_batch_size,
                      accumulation=ctx.plan.accumulation_steps, resumed_step=resumed_step,
-                     target_steps=config.training.steps, timings=ctx.timings)
+                     target_steps=config.training.steps, timings=ctx.timings, attempt=ctx.runtime.attempt)
         trainer.extra_metrics = restart_metrics(config.run_dir)
         # On an object store every write is an upload: the progress marker then follows the log steps.
         every_step = not storage.is_remote(config.run_dir)
@@ -162,7 +162,7 @@ def run(config: JobConfig, runtime: Runtime) -> Trainer | TrainState:
 
     trainer.fit()
     if ctx.growth.target and ctx.rank == 0:
-        request_grow(config.run_dir, trainer.state.step, ctx.world, ctx.growth.target)
+        request_grow(config.run_dir, trainer.state.step, ctx.world, ctx.growth.target, attempt=ctx.runtime.attempt)
     return trainer
 
 

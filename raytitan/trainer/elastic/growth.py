@@ -6,6 +6,9 @@ rank 0 asks the launcher how many more workers it could place now. If more worke
 train (not just idle outside the layout), every rank stops right after that checkpoint is
 committed, rank 0 leaves a grow request in the run folder, and the launcher starts the group
 again at the larger size: nothing is redone.
+
+The request names the launcher's attempt that made it (an id the launcher hands the workers),
+so telling this attempt's request from an earlier one compares no clocks across machines.
 """
 
 from __future__ import annotations
@@ -73,16 +76,32 @@ class GrowthCheck:
         return target
 
 
-def request_grow(run_dir: str, step: int, world: int, target: int) -> None:
-    """Leave the request for the launcher (and the cause for the next start's log)."""
-    storage.write_text(storage.join(run_dir, GROW_FILE),
-                       json.dumps({"step": step, "world": world, "target": target, "time": time.time()}))
+class GrowRequestError(RuntimeError):
+    """A grow request file that exists but cannot be read or understood; the message names it."""
 
 
-def read_grow_request(run_dir: str, since: float = 0.0) -> dict | None:
-    """The grow request made after ``since`` (a time.time()), if any."""
-    try:
-        request = json.loads(storage.read_text(storage.join(run_dir, GROW_FILE)))
-    except (OSError, ValueError):
+def request_grow(run_dir: str, step: int, world: int, target: int, attempt: str | None = None) -> None:
+    """Leave the request for the launcher (and the cause for the next start's log). ``attempt``:
+    the launcher's id for the attempt this group belongs to (None where no launcher gave one)."""
+    storage.write_text(storage.join(run_dir, GROW_FILE), json.dumps(
+        {"step": step, "world": world, "target": target, "attempt": attempt, "time": time.time()}))
+
+
+def read_grow_request(run_dir: str, attempt: str | None = None) -> dict | None:
+    """The grow request in the run folder, if there is one; with ``attempt``, only a request that
+    attempt made (an earlier attempt's request stays for the restart history, and is stale here).
+
+    Raises GrowRequestError, naming the file, if it exists but cannot be read or parsed."""
+    path = storage.join(run_dir, GROW_FILE)
+    if not storage.isfile(path):
         return None
-    return request if request.get("time", 0.0) >= since else None
+    try:
+        request = json.loads(storage.read_text(path))
+    except (OSError, ValueError) as e:
+        raise GrowRequestError(f"grow request {path} cannot be read ({type(e).__name__}: {e})") from e
+    missing = [k for k in ("step", "world", "target") if not isinstance(request, dict) or k not in request]
+    if missing:
+        raise GrowRequestError(f"grow request {path} is not one: {request!r:.200} lacks {', '.join(missing)}")
+    if attempt is not None and request.get("attempt") != attempt:
+        return None
+    return request
