@@ -229,3 +229,13 @@ def test_a_stale_grow_request_does_not_start_another_attempt(tmp_path, data_dir,
 
     _, ran = launch_without_ray(config, [finishes, finishes])
     assert ran == 1
+
+
+def test_a_size_no_layout_fits_trains_no_workers_and_the_log_says_why(tmp_path, caplog, monkeypatch):
+    from raytitan.trainer.elastic.idle import workers_that_train
+
+    monkeypatch.setattr(logging.getLogger("raytitan"), "propagate", True)
+    config = tiny_config(str(tmp_path), str(tmp_path), parallelism={"tensor_parallel_degree": 2})
+    with caplog.at_level(logging.INFO, logger="raytitan"):
+        assert workers_that_train(config, 1) == 0
+    assert "no layout over 1 workers (world size 1 is not divisible" in caplog.text

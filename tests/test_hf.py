@@ -230,3 +230,19 @@ def test_checkpoint_without_recorded_shape_needs_a_flavor(tmp_path, capsys):
     assert convert_cli.main(["to-hf", str(tmp_path / "ckpt"), str(tmp_path / "hf"), "--flavor", "tiny"]) == 0
     with pytest.raises(CheckpointError):
         export_hf(str(tmp_path / "nowhere"), str(tmp_path / "hf2"))
+
+
+def test_exporting_an_hf_tokenizer_run_whose_tokenizer_is_gone_says_so(tmp_path, caplog, monkeypatch):
+    import logging
+
+    monkeypatch.setattr(logging.getLogger("raytitan"), "propagate", True)
+    info = {"flavor": "tiny", "model_args": dataclasses.asdict(ARGS), "bos_id": 256, "eos_id": 257,
+            "tokenizer": "hf", "hf_assets_path": str(tmp_path / "moved")}
+    step = CheckpointManager(str(tmp_path / "ckpt"), {"model": ModelState([random_model()])}, 0,
+                             commit_info=info).save(1)
+    with caplog.at_level(logging.WARNING, logger="raytitan"):
+        out = export_hf(step, str(tmp_path / "hf"), dtype=torch.float32)
+    assert f"{out} is written without the run's tokenizer" in caplog.text
+    assert str(tmp_path / "moved" / "tokenizer.json") in caplog.text and "--tokenizer" in caplog.text
+    with pytest.raises(CheckpointError, match=f"no tokenizer.json in {tmp_path}"):
+        export_hf(step, str(tmp_path / "hf2"), tokenizer_folder=str(tmp_path))  # asked for, and not there

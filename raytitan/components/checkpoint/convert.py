@@ -124,6 +124,8 @@ def export_hf(step_path: str, out_dir: str, dtype: torch.dtype = torch.bfloat16,
 
     metadata = check_files(step_path)
     marker = read_commit_at(step_path)
+    if tokenizer_folder and not os.path.isfile(os.path.join(tokenizer_folder, "tokenizer.json")):
+        raise CheckpointError(f"no tokenizer.json in {tokenizer_folder} (the tokenizer folder given)")
     args = args or model_args_of(step_path)
     keys = sorted(tensor_keys(metadata, "model."), key=model_order)
     if not keys:
@@ -154,6 +156,12 @@ def export_hf(step_path: str, out_dir: str, dtype: torch.dtype = torch.bfloat16,
     for name in HF_TOKENIZER_FILES:
         if tokenizer_folder and os.path.isfile(os.path.join(tokenizer_folder, name)):
             shutil.copy(os.path.join(tokenizer_folder, name), tmp)
+    if marker.get("tokenizer") == "hf" and not os.path.isfile(os.path.join(tmp, "tokenizer.json")):
+        where = (f"no {os.path.join(tokenizer_folder, 'tokenizer.json')}" if tokenizer_folder
+                 else "the checkpoint records no model.hf_assets_path")
+        logger.warning("%s is written without the run's tokenizer (%s): it loads in transformers as weights only; "
+                       "pass the folder with the run's tokenizer.json (--tokenizer / tokenizer_folder=) to include it",
+                       out_dir, where)
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
     return out_dir

@@ -18,7 +18,8 @@ def workers_that_train(config: JobConfig, world: int) -> int:
     """How many of ``world`` workers the layout would use (0: it cannot be formed)."""
     try:
         return plan_run(config, world, resolve_data=False).dims.world_size
-    except ValueError:
+    except ValueError as e:  # the grow check then says it is not growing to this size
+        logger.info("no layout over %d workers (%s): the run would not train on them", world, e)
         return 0
 
 
