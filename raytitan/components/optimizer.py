@@ -3,22 +3,23 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 
-class PartOptimizers(torch.optim.Optimizer):
+class PartOptimizers:
     """One optimizer per model part (pipeline stage), stepped as one.
 
     Separate optimizers keep each part's state under its own parameter names, which is what lets
-    a checkpoint move between layouts with different stage splits. ``param_groups`` are the
-    parts' own group dicts, so a learning-rate schedule set here reaches every part.
+    a checkpoint move between layouts with different stage splits. Not a ``torch.optim.Optimizer``
+    itself (it holds no parameters): the schedule gives each part's optimizer a ``LambdaLR`` of its
+    own (``PartSchedulers``).
     """
 
-    def __init__(self, optimizers: list[torch.optim.Optimizer]):  # no super().__init__: holds no params itself
+    def __init__(self, optimizers: list[torch.optim.Optimizer]):
         self.optimizers = optimizers
-        self.defaults = optimizers[0].defaults
 
     @property
     def param_groups(self) -> list[dict]:
@@ -87,25 +88,50 @@ class WarmupStableDecay:
         return self.min_lr_factor + (1 - self.min_lr_factor) * frac
 
 
-def build_lr_scheduler(optimizer: torch.optim.Optimizer, config, total_steps: int) -> LambdaLR:
+class PartSchedulers:
+    """One ``LambdaLR`` per part optimizer, all on the same schedule, stepped as one."""
+
+    def __init__(self, schedulers: list[LambdaLR]):
+        self.schedulers = schedulers
+
+    @property
+    def last_epoch(self) -> int:
+        return self.schedulers[0].last_epoch
+
+    def step(self) -> None:
+        for s in self.schedulers:
+            s.step()
+
+    def get_last_lr(self) -> list[float]:
+        return [lr for s in self.schedulers for lr in s.get_last_lr()]
+
+
+def build_lr_scheduler(optimizer: PartOptimizers | torch.optim.Optimizer, config, total_steps: int) -> PartSchedulers:
     schedule = WarmupStableDecay(config.warmup_steps, total_steps, config.decay_ratio, config.decay_type,
                                  config.min_lr_factor)
-    return LambdaLR(optimizer, schedule)
+    optimizers = optimizer.optimizers if isinstance(optimizer, PartOptimizers) else [optimizer]
+    return PartSchedulers([LambdaLR(o, schedule) for o in optimizers])
+
+
+# torch's warning when a scheduler steps before its optimizer ever has; the step that puts a
+# loaded schedule at its position is not a training step, so the order it checks does not apply.
+STEP_ORDER_WARNING = r"Detected call of `lr_scheduler.step\(\)` before `optimizer.step\(\)`"
 
 
 class LRSchedulerState:
     """The schedule's position only, for checkpoints: its shape is rebuilt from the config."""
 
-    def __init__(self, scheduler: LambdaLR):
+    def __init__(self, scheduler: PartSchedulers):
         self.scheduler = scheduler
 
     def state_dict(self) -> dict:
         return {"last_epoch": self.scheduler.last_epoch}
 
     def load_state_dict(self, state: dict) -> None:
-        self.scheduler.last_epoch = int(state["last_epoch"])
-        self.scheduler._step_count = self.scheduler.last_epoch + 1
-        factors = [fn(self.scheduler.last_epoch) for fn in self.scheduler.lr_lambdas]
-        self.scheduler._last_lr = [base * f for base, f in zip(self.scheduler.base_lrs, factors)]
-        for group, lr in zip(self.scheduler.optimizer.param_groups, self.scheduler._last_lr):
-            group["lr"] = lr
+        # Public API only: one step before the saved position, then step(), which sets every group's
+        # lr (this run's base lr x the schedule there) and get_last_lr().
+        for s in self.scheduler.schedulers:
+            s.last_epoch = int(state["last_epoch"]) - 1
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=STEP_ORDER_WARNING, category=UserWarning)
+                s.step()

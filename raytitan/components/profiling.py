@@ -19,6 +19,25 @@ logger = logging.getLogger("raytitan")
 MEMORY_HISTORY_ENTRIES = 100_000
 
 
+class CudaMemoryHistory:
+    """CUDA allocation history and its snapshot for pytorch.org/memory_viz. torch has only private
+    calls for them (torch 2.13: ``torch.cuda.memory._record_memory_history`` and ``_snapshot``, the
+    ones torch's own memory-visualization guide uses; the public ``memory_snapshot()`` lacks the
+    history): this class is their one use, checked by tests/test_private_apis.py."""
+
+    @staticmethod
+    def start(max_entries: int) -> None:
+        torch.cuda.memory._record_memory_history(max_entries=max_entries)
+
+    @staticmethod
+    def snapshot() -> dict:
+        return torch.cuda.memory._snapshot()
+
+    @staticmethod
+    def stop() -> None:
+        torch.cuda.memory._record_memory_history(enabled=None)
+
+
 def traced_schedule(freq: int, first_step: int, profiler_step: int) -> torch.profiler.ProfilerAction:
     """The profiler's action for its ``profiler_step``-th step (0 = training step ``first_step``),
     by absolute training step so a resumed run traces the same steps as an uninterrupted one:
@@ -53,7 +72,7 @@ class Profiler:
         if settings.enable_memory_snapshot and not self.snapshots:
             logger.warning("profiling.enable_memory_snapshot records CUDA allocations only; nothing to record here")
         if self.snapshots:
-            torch.cuda.memory._record_memory_history(max_entries=MEMORY_HISTORY_ENTRIES)
+            CudaMemoryHistory.start(MEMORY_HISTORY_ENTRIES)
 
     def _save_trace(self, prof) -> None:
         if self.closing:  # stopped while set to record a step that never ran
@@ -72,7 +91,7 @@ class Profiler:
             folder = os.path.join(self.snapshot_dir, f"iteration_{step}")
             os.makedirs(folder, exist_ok=True)
             with open(os.path.join(folder, f"rank{self.rank}_memory_snapshot.pickle"), "wb") as f:
-                pickle.dump(torch.cuda.memory._snapshot(), f)
+                pickle.dump(CudaMemoryHistory.snapshot(), f)
 
     def close(self) -> None:
         if self.profiler is not None:
@@ -80,4 +99,4 @@ class Profiler:
             self.profiler.stop()
             self.profiler = None
         if self.snapshots:
-            torch.cuda.memory._record_memory_history(enabled=None)
+            CudaMemoryHistory.stop()

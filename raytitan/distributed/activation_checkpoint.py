@@ -24,6 +24,10 @@ import raytitan.distributed.context  # noqa: F401  registers raytitan::ring_atte
 aten = torch.ops.aten
 # Outputs kept by the per-op policy: the FLOP-heavy ops of a block, plus whole-tensor max: Float8's
 # tensorwise amax (max(abs(x))) is a full pass over an activation but its result is one scalar.
+# The underscored ATen ops are torch's internal kernels (what F.scaled_dot_product_attention and
+# float8 matmuls dispatch to); tests/test_private_apis.py checks they exist. ``checkpoint_wrapper``
+# above is the other private name here (torch.distributed.algorithms._checkpoint, as torchtitan
+# uses it: the wrapper that keeps state-dict keys unchanged); the same test checks that.
 SAVED_OPS = {
     aten.mm.default,
     aten.addmm.default,

@@ -23,7 +23,6 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.distributed_c10d import _resolve_process_group
 
 aten = torch.ops.aten
 ROTATE_METHODS = ("allgather", "alltoall")
@@ -44,35 +43,45 @@ def shard_sequence(t: torch.Tensor, positions: torch.Tensor, dim: int = 1) -> to
     return t.index_select(dim, positions.to(t.device))
 
 
+class TorchRing:
+    """The one place context parallel reaches into torch's private API (torch 2.13): the ring
+    attention of ``torch.distributed.tensor.experimental._context_parallel._attention`` (forward,
+    backward, its process-wide options and rotate methods) and ``_resolve_process_group`` (a
+    custom op takes its group by name). Looked up once (``_ring()``), not on every attention call;
+    tests/test_private_apis.py checks every name and signature used here."""
+
+    def __init__(self):
+        try:
+            from torch.distributed.distributed_c10d import _resolve_process_group
+            from torch.distributed.tensor.experimental._context_parallel import _attention
+
+            self.forward = _attention._templated_ring_attention
+            self.backward = _attention._templated_ring_attention_backward
+            self.rotate_methods = {"allgather": _attention._RotateMethod.ALL_GATHER,
+                                   "alltoall": _attention._RotateMethod.ALL_TO_ALL}
+            _attention._cp_options  # noqa: B018  read at each call: see options()
+        except (ImportError, AttributeError) as e:
+            raise RuntimeError(f"context parallel calls torch's ring attention, which this torch "
+                               f"{torch.__version__} does not have where torch 2.13 keeps it ({e}); "
+                               "install torch 2.13") from e
+        self.module, self.group = _attention, _resolve_process_group
+
+    @contextlib.contextmanager
+    def options(self, rotate_method: str):
+        """torch reads its ring settings from process-wide options: set ours for one call."""
+        options = self.module._cp_options
+        saved = options.enable_load_balance, options.rotate_method
+        options.enable_load_balance = True  # the head-tail layout above
+        options.rotate_method = self.rotate_methods[rotate_method]
+        try:
+            yield
+        finally:
+            options.enable_load_balance, options.rotate_method = saved
+
+
 @functools.cache
-def _ring():
-    """torch's ring attention internals (private, so imported with an error that says what to do;
-    looked up once, not on every attention call)."""
-    try:
-        from torch.distributed.tensor.experimental._context_parallel import _attention
-        for name in ("_templated_ring_attention", "_templated_ring_attention_backward", "_cp_options",
-                     "_RotateMethod"):
-            getattr(_attention, name)
-    except (ImportError, AttributeError) as e:
-        raise RuntimeError(f"context parallel calls torch's ring attention, which this torch "
-                           f"{torch.__version__} does not have where torch 2.13 keeps it ({e}); "
-                           "install torch 2.13") from e
-    return _attention
-
-
-@contextlib.contextmanager
-def _ring_options(rotate_method: str):
-    """torch reads its ring settings from process-wide options: set ours for one call."""
-    ring = _ring()
-    options = ring._cp_options
-    saved = options.enable_load_balance, options.rotate_method
-    options.enable_load_balance = True  # the head-tail layout above
-    options.rotate_method = {"allgather": ring._RotateMethod.ALL_GATHER,
-                             "alltoall": ring._RotateMethod.ALL_TO_ALL}[rotate_method]
-    try:
-        yield ring
-    finally:
-        options.enable_load_balance, options.rotate_method = saved
+def _ring() -> TorchRing:
+    return TorchRing()
 
 
 @dataclass(frozen=True)
@@ -114,9 +123,10 @@ def kernel_for(t: torch.Tensor) -> FusedKernel:
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group_name: str,
                    rotate_method: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal attention over the load-balanced chunks of the cp group; returns (out, log-sum-exp)."""
-    with _ring_options(rotate_method) as ring:
-        out, lse, *_ = ring._templated_ring_attention(
-            _resolve_process_group(group_name), 2, kernel_for(q).forward, q, k, v, is_causal=True, dropout_p=0.0)
+    ring = _ring()
+    with ring.options(rotate_method):
+        out, lse, *_ = ring.forward(ring.group(group_name), 2, kernel_for(q).forward, q, k, v, is_causal=True,
+                                    dropout_p=0.0)
     return out.contiguous(), lse.contiguous()
 
 
@@ -130,9 +140,10 @@ def ring_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Te
                             out: torch.Tensor, lse: torch.Tensor, group_name: str, rotate_method: str
                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     kernel = kernel_for(q)
-    with _ring_options(rotate_method) as ring:
-        grads = ring._templated_ring_attention_backward(
-            _resolve_process_group(group_name), 2, kernel.backward, grad_out=grad_out.contiguous(),
+    ring = _ring()
+    with ring.options(rotate_method):
+        grads = ring.backward(
+            ring.group(group_name), 2, kernel.backward, grad_out=grad_out.contiguous(),
             grad_out_name="grad_out", query=q, key=k, value=v, out=out, logsumexp=lse, is_causal=True,
             dropout_p=0.0, **kernel.backward_kwargs(q, k))
     grad_q, grad_k, grad_v = grads[:3]

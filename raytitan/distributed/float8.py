@@ -34,7 +34,10 @@ def wanted(converters: list[str]) -> bool:
 
 def module_filter(settings):
     """Which linears to convert: not those named in ``filter_fqns``; with ``auto_filter_small_kn``
-    also not those torchao judges too small (or not divisible by 16) to gain from float8."""
+    also not those torchao judges too small (or not divisible by 16) to gain from float8.
+
+    The automatic filter is torchao's private ``_auto_filter_for_recipe`` (torchao 0.18, as
+    torchtitan uses it): the one private name of this module, checked by tests/test_private_apis.py."""
     if settings.auto_filter_small_kn:
         from torchao.float8 import _auto_filter_for_recipe
 
