@@ -32,7 +32,9 @@ logger = logging.getLogger("raytitan")
 
 # CPUs the Ray Data pipeline needs that training workers must leave free (two 0.5-CPU packers).
 DATA_CPUS = 1.0
-# Ray Train's record of reported checkpoints in the run folder (ray.train.v2 constants).
+# Ray Train's record of reported checkpoints in the run folder: a private name of Ray 2.60
+# (ray.train.v2._internal.constants.CHECKPOINT_MANAGER_SNAPSHOT_FILENAME), checked by
+# tests/test_private_apis.py.
 RAY_CHECKPOINT_LIST = "checkpoint_manager_snapshot.json"
 
 
@@ -188,15 +190,22 @@ def _forget_ray_checkpoint_list(config: JobConfig) -> None:
         storage.remove(path)
 
 
+def autoscaling_coordinator():
+    """The actor Ray Train's elastic scaling asks for the cluster's nodes. The one use of this private
+    API (Ray 2.60: ``ray.data._internal.cluster_autoscaler``); tests/test_private_apis.py checks it
+    and the ``get_reserved_resources(requester_id, recompute)`` method called on it."""
+    from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+        get_or_create_autoscaling_coordinator,
+    )
+
+    return get_or_create_autoscaling_coordinator()
+
+
 def _refresh_ray_cluster_view() -> None:
     """Ray Train sizes a new group from its autoscaling coordinator's view of the nodes, refreshed
     every 20 s; refresh it now, so the grown group sees the capacity the workers found."""
     try:
-        from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
-            get_or_create_autoscaling_coordinator,
-        )
-
-        coordinator = get_or_create_autoscaling_coordinator()
+        coordinator = autoscaling_coordinator()
         ray.get(coordinator.get_reserved_resources.remote("raytitan", recompute=True), timeout=30)
     except Exception as e:  # a Ray version without it: the group may come back smaller and grow again
         logger.warning("could not refresh Ray's view of the cluster before growing (%s: %s)", type(e).__name__, e)

@@ -69,14 +69,23 @@ class RayRuntime(Runtime):
         return placed
 
 
+def report_echo_logger() -> logging.Logger:
+    """The logger Ray Train echoes every report with. The one use of Ray's private API in this
+    module (Ray 2.60: ``ray.train.v2._internal.execution.context``, whose logger is named by its
+    file); tests/test_private_apis.py checks it."""
+    from ray.train.v2._internal.execution import context
+
+    return logging.getLogger(context.__file__)
+
+
 def _quiet_report_echo() -> None:
     """Ray Train logs every report's whole metrics dict from every worker at INFO; rank 0's own
     metrics line already says it, once."""
     try:
-        from ray.train.v2._internal.execution import context
-    except ImportError:  # a Ray version that moved it: keep its logging as it is
-        return
-    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+        report_echo_logger().setLevel(logging.WARNING)
+    except ImportError as e:  # a Ray version that moved it: keep its logging as it is
+        logging.getLogger("raytitan").warning("Ray Train's report logger is not where Ray 2.60 has it (%s); "
+                                              "its per-report lines stay on", e)
 
 
 def train_worker(loop_config: dict) -> None:
