@@ -3,8 +3,10 @@ in them (also in their usage comments) names a real entry point and a config tha
 ends of its elastic range, on storage every node shares. Their shell steps (shared storage,
 SkyPilot's Ray start) run here against stub commands. The commands shown in the README and
 docs/ (docs/clusters.md: the cluster walkthrough) name real entry points and options, and their
-configs plan too. Nothing here starts a cluster: `ray up` with the local provider would run
-`ray stop`, ending every Ray process on the machine."""
+configs plan too. The Dockerfile pins the tested Ray, torch and Python and copies what exists;
+cluster/README.md lists every file. Every file under cluster/ is listed in CHECKED_BY with the
+tests that check it, so a new one fails until it has some. Nothing here starts a cluster: `ray up`
+with the local provider would run `ray stop`, ending every Ray process on the machine."""
 
 import copy
 import glob
@@ -60,9 +62,107 @@ def commands(name: str) -> list[tuple[str, list[str]]]:
     return found
 
 
-def test_every_cluster_file_is_covered():
-    assert set(ALL_FILES) >= {"cluster.yaml", "cluster-gcp.yaml", "skypilot.yaml", "kuberay/raycluster.yaml",
-                              "kuberay/rayjob.yaml"}
+# Every file under cluster/ and the tests here that check it: a new file fails
+# test_every_cluster_file_is_checked until it is given a test and listed.
+CHECKED_BY = {
+    "cluster.yaml": ["test_launcher_config_passes_rays_own_validation", "test_launcher_config_is_closed_and_authenticated",
+                     "test_launcher_images_are_current", "test_launcher_config_installs_this_repository_and_the_pinned_torch",
+                     "test_commands_name_real_entry_points_and_configs_that_plan",
+                     "test_commands_keep_the_run_on_shared_storage",
+                     "test_shared_storage_setup_fails_loudly_until_it_is_set"],
+    "kuberay/raycluster.yaml": ["test_commands_name_real_entry_points_and_configs_that_plan",
+                                "test_commands_keep_the_run_on_shared_storage",
+                                "test_kuberay_bounds_match_the_elastic_range", "test_kuberay_clusters_use_token_auth",
+                                "test_kuberay_runs_the_image_of_the_dockerfile"],
+    "skypilot.yaml": ["test_commands_name_real_entry_points_and_configs_that_plan",
+                      "test_commands_keep_the_run_on_shared_storage", "test_skypilot_nodes_hold_the_elastic_range",
+                      "test_skypilot_ray_uses_the_shared_token",
+                      "test_skypilot_head_starts_ray_and_the_driver_with_token_auth",
+                      "test_skypilot_worker_joins_once_the_head_answers",
+                      "test_skypilot_worker_gives_up_when_the_head_never_answers"],
+    "Dockerfile": ["test_dockerfile_pins_the_tested_ray_torch_and_python_and_copies_what_exists",
+                   "test_kuberay_runs_the_image_of_the_dockerfile"],
+    "README.md": ["test_cluster_readme_describes_every_file_and_links_what_exists"],
+}
+CHECKED_BY["cluster-gcp.yaml"] = CHECKED_BY["cluster.yaml"]
+CHECKED_BY["kuberay/rayjob.yaml"] = CHECKED_BY["kuberay/raycluster.yaml"]
+
+
+def cluster_files() -> list[str]:
+    return sorted(os.path.relpath(os.path.join(folder, f), CLUSTER)
+                  for folder, _, files in os.walk(CLUSTER) for f in files if not f.endswith(".pyc"))
+
+
+def test_every_cluster_file_is_checked():
+    unchecked = sorted(set(cluster_files()) - set(CHECKED_BY))
+    assert not unchecked, f"files under cluster/ that no test in tests/test_cluster_files.py checks: {unchecked}"
+    assert set(CHECKED_BY) == set(cluster_files()), f"listed but gone: {sorted(set(CHECKED_BY) - set(cluster_files()))}"
+    assert set(ALL_FILES) == {f for f in CHECKED_BY if f.endswith(".yaml")}
+    for name, tests in CHECKED_BY.items():
+        for test in tests:
+            assert callable(globals().get(test)), (name, test)
+
+
+def dockerfile() -> list[tuple[str, str]]:
+    """(instruction, arguments) of cluster/Dockerfile, comments dropped."""
+    with open(os.path.join(CLUSTER, "Dockerfile")) as f:
+        text = re.sub(r"\\\n", " ", f.read())
+    return [tuple(line.strip().split(None, 1)) for line in text.splitlines()
+            if line.strip() and not line.lstrip().startswith("#")]
+
+
+def test_dockerfile_pins_the_tested_ray_torch_and_python_and_copies_what_exists():
+    import ray
+
+    steps = dockerfile()
+    (base,) = [args for op, args in steps if op == "FROM"]
+    version, python = re.fullmatch(r"rayproject/ray:([\d.]+)-py(\d+)-cu\d+", base).groups()
+    assert version == ray.__version__, base
+    assert python == "{}{}".format(*__import__("sys").version_info[:2]), base
+    runs = " ".join(args for op, args in steps if op == "RUN")
+    assert re.search(r"torch==([\d.]+)", runs).group(1) == torch.__version__.split("+")[0]
+    copied = [shlex.split(args) for op, args in steps if op == "COPY"]
+    for *sources, target in ([a for a in c if not a.startswith("--")] for c in copied):
+        assert target.startswith("/home/ray/raytitan/"), target
+        for source in sources:
+            assert os.path.exists(os.path.join(REPO, source)), source
+    assert "pip install --no-cache-dir -e /home/ray/raytitan" in runs
+    assert ("WORKDIR", "/home/ray/raytitan") in steps
+    with open(os.path.join(CLUSTER, "Dockerfile")) as f:
+        assert "docker build -f cluster/Dockerfile" in f.read()  # built from the repository root
+
+
+@pytest.mark.parametrize("name", ["kuberay/raycluster.yaml", "kuberay/rayjob.yaml"])
+def test_kuberay_runs_the_image_of_the_dockerfile(name):
+    """The manifests' configs are read from the image's copy of the repository (/home/ray/raytitan)."""
+    images = {v for k, v in _items(load(name)) if k == "image"}
+    assert images and all(i.split("/")[-1].split(":")[0] == "raytitan" for i in images), images
+    for _, args in commands(name):
+        for arg in args:
+            if arg.startswith("/home/ray/raytitan/"):
+                assert os.path.exists(os.path.join(REPO, arg.removeprefix("/home/ray/raytitan/"))), arg
+
+
+def _items(value):
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield k, v
+            yield from _items(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _items(v)
+
+
+def test_cluster_readme_describes_every_file_and_links_what_exists():
+    with open(os.path.join(CLUSTER, "README.md")) as f:
+        text = f.read()
+    listed = re.findall(r"^\| `([^`]+)` \|", text, re.MULTILINE)
+    assert sorted(listed) == [f for f in cluster_files() if f != "README.md"]
+    for link in re.findall(r"\]\(([^)#]+)\)", text):
+        if "://" not in link:
+            assert os.path.exists(os.path.join(CLUSTER, link)), link
+    for path in re.findall(r"`((?:tests|raytitan|configs|docs)/[\w./-]+)`", text):
+        assert os.path.exists(os.path.join(REPO, path)), path
 
 
 @pytest.mark.parametrize("name", LAUNCHER_FILES)
