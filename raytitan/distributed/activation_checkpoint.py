@@ -18,7 +18,6 @@ import torch
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
-from raytitan.models.llama3.model import Transformer
 import raytitan.distributed.context  # noqa: F401  registers raytitan::ring_attention
 
 aten = torch.ops.aten
@@ -60,7 +59,8 @@ def _keep_matmuls_and_attention(ctx, op, *args, **kwargs) -> CheckpointPolicy:
     return CheckpointPolicy.MUST_SAVE if op in SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
 
 
-def apply_activation_checkpointing(model: Transformer, mode: str, option: str | int = "op") -> None:
+def apply_activation_checkpointing(model: torch.nn.Module, mode: str, option: str | int = "op") -> None:
+    """Wrap the blocks of ``model`` (a model or pipeline stage whose ``layers`` ModuleDict holds them)."""
     check_option(mode, option)
     option = str(option)
     if mode == "none":

@@ -7,12 +7,12 @@ from __future__ import annotations
 import torch
 
 from raytitan.components.loss import cross_entropy_sum
-from raytitan.models.llama3.model import Transformer
 
 COMPONENTS = ("model", "loss")
 
 
-def compile_blocks(model: Transformer) -> None:
+def compile_blocks(model: torch.nn.Module) -> None:
+    """``model``: a model (or pipeline stage) whose ``layers`` ModuleDict holds its blocks."""
     for block in model.layers.values():
         block.compile(fullgraph=True)
 
