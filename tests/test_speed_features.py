@@ -13,7 +13,8 @@ from raytitan.components.metrics import MetricsLogger, mfu_percent, peak_tflops
 from raytitan.models.llama3.args import FLAVORS, ModelArgs
 from raytitan.models.llama3.model import Transformer, count_params, flops_per_token
 from raytitan.distributed.activation_checkpoint import apply_activation_checkpointing
-from raytitan.distributed.compile import build_loss, compile_blocks
+from raytitan.components.loss import build_loss
+from raytitan.distributed.compile import compile_blocks
 from raytitan.distributed.float8 import Float8HardwareError, check_hardware, convert_to_float8
 from raytitan.config.plan import check_speed_features
 

@@ -21,11 +21,11 @@ from raytitan.components.checkpoint.convert import import_hf, import_torch
 from raytitan.components.checkpoint.layout import COMMIT_MARKER, CheckpointError, read_commit_at
 from raytitan.components.checkpoint.manager import CheckpointManager, ModelState, OptimizerState
 from raytitan.components.data.tokenizer import build_tokenizer
+from raytitan.components.loss import build_loss
 from raytitan.components.metrics import METRICS_FILE, MetricsLogger
 from raytitan.components.optimizer import LRSchedulerState, build_lr_scheduler, build_optimizer
 from raytitan.config.job import JobConfig
 from raytitan.distributed import float8
-from raytitan.distributed.compile import build_loss
 from raytitan.distributed.context import load_balanced_positions
 from raytitan.distributed.dims import ParallelDims
 from raytitan.distributed.pipeline import build_pipeline, keep_stage, microbatches, num_stages, rank_stages, stage_layers
