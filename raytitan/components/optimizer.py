@@ -8,6 +8,10 @@ import warnings
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
+OPTIMIZERS = {"AdamW": torch.optim.AdamW, "Adam": torch.optim.Adam}  # optimizer.name (any case)
+IMPLEMENTATIONS = ("auto", "foreach", "fused", "for-loop")  # optimizer.implementation
+DECAY_TYPES = ("linear", "sqrt", "cosine")  # lr_scheduler.decay_type
+
 
 class PartOptimizers:
     """One optimizer per model part (pipeline stage), stepped as one.
@@ -51,7 +55,7 @@ def _build_one(params, config, device: torch.device) -> torch.optim.Optimizer:
         "fused": impl == "fused",
         "foreach": impl == "foreach",
     }
-    cls = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam}[config.name.lower()]
+    cls = {name.lower(): cls for name, cls in OPTIMIZERS.items()}[config.name.lower()]
     return cls(params, **kwargs)
 
 

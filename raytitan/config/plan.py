@@ -18,6 +18,7 @@ from raytitan.config.job import Checkpoint, ConfigError, JobConfig, section
 from raytitan.components.data.sources import DATASETS, DataSourceError, resolve_shards
 from raytitan.components.data.tokenizer import TOKENIZERS, build_tokenizer
 from raytitan.components.metrics import PROGRESS_BAR_MODES
+from raytitan.components.optimizer import DECAY_TYPES, IMPLEMENTATIONS, OPTIMIZERS
 from raytitan.models.llama3.args import FLAVORS, ModelArgs
 from raytitan.models.llama3.hf import HFFormatError, check_matches, read_hf_config
 from raytitan.distributed.dims import ParallelDims, ParallelismError
@@ -33,9 +34,9 @@ from raytitan.distributed.pipeline import SCHEDULES, PipelineError, microbatches
 CHOICES = {
     "model.name": MODELS,
     "model.tokenizer": TOKENIZERS,
-    "optimizer.name": ("AdamW", "Adam"),
-    "optimizer.implementation": ("auto", "foreach", "fused", "for-loop"),
-    "lr_scheduler.decay_type": ("linear", "sqrt", "cosine"),
+    "optimizer.name": tuple(OPTIMIZERS),
+    "optimizer.implementation": IMPLEMENTATIONS,
+    "lr_scheduler.decay_type": DECAY_TYPES,
     "training.mixed_precision_param": PARAM_DTYPES,
     "training.mixed_precision_reduce": REDUCE_DTYPES,
     "training.dataset": DATASETS,
