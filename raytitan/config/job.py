@@ -32,7 +32,7 @@ def opt(default: Any, doc: str) -> Any:
 class Job:
     config_file: str | None = opt(None, "TOML file to read; command-line keys override it")
     dump_folder: str = opt("./outputs", "Root folder for run outputs when ray.storage_path is unset")
-    description: str = opt("raytitan run", "Free text describing the run")
+    description: str = opt("raytitan run", "Free text describing the run; the launcher's summary shows it")
 
 
 @dataclass

@@ -259,7 +259,7 @@ def summary(config: JobConfig, result: ray.train.Result, seconds: float) -> str:
     m = logged[-1] if logged else (result.metrics or {})
     lines = [
         "=" * 72,
-        f"run {config.run_name} finished in {seconds:.1f}s",
+        f"run {config.run_name} finished in {seconds:.1f}s: {config.job.description}",
         f"  steps        {m.get('step', '?')} / {config.training.steps}",
         f"  tokens seen  {m.get('tokens_seen', '?')}",
         f"  final loss   {m['loss']:.4f}" if "loss" in m else "  final loss   ?",
