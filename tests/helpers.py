@@ -44,6 +44,7 @@ def _worker(rank: int, world: int, port: int, payloads: list[dict], out: str) ->
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     import torch
 
+    from raytitan.components import storage
     from raytitan.components.metrics import read_metrics
     from raytitan.trainer.loop import Trainer
     from raytitan.trainer.runtime import TorchrunRuntime
@@ -72,6 +73,7 @@ def _worker(rank: int, world: int, port: int, payloads: list[dict], out: str) ->
     results = []
     for payload in payloads:
         config = JobConfig.from_dict(payload)
+        storage.use_root(config.ray.storage_path)  # an object store's endpoint, before reading from it
         logged_before = len(read_metrics(config.run_dir))
         runtime = LedgerRuntime()
         outcome = run(config, runtime)

@@ -51,6 +51,23 @@ def test_the_per_worker_entry_loads_no_ray():
     assert not loaded, f"importing raytitan.worker loads Ray modules: {loaded[:10]}"
 
 
+def test_local_ray_workers_find_ray_not_the_ray_layer():
+    """The launcher puts the folder holding raytitan on a local Ray instance's worker path: with
+    it first, ``import ray`` must still be Ray (raytitan/ray/ on the path instead would make
+    every worker fail to start, and the run wait for them forever)."""
+    import os
+
+    from raytitan.ray.launcher import import_root
+
+    assert pathlib.Path(import_root()) == PACKAGE.parent
+    code = "import ray, raytitan; print(ray.__file__); print(raytitan.__file__)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd="/",
+                          env={**os.environ, "PYTHONPATH": import_root()})
+    assert done.returncode == 0, done.stderr
+    ray_file, raytitan_file = map(pathlib.Path, done.stdout.split())
+    assert raytitan_file.parent == PACKAGE and not ray_file.is_relative_to(PACKAGE), (ray_file, raytitan_file)
+
+
 def test_only_the_ray_layer_imports_ray():
     offenders = []
     for name, path in MODULES.items():

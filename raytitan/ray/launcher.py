@@ -48,9 +48,15 @@ def _connect(config: JobConfig) -> None:
         ray.init(address=address, log_to_driver=True)
     else:
         # A local instance: workers import raytitan from where the driver does, installed or not.
-        package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        paths = os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))
+        paths = os.pathsep.join(filter(None, [import_root(), os.environ.get("PYTHONPATH")]))
         ray.init(runtime_env={"env_vars": {"PYTHONPATH": paths}})
+
+
+def import_root() -> str:
+    """The folder that holds the raytitan package (never the package itself: its ``ray``
+    folder would shadow Ray)."""
+    layer = os.path.dirname(os.path.abspath(__file__))  # raytitan/ray
+    return os.path.dirname(os.path.dirname(layer))
 
 
 def _worker_resources(config: JobConfig) -> dict:
