@@ -46,7 +46,7 @@ def test_train_through_ray_then_resume(tmp_path):
     assert glob.glob(str(run_dir / "tb" / "events.out.tfevents.*"))
     assert (run_dir / "config.toml").read_text().count("[training]") == 1
     assert "finished" in out and "final loss" in out
-    assert "Llama 3 debug model on synthetic C4-format data" in out  # job.description, from the config file
+    assert re.search(r"run llama3-debugmodel finished in [\d.]+s: raytitan run\n", out)  # with job.description
 
     # Submitting again with the same storage and name continues from the newest checkpoint.
     out = run(args + ["--training.steps", "12", "--checkpoint.last_save_in_hf"], tmp_path, cwd=tmp_path)
