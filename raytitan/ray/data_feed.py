@@ -141,6 +141,13 @@ class DataFeeder:
         tokens, ids = batch.rows_for(dp_rank, dp_size)
         return tokens, ids, batch.end.as_list(), batch.bad_records
 
+    def warm_start(self) -> None:
+        """Start the stream at its beginning before any rank asks: a fresh run's pipeline then
+        starts while the worker group does, not after."""
+        with self._cond:
+            if self._next_start is None:
+                self._restart(Cursor())
+
     def stats(self) -> dict:
         with self._cond:
             return {"buffered_batches": len(self._buffer), "rows_produced": self.rows_produced}

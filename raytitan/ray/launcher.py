@@ -112,6 +112,8 @@ def launch(config: JobConfig) -> ray.train.Result:
         feeders["validation"] = feeder_cls.remote(
             plan.validation_shards, config.model, config.training.seq_len, config.training.seed,
             config.validation.local_batch_size * plan.dims.dp)
+    if starts_at_the_beginning(config):
+        feeders["train"].warm_start.remote()
     t0 = time.perf_counter()
     wanted = progress.wanted(config.metrics.progress_bar)
     bar = progress.ProgressBar(config.run_dir, config.training.steps) if wanted else None
@@ -143,6 +145,15 @@ def launch(config: JobConfig) -> ray.train.Result:
         check_reached_steps(config)
     print(summary(config, result, time.perf_counter() - t0), flush=True)
     return result
+
+
+def starts_at_the_beginning(config: JobConfig) -> bool:
+    """Whether the run's data stream starts at its first sample: nothing to resume from, and no
+    initial load that brings a data position."""
+    c = config.checkpoint
+    if c.enable and committed_steps(storage.join(config.run_dir, c.folder)):
+        return False
+    return not c.initial_load_path or c.initial_load_model_only or "dataloader" in c.exclude_from_loading
 
 
 def _grow_request(config: JobConfig, attempt: str) -> dict | None:

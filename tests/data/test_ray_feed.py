@@ -1,6 +1,7 @@
 """The Ray Data pipeline yields exactly the in-process stream, and the feeder resumes anywhere."""
 
 import itertools
+import time
 
 import numpy as np
 import pytest
@@ -36,13 +37,21 @@ def test_ray_data_order_equals_local_order(ray_local, shards):
 
 
 def test_feeder_serves_ranks_and_resumes_on_another_dp(ray_local, shards):
+    """Warm-started, the feeder computes the first batches before any rank asks, and serves the
+    ranks from them (no second pipeline from the same start)."""
     feeder = ray.remote(DataFeeder).options(max_concurrency=8).remote(shards, Model(), 63, 0, 8)
+    ray.get(feeder.warm_start.remote())
+    deadline = time.monotonic() + 120
+    while ray.get(feeder.stats.remote())["buffered_batches"] < 4:  # the prefetch window fills with no request
+        assert time.monotonic() < deadline, "a warm-started feeder produced nothing before any rank asked"
+        time.sleep(0.05)
     expected = reference(shards, Cursor(), 12)
     cursor = Cursor()
     for k in range(6):  # two ranks, one request each in flight
         parts = ray.get([feeder.get.remote(cursor.as_list(), r, 2, k == 0) for r in range(2)])
         np.testing.assert_array_equal(np.concatenate([p[1] for p in parts]), expected[k].ids)
         cursor = Cursor(*parts[0][2])
+    assert ray.get(feeder.stats.remote())["rows_produced"] <= (6 + 4) * 8  # one stream: 6 served, 4 ahead
     # A new group of 4 ranks restarts from an earlier checkpointed cursor.
     cursor = expected[2].end
     for k in range(3, 8):
