@@ -32,8 +32,9 @@ def losses(out: str) -> dict[int, float]:
 def test_train_through_ray_then_resume(tmp_path):
     # Run from another directory with the default relative dump folder (./outputs):
     # the workers' working directory is not the driver's.
+    # keep_latest_k = 1: step 5 is reported to Ray, then deleted; starting again must not trip on Ray's list.
     args = [sys.executable, "-m", "raytitan.train", "--checkpoint.interval", "5", "--metrics.log_freq", "5",
-            "--validation.enable", "--validation.freq", "5", "--validation.steps", "2"]
+            "--validation.enable", "--validation.freq", "5", "--validation.steps", "2", "--checkpoint.keep_latest_k", "1"]
     # Step 5 is saved asynchronously (written while steps 6-10 train); the last save blocks.
     out = run(args + ["--training.steps", "10", "--checkpoint.async_mode", "async"], tmp_path, cwd=tmp_path)
     seen = losses(out)
@@ -42,7 +43,8 @@ def test_train_through_ray_then_resume(tmp_path):
     validation = [float(v) for v in re.findall(r"validation at step \d+: loss ([\d.]+)", out)]
     assert len(validation) == 2 and validation[1] < validation[0]
     run_dir = tmp_path / "outputs" / "llama3-debugmodel"
-    assert committed_steps(str(run_dir / "checkpoint")) == [5, 10]
+    assert committed_steps(str(run_dir / "checkpoint")) == [10]
+    assert re.search(r"steps +10 / 10\n", out) and re.search(r"latest +\S+step-10\n", out)  # Ray's result
     assert glob.glob(str(run_dir / "tb" / "events.out.tfevents.*"))
     assert (run_dir / "config.toml").read_text().count("[training]") == 1
     assert "finished" in out and "final loss" in out
@@ -52,7 +54,7 @@ def test_train_through_ray_then_resume(tmp_path):
     out = run(args + ["--training.steps", "12", "--checkpoint.last_save_in_hf"], tmp_path, cwd=tmp_path)
     assert "resumed from" in out and "step-10" in out
     assert set(losses(out)) == {11, 12}  # the first step after a (re)start and the last are logged
-    assert committed_steps(str(run_dir / "checkpoint")) == [5, 10, 12]
+    assert committed_steps(str(run_dir / "checkpoint")) == [12]
     assert (run_dir / "checkpoint" / "step-12-hf" / "model.safetensors").is_file()
 
 
