@@ -3,6 +3,7 @@
 import os
 
 import pytest
+import ray
 
 import raytitan
 from raytitan.components.checkpoint.manager import CheckpointManager, ModelState
@@ -98,3 +99,21 @@ def test_too_many_failures_end_the_run_with_checkpoints_intact(ray_local, tmp_pa
     model = Transformer(dataclasses.replace(FLAVORS["debugmodel"], vocab_size=259, max_seq_len=64))
     CheckpointManager(folder, {"model": ModelState([model])}, 0).load_path(os.path.join(folder, "step-4"), True)
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_capacity_probe_places_what_fits_and_probes_nothing_without_room(ray_local, monkeypatch):
+    """The grow check at a checkpoint: as many workers as Ray can place now, found by placing them;
+    with no room for one more, no placement group is tried (each would stall the step)."""
+    import importlib
+
+    from raytitan.ray.runtime import RayRuntime
+
+    placement_groups = importlib.import_module("ray.util.placement_group")  # the module, not ray.util's function
+
+    free = int(ray.available_resources().get("CPU", 0))
+    assert free >= 1
+    tried = []
+    place = placement_groups.placement_group
+    monkeypatch.setattr(placement_groups, "placement_group", lambda *a, **k: tried.append(a) or place(*a, **k))
+    assert RayRuntime({}, {"CPU": free + 1.0}, 8).spare_workers(3) == 0 and tried == []
+    assert RayRuntime({}, {"CPU": 1.0}, 8).spare_workers(8) == free and len(tried) == free

@@ -55,11 +55,18 @@ class RayRuntime(Runtime):
         return max(world, self.max_workers)
 
     def spare_workers(self, most: int) -> int:
-        """Probe with placement groups of 1, 2, ... worker bundles: what Ray could place right now."""
+        """Probe with placement groups of 1, 2, ... worker bundles: what Ray could place right now.
+
+        Only as many as the cluster's free resources could hold are probed: with no room for one
+        more worker (the usual case) the check answers at once instead of stalling the step for a
+        probe's timeout."""
         from ray.util.placement_group import placement_group, remove_placement_group
 
+        free = ray.available_resources()
+        room = min((int(free.get(name, 0.0) / amount + 1e-9) for name, amount in self.worker_bundle.items()
+                    if amount > 0), default=most)
         placed = 0
-        for n in range(1, most + 1):
+        for n in range(1, min(most, room) + 1):
             group = placement_group([self.worker_bundle] * n)
             fits = group.wait(timeout_seconds=PROBE_TIMEOUT_S)
             remove_placement_group(group)
