@@ -93,3 +93,42 @@ def test_schedule_reports_at_checkpoints_validations_and_the_end():
     assert [t for t in range(1, 11) if s.logs(t, first_step=7)] == [1, 4, 7, 8, 10]
     off = Schedule(total_steps=10, log_freq=100, checkpoint_interval=3, checkpoint_enabled=False, validation_freq=0)
     assert [t for t in range(1, 11) if off.reports(t)] == [10]
+
+
+def test_the_loop_reads_losses_back_only_on_the_steps_it_logs(monkeypatch):
+    """Reading a tensor's value waits for the device: the loop does it for the loss and gradient
+    norm on logged and reported steps only, never on the others."""
+    from raytitan.components.data.loader import RankBatch
+    from raytitan.trainer.loop import TrainState
+
+    class Loader:
+        global_batch_size, bad_records = 4, 0
+
+        def next_batch(self):
+            return RankBatch(torch.randint(0, 61, (4, 17)), None)
+
+    class Metrics:
+        logged: list = []
+
+        def summarize(self, step, loss, grad_norm, lr):
+            assert isinstance(loss, float) and isinstance(grad_norm, float)
+            return {"step": step, "loss": loss}
+
+        def log(self, metrics):
+            self.logged.append(metrics["step"])
+
+        record_step = flush = close = log_validation = lambda self, *a: None
+
+    torch.manual_seed(0)
+    model = Transformer(ARGS)
+    model.init_weights()
+    trainer = make_trainer(model, local_batch_size=2)
+    trainer.loader, trainer.metrics, trainer.state = Loader(), Metrics(), TrainState()
+    trainer.schedule = Schedule(total_steps=7, log_freq=3, checkpoint_interval=1, checkpoint_enabled=False,
+                                validation_freq=0)
+    reads = []
+    item = torch.Tensor.item
+    monkeypatch.setattr(torch.Tensor, "item", lambda t: reads.append(trainer.state.step) or item(t))
+    trainer.fit()
+    assert trainer.metrics.logged == [1, 3, 6, 7]
+    assert sorted(set(reads)) == [1, 3, 6, 7] and len(reads) == 2 * 4  # loss and grad norm, on those steps only
