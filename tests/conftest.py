@@ -5,6 +5,10 @@ import ray
 
 from raytitan.components.data.synthetic import ensure_synthetic_shards
 
+# Ray Train's controller polls its workers every 2 s by default: each start, failure and finish of
+# a run waits up to that long to be noticed. Every Ray instance the tests start inherits this.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+
 
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory) -> str:

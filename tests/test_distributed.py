@@ -70,12 +70,14 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, data_dir, 
 def test_ledger_is_exact_across_resumes_on_shrinking_worlds(tmp_path, data_dir):
     """dp 4 -> stop -> dp 3 -> stop -> dp 2: every sequence exactly once, in the uninterrupted order."""
     def config(root, steps, local):
-        return tiny_config(str(root), data_dir, training={"global_batch_size": 12, "local_batch_size": local,
-                                                          "steps": steps, "shuffle_buffer": 16},
-                           metrics={"log_freq": 100})
+        return tiny_config(str(root), data_dir, model={"flavor": "tiny"}, metrics={"log_freq": 100},
+                           training={"global_batch_size": 12, "local_batch_size": local, "steps": steps,
+                                     "shuffle_buffer": 16})
 
-    uninterrupted = run_ranks(config(tmp_path / "full", 9, 3), 4, str(tmp_path))["global_ledger"]
-    legs = [run_ranks(config(tmp_path / "elastic", 3, 3), 4, str(tmp_path)),
+    full, first_leg = run_ranks([config(tmp_path / "full", 9, 3), config(tmp_path / "elastic", 3, 3)], 4,
+                                str(tmp_path))
+    uninterrupted = full["global_ledger"]
+    legs = [first_leg,
             run_ranks(config(tmp_path / "elastic", 6, 4), 3, str(tmp_path)),
             run_ranks(config(tmp_path / "elastic", 9, 2), 2, str(tmp_path))]  # 2 ranks x 2 local x 3 accumulation
     resumed = sum((leg["global_ledger"] for leg in legs), [])

@@ -44,11 +44,12 @@ def seed_weights(tmp_path_factory, data_dir):
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, data_dir, seed_weights):
-    """The same run on 4 plain gloo ranks (no Ray, no faults): what every Ray run must reproduce."""
+    """The same run on 2 plain gloo ranks (no Ray, no faults, 2 x 2 rows x 2 microbatches): what
+    every Ray run must reproduce, whatever its world size."""
     root = str(tmp_path_factory.mktemp("uninterrupted"))
     config = tiny_config(root, data_dir, training={"steps": 8, "global_batch_size": 8, "local_batch_size": 2},
                          checkpoint={"initial_load_path": seed_weights, "enable": False})
-    return dict(enumerate(run_ranks(config, 4, root)["losses"], start=1))
+    return dict(enumerate(run_ranks(config, 2, root)["losses"], start=1))
 
 
 def assert_same_losses(got, expected):
@@ -76,7 +77,8 @@ def test_worker_killed_mid_run_resumes_with_the_same_math(ray_local, tmp_path, d
 
 def test_worker_killed_during_a_save_resumes_from_the_previous_checkpoint(ray_local, tmp_path, data_dir,
                                                                         uninterrupted, seed_weights):
-    _, run_dir, losses = train(tmp_path, data_dir, fault__kill_step=4, fault__kill_rank=2, fault__during_save=True,
+    _, run_dir, losses = train(tmp_path, data_dir, ray__num_workers=2, ray__resources_per_worker="CPU=0.5",
+                               fault__kill_step=4, fault__kill_rank=1, fault__during_save=True,
                                checkpoint__initial_load_path=seed_weights)
     assert_same_losses(losses, uninterrupted)
     starts = read_starts(run_dir)
@@ -86,7 +88,8 @@ def test_worker_killed_during_a_save_resumes_from_the_previous_checkpoint(ray_lo
 
 def test_too_many_failures_end_the_run_with_checkpoints_intact(ray_local, tmp_path, data_dir):
     with pytest.raises(TrainingFailed, match=r"(?s)max_failures.*newest committed checkpoint: .*step-4"):
-        train(tmp_path, data_dir, ray__max_failures=0, fault__kill_step=5, fault__kill_rank=0)
+        train(tmp_path, data_dir, ray__num_workers=2, ray__resources_per_worker="CPU=0.5", ray__max_failures=0,
+              fault__kill_step=5, fault__kill_rank=0)
     folder = os.path.join(str(tmp_path), "llama3-debugmodel", "checkpoint")
     assert committed_steps(folder) == [2, 4]
     import torch

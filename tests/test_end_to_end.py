@@ -32,30 +32,30 @@ def losses(out: str) -> dict[int, float]:
 def test_train_through_ray_then_resume(tmp_path):
     # Run from another directory with the default relative dump folder (./outputs):
     # the workers' working directory is not the driver's.
-    # keep_latest_k = 1: step 5 is reported to Ray, then deleted; starting again must not trip on Ray's list.
-    args = [sys.executable, "-m", "raytitan.train", "--checkpoint.interval", "5", "--metrics.log_freq", "5",
-            "--validation.enable", "--validation.freq", "5", "--validation.steps", "2", "--checkpoint.keep_latest_k", "1"]
-    # Step 5 is saved asynchronously (written while steps 6-10 train); the last save blocks.
-    out = run(args + ["--training.steps", "10", "--checkpoint.async_mode", "async"], tmp_path, cwd=tmp_path)
+    # keep_latest_k = 1: step 4 is reported to Ray, then deleted; starting again must not trip on Ray's list.
+    args = [sys.executable, "-m", "raytitan.train", "--checkpoint.interval", "4", "--metrics.log_freq", "4",
+            "--validation.enable", "--validation.freq", "4", "--validation.steps", "2", "--checkpoint.keep_latest_k", "1"]
+    # Step 4 is saved asynchronously (written while steps 5-8 train); the last save blocks.
+    out = run(args + ["--training.steps", "8", "--checkpoint.async_mode", "async"], tmp_path, cwd=tmp_path)
     seen = losses(out)
-    assert set(seen) >= {1, 5, 10}
-    assert seen[10] < seen[1] - 1.0, seen  # loss falls clearly
+    assert set(seen) >= {1, 4, 8}
+    assert seen[8] < seen[1] - 1.0, seen  # loss falls clearly
     validation = [float(v) for v in re.findall(r"validation at step \d+: loss ([\d.]+)", out)]
     assert len(validation) == 2 and validation[1] < validation[0]
     run_dir = tmp_path / "outputs" / "llama3-debugmodel"
-    assert committed_steps(str(run_dir / "checkpoint")) == [10]
-    assert re.search(r"steps +10 / 10\n", out) and re.search(r"latest +\S+step-10\n", out)  # Ray's result
+    assert committed_steps(str(run_dir / "checkpoint")) == [8]
+    assert re.search(r"steps +8 / 8\n", out) and re.search(r"latest +\S+step-8\n", out)  # Ray's result
     assert glob.glob(str(run_dir / "tb" / "events.out.tfevents.*"))
     assert (run_dir / "config.toml").read_text().count("[training]") == 1
     assert "finished" in out and "final loss" in out
     assert re.search(r"run llama3-debugmodel finished in [\d.]+s: raytitan run\n", out)  # with job.description
 
     # Submitting again with the same storage and name continues from the newest checkpoint.
-    out = run(args + ["--training.steps", "12", "--checkpoint.last_save_in_hf"], tmp_path, cwd=tmp_path)
-    assert "resumed from" in out and "step-10" in out
-    assert set(losses(out)) == {11, 12}  # the first step after a (re)start and the last are logged
-    assert committed_steps(str(run_dir / "checkpoint")) == [12]
-    assert (run_dir / "checkpoint" / "step-12-hf" / "model.safetensors").is_file()
+    out = run(args + ["--training.steps", "10", "--checkpoint.last_save_in_hf"], tmp_path, cwd=tmp_path)
+    assert "resumed from" in out and "step-8" in out
+    assert set(losses(out)) == {9, 10}  # the first step after a (re)start and the last are logged
+    assert committed_steps(str(run_dir / "checkpoint")) == [10]
+    assert (run_dir / "checkpoint" / "step-10-hf" / "model.safetensors").is_file()
 
 
 def test_bad_config_fails_before_starting_ray(tmp_path):

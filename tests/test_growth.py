@@ -160,7 +160,8 @@ def launch_without_ray(monkeypatch):
     """``launcher.launch`` with Ray's parts faked: returns (result, how many attempts ran)."""
     from raytitan.ray import launcher
 
-    feeder = types.SimpleNamespace(options=lambda **kw: types.SimpleNamespace(remote=lambda *a, **k: object()))
+    actor = types.SimpleNamespace(warm_start=types.SimpleNamespace(remote=lambda: None))
+    feeder = types.SimpleNamespace(options=lambda **kw: types.SimpleNamespace(remote=lambda *a, **k: actor))
     monkeypatch.setattr(launcher, "setup_logging", lambda rank: None)
     monkeypatch.setattr(launcher, "_connect", lambda config: None)
     monkeypatch.setattr(launcher, "_worker_resources", lambda config: {"CPU": 1.0})
