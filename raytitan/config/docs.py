@@ -15,7 +15,7 @@ import types
 import typing
 from typing import Any
 
-from raytitan.config.job import SECTIONS
+from raytitan.config.job import SECTIONS, toml_value
 
 PAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "docs",
                     "configuration.md")
@@ -59,19 +59,6 @@ def type_name(tp: Any) -> str:
     if tp is type(None):
         return "None"
     return getattr(tp, "__name__", str(tp).replace("typing.", ""))
-
-
-def toml_value(value: Any) -> str:
-    """A default as it would be written in TOML."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(value, list):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + "}"
-    return repr(value)
 
 
 def cell(text: str) -> str:

@@ -476,23 +476,24 @@ def parse_args(argv: list[str] | None = None, prog: str = "raytitan.train") -> J
     return config
 
 
+def toml_value(v: Any) -> str:
+    """A value as TOML writes it."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k} = {toml_value(x)}" for k, x in v.items()) + "}"
+    return repr(v)
+
+
 def to_toml(config: JobConfig) -> str:
     """The resolved config as TOML, loadable again with --job.config_file."""
-
-    def fmt(v: Any) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, str):
-            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
-        if isinstance(v, list):
-            return "[" + ", ".join(fmt(x) for x in v) + "]"
-        if isinstance(v, dict):
-            return "{" + ", ".join(f"{k} = {fmt(x)}" for k, x in v.items()) + "}"
-        return repr(v)
-
     out = []
     for section, values in config.to_dict().items():
         out.append(f"[{section}]")
-        out += [f"{k} = {fmt(v)}" for k, v in values.items() if v is not None]
+        out += [f"{k} = {toml_value(v)}" for k, v in values.items() if v is not None]
         out.append("")
     return "\n".join(out)
