@@ -8,6 +8,8 @@ from raytitan.components.data.synthetic import ensure_synthetic_shards
 # Ray Train's controller polls its workers every 2 s by default: each start, failure and finish of
 # a run waits up to that long to be noticed. Every Ray instance the tests start inherits this.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+# Nothing is preempted here: no watcher actor (one more process per run, polling every 5 s).
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
 @pytest.fixture(scope="session")
@@ -28,6 +30,6 @@ def _cache_in_tmp(tmp_path_factory, monkeypatch):
 @pytest.fixture(scope="module")
 def ray_local():
     """A local Ray instance for one test module (2 CPUs, as on the CI machine)."""
-    ray.init(num_cpus=2, log_to_driver=True)
+    ray.init(num_cpus=2, log_to_driver=True, include_dashboard=False)
     yield
     ray.shutdown()

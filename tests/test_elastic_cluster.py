@@ -20,7 +20,7 @@ from tests.helpers import run_ranks, tiny_config
 
 pytestmark = pytest.mark.slow
 
-STEPS = 26
+STEPS = 22
 
 
 def wait_for(condition, timeout: float, what: str):
