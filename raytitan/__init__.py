@@ -1,4 +1,4 @@
-"""raytitan: elastic, Ray-orchestrated Llama 3 pretraining with PyTorch-native parallelism."""
+"""raytitan: elastic, Ray-orchestrated LLM pretraining with PyTorch-native parallelism."""
 
 from __future__ import annotations
 

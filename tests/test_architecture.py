@@ -191,3 +191,15 @@ def test_no_import_cycles_between_the_layers():
     cycles = [cycle_in(c, layers) for c in strongly_connected(layers) if len(c) > 1]
     assert not cycles, "import cycles between raytitan's layers:\n" + "\n".join(
         " -> ".join(c) + "  (" + "; ".join(examples[a, b] for a, b in zip(c, c[1:])) + ")" for c in cycles)
+
+
+def test_no_module_outside_models_imports_a_model_family():
+    """The rest of the package talks to a ModelSpec (``raytitan.models.get_spec``), never to a
+    family's own modules."""
+    models = PACKAGE / "models"
+    families = {p.name for p in models.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+    found = [f"{path.relative_to(PACKAGE.parent)}:{line} imports {module}"
+             for name, path in MODULES.items() if not path.is_relative_to(models)
+             for line, module, _ in imports(path)
+             if module and module.split(".")[:3] in [["raytitan", "models", f] for f in families]]
+    assert families and not found, "\n".join(found)

@@ -13,7 +13,8 @@ from raytitan import convert as convert_cli
 from raytitan.components.checkpoint.layout import CheckpointError, read_metadata
 from raytitan.components.checkpoint.manager import CheckpointManager, ModelState
 from raytitan.components.checkpoint.convert import export_hf, import_hf, import_torch, load_tensors, read_hf_weights
-from raytitan.models.llama3 import hf
+from raytitan.models.hf import HFFormatError, halves_to_pairs, pairs_to_halves
+from raytitan.models.llama3.hf import LlamaHF
 from raytitan.models.llama3.args import FLAVORS
 from raytitan.models.llama3.model import Transformer
 
@@ -38,10 +39,9 @@ def save_step(folder, model, step=1, args=ARGS) -> str:
 @pytest.mark.parametrize("n_heads, n_kv_heads", [(4, 2), (4, 4)])
 def test_rope_row_order_round_trips(n_heads, n_kv_heads):
     w = torch.randn(n_kv_heads * 16, 64)
-    name = "layers.0.attention.wk.weight"
-    moved = hf.to_hf_tensor(name, w, n_heads, n_kv_heads)
+    moved = pairs_to_halves(w, n_kv_heads)
     assert not torch.equal(moved, w)
-    assert torch.equal(hf.from_hf_tensor(name, moved, n_heads, n_kv_heads), w)
+    assert torch.equal(halves_to_pairs(moved, n_kv_heads), w)
     # Head 0's pair (0, 1) becomes rows (0, d/2): the first half holds the even features.
     assert torch.equal(moved[:8], w[0:16:2]) and torch.equal(moved[8:16], w[1:16:2])
 
@@ -107,13 +107,13 @@ def test_tied_hf_checkpoint_gets_an_output_head(tmp_path):
 
 def test_hf_folder_errors_name_the_problem(tmp_path):
     os.makedirs(tmp_path / "empty")
-    with pytest.raises(hf.HFFormatError, match="has no config.json"):
+    with pytest.raises(HFFormatError, match="has no config.json"):
         import_hf(str(tmp_path / "empty"), str(tmp_path / "out"))
     out = export_hf(save_step(tmp_path / "ckpt", random_model()), str(tmp_path / "hf"), dtype=torch.float32)
     bigger = dataclasses.replace(ARGS, n_layers=6)
     with open(os.path.join(out, "config.json")) as f:
-        with pytest.raises(hf.HFFormatError, match="num_hidden_layers = 4, but the model being trained has 6"):
-            hf.check_matches(bigger, json.load(f))
+        with pytest.raises(HFFormatError, match="num_hidden_layers = 4, but the model being trained has 6"):
+            LlamaHF().check_matches(bigger, json.load(f))
 
 
 def test_checkpoints_cli_lists_inspects_and_verifies(tmp_path, capsys):
@@ -160,7 +160,7 @@ def test_to_torch_writes_the_weights_by_name(tmp_path):
 def test_folder_saved_by_transformers_imports_with_the_same_logits(tmp_path):
     """A Llama folder written by transformers itself (not by raytitan's exporter) imports, and
     raytitan's forward of the imported weights matches transformers' logits."""
-    theirs_config = transformers.LlamaConfig(**hf.hf_config(ARGS, torch.float32))
+    theirs_config = transformers.LlamaConfig(**LlamaHF().hf_config(ARGS, torch.float32))
     torch.manual_seed(0)
     theirs = transformers.LlamaForCausalLM(theirs_config).eval()
     theirs.save_pretrained(tmp_path / "hf", safe_serialization=True)

@@ -25,7 +25,7 @@ torch 2.13
   snapshots): raytitan/components/profiling.py ``CudaMemoryHistory``.
 - ``torch._inductor.config._micro_pipeline_tp`` and
   ``torch.distributed._symmetric_memory.enable_symm_mem_for_group`` (async tensor parallel):
-  raytitan/models/llama3/parallelize.py ``enable_async_tensor_parallel``.
+  raytitan/distributed/parallelize.py ``enable_async_tensor_parallel``.
 
 torchao 0.18
 - ``torchao.float8._auto_filter_for_recipe``: raytitan/distributed/float8.py ``module_filter``.
@@ -80,7 +80,7 @@ USED = {
         "_scaled_dot_product_flash_attention", "_scaled_dot_product_flash_attention_backward"},
     "distributed/dims.py": {"_flatten"},
     "distributed/float8.py": {"torchao.float8._auto_filter_for_recipe"},
-    "models/llama3/parallelize.py": {"torch._inductor.config", "_inductor", "_micro_pipeline_tp",
+    "distributed/parallelize.py": {"torch._inductor.config", "_inductor", "_micro_pipeline_tp",
                                      "torch.distributed._symmetric_memory.enable_symm_mem_for_group"},
     "ray/launcher.py": {
         "ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator.get_or_create_autoscaling_coordinator"},
@@ -296,7 +296,7 @@ def test_ring_attention_runs_on_one_rank_and_restores_torchs_options(one_rank_gr
     from torch.distributed.tensor.experimental._context_parallel import _attention
 
     from raytitan.distributed.context import ROTATE_METHODS, RingAttention, _ring
-    from raytitan.models.llama3.model import CausalAttention
+    from raytitan.distributed.attention import CausalAttention
 
     assert _ring().group(one_rank_group.group_name) is one_rank_group
     torch.manual_seed(0)

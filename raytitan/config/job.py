@@ -37,8 +37,8 @@ class Job:
 
 @dataclass
 class Model:
-    name: str = opt("llama3", "Model family")
-    flavor: str = opt("debugmodel", "Model size: debugmodel, 1B, 3B, 8B, 70B, 405B")
+    name: str = opt("llama3", "Model family: a built-in one (llama3), or package.module:attribute naming a ModelSpec in your own code")
+    flavor: str = opt("debugmodel", "Named shape of the family (llama3: debugmodel, tiny, 1B, 3B, 8B, 70B, 405B)")
     hf_assets_path: str | None = opt(None, "Folder with tokenizer.json (and tokenizer_config.json)")
     tokenizer: str = opt("byte", "Tokenizer: 'byte' (no files) or 'hf' (tokenizer.json in hf_assets_path)")
     converters: list = opt([], "Model conversions: quantize.linear.float8 (or float8) for Float8 training")
@@ -146,15 +146,15 @@ class Checkpoint:
     create_seed_checkpoint: bool = opt(False, "Write initial weights as step-0 from one process, then exit")
     initial_load_path: str | None = opt(
         None, "Where a run without checkpoints starts from: a committed step folder, a .pt file of weights "
-        "(convert to-torch), or a Hugging Face Llama folder with initial_load_in_hf")
+        "(convert to-torch), or a Hugging Face model folder with initial_load_in_hf")
     initial_load_model_only: bool = opt(True, "Take only the weights from initial_load_path (not optimizer, schedule, data position, step)")
-    initial_load_in_hf: bool = opt(False, "initial_load_path is a Hugging Face Llama folder (config.json + safetensors)")
+    initial_load_in_hf: bool = opt(False, "initial_load_path is a Hugging Face model folder (config.json + safetensors)")
     exclude_from_loading: list = opt([], "States not restored on load: any of model, optimizer, lr_scheduler, dataloader, train_state")
     async_mode: str = opt("disabled", "disabled; async (write in a background thread while training goes on); "
                           "async_with_pinned_mem (also stage into pinned memory: CUDA)")
     last_save_model_only: bool = opt(False, "The last save of the run holds only the model weights")
     export_dtype: str = opt("float32", "Weight dtype of a model-only last save and of last_save_in_hf: float32, bfloat16, float16")
-    last_save_in_hf: bool = opt(False, "Also export the last step as a Hugging Face Llama folder step-N-hf (safetensors + config.json)")
+    last_save_in_hf: bool = opt(False, "Also export the last step as a Hugging Face model folder step-N-hf (safetensors + config.json)")
 
 
 @dataclass

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass
+from typing import Any
 
 from raytitan.components import storage
 from raytitan.components.checkpoint.manager import ASYNC_MODES, LOADABLE
@@ -19,11 +20,11 @@ from raytitan.components.data.sources import DATASETS, DataSourceError, resolve_
 from raytitan.components.data.tokenizer import TOKENIZERS, build_tokenizer
 from raytitan.components.metrics import PROGRESS_BAR_MODES
 from raytitan.components.optimizer import DECAY_TYPES, IMPLEMENTATIONS, OPTIMIZERS
-from raytitan.models.llama3.args import FLAVORS, ModelArgs
-from raytitan.models.llama3.hf import HFFormatError, check_matches, read_hf_config
 from raytitan.distributed.dims import ParallelDims, ParallelismError
 from raytitan.distributed.precision import DTYPES, PARAM_DTYPES, REDUCE_DTYPES, RESHARD_AFTER_FORWARD
-from raytitan.models import MODELS
+from raytitan.models import get_spec
+from raytitan.models.hf import HFFormatError, read_hf_config
+from raytitan.models.spec import ModelSpec, ModelSpecError, with_vocab
 from raytitan.distributed.activation_checkpoint import MODES as AC_MODES, ActivationCheckpointError, check_option
 from raytitan.distributed.compile import COMPONENTS
 from raytitan.distributed.context import ROTATE_METHODS
@@ -32,7 +33,6 @@ from raytitan.distributed.pipeline import SCHEDULES, PipelineError, microbatches
 
 # Each choice list lives with its owner; this table only says which key each one checks.
 CHOICES = {
-    "model.name": MODELS,
     "model.tokenizer": TOKENIZERS,
     "optimizer.name": tuple(OPTIMIZERS),
     "optimizer.implementation": IMPLEMENTATIONS,
@@ -65,7 +65,7 @@ VALIDATION_SEED_OFFSET = 1_000_003
 class RunPlan:
     dims: ParallelDims  # over the active ranks
     world_size: int  # all ranks; ranks >= dims.world_size idle (elastic worlds that fit no layout fully)
-    model_args: ModelArgs
+    model_args: Any  # the model family's args dataclass, sized to the tokenizer and seq_len
     global_batch_size: int
     local_batch_size: int
     accumulation_steps: int
@@ -84,8 +84,14 @@ def check_values(config: JobConfig) -> None:
         value = _get(config, key)
         if value not in choices and value.lower() not in [c.lower() for c in choices]:
             raise ConfigError(f"{key} = {value!r} is not one of {', '.join(choices)}")
-    if config.model.flavor not in FLAVORS:
-        raise ConfigError(f"model.flavor = {config.model.flavor!r} is not one of {', '.join(FLAVORS)}")
+    spec = model_spec(config)
+    try:
+        spec.flavor(config.model.flavor)
+    except ModelSpecError as e:
+        raise ConfigError(str(e)) from None
+    if spec.hf is None and (config.checkpoint.initial_load_in_hf or config.checkpoint.last_save_in_hf):
+        raise ConfigError(f"model.name = {config.model.name!r} has no Hugging Face adapter: "
+                          "checkpoint.initial_load_in_hf and last_save_in_hf need one")
     for key in POSITIVE:
         if _get(config, key) <= 0:
             raise ConfigError(f"{key} must be > 0, got {_get(config, key)}")
@@ -158,14 +164,26 @@ def check_checkpoint(c: Checkpoint, run_dir: str) -> None:
                           "(for a Hugging Face folder set checkpoint.initial_load_in_hf; a torch.save file ends in .pt)")
 
 
-def check_layout(config: JobConfig, dims: ParallelDims, args: ModelArgs, local_batch: int) -> None:
+def model_spec(config: JobConfig) -> ModelSpec:
+    try:
+        return get_spec(config.model.name)
+    except ModelSpecError as e:
+        raise ConfigError(str(e)) from None
+
+
+def check_layout(config: JobConfig, dims: ParallelDims, args: Any, local_batch: int) -> None:
     """Tensor, context and pipeline parallel constraints that the model shape must meet."""
-    p, seq = config.parallelism, config.training.seq_len
-    if dims.tp > 1:
-        for what, n in (("n_heads", args.n_heads), ("n_kv_heads", args.kv_heads)):
-            if n % dims.tp:
-                raise ConfigError(f"parallelism.tensor_parallel_degree {dims.tp} does not divide the model's {what} "
-                                  f"({n}): pick a degree that divides both head counts")
+    p, seq, spec = config.parallelism, config.training.seq_len, model_spec(config)
+    for degree, supported, what in ((dims.tp, spec.supports_tensor_parallel, "tensor"),
+                                    (dims.cp, spec.supports_context_parallel, "context")):
+        if degree > 1 and not supported:
+            raise ConfigError(f"model.name = {config.model.name!r} does not support {what} parallel: set "
+                              f"parallelism.{what}_parallel_degree = 1")
+    if spec.check_layout is not None:
+        try:
+            spec.check_layout(args, dims)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     if dims.cp > 1 and seq % (2 * dims.cp * dims.tp):
         raise ConfigError(f"training.seq_len {seq} is not divisible by 2 x context_parallel_degree x "
                           f"tensor_parallel_degree = {2 * dims.cp * dims.tp}")
@@ -252,21 +270,18 @@ def plan_run(config: JobConfig, world_size: int, resolve_data: bool = True) -> R
         tokenizer = build_tokenizer(config.model)
     except (OSError, ValueError) as e:
         raise ConfigError(str(e)) from None
-    args = FLAVORS[config.model.flavor].with_vocab(tokenizer.vocab_size)
+    spec = model_spec(config)
+    args = with_vocab(spec.flavor(config.model.flavor), tokenizer.vocab_size)
     args = dataclasses.replace(args, max_seq_len=config.training.seq_len)
     if args.vocab_size < tokenizer.vocab_size:
         raise ConfigError(
             f"model.flavor {config.model.flavor} has vocab {args.vocab_size}, smaller than the tokenizer's "
             f"{tokenizer.vocab_size}: pick a tokenizer that fits or a flavor sized to it"
         )
-    if args.n_heads % args.kv_heads:
-        raise ConfigError(f"model: n_heads {args.n_heads} is not divisible by n_kv_heads {args.kv_heads}")
-    if args.dim % args.n_heads or args.head_dim % 2:
-        raise ConfigError(f"model: dim {args.dim} must split into an even head_dim over {args.n_heads} heads")
 
     if config.checkpoint.initial_load_in_hf:
         try:
-            check_matches(args, read_hf_config(config.checkpoint.initial_load_path))
+            spec.hf.check_matches(args, read_hf_config(config.checkpoint.initial_load_path))
         except HFFormatError as e:
             raise ConfigError(f"checkpoint.initial_load_path: {e}") from None
 

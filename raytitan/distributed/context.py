@@ -24,6 +24,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from raytitan.distributed.attention import CausalAttention
+
 aten = torch.ops.aten
 ROTATE_METHODS = ("allgather", "alltoall")
 
@@ -186,12 +188,17 @@ class RingAttention(nn.Module):
 
 def apply_context_parallel(model: nn.Module, cp_group: dist.ProcessGroup, seq_len: int,
                            rotate_method: str = "allgather") -> torch.Tensor:
-    """Give ``model`` (a Transformer or a pipeline stage of one) this rank's positions: rotary
-    frequencies for them and ring attention over the whole sequence. Returns the positions, which
-    also select this rank's inputs and labels."""
+    """Give ``model`` (a whole model or a pipeline stage of one) this rank's positions (its
+    ``positions`` attribute, which its position encoding indexes) and ring attention over the
+    whole sequence in place of each ``CausalAttention``. Returns the positions, which also select
+    this rank's inputs and labels."""
     cp, rank = dist.get_world_size(cp_group), dist.get_rank(cp_group)
     positions = load_balanced_positions(seq_len, cp, rank)
-    model.rope_positions = positions
-    for block in model.layers.values():
-        block.attention.core = RingAttention(cp_group, rotate_method)
+    model.positions = positions
+    kernels = [(parent, name) for parent in model.modules() for name, child in parent.named_children()
+               if isinstance(child, CausalAttention)]
+    if not kernels:
+        raise ValueError(f"{type(model).__name__} has no CausalAttention module for context parallel to replace")
+    for parent, name in kernels:
+        setattr(parent, name, RingAttention(cp_group, rotate_method))
     return positions

@@ -80,15 +80,16 @@ def rank_stages(pp_rank: int, pp: int, stages: int, schedule: str) -> list[int]:
     return list(range(pp_rank, stages, pp))
 
 
-def keep_stage(model: nn.Module, layer_ids: list[int], first: bool, last: bool) -> nn.Module:
-    """Turn a whole model (on meta) into one stage of it, in place."""
+def keep_stage(model: nn.Module, layer_ids: list[int], first: bool, last: bool,
+               first_modules: tuple[str, ...] = ("tok_embeddings",),
+               last_modules: tuple[str, ...] = ("norm", "output")) -> nn.Module:
+    """Turn a whole model (on meta) into one stage of it, in place: drop the other stages' blocks,
+    and the modules only the first / last stage holds (``first_modules`` / ``last_modules``)."""
     keep = {str(i) for i in layer_ids}
     for name in [n for n in model.layers if n not in keep]:
         del model.layers[name]
-    if not first:
-        model.tok_embeddings = None
-    if not last:
-        model.norm, model.output = None, None
+    for name in (() if first else first_modules) + (() if last else last_modules):
+        setattr(model, name, None)
     return model
 
 

@@ -1,8 +1,8 @@
 """Convert checkpoints: ``python -m raytitan.convert to-hf|from-hf|to-torch SRC DST``.
 
-- ``to-hf``: a DCP step (or the newest of a checkpoint folder) -> Hugging Face Llama folder
+- ``to-hf``: a DCP step (or the newest of a checkpoint folder) -> Hugging Face model folder
   (safetensors shards + config.json, tokenizer files when the run had them).
-- ``from-hf``: Hugging Face Llama folder -> a committed, model-only DCP step folder; train from
+- ``from-hf``: Hugging Face model folder -> a committed, model-only DCP step folder; train from
   it with ``--checkpoint.initial_load_path DST`` under any layout (DCP reshards it).
 - ``to-torch``: a DCP step -> one ``torch.save`` file (model weights by name, or every state).
 """
@@ -19,9 +19,10 @@ from raytitan.distributed.precision import DTYPES
 
 from raytitan.components.checkpoint.layout import CheckpointError
 from raytitan.components.checkpoint.convert import (
-    export_hf, export_torch, import_hf, model_args_of, resolve_step_path,
+    export_hf, export_torch, import_hf, model_of, resolve_step_path,
 )
-from raytitan.models.llama3.hf import HFFormatError
+from raytitan.models.hf import HFFormatError
+from raytitan.models.spec import ModelSpecError
 
 
 def parse_size(text: str) -> int:
@@ -36,17 +37,19 @@ def parse_size(text: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m raytitan.convert", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    to_hf = sub.add_parser("to-hf", help="DCP step -> Hugging Face Llama folder")
+    to_hf = sub.add_parser("to-hf", help="DCP step -> Hugging Face model folder")
     to_hf.add_argument("src", help="step folder, or a checkpoint folder (its newest committed step)")
     to_hf.add_argument("dst", help="output folder (replaced)")
     to_hf.add_argument("--dtype", choices=list(DTYPES), default="bfloat16")
     to_hf.add_argument("--max-shard-size", type=parse_size, default="5GB", help="per safetensors file (default 5GB)")
     to_hf.add_argument("--flavor", help="model flavor, for checkpoints that do not record their shape")
     to_hf.add_argument("--tokenizer", help="folder whose tokenizer files to copy (default: the run's)")
-    from_hf = sub.add_parser("from-hf", help="Hugging Face Llama folder -> DCP step folder")
+    to_hf.add_argument("--model", help="model.name, for checkpoints that do not record their family")
+    from_hf = sub.add_parser("from-hf", help="Hugging Face model folder -> DCP step folder")
     from_hf.add_argument("src", help="folder with config.json and *.safetensors")
     from_hf.add_argument("dst", help="output step folder (replaced)")
     from_hf.add_argument("--dtype", choices=list(DTYPES), default="float32", help="stored dtype (default float32)")
+    from_hf.add_argument("--model", help="model.name to read it as (default: the built-in family of its model_type)")
     to_torch = sub.add_parser("to-torch", help="DCP step -> one torch.save file")
     to_torch.add_argument("src", help="step folder, or a checkpoint folder (its newest committed step)")
     to_torch.add_argument("dst", help="output .pt file")
@@ -64,12 +67,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "to-hf":
             src = resolve_step_path(args.src)
             out = export_hf(src, args.dst, DTYPES[args.dtype], args.max_shard_size,
-                            model_args_of(src, args.flavor), args.tokenizer)
+                            model_of(src, args.flavor, args.model), args.tokenizer)
         elif args.command == "from-hf":
-            out = import_hf(args.src, args.dst, DTYPES[args.dtype])
+            out = import_hf(args.src, args.dst, DTYPES[args.dtype], args.model)
         else:
             out = export_torch(resolve_step_path(args.src), args.dst, model_only=not args.all_states)
-    except (CheckpointError, HFFormatError, FileNotFoundError) as e:
+    except (CheckpointError, HFFormatError, ModelSpecError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"wrote {out} in {time.perf_counter() - t0:.1f}s")

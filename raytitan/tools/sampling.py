@@ -11,26 +11,25 @@ import os
 import torch
 
 from raytitan.components.checkpoint.layout import CheckpointError, check_files, read_commit_at
-from raytitan.components.checkpoint.convert import load_tensors, model_args_of, resolve_step_path, tensor_keys
+from raytitan.components.checkpoint.convert import load_tensors, model_of, resolve_step_path, tensor_keys
 from raytitan.components.data.tokenizer import ByteTokenizer, HFTokenizer
-from raytitan.models.llama3.model import Transformer
+from raytitan.models.spec import build_meta
 
 
 def load_model(checkpoint: str, device: str | torch.device = "cpu",
-               tokenizer_folder: str | None = None) -> tuple[Transformer, ByteTokenizer | HFTokenizer]:
+               tokenizer_folder: str | None = None) -> tuple[torch.nn.Module, ByteTokenizer | HFTokenizer]:
     """The model and tokenizer of a step folder (or the newest step of a checkpoint folder).
 
     ``tokenizer_folder``: a folder with the run's tokenizer.json, for a run trained with the
     Hugging Face tokenizer whose ``model.hf_assets_path`` has moved (or is not on this machine)."""
     path = resolve_step_path(checkpoint)
-    args, marker = model_args_of(path), read_commit_at(path)
+    (spec, args), marker = model_of(path), read_commit_at(path)
     metadata = check_files(path)
     weights = load_tensors(path, metadata, tensor_keys(metadata, "model."))
-    with torch.device("meta"):
-        model = Transformer(args)
-    model.load_state_dict({k.removeprefix("model."): v.float() for k, v in weights.items()}, assign=True)
-    model.freqs_cis = model._rope()
-    model.to(device).eval()
+    model = build_meta(spec, args).to_empty(device=device)
+    model.init_weights(buffer_device=torch.device(device))  # buffers (e.g. rotary tables); weights follow
+    model.load_state_dict({k.removeprefix("model."): v.float() for k, v in weights.items()})
+    model.eval()
     return model, checkpoint_tokenizer(path, marker, tokenizer_folder)
 
 
@@ -55,7 +54,7 @@ def checkpoint_tokenizer(path: str, marker: dict, tokenizer_folder: str | None =
 
 
 @torch.no_grad()
-def generate_tokens(model: Transformer, prompt: list[int], max_new_tokens: int, temperature: float = 0.0,
+def generate_tokens(model: torch.nn.Module, prompt: list[int], max_new_tokens: int, temperature: float = 0.0,
                     top_k: int | None = None, generator: torch.Generator | None = None,
                     stop: int | None = None) -> list[int]:
     """Greedy (temperature 0) or sampled continuation of ``prompt``'s token ids."""

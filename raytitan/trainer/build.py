@@ -29,10 +29,9 @@ from raytitan.distributed import float8
 from raytitan.distributed.context import load_balanced_positions
 from raytitan.distributed.dims import ParallelDims
 from raytitan.distributed.pipeline import build_pipeline, keep_stage, microbatches, num_stages, rank_stages, stage_layers
-from raytitan.models.llama3.args import FLAVORS
-from raytitan.models.llama3.model import Transformer, count_params, flops_per_token
 from raytitan.distributed.precision import DTYPES, param_dtype
-from raytitan.models.llama3.parallelize import parallelize_llama
+from raytitan.models import get_spec
+from raytitan.models.spec import build_meta, count_params
 from raytitan.trainer.elastic.fault import FaultInjector
 from raytitan.trainer.loop import Trainer, TrainState, Validator
 from raytitan.trainer.runner import ModelRunner, PipelineLoss
@@ -52,12 +51,12 @@ def build(ctx) -> Trainer:
                 runtime.name, plan.dims.summary, plan.global_batch_size, plan.local_batch_size,
                 plan.accumulation_steps, dp_size)
 
+    spec = get_spec(config.model.name)
     parts, stage_ids, stages = build_model_parts(plan, mesh, config, device)
     runner = build_runner(parts, stage_ids, stages, mesh, plan, config, device)
-    with torch.device("meta"):
-        whole_model = Transformer(plan.model_args)
-        n_params, n_embedding = count_params(whole_model)
-        model_keys = set(whole_model.state_dict())
+    whole_model = build_meta(spec, plan.model_args)
+    n_params, _ = count_params(whole_model)
+    model_keys = set(whole_model.state_dict())
     logger.info("model %s %s: %.2fM parameters%s", config.model.name, config.model.flavor, n_params / 1e6,
                 f" in {stages} pipeline stages" if stages > 1 else "")
 
@@ -89,7 +88,7 @@ def build(ctx) -> Trainer:
         last_save_in_hf=c.last_save_in_hf,
     )
     tb = os.path.join(config.local_dir, config.metrics.save_tb_folder) if config.metrics.enable_tensorboard else None
-    metrics = MetricsLogger(device, flops_per_token(plan.model_args, n_params, n_embedding, config.training.seq_len),
+    metrics = MetricsLogger(device, spec.training_flops_per_token(plan.model_args, whole_model, config.training.seq_len),
                             ctx.active, config.metrics.peak_tflops, tb, ctx.rank,
                             jsonl_path=storage.join(config.run_dir, METRICS_FILE))
     wants_scales = float8.wanted(config.model.converters) and config.float8.precompute_float8_dynamic_scale_for_fsdp
@@ -103,11 +102,11 @@ def build(ctx) -> Trainer:
     )
 
 
-def build_model_parts(plan, mesh, config: JobConfig, device: torch.device) -> tuple[list[Transformer], list[int], int]:
+def build_model_parts(plan, mesh, config: JobConfig, device: torch.device) -> tuple[list[torch.nn.Module], list[int], int]:
     """This rank's model parts: the whole model, or its pipeline stages. Each is built on the meta
     device, parallelized, materialized on ``device`` and initialized. Returns (parts, their stage
     indices, number of stages)."""
-    args, p = plan.model_args, config.parallelism
+    args, p, spec = plan.model_args, config.parallelism, get_spec(config.model.name)
     pp_mesh = ParallelDims.submesh(mesh, "pp")
     if pp_mesh is None:
         stage_ids, stages, layers = [0], 1, [list(range(args.n_layers))]
@@ -118,11 +117,11 @@ def build_model_parts(plan, mesh, config: JobConfig, device: torch.device) -> tu
         stage_ids = rank_stages(pp_mesh.get_local_rank(), plan.dims.pp, stages, p.pipeline_parallel_schedule)
     parts = []
     for stage in stage_ids:
-        with torch.device("meta"):
-            model = Transformer(args)
+        model = build_meta(spec, args)
         if pp_mesh is not None:
-            keep_stage(model, layers[stage], first=stage == 0, last=stage == stages - 1)
-        parallelize_llama(model, plan.dims, mesh, config)
+            keep_stage(model, layers[stage], first=stage == 0, last=stage == stages - 1,
+                       first_modules=spec.first_stage_modules, last_modules=spec.last_stage_modules)
+        spec.parallelize(model, plan.dims, mesh, config)
         model.to_empty(device=device)
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), warnings.catch_warnings():
             # On CPU, sharded random init differs from one-process init (DTensor's RNG is CUDA-only):
@@ -134,7 +133,7 @@ def build_model_parts(plan, mesh, config: JobConfig, device: torch.device) -> tu
     return parts, stage_ids, stages
 
 
-def build_runner(parts: list[Transformer], stage_ids: list[int], stages: int, mesh, plan, config: JobConfig,
+def build_runner(parts: list[torch.nn.Module], stage_ids: list[int], stages: int, mesh, plan, config: JobConfig,
                  device: torch.device) -> ModelRunner:
     """How this rank runs a microbatch: directly, or through its pipeline schedule."""
     p = config.parallelism
@@ -164,8 +163,10 @@ def build_runner(parts: list[Transformer], stage_ids: list[int], stages: int, me
 
 def model_facts(config: JobConfig, plan, tokenizer) -> dict:
     """What a checkpoint records about its model, so exports need nothing else."""
-    args = dataclasses.replace(plan.model_args, max_seq_len=FLAVORS[config.model.flavor].max_seq_len)
-    return {"flavor": config.model.flavor, "model_args": dataclasses.asdict(args), "tokenizer": config.model.tokenizer,
+    spec = get_spec(config.model.name)
+    args = dataclasses.replace(plan.model_args, max_seq_len=spec.flavor(config.model.flavor).max_seq_len)
+    return {"model": config.model.name, "flavor": config.model.flavor, "model_args": dataclasses.asdict(args),
+            "tokenizer": config.model.tokenizer,
             "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id, "hf_assets_path": config.model.hf_assets_path}
 
 

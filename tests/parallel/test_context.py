@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from raytitan.models.llama3.model import CausalAttention
+from raytitan.distributed.attention import CausalAttention
 from raytitan.distributed.context import (
     KERNELS, ROTATE_METHODS, RingAttention, kernel_for, load_balanced_positions, shard_sequence,
 )

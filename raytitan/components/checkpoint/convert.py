@@ -17,6 +17,7 @@ import shutil
 import time
 import warnings
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -28,8 +29,9 @@ from raytitan.components.checkpoint.layout import (
     COMMIT_MARKER, STEP_DIR, CheckpointError, root_cause, check_files, committed_steps, read_commit_at, step_dir, write_commit,
 
 )
-from raytitan.models.llama3 import hf
-from raytitan.models.llama3.args import FLAVORS, ModelArgs
+from raytitan.models import get_spec, spec_for_hf, spec_name_of
+from raytitan.models.hf import HFFormatError, read_hf_config
+from raytitan.models.spec import ModelSpec, ModelSpecError
 
 logger = logging.getLogger("raytitan")
 
@@ -100,33 +102,40 @@ def _groups(metadata: Metadata, keys: list[str], max_bytes: int, dtype: torch.dt
     return groups + ([current] if current else [])
 
 
-def model_args_of(path: str, flavor: str | None = None) -> ModelArgs:
-    """The model shape a step was saved with: from its commit marker, or a named flavor sized to
-    the checkpoint's vocabulary."""
+def model_of(path: str, flavor: str | None = None, name: str | None = None) -> tuple[ModelSpec, Any]:
+    """The model family and shape a step was saved with: from its commit marker, or a named
+    flavor sized to the checkpoint's vocabulary. ``name`` overrides the family the marker records."""
     marker = read_commit_at(path)
+    try:
+        spec = get_spec(name or spec_name_of(marker))
+    except ModelSpecError as e:
+        raise CheckpointError(f"{path}: {e}") from None
     if flavor is None and "model_args" in marker:
-        return ModelArgs(**marker["model_args"])
+        return spec, spec.args_from_dict(marker["model_args"])
     flavor = flavor or marker.get("flavor")
-    if flavor not in FLAVORS:
-        raise CheckpointError(f"{path} does not record its model shape: name its flavor ({', '.join(FLAVORS)})")
+    if flavor not in spec.flavors:
+        raise CheckpointError(f"{path} does not record its model shape: name its flavor ({', '.join(spec.flavors)})")
     vocab = check_files(path).state_dict_metadata["model.tok_embeddings.weight"].size[0]
-    return dataclasses.replace(FLAVORS[flavor], vocab_size=vocab)
+    return spec, dataclasses.replace(spec.flavors[flavor], vocab_size=vocab)
 
 
 # --------------------------------------------------------------------------- Hugging Face
 
 
 def export_hf(step_path: str, out_dir: str, dtype: torch.dtype = torch.bfloat16, max_shard_bytes: int = 5 << 30,
-              args: ModelArgs | None = None, tokenizer_folder: str | None = None) -> str:
-    """Write a step's weights as a Hugging Face Llama folder: config.json, safetensors shards
-    (with an index when more than one), and the tokenizer files when given."""
+              model: tuple[ModelSpec, Any] | None = None, tokenizer_folder: str | None = None) -> str:
+    """Write a step's weights as a Hugging Face model folder: config.json, safetensors shards
+    (with an index when more than one), and the tokenizer files when given. ``model``: the
+    (spec, args) to export as; default what the step records."""
     from safetensors.torch import save_file
 
     metadata = check_files(step_path)
     marker = read_commit_at(step_path)
     if tokenizer_folder and not os.path.isfile(os.path.join(tokenizer_folder, "tokenizer.json")):
         raise CheckpointError(f"no tokenizer.json in {tokenizer_folder} (the tokenizer folder given)")
-    args = args or model_args_of(step_path)
+    spec, args = model or model_of(step_path)
+    if spec.hf is None:
+        raise CheckpointError(f"model {spec.name!r} has no Hugging Face adapter: export it with to-torch instead")
     keys = sorted(tensor_keys(metadata, "model."), key=model_order)
     if not keys:
         raise CheckpointError(f"{step_path} holds no model weights")
@@ -140,18 +149,17 @@ def export_hf(step_path: str, out_dir: str, dtype: torch.dtype = torch.bfloat16,
     for group, name in zip(groups, names):
         tensors = {}
         for key, tensor in load_tensors(step_path, metadata, group).items():
-            ours = key.removeprefix("model.")
-            hf_name = hf.to_hf_name(ours)
-            tensors[hf_name] = hf.to_hf_tensor(ours, tensor, args.n_heads, args.kv_heads).to(dtype).contiguous()
-            weight_map[hf_name] = name
-            total += tensors[hf_name].nbytes
+            for hf_name, hf_tensor in spec.hf.to_hf(key.removeprefix("model."), tensor, args).items():
+                tensors[hf_name] = hf_tensor.to(dtype).contiguous()
+                weight_map[hf_name] = name
+                total += tensors[hf_name].nbytes
         save_file(tensors, os.path.join(tmp, name), metadata={"format": "pt"})
         logger.info("wrote %s (%d tensors)", name, len(tensors))
     if len(groups) > 1:
         with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
     with open(os.path.join(tmp, "config.json"), "w") as f:
-        json.dump(hf.hf_config(args, dtype, marker.get("bos_id"), marker.get("eos_id")), f, indent=2)
+        json.dump(spec.hf.hf_config(args, dtype, marker.get("bos_id"), marker.get("eos_id")), f, indent=2)
     tokenizer_folder = tokenizer_folder or marker.get("hf_assets_path")
     for name in HF_TOKENIZER_FILES:
         if tokenizer_folder and os.path.isfile(os.path.join(tokenizer_folder, name)):
@@ -176,34 +184,31 @@ def _hf_files(folder: str) -> list[str]:
     return sorted(glob.glob(os.path.join(folder, "*.safetensors")))
 
 
-def read_hf_weights(folder: str, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """A Hugging Face Llama folder's weights under raytitan's names, in raytitan's RoPE row order."""
+def read_hf_weights(folder: str, dtype: torch.dtype = torch.float32, name: str | None = None) -> dict[str, torch.Tensor]:
+    """A Hugging Face folder's weights under raytitan's names and layout (the family ``name``
+    names, or the built-in one that reads the folder's model_type)."""
     from safetensors import safe_open
 
-    config = hf.read_hf_config(folder)
-    n_heads, n_kv_heads = hf.heads_from_hf_config(config)
+    config = read_hf_config(folder)
+    adapter = spec_for_hf(config, name).hf
     weights = {}
     for file in _hf_files(folder):
         if not os.path.isfile(file):
             raise CheckpointError(f"{file} is listed in the index but missing")
         try:
             with safe_open(file, framework="pt") as f:
-                for name in f.keys():
-                    if name.endswith("rotary_emb.inv_freq"):
-                        continue  # a cache older exports carry; recomputed from the config
-                    ours = hf.from_hf_name(name)
-                    weights[ours] = hf.from_hf_tensor(ours, f.get_tensor(name), n_heads, n_kv_heads).to(dtype)
+                for hf_name in f.keys():
+                    for ours, tensor in adapter.from_hf(hf_name, f.get_tensor(hf_name), config).items():
+                        weights[ours] = tensor.to(dtype)
         except (OSError, RuntimeError) as e:
             raise CheckpointError(f"cannot read {file}: {e}") from e
-    if "output.weight" not in weights and config.get("tie_word_embeddings") and "tok_embeddings.weight" in weights:
-        weights["output.weight"] = weights["tok_embeddings.weight"].clone()  # raytitan's head is untied
-    return weights
+    return adapter.complete(weights, config)
 
 
-def import_hf(folder: str, out_step_dir: str, dtype: torch.dtype = torch.float32) -> str:
-    """A Hugging Face Llama folder as a committed, model-only DCP step folder that any layout
-    loads (resharded) through ``checkpoint.initial_load_path``."""
-    return write_weights_step(read_hf_weights(folder, dtype), out_step_dir, source=os.path.abspath(folder))
+def import_hf(folder: str, out_step_dir: str, dtype: torch.dtype = torch.float32, name: str | None = None) -> str:
+    """A Hugging Face folder as a committed, model-only DCP step folder that any layout loads
+    (resharded) through ``checkpoint.initial_load_path``."""
+    return write_weights_step(read_hf_weights(folder, dtype, name), out_step_dir, source=os.path.abspath(folder))
 
 
 def write_weights_step(weights: dict[str, torch.Tensor], out_step_dir: str, source: str) -> str:

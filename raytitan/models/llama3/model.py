@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from raytitan.distributed.attention import CausalAttention
+from raytitan.models.spec import count_params
 from raytitan.models.llama3.args import ModelArgs
 
 
@@ -34,16 +36,6 @@ def apply_rope(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
     xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
     rotated = xc * freqs_cis[: x.shape[1]].view(1, x.shape[1], 1, -1)
     return torch.view_as_real(rotated).flatten(3).type_as(x)
-
-
-class CausalAttention(nn.Module):
-    """softmax(q k^T / sqrt(d)) v over earlier positions; q, k, v are [batch, heads, seq, head_dim].
-
-    A module of its own so context parallel can swap in a version that sees the whole sequence.
-    """
-
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
 
 
 class Attention(nn.Module):
@@ -129,12 +121,12 @@ class Transformer(nn.Module):
         self.norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         # Context parallel sets the sequence positions this rank holds, in its local order.
-        self.rope_positions: torch.Tensor | None = None
+        self.positions: torch.Tensor | None = None
         self.register_buffer("freqs_cis", self._rope(), persistent=False)
 
     def _rope(self) -> torch.Tensor:
         freqs = rope_frequencies(self.args, self.args.max_seq_len)
-        return freqs if self.rope_positions is None else freqs[self.rope_positions]
+        return freqs if self.positions is None else freqs[self.positions]
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
@@ -157,13 +149,6 @@ class Transformer(nn.Module):
         if self.output is not None:
             bound = 3 * self.args.dim**-0.5
             nn.init.trunc_normal_(self.output.weight, mean=0.0, std=self.args.dim**-0.5, a=-bound, b=bound)
-
-
-def count_params(model: nn.Module) -> tuple[int, int]:
-    """(all parameters, token-embedding parameters)."""
-    total = sum(p.numel() for p in model.parameters())
-    embedding = sum(p.numel() for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters())
-    return total, embedding
 
 
 def flops_per_token(args: ModelArgs, n_params: int, n_embedding: int, seq_len: int) -> int:

@@ -1,12 +1,9 @@
-"""Apply parallelism to a Llama 3 model (or one pipeline stage of it) in a fixed order:
-Float8 conversion, tensor parallel, context parallel, activation checkpointing, compile, then
-FSDP. The model is still on the meta device."""
+"""Llama 3's tensor-parallel plan; the other parallelisms are the shared ones
+(``raytitan.distributed.parallelize``)."""
 
 from __future__ import annotations
 
-import torch
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
@@ -16,45 +13,20 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
+from raytitan.distributed.parallelize import parallelize
 from raytitan.models.llama3.model import Transformer
-from raytitan.distributed import float8
-from raytitan.distributed.activation_checkpoint import apply_activation_checkpointing
-from raytitan.distributed.compile import compile_blocks
-from raytitan.distributed.context import apply_context_parallel
-from raytitan.distributed.dims import ParallelDims
-from raytitan.distributed.precision import DTYPES, param_dtype, reshard_after_forward
-
-def parallelize_llama(model: Transformer, dims: ParallelDims, mesh: DeviceMesh, config) -> Transformer:
-    """Convert and shard ``model`` (per the JobConfig ``config``) over ``mesh``: Float8, TP (with
-    sequence and loss parallel), CP, activation checkpointing, compile, then FSDP/HSDP."""
-    training, parallelism = config.training, config.parallelism
-    if float8.wanted(config.model.converters):
-        float8.convert_to_float8(model, config.float8, mesh.device_type)
-    tp_mesh = ParallelDims.submesh(mesh, "tp")
-    if tp_mesh is not None:
-        apply_tensor_parallel(model, tp_mesh, loss_parallel=not parallelism.disable_loss_parallel)
-        if parallelism.enable_async_tensor_parallel:
-            enable_async_tensor_parallel(tp_mesh)
-    cp_mesh = ParallelDims.submesh(mesh, "cp")
-    if cp_mesh is not None:
-        apply_context_parallel(model, cp_mesh.get_group(), training.seq_len, parallelism.context_parallel_rotate_method)
-    ac = config.activation_checkpoint
-    apply_activation_checkpointing(model, ac.mode, ac.selective_ac_option)
-    if config.compile.enable and "model" in config.compile.components:
-        compile_blocks(model)
-    fsdp_mesh = ParallelDims.fsdp_mesh(mesh)
-    if fsdp_mesh is not None:
-        apply_fsdp(model, fsdp_mesh, param_dtype(training.mixed_precision_param, mesh.device_type),
-                   DTYPES[training.mixed_precision_reduce],
-                   reshard_after_forward(parallelism.fsdp_reshard_after_forward, dims.pp))
-    return model
 
 
-def apply_tensor_parallel(model: Transformer, tp_mesh: DeviceMesh, loss_parallel: bool) -> None:
-    """Megatron-style TP: column-wise then row-wise linears in attention and MLP (heads and hidden
-    units split over ranks), sequence parallel norms between them (activations split along the
-    sequence), a vocab-parallel embedding, and an output head that leaves the logits sharded by
-    vocab for a loss-parallel cross entropy (or gathers them)."""
+def parallelize_llama(model: Transformer, dims, mesh: DeviceMesh, config) -> Transformer:
+    """Float8, TP (with sequence and loss parallel), CP, activation checkpointing, compile, then
+    FSDP/HSDP, per the JobConfig ``config``."""
+    return parallelize(model, dims, mesh, config, tensor_parallel=apply_tensor_parallel)
+
+
+def top_level_plan(model, loss_parallel: bool) -> dict:
+    """A vocab-parallel embedding, a sequence-parallel final norm, and an output head that leaves
+    the logits sharded by vocab for a loss-parallel cross entropy (or gathers them); only the
+    modules this pipeline stage holds."""
     top = {}
     if model.tok_embeddings is not None:
         top["tok_embeddings"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1))
@@ -64,59 +36,45 @@ def apply_tensor_parallel(model: Transformer, tp_mesh: DeviceMesh, loss_parallel
         top["output"] = ColwiseParallel(input_layouts=Shard(1),
                                         output_layouts=Shard(-1) if loss_parallel else Replicate(),
                                         use_local_output=not loss_parallel)
+    return top
+
+
+def block_plan() -> dict:
+    """Megatron-style TP in a block: column-wise then row-wise linears in attention and MLP (heads
+    and hidden units split over ranks), sequence-parallel norms between them (activations split
+    along the sequence)."""
+    return {
+        "attention_norm": SequenceParallel(),
+        "attention": PrepareModuleInput(input_layouts=(Shard(1), None), desired_input_layouts=(Replicate(), None)),
+        "attention.wq": ColwiseParallel(),
+        "attention.wk": ColwiseParallel(),
+        "attention.wv": ColwiseParallel(),
+        "attention.wo": RowwiseParallel(output_layouts=Shard(1)),
+        "ffn_norm": SequenceParallel(),
+        "feed_forward": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+        "feed_forward.w1": ColwiseParallel(),
+        "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
+        "feed_forward.w3": ColwiseParallel(),
+    }
+
+
+def apply_tensor_parallel(model: Transformer, tp_mesh: DeviceMesh, loss_parallel: bool) -> None:
+    top = top_level_plan(model, loss_parallel)
     if top:
         parallelize_module(model, tp_mesh, top)
     for block in model.layers.values():
-        parallelize_module(block, tp_mesh, {
-            "attention_norm": SequenceParallel(),
-            "attention": PrepareModuleInput(input_layouts=(Shard(1), None), desired_input_layouts=(Replicate(), None)),
-            "attention.wq": ColwiseParallel(),
-            "attention.wk": ColwiseParallel(),
-            "attention.wv": ColwiseParallel(),
-            "attention.wo": RowwiseParallel(output_layouts=Shard(1)),
-            "ffn_norm": SequenceParallel(),
-            "feed_forward": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
-            "feed_forward.w1": ColwiseParallel(),
-            "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
-            "feed_forward.w3": ColwiseParallel(),
-        })
+        parallelize_module(block, tp_mesh, block_plan())
 
 
-def enable_async_tensor_parallel(tp_mesh: DeviceMesh) -> None:
-    """Let the compiler split TP's all-gather / reduce-scatter into pieces that overlap the
-    matmuls around them (CUDA symmetric memory; the blocks must be compiled).
-
-    torch has only private switches for it (torch 2.13, as torchtitan uses them), all here and
-    checked by tests/test_private_apis.py: inductor's ``_micro_pipeline_tp`` and
-    ``torch.distributed._symmetric_memory.enable_symm_mem_for_group``. The latter says it is
-    deprecated and no longer needed, yet inductor's micro-pipeline pass still skips every group
-    it was not called for, so it is called (its warning silenced)."""
-    import warnings
-
-    import torch._inductor.config
-    from torch.distributed._symmetric_memory import enable_symm_mem_for_group
-
-    torch._inductor.config._micro_pipeline_tp = True
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="`enable_symm_mem_for_group` is deprecated", category=FutureWarning)
-        enable_symm_mem_for_group(tp_mesh.get_group().group_name)
-
-
-def apply_fsdp(model: Transformer, mesh: DeviceMesh, param: torch.dtype, reduce: torch.dtype,
-               reshard_after_forward: bool = True) -> None:
-    """FSDP2 per transformer block and at the root; HSDP when the mesh is 2-D.
-
-    The gradient divide factor is 1: the loss is already divided by the global token
-    count, so gradients are summed over data-parallel ranks, not averaged.
-    """
-    policy = MixedPrecisionPolicy(param_dtype=param, reduce_dtype=reduce)
-    blocks = list(model.layers.values())
-    for i, block in enumerate(blocks):
-        # The last block's params are needed again first in backward: keep them gathered.
-        fully_shard(block, mesh=mesh, mp_policy=policy,
-                    reshard_after_forward=reshard_after_forward and i < len(blocks) - 1)
-    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
-    for module in [*blocks, model]:
-        module.set_gradient_divide_factor(1.0)
-        # Plain SUM collectives: gloo has no PREMUL_SUM, and a factor of 1 needs no scaling.
-        module.set_force_sum_reduction_for_comms(True)
+def check_layout(args, dims) -> None:
+    """The shape must split into heads, and tensor parallel splits attention by heads: the degree
+    must divide both head counts."""
+    if args.n_heads % args.kv_heads:
+        raise ValueError(f"model: n_heads {args.n_heads} is not divisible by n_kv_heads {args.kv_heads}")
+    if args.dim % args.n_heads or args.head_dim % 2:
+        raise ValueError(f"model: dim {args.dim} must split into an even head_dim over {args.n_heads} heads")
+    if dims.tp > 1:
+        for what, n in (("n_heads", args.n_heads), ("n_kv_heads", args.kv_heads)):
+            if n % dims.tp:
+                raise ValueError(f"parallelism.tensor_parallel_degree {dims.tp} does not divide the model's {what} "
+                                 f"({n}): pick a degree that divides both head counts")

@@ -1,0 +1,91 @@
+"""Apply the parallelisms to a model (or one pipeline stage of it) on the meta device, in the
+order that composes: Float8 conversion, tensor parallel, context parallel, activation
+checkpointing, compile, then FSDP/HSDP. Families give their tensor-parallel plan; the rest works
+on any model whose blocks sit in ``model.layers``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from raytitan.distributed import float8
+from raytitan.distributed.activation_checkpoint import apply_activation_checkpointing
+from raytitan.distributed.compile import compile_blocks
+from raytitan.distributed.context import apply_context_parallel
+from raytitan.distributed.dims import ParallelDims
+from raytitan.distributed.precision import DTYPES, param_dtype, reshard_after_forward
+
+# (model, tp_mesh, loss_parallel) -> None: a family's tensor-parallel plan, applied in place.
+TensorParallelPlan = Callable[[nn.Module, DeviceMesh, bool], None]
+
+
+def parallelize(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh, config,
+                tensor_parallel: TensorParallelPlan | None = None) -> nn.Module:
+    """Convert and shard ``model`` (per the JobConfig ``config``) over ``mesh``."""
+    training, parallelism = config.training, config.parallelism
+    if float8.wanted(config.model.converters):
+        float8.convert_to_float8(model, config.float8, mesh.device_type)
+    tp_mesh = ParallelDims.submesh(mesh, "tp")
+    if tp_mesh is not None:
+        if tensor_parallel is None:
+            raise ValueError(f"{type(model).__name__} has no tensor-parallel plan")
+        tensor_parallel(model, tp_mesh, not parallelism.disable_loss_parallel)
+        if parallelism.enable_async_tensor_parallel:
+            enable_async_tensor_parallel(tp_mesh)
+    cp_mesh = ParallelDims.submesh(mesh, "cp")
+    if cp_mesh is not None:
+        apply_context_parallel(model, cp_mesh.get_group(), training.seq_len, parallelism.context_parallel_rotate_method)
+    ac = config.activation_checkpoint
+    apply_activation_checkpointing(model, ac.mode, ac.selective_ac_option)
+    if config.compile.enable and "model" in config.compile.components:
+        compile_blocks(model)
+    fsdp_mesh = ParallelDims.fsdp_mesh(mesh)
+    if fsdp_mesh is not None:
+        apply_fsdp(model, fsdp_mesh, param_dtype(training.mixed_precision_param, mesh.device_type),
+                   DTYPES[training.mixed_precision_reduce],
+                   reshard_after_forward(parallelism.fsdp_reshard_after_forward, dims.pp))
+    return model
+
+
+def enable_async_tensor_parallel(tp_mesh: DeviceMesh) -> None:
+    """Let the compiler split TP's all-gather / reduce-scatter into pieces that overlap the
+    matmuls around them (CUDA symmetric memory; the blocks must be compiled).
+
+    torch has only private switches for it (torch 2.13, as torchtitan uses them), all here and
+    checked by tests/test_private_apis.py: inductor's ``_micro_pipeline_tp`` and
+    ``torch.distributed._symmetric_memory.enable_symm_mem_for_group``. The latter says it is
+    deprecated and no longer needed, yet inductor's micro-pipeline pass still skips every group
+    it was not called for, so it is called (its warning silenced)."""
+    import warnings
+
+    import torch._inductor.config
+    from torch.distributed._symmetric_memory import enable_symm_mem_for_group
+
+    torch._inductor.config._micro_pipeline_tp = True
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`enable_symm_mem_for_group` is deprecated", category=FutureWarning)
+        enable_symm_mem_for_group(tp_mesh.get_group().group_name)
+
+
+def apply_fsdp(model: nn.Module, mesh: DeviceMesh, param: torch.dtype, reduce: torch.dtype,
+               reshard_after_forward: bool = True) -> None:
+    """FSDP2 per block and at the root; HSDP when the mesh is 2-D.
+
+    The gradient divide factor is 1: the loss is already divided by the global token
+    count, so gradients are summed over data-parallel ranks, not averaged.
+    """
+    policy = MixedPrecisionPolicy(param_dtype=param, reduce_dtype=reduce)
+    blocks = list(model.layers.values())
+    for i, block in enumerate(blocks):
+        # The last block's params are needed again first in backward: keep them gathered.
+        fully_shard(block, mesh=mesh, mp_policy=policy,
+                    reshard_after_forward=reshard_after_forward and i < len(blocks) - 1)
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    for module in [*blocks, model]:
+        module.set_gradient_divide_factor(1.0)
+        # Plain SUM collectives: gloo has no PREMUL_SUM, and a factor of 1 needs no scaling.
+        module.set_force_sum_reduction_for_comms(True)
