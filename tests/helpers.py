@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import socket
 
@@ -39,7 +40,27 @@ def _local_bytes(tensors) -> int:
     return sum((t.to_local() if isinstance(t, DTensor) else t).nbytes for t in tensors)
 
 
-def _worker(rank: int, world: int, port: int, payloads: list[dict], out: str) -> None:
+# Ranks start as forks of one server process that has imported torch and the worker once per
+# test session: a spawned rank spends about 4 CPU-seconds importing them, which on the 2-core CI
+# machine was minutes of the suite. Each rank still gets the test's environment (``_start``).
+START_METHOD = "forkserver"
+PRELOAD = ["torch", "torch.distributed.checkpoint", "raytitan.trainer.worker", "raytitan.trainer.build",
+           "tests.helpers"]
+
+
+def _start(fn, args: tuple, world: int):
+    """``fn(rank, env, *args)`` on ``world`` processes, each with this process's environment now."""
+    multiprocessing.get_context(START_METHOD).set_forkserver_preload(PRELOAD)
+    return mp.start_processes(fn, args=(dict(os.environ), *args), nprocs=world, start_method=START_METHOD, join=False)
+
+
+def _use_env(env: dict) -> None:
+    os.environ.clear()
+    os.environ.update(env)
+
+
+def _worker(rank: int, env: dict, world: int, port: int, payloads: list[dict], out: str) -> None:
+    _use_env(env)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     import torch
@@ -117,8 +138,7 @@ def run_ranks(config: JobConfig | list[JobConfig], world: int, out_dir: str,
     configs = config if isinstance(config, list) else [config]
     out = os.path.join(out_dir, f"result-{free_port()}.json")
     payloads = [c.to_dict() for c in configs]
-    _join(mp.start_processes(_worker, args=(world, free_port(), payloads, out), nprocs=world,
-                             start_method="spawn", join=False), deadline_s)
+    _join(_start(_worker, (world, free_port(), payloads, out), world), deadline_s)
     per_rank = []
     for r in range(world):
         with open(f"{out}.rank{r}") as f:
@@ -130,9 +150,10 @@ def run_ranks(config: JobConfig | list[JobConfig], world: int, out_dir: str,
     return results if isinstance(config, list) else results[0]
 
 
-def _call(rank: int, world: int, port: int, fn, args: tuple, out: str) -> None:
+def _call(rank: int, env: dict, world: int, port: int, fn, args: tuple, out: str) -> None:
     import torch.distributed as dist
 
+    _use_env(env)
     os.environ.update(OMP_NUM_THREADS="1")
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     result = fn(rank, world, *args)
@@ -176,8 +197,7 @@ DEADLINE_S = 600.0
 def spawn(fn, world: int, out_dir: str, *args) -> list:
     """Run ``fn(rank, world, *args)`` on ``world`` gloo ranks; returns each rank's (JSON) result."""
     out = os.path.join(out_dir, f"call-{free_port()}")
-    _join(mp.start_processes(_call, args=(world, free_port(), fn, args, out), nprocs=world, start_method="spawn",
-                             join=False), DEADLINE_S)
+    _join(_start(_call, (world, free_port(), fn, args, out), world), DEADLINE_S)
     results = []
     for r in range(world):
         with open(f"{out}.rank{r}") as f:
