@@ -11,6 +11,7 @@ from raytitan.models.spec import ModelSpec, ModelSpecError
 # Built-in families: model.name -> where the spec lives (imported only when asked for).
 BUILTIN = {
     "llama3": "raytitan.models.llama3:spec",
+    "qwen3": "raytitan.models.qwen3:spec",
 }
 MODELS = tuple(BUILTIN)
 

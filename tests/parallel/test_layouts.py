@@ -7,6 +7,9 @@ import shutil
 
 import pytest
 
+from raytitan.components.data.tokenizer import ByteTokenizer
+from raytitan.models import get_spec
+from raytitan.models.spec import build_meta, count_params
 from tests.helpers import run_ranks, tiny_config
 
 pytestmark = pytest.mark.slow
@@ -35,28 +38,53 @@ EIGHT_RANKS = {
     # FSDP shards over the cp ranks here (there is no separate data-parallel dim left on 8 ranks).
     "FSDP(cp)+TP+PP+CP": {"tensor_parallel_degree": 2, "pipeline_parallel_degree": 2, "context_parallel_degree": 2},
 }
+# Qwen3 tiny: QK-norm, head_dim 32 over 4 heads of a 64-wide model, and the output head tied to the
+# embedding (one Parameter through TP, CP and FSDP). Pipeline parallel cannot split a tied pair:
+# it trains the untied twin. These ride in the Llama spawns (a spawn costs more than a run).
+MODELS = {"llama3": {"flavor": "tiny"}, "qwen3": {"name": "qwen3", "flavor": "tiny"},
+          "qwen3 untied": {"name": "qwen3", "flavor": "tiny_untied"}}
+QWEN3_TWO_RANKS = {
+    "Qwen3 FSDP": {},
+    "Qwen3 TP": {"tensor_parallel_degree": 2},
+    "Qwen3 CP": {"context_parallel_degree": 2},
+}
+QWEN3_PP = {"pipeline_parallel_degree": 2, "pipeline_parallel_schedule": "Interleaved1F1B",
+            "pipeline_parallel_microbatch_size": 2, **EVEN_STAGES}
 
 
-def config(root, data_dir, seed_checkpoint, parallelism=None, global_batch=8, local_batch=8, **sections):
-    return tiny_config(str(root), data_dir, model={"flavor": "tiny"}, parallelism=parallelism or {},
+def config(root, data_dir, seed_checkpoint, parallelism=None, global_batch=8, local_batch=8, model="llama3", **sections):
+    return tiny_config(str(root), data_dir, model=MODELS[model], parallelism=parallelism or {},
                        training={"global_batch_size": global_batch, "local_batch_size": local_batch, "steps": STEPS},
                        checkpoint={"enable": False, "initial_load_path": seed_checkpoint, **sections.pop("checkpoint", {})},
                        **sections)
 
 
 @pytest.fixture(scope="module")
-def seed_checkpoint(tmp_path_factory, data_dir):
+def seeds(tmp_path_factory, data_dir):
+    """Each model's seed weights (one process, one spawn for all)."""
     root = tmp_path_factory.mktemp("seed")
-    run_ranks(tiny_config(str(root), data_dir, model={"flavor": "tiny"}, checkpoint={"create_seed_checkpoint": True}),
-              1, str(root))
-    return os.path.join(str(root), "run", "checkpoint", "step-0")
+    run_ranks([tiny_config(str(root / name.replace(" ", "_")), data_dir, model=model,
+                           checkpoint={"create_seed_checkpoint": True}) for name, model in MODELS.items()], 1, str(root))
+    return {name: os.path.join(str(root / name.replace(" ", "_")), "run", "checkpoint", "step-0") for name in MODELS}
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, data_dir, seed_checkpoint):
-    """One process, the whole global batch of 8 in one microbatch, from the seed weights."""
+def seed_checkpoint(seeds):
+    return seeds["llama3"]
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory, data_dir, seeds):
+    """Per model: one process, the whole global batch of 8 in one microbatch, from the seed weights."""
     root = tmp_path_factory.mktemp("reference")
-    return run_ranks(config(root, data_dir, seed_checkpoint), 1, str(root))
+    results = run_ranks([config(root / name.replace(" ", "_"), data_dir, seeds[name], model=name) for name in MODELS],
+                        1, str(root))
+    return dict(zip(MODELS, results))
+
+
+@pytest.fixture(scope="module")
+def reference(references):
+    return references["llama3"]
 
 
 @pytest.fixture(scope="module")
@@ -101,32 +129,65 @@ def check_state_split(name, result, sharding):
     assert max(held) <= 1.35 * result["full_param_bytes"] / sharding, (name, held, full, sharding)
 
 
+def tied_qwen3_params() -> int:
+    """Parameters of the Qwen3 tiny flavor with one weight for its embedding and output head."""
+    spec = get_spec("qwen3")
+    return count_params(build_meta(spec, spec.flavor("tiny").with_vocab(ByteTokenizer.vocab_size)))[0]
+
+
 @pytest.fixture(scope="module")
 def full_param_bytes(reference):
     return reference["ranks"][0]["param_bytes"]
 
 
-def test_two_rank_layouts_match_one_process(tmp_path, data_dir, seed_checkpoint, reference, full_param_bytes):
-    """Also context parallel inside compiled blocks (one graph each) with per-op checkpointing."""
+def test_two_rank_layouts_match_one_process(tmp_path, data_dir, seeds, seed_checkpoint, references, reference,
+                                            full_param_bytes):
+    """Also context parallel inside compiled blocks (one graph each) with per-op checkpointing, and
+    Qwen3 (tied head, QK-norm) under FSDP, TP with loss parallel and CP."""
     layouts = {**TWO_RANKS, "CP compiled, per-op AC": {"context_parallel_degree": 2}}
     compiled_cp = {"compile": {"enable": True, "components": ["model"]},
                    "activation_checkpoint": {"mode": "selective", "selective_ac_option": "op"}}
+    qwen3 = [config(tmp_path / name.replace(" ", "_"), data_dir, seeds["qwen3"], p, local_batch=8 // data_parallel(p, 2),
+                    model="qwen3") for name, p in QWEN3_TWO_RANKS.items()]
     results = run_ranks([config(tmp_path / name.replace(" ", "_").replace(",", ""), data_dir, seed_checkpoint, p,
                                 **(compiled_cp if "compiled" in name else {}))
-                         for name, p in layouts.items()], 2, str(tmp_path))
+                         for name, p in layouts.items()] + qwen3, 2, str(tmp_path))
     assert reference["losses"][-1] < reference["losses"][0]
     for (name, p), result in zip(layouts.items(), results):
         assert_matches(name, result["losses"], reference["losses"])
         # TP and PP split the parameters in two; FSDP over the cp ranks shards them in two as well.
         check_state_split(name, {**result, "full_param_bytes": full_param_bytes, "replicas": 1}, 2)
+    qwen3_reference = references["qwen3"]
+    assert qwen3_reference["losses"][-1] < qwen3_reference["losses"][0]
+    assert qwen3_reference["ranks"][0]["param_bytes"] == 4 * tied_qwen3_params()  # the head is the embedding
+    for name, result in zip(QWEN3_TWO_RANKS, results[len(layouts):]):
+        assert_matches(name, result["losses"], qwen3_reference["losses"])
+        check_state_split(name, {**result, "full_param_bytes": qwen3_reference["ranks"][0]["param_bytes"],
+                                 "replicas": 1}, 2)
 
 
-def test_four_rank_layouts_match_one_process(tmp_path, data_dir, seed_checkpoint, reference, full_param_bytes):
-    results = run_ranks([config(tmp_path / name.replace("+", "_"), data_dir, seed_checkpoint, p, local_batch=4)
-                         for name, p in FOUR_RANKS.items()], 4, str(tmp_path))
+def test_four_rank_layouts_match_one_process(tmp_path, data_dir, seeds, seed_checkpoint, references, reference,
+                                             full_param_bytes):
+    """Also Qwen3: tied under FSDP+TP, saving at step 3, then resumed from that step under plain
+    FSDP (the tied pair and its optimizer state resharded from 2-D to 1-D); untied under FSDP+PP."""
+    tied = config(tmp_path / "qwen3_fsdp_tp", data_dir, seeds["qwen3"], {"tensor_parallel_degree": 2}, local_batch=4,
+                  model="qwen3", checkpoint={"enable": True, "interval": 3})
+    resumed = config(tmp_path / "qwen3_fsdp_tp", data_dir, seeds["qwen3"], local_batch=2, model="qwen3",
+                     checkpoint={"enable": True, "interval": 3, "load_step": 3})
+    untied = config(tmp_path / "qwen3_fsdp_pp", data_dir, seeds["qwen3 untied"], QWEN3_PP, local_batch=4,
+                    model="qwen3 untied")
+    *results, tied_result, resumed_result, untied_result = run_ranks(
+        [config(tmp_path / name.replace("+", "_"), data_dir, seed_checkpoint, p, local_batch=4)
+         for name, p in FOUR_RANKS.items()] + [tied, resumed, untied], 4, str(tmp_path))
     for (name, p), result in zip(FOUR_RANKS.items(), results):
         assert_matches(name, result["losses"], reference["losses"])
         check_state_split(name, {**result, "full_param_bytes": full_param_bytes, "replicas": 1}, 4)
+    for name, result, model in (("Qwen3 FSDP+TP", tied_result, "qwen3"), ("Qwen3 FSDP+PP", untied_result, "qwen3 untied")):
+        assert_matches(name, result["losses"], references[model]["losses"])
+        check_state_split(name, {**result, "full_param_bytes": references[model]["ranks"][0]["param_bytes"],
+                                 "replicas": 1}, 4)
+    assert_matches("Qwen3 FSDP+TP -> FSDP", resumed_result["losses"], references["qwen3"]["losses"][3:])
+
 
 
 def test_eight_rank_layouts_match_and_checkpoints_move_between_layouts(
