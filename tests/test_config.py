@@ -116,6 +116,8 @@ def test_shipped_configs_parse():
     ("llama3_8b.toml", 8, (8, 1, 1)),
     ("llama3_70b.toml", 64, (8, 8, 1)),
     ("llama3_405b.toml", 128, (8, 8, 2)),
+    ("qwen3_8b.toml", 8, (8, 1, 1)),
+    ("qwen3_32b.toml", 32, (8, 4, 1)),
 ])
 def test_shipped_recipes_form_valid_layouts(name, world, layout):
     """The GPU recipes plan at their world size (tokenizer and data swapped for ones present here)."""
