@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from raytitan.config.job import JobConfig, apply_dict, load_toml, set_key
+from raytitan.config.job import JobConfig, apply_dict, check_torchtitan_keys, load_toml, set_key
 
 from raytitan.components.metrics import read_metrics
 
@@ -24,6 +24,7 @@ def load_config(config: str | JobConfig | dict | None = None, **overrides: Any) 
             resolved.job.config_file = config
     for key, value in overrides.items():
         set_key(resolved, key.replace("__", "."), value, source="fit() overrides")
+    check_torchtitan_keys(resolved)
     return resolved
 
 

@@ -66,6 +66,11 @@ def test_help_lists_every_key(capsys):
     for section, cls in SECTIONS.items():
         for f in dataclasses.fields(cls):
             assert f"--{section}.{f.name}" in out
+    from raytitan.config.torchtitan import KEYS
+
+    for key in KEYS:
+        assert f"--{key}" in out
+    assert "--section.no-key" in out and "--lr-scheduler.warmup-steps" in out
 
 
 def test_nested_toml_tables_and_dotted_keys(tmp_path):
@@ -165,6 +170,7 @@ def test_fit_api_overrides():
     ({"model": {"hf_assets_path": "/nonexistent"}}, 2, "no such folder"),
     ({"training": {"dataset_path": "/nonexistent/*.json.gz"}}, 2, "no shards"),
     ({"lr_scheduler": {"decay_type": "step"}}, 2, "lr_scheduler.decay_type"),
+    ({"lr_scheduler": {"total_steps": 0}}, 2, "lr_scheduler.total_steps must be > 0"),
     ({"checkpoint": {"initial_load_path": "/nonexistent"}}, 2, "not a committed checkpoint"),
     ({"checkpoint": {"initial_load_path": "/nonexistent", "initial_load_in_hf": True}}, 2, "has no config.json"),
     ({"checkpoint": {"initial_load_in_hf": True}}, 2, "initial_load_in_hf needs checkpoint.initial_load_path"),
@@ -234,3 +240,254 @@ def test_none_on_the_command_line_unsets_optional_keys(tmp_path):
     assert parse_args(["--activation_checkpoint.mode", "none"]).activation_checkpoint.mode == "none"  # a value
     with pytest.raises(ConfigError, match="training.steps: expected int"):
         parse_args(["--training.steps", "None"])  # not optional: None is no value for it
+
+
+# --------------------------------------------------------------------------- torchtitan carry-over
+
+# torchtitan v0.2.x's four Llama 3 TOMLs (torchtitan/models/llama3/train_configs/, the same at
+# v0.2.0, v0.2.1 and v0.2.2): their keys and values, written out here section by section.
+TORCHTITAN_DEBUG_MODEL = {
+    "job": {"dump_folder": "./outputs", "description": "Llama 3 debug training", "print_config": False},
+    "profiling": {"enable_profiling": False, "save_traces_folder": "profile_trace", "profile_freq": 10,
+                  "enable_memory_snapshot": False, "save_memory_snapshot_folder": "memory_snapshot"},
+    "metrics": {"log_freq": 1, "disable_color_printing": False, "enable_tensorboard": False, "save_tb_folder": "tb",
+                "enable_wandb": False},
+    "model": {"name": "llama3", "flavor": "debugmodel", "hf_assets_path": "./tests/assets/tokenizer"},
+    "optimizer": {"name": "AdamW", "lr": 8e-4, "eps": 1e-8},
+    "lr_scheduler": {"warmup_steps": 2, "decay_ratio": 0.8, "decay_type": "linear", "min_lr_factor": 0.0},
+    "training": {"local_batch_size": 8, "seq_len": 2048, "max_norm": 1.0, "steps": 10, "dataset": "c4_test"},
+    "parallelism": {"data_parallel_replicate_degree": 1, "data_parallel_shard_degree": -1,
+                    "fsdp_reshard_after_forward": "default", "tensor_parallel_degree": 1,
+                    "enable_async_tensor_parallel": False, "pipeline_parallel_degree": 1,
+                    "pipeline_parallel_schedule": "Interleaved1F1B", "context_parallel_degree": 1},
+    "checkpoint": {"enable": False, "folder": "checkpoint", "interval": 10, "last_save_model_only": False,
+                   "export_dtype": "float32", "async_mode": "disabled"},
+    "activation_checkpoint": {"mode": "selective", "selective_ac_option": "2"},
+    "compile": {"enable": False, "components": ["model", "loss"]},
+    "quantize.linear.float8": {"enable_fsdp_float8_all_gather": False, "precompute_float8_dynamic_scale_for_fsdp": False,
+                               "filter_fqns": ["output"]},
+    "validation": {"enable": False, "dataset": "c4_validation", "freq": 5, "steps": 10},
+}
+
+
+def torchtitan_llama3(size: str, lr: float, warmup: int, local_batch: int, steps: int, tp: int, ac: dict,
+                      float8: bool, **extra: dict) -> dict:
+    """llama3_8b.toml, llama3_70b.toml and llama3_405b.toml share their shape; these are what differ."""
+    sections = {
+        "job": {"dump_folder": "./outputs", "description": f"Llama 3 {size} training"},
+        "profiling": {"enable_profiling": True, "save_traces_folder": "profile_trace", "profile_freq": 100},
+        "metrics": {"log_freq": 10, "enable_tensorboard": True, "save_tb_folder": "tb"},
+        "model": {"name": "llama3", "flavor": size, "hf_assets_path": f"./assets/hf/Llama-3.1-{size}"},
+        "optimizer": {"name": "AdamW", "lr": lr, "eps": 1e-8},
+        "lr_scheduler": {"warmup_steps": warmup},
+        "training": {"local_batch_size": local_batch, "seq_len": 8192, "max_norm": 1.0, "steps": steps, "dataset": "c4"},
+        "parallelism": {"data_parallel_replicate_degree": 1, "data_parallel_shard_degree": -1,
+                        "tensor_parallel_degree": tp, "pipeline_parallel_degree": 1, "context_parallel_degree": 1},
+        "checkpoint": {"enable": False, "folder": "checkpoint", "interval": 500, "last_save_model_only": True,
+                       "export_dtype": "float32", "async_mode": "disabled"},
+        "compile": {"enable": float8, "components": ["model", "loss"]},
+        "activation_checkpoint": ac,
+        "quantize.linear.float8": {"enable_fsdp_float8_all_gather": float8,
+                                   "precompute_float8_dynamic_scale_for_fsdp": float8, "filter_fqns": ["output"]},
+        "validation": {"enable": False, "dataset": "c4_validation", "freq": 500, "steps": 1200},
+    }
+    for name, keys in extra.items():
+        sections[name].update(keys)
+    return sections
+
+
+TORCHTITAN_LLAMA3 = {
+    "debug_model": (TORCHTITAN_DEBUG_MODEL, 2, (2, 1)),
+    "llama3_8b": (torchtitan_llama3("8B", 3e-4, 200, 1, 1000, 1, {"mode": "selective", "selective_ac_option": "op"},
+                                    False), 8, (8, 1)),
+    "llama3_70b": (torchtitan_llama3("70B", 1.5e-4, 200, 8, 1000, 8, {"mode": "full"}, False), 64, (8, 8)),
+    "llama3_405b": (torchtitan_llama3("405B", 8e-5, 600, 2, 3000, 8, {"mode": "full"}, True,
+                                      model={"converters": ["float8"]},
+                                      parallelism={"enable_async_tensor_parallel": True}), 128, (16, 8)),
+}
+
+
+def toml_text(sections: dict) -> str:
+    from raytitan.config.job import toml_value
+
+    return "\n".join(f"[{name}]\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in keys.items())
+                     for name, keys in sections.items())
+
+
+class RaytitanLog:
+    """raytitan's log records while it is entered (the logger does not propagate once a test in
+    this process has set up raytitan's logging, so pytest's caplog alone would miss them)."""
+
+    def __enter__(self):
+        import logging
+
+        self.records, self.logger = [], logging.getLogger("raytitan")
+        self.handler = logging.Handler(logging.INFO)
+        self.handler.emit = self.records.append
+        self.level = self.logger.level
+        self.logger.setLevel(logging.INFO)
+        self.logger.addHandler(self.handler)
+        return self
+
+    def __exit__(self, *exc):
+        self.logger.removeHandler(self.handler)
+        self.logger.setLevel(self.level)
+
+    def messages(self, level: str) -> list[str]:
+        return [r.getMessage() for r in self.records if r.levelname == level]
+
+
+@pytest.mark.parametrize("name", list(TORCHTITAN_LLAMA3))
+def test_torchtitan_llama3_tomls_load_and_plan(tmp_path, monkeypatch, name):
+    """torchtitan's own Llama 3 TOMLs plan unchanged; only the 405B adds a [ray] section (its async
+    tensor parallel needs ray.use_gpu). Their hf_assets_path folders are made, empty: the paths are
+    relative to torchtitan's repository."""
+    sections, world, (dp_shard, tp) = TORCHTITAN_LLAMA3[name]
+    monkeypatch.chdir(tmp_path)
+    os.makedirs(sections["model"]["hf_assets_path"])
+    text = toml_text(sections) + ("[ray]\nuse_gpu = true\n" if name == "llama3_405b" else "")
+    (tmp_path / f"{name}.toml").write_text(text)
+    with RaytitanLog() as log:
+        config = parse_args(["--job.config_file", f"{name}.toml"])
+        plan = plan_run(config, world, resolve_data=name == "debug_model")
+    assert (plan.dims.dp_shard, plan.dims.tp, plan.dims.pp) == (dp_shard, tp, 1)
+    assert config.optimizer.lr == sections["optimizer"]["lr"]
+    assert config.lr_scheduler.warmup_steps == sections["lr_scheduler"]["warmup_steps"]
+    assert config.training.seq_len == plan.model_args.max_seq_len == sections["training"]["seq_len"]
+    assert config.job.description == sections["job"]["description"]
+    warnings = log.messages("WARNING")
+    ignored = [m for m in warnings if m.startswith("torchtitan keys accepted with no effect")]
+    if name == "debug_model":
+        assert ignored == ["torchtitan keys accepted with no effect in raytitan: job.print_config, "
+                           "metrics.disable_color_printing, metrics.enable_wandb (docs/from_torchtitan.md says what "
+                           "raytitan does instead)"]
+        assert config.training.dataset == "c4_test" and len(plan.shards) == 1
+        assert any("2000 generated English-like documents in C4's format" in m for m in log.messages("INFO"))
+    else:
+        assert ignored == []
+    # torchtitan's hf_assets_path is its tokenizer folder; here model.tokenizer decides, and says so.
+    assert any("model.hf_assets_path is set but model.tokenizer = 'byte'" in m for m in warnings)
+
+
+def test_torchtitan_keys_are_named_in_one_warning_from_toml_and_command_line(tmp_path):
+    path = write(tmp_path, "[job]\nprint_config = true\n[training]\ngc_freq = 10\n"
+                           "[training.dataloader]\nnum_workers = 4\npin_memory = true\n[debug]\nseed = 7\n")
+    with RaytitanLog() as log:
+        c = parse_args(["--job.config_file", path, "--metrics.enable-wandb", "--comm.init-timeout-seconds", "600"])
+    assert log.messages("WARNING") == [
+        "torchtitan keys accepted with no effect in raytitan: job.print_config, training.gc_freq, "
+        "training.dataloader.num_workers, training.dataloader.pin_memory, metrics.enable_wandb, "
+        "comm.init_timeout_seconds (docs/from_torchtitan.md says what raytitan does instead)"]
+    assert c.training.seed == 7  # debug.seed is torchtitan's name for training.seed: an alias, not ignored
+    assert c.torchtitan_ignored["metrics.enable_wandb"] is True
+    assert dataclasses.replace(c, torchtitan_ignored={}) == c  # the ignored keys are not part of the config
+    assert "enable_wandb" not in to_toml(c) and "[debug]" not in to_toml(c)
+    with RaytitanLog() as log:
+        load_config(path, metrics__disable_color_printing=True)
+    assert len(log.messages("WARNING")) == 1 and "metrics.disable_color_printing" in log.messages("WARNING")[0]
+
+
+@pytest.mark.parametrize("toml, message", [
+    ("[training]\nenable_cpu_offload = true\n", "training.enable_cpu_offload = true in .*only as false: FSDP CPU offload"),
+    ('[training]\ndtype = "bfloat16"\n', 'training.dtype = "bfloat16" .*only as "float32".*mixed_precision_param'),
+    ('[compile]\nbackend = "aot_eager"\n', 'compile.backend = "aot_eager" .*only as "inductor"'),
+    ("[parallelism]\nexpert_parallel_degree = 2\n", "parallelism.expert_parallel_degree = 2 .*no expert parallel"),
+    ('[parallelism]\ncontext_parallel_load_balancer = "ptrr"\n', "only as \"headtail\": context parallel always"),
+    ('[parallelism]\npipeline_parallel_schedule_csv = "s.csv"\n', 'only as "" or unset'),
+    ("[checkpoint]\nload_only = true\n", "checkpoint.load_only = true .*no load-only mode"),
+    ("[checkpoint]\nenable_first_step_checkpoint = true\n", "set checkpoint.interval = 1"),
+    ("[optimizer]\nearly_step_in_backward = true\n", "optimizer.early_step_in_backward"),
+    ("[fault_tolerance]\nenable = true\n", "fault_tolerance.enable = true .*ray.max_failures, ray.min_workers"),
+    ('[model]\ntokenizer_path = "./tok"\n', "model.tokenizer_path .*only as unset.*set model.hf_assets_path"),
+    ('[job]\ncustom_config_module = "my.config"\n', "job.custom_config_module .*model.name = package.module:attribute"),
+    ("[training]\nseq_len = 2048\n[validation]\nseq_len = 4096\n",
+     "validation.seq_len = 4096 differs from training.seq_len = 2048: validation runs at training.seq_len"),
+    ("[metrics]\nenable_wandbb = true\n", "unknown config key 'metrics.enable_wandbb'.*did you mean 'metrics.enable_wandb'"),
+    ("[training]\nnum_tokens_per_step = 4\n", "unknown config key 'training.num_tokens_per_step'"),
+    ("[fault_tolerance]\nreplicas = 2\n", "unknown config key 'fault_tolerance.replicas'"),
+    ("[training.dataloader]\nworkers = 2\n", "unknown config key 'training.dataloader.workers'"),
+    ("[debug]\nseed = 1.5\n", "debug.seed: expected int"),
+])
+def test_torchtitan_keys_raytitan_does_not_implement_are_errors_unless_off(tmp_path, toml, message):
+    """A torchtitan key whose value asks for something raytitan does not do is an error naming it;
+    keys torchtitan never had stay unknown keys."""
+    with pytest.raises(ConfigError, match=message):
+        parse_args(["--job.config_file", write(tmp_path, toml)])
+
+
+def test_torchtitan_keys_at_the_values_raytitan_follows_are_accepted(tmp_path):
+    path = write(tmp_path, '[training]\nenable_cpu_offload = false\ndtype = "float32"\nseq_len = 512\n'
+                           '[validation]\nseq_len = 512\n[compile]\nbackend = "inductor"\n'
+                           '[parallelism]\ncontext_parallel_load_balancer = "headtail"\nexpert_parallel_degree = 1\n'
+                           'pipeline_parallel_schedule_csv = ""\n[fault_tolerance]\nenable = false\ngroup_size = 0\n')
+    c = parse_args(["--job.config_file", path, "--debug.deterministic"])
+    assert c.training.deterministic and c.training.seq_len == 512
+    assert list(c.torchtitan_ignored) == [
+        "training.enable_cpu_offload", "training.dtype", "validation.seq_len", "compile.backend",
+        "parallelism.context_parallel_load_balancer", "parallelism.expert_parallel_degree",
+        "parallelism.pipeline_parallel_schedule_csv", "fault_tolerance.enable", "fault_tolerance.group_size"]
+    # validation.seq_len is checked against the final training.seq_len, command line included
+    with pytest.raises(ConfigError, match="validation.seq_len = 512 differs from training.seq_len = 1024"):
+        parse_args(["--job.config_file", path, "--training.seq_len", "1024"])
+
+
+@pytest.mark.parametrize("argv, enabled", [
+    (["--checkpoint.enable"], True),
+    (["--checkpoint.no-enable"], False),  # torchtitan's (tyro's) form
+    (["--checkpoint.no_enable"], False),
+    (["--no-checkpoint.enable"], False),
+    (["--checkpoint.enable", "false"], False),
+    (["--checkpoint.enable=false"], False),
+    (["--checkpoint.no-enable", "--checkpoint.enable", "true"], True),  # the last one wins
+])
+def test_boolean_flags_in_both_styles(argv, enabled):
+    assert parse_args(argv).checkpoint.enable is enabled
+
+
+def test_dashed_key_names_on_the_command_line(tmp_path):
+    path = write(tmp_path, "[training]\nsteps = 7\n")
+    for argv in (["--lr-scheduler.warmup-steps", "2"], ["--lr_scheduler.warmup_steps", "2"],
+                 ["--lr-scheduler.warmup_steps=2"], ["--lr_scheduler.warmup-steps=2"]):
+        assert parse_args(argv).lr_scheduler.warmup_steps == 2
+    c = parse_args(["--job.config-file", path, "--quantize.linear.float8.no-enable-fsdp-float8-all-gather",
+                    "--activation-checkpoint.mode", "full", "--no-metrics.enable-tensorboard"])
+    assert c.training.steps == 7 and c.activation_checkpoint.mode == "full" and not c.metrics.enable_tensorboard
+    assert not parse_args(["--metrics.no-enable-wandb"]).torchtitan_ignored["metrics.enable_wandb"]
+    with pytest.raises(ConfigError, match="--checkpoint.no-folder: only boolean keys"):
+        parse_args(["--checkpoint.no-folder"])
+    with pytest.raises(ConfigError, match="did you mean 'lr_scheduler.warmup_steps'"):
+        parse_args(["--lr-scheduler.warmup-step", "2"])
+
+
+def test_c4_test_is_a_generated_set_or_the_files_given(tmp_path, data_dir):
+    generated = plan_run(tiny_config(str(tmp_path), data_dir, training={"dataset": "c4_test", "dataset_path": None}), 2)
+    assert [os.path.basename(p) for p in generated.shards] == ["c4-train.00000-of-00001.json.gz"]
+    import gzip
+
+    with gzip.open(generated.shards[0], "rt") as f:
+        assert sum(1 for _ in f) == 2000
+    given = plan_run(tiny_config(str(tmp_path), data_dir, training={"dataset": "c4_test"}), 2)
+    assert given.shards == plan_run(tiny_config(str(tmp_path), data_dir), 2).shards  # the files in dataset_path
+
+
+def test_from_torchtitan_doc_names_real_keys_and_raytitans_defaults():
+    """docs/from_torchtitan.md: the raytitan column of its defaults table is raytitan's default,
+    and every raytitan key its tables name exists."""
+    import re
+    import tomllib
+
+    from raytitan.config.job import key_type, section
+
+    text = open(os.path.join(REPO, "docs", "from_torchtitan.md")).read()
+    defaults = JobConfig()
+    rows = re.findall(r"^\| `([a-z_0-9.]+)` \| [^|]+ \| ([^|]+?) \|$", text, flags=re.M)
+    assert len(rows) >= 20
+    for key, ours in rows:
+        path, _, name = key.rpartition(".")
+        value = tomllib.loads(f"v = {ours.split(' (')[0].strip('` ')}")["v"]
+        assert getattr(section(defaults, path), name) == value, key
+    sections = "|".join(re.escape(s) for s in sorted(SECTIONS, key=len, reverse=True))
+    raytitan_cells = [line.rstrip(" |").rsplit(" | ", 1)[-1] for line in text.splitlines() if line.startswith("| `")]
+    named = {k for cell in raytitan_cells for k in re.findall(rf"`((?:{sections})\.[a-z_0-9]+)`", cell)}
+    assert len(named) > 15
+    assert [k for k in named if key_type(k) is None] == []

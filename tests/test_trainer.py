@@ -1,12 +1,15 @@
 import copy
+import logging
+import math
 
+import pytest
 import torch
 
 from raytitan.components.checkpoint.manager import CheckpointManager
 from raytitan.models.llama3.args import ModelArgs
 from raytitan.models.llama3.model import Transformer
 from raytitan.components.loss import cross_entropy_sum
-from raytitan.components.optimizer import PartOptimizers, WarmupStableDecay, build_lr_scheduler
+from raytitan.components.optimizer import PartOptimizers, build_lr_scheduler
 from raytitan.trainer.runner import ModelRunner
 from raytitan.trainer.loop import Schedule, Trainer, clip_grad_norm_
 
@@ -75,16 +78,137 @@ def test_lr_schedule_reaches_every_part_also_after_a_state_load():
     assert [o.param_groups[0]["lr"] for o in optimizers] == [0.5, 0.5]
 
 
-def test_lr_schedule_shapes():
-    wsd = WarmupStableDecay(warmup_steps=4, total_steps=20, decay_ratio=0.25, decay_type="linear", min_lr_factor=0.1)
-    factors = [wsd(s) for s in range(20)]
-    assert factors[:4] == [0.2, 0.4, 0.6, 0.8]  # linear warmup
-    assert all(f == 1.0 for f in factors[4:15])  # stable
-    assert factors[15] == 1.0 and factors[19] < factors[16] < 1.0  # decays over the last quarter
-    assert abs(wsd(20) - 0.1) < 1e-9  # reaches min_lr_factor
-    cosine = WarmupStableDecay(0, 10, None, "cosine", 0.0)
-    sqrt = WarmupStableDecay(0, 10, None, "sqrt", 0.0)
-    assert abs(cosine(5) - 0.5) < 1e-9 and abs(sqrt(5) - (1 - 0.5**0.5)) < 1e-9
+# The schedule tests below write torchtitan's formulas out by hand (lr_scheduler.py of torchtitan
+# v0.2.2, `linear_warmup_stable_decay`): over T total steps with W warmup and D decay steps, step
+# n (1-based) trains at n / W while n <= W, at 1.0 until n = T + 1 - D, then decays with progress
+# p = (n - (T + 1 - D)) / D to min_lr_factor; W is cut to T, and D to T - W when they overlap.
+
+
+def lr_scheduler_config(**keys):
+    from raytitan.config.job import JobConfig
+
+    return JobConfig.from_dict({"lr_scheduler": keys}).lr_scheduler
+
+
+def scheduled_lrs(keys: dict, training_steps: int, base_lr: float = 1.0) -> list[float]:
+    """The learning rate each step n = 1..training_steps trains at, stepping as the loop does."""
+    optimizer = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=base_lr)
+    scheduler = build_lr_scheduler(optimizer, lr_scheduler_config(**keys), training_steps)
+    lrs = []
+    for _ in range(training_steps):
+        lrs.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    return lrs
+
+
+def assert_lrs(actual: list[float], expected: list[float]) -> None:
+    assert len(actual) == len(expected)
+    for n, (a, e) in enumerate(zip(actual, expected), start=1):
+        assert abs(a - e) < 1e-12, f"step {n}: lr {a}, torchtitan's formula gives {e}"
+
+
+def logged_lrs(trainer, total_steps: int) -> list[float]:
+    """Run the training loop to ``total_steps`` and return the lr it logged for each step it ran."""
+    from raytitan.components.data.loader import RankBatch
+
+    class Loader:
+        global_batch_size, bad_records = 2, 0
+
+        def next_batch(self):
+            return RankBatch(torch.randint(0, 61, (2, 9)), None)
+
+    class Metrics:
+        def __init__(self):
+            self.lrs = []
+
+        def summarize(self, step, loss, grad_norm, lr):
+            self.lrs.append(lr)
+            return {"step": step}
+
+        log = record_step = flush = close = log_validation = lambda self, *a: None
+
+    trainer.loader, trainer.metrics = Loader(), Metrics()
+    trainer.schedule = Schedule(total_steps=total_steps, log_freq=1, checkpoint_interval=1, checkpoint_enabled=False,
+                                validation_freq=0)
+    trainer.fit()
+    return trainer.metrics.lrs
+
+
+def test_the_loop_trains_each_step_at_torchtitans_lr_also_after_resuming_mid_warmup():
+    """torchtitan's debug_model.toml schedule (lr 8e-4, warmup 2, decay_ratio 0.8, linear, 10
+    steps): W = 2, D = 8, decay from n = 3. The loop logs the lr each step trained at. A run that
+    stops after step 1 (mid-warmup) and resumes from the saved schedule state trains steps 2-10 at
+    the same rates; the state is {"last_epoch": completed steps}, as checkpoints from before the
+    switch to torchtitan's warmup hold it too."""
+    from raytitan.components.optimizer import LRSchedulerState
+    from raytitan.trainer.loop import TrainState
+
+    keys = {"warmup_steps": 2, "decay_ratio": 0.8, "decay_type": "linear", "min_lr_factor": 0.0}
+    expected = [8e-4 * f for f in (1 / 2, 2 / 2, 1.0, 7 / 8, 6 / 8, 5 / 8, 4 / 8, 3 / 8, 2 / 8, 1 / 8)]
+
+    def trainer_at(step: int, saved: dict | None):
+        torch.manual_seed(0)
+        model = Transformer(ModelArgs(dim=16, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=61, max_seq_len=8))
+        model.init_weights()
+        trainer = make_trainer(model, local_batch_size=2)
+        trainer.optimizer = torch.optim.AdamW(model.parameters(), lr=8e-4)
+        trainer.lr_scheduler = build_lr_scheduler(trainer.optimizer, lr_scheduler_config(**keys), 10)
+        trainer.state = TrainState(step=step)
+        if saved is not None:
+            LRSchedulerState(trainer.lr_scheduler).load_state_dict(saved)
+        return trainer
+
+    assert_lrs(scheduled_lrs(keys, 10, base_lr=8e-4), expected)
+    first = trainer_at(0, None)
+    assert_lrs(logged_lrs(first, 1), expected[:1])
+    saved = LRSchedulerState(first.lr_scheduler).state_dict()
+    assert saved == {"last_epoch": 1}
+    assert_lrs(logged_lrs(trainer_at(1, saved), 10), expected[1:])
+
+
+@pytest.mark.parametrize("decay_type, shape", [
+    ("linear", lambda p: 1 - p),
+    ("sqrt", lambda p: 1 - math.sqrt(p)),
+    ("cosine", lambda p: (1 + math.cos(math.pi * p)) / 2),
+])
+def test_lr_decay_shapes_with_a_floor(decay_type, shape):
+    """12 steps, warmup 3, decay_ratio 0.5 (D = 6: steps 8-12 decay, p = (n - 7) / 6), floor 0.1."""
+    warmup, stable = [1 / 3, 2 / 3, 1.0], [1.0] * 4
+    decay = [0.1 + 0.9 * shape((n - 7) / 6) for n in range(8, 13)]
+    assert_lrs(scheduled_lrs({"warmup_steps": 3, "decay_ratio": 0.5, "decay_type": decay_type, "min_lr_factor": 0.1},
+                             12, base_lr=2.0), [2.0 * f for f in warmup + stable + decay])
+
+
+def test_lr_schedule_without_decay_ratio_decays_every_step_after_warmup():
+    """warmup 2 of 6 steps, decay_ratio unset: D = 4, p = (n - 3) / 4 from n = 4."""
+    assert_lrs(scheduled_lrs({"warmup_steps": 2}, 6), [0.5, 1.0, 1.0, 0.75, 0.5, 0.25])
+    assert_lrs(scheduled_lrs({"warmup_steps": 0}, 4), [1.0, 0.75, 0.5, 0.25])  # no warmup: D = 4 from step 1
+
+
+def test_lr_schedule_clamps_as_torchtitan_does(caplog):
+    raytitan_log = logging.getLogger("raytitan")
+    raytitan_log.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.INFO, logger="raytitan"):
+            # warmup 8 of 5 steps: cut to 5 (D = 0: no decay)
+            assert_lrs(scheduled_lrs({"warmup_steps": 8}, 5), [0.2, 0.4, 0.6, 0.8, 1.0])
+            # warmup 4 + decay round(10 x 0.8) = 8 > 10 steps: D cut to 6, p = (n - 5) / 6 from n = 6
+            assert_lrs(scheduled_lrs({"warmup_steps": 4, "decay_ratio": 0.8}, 10),
+                       [0.25, 0.5, 0.75, 1.0, 1.0, 5 / 6, 4 / 6, 3 / 6, 2 / 6, 1 / 6])
+    finally:
+        raytitan_log.removeHandler(caplog.handler)
+    assert "warmup_steps 8 > 5 total steps: warmup over 5" in caplog.text
+    assert "warmup 4 + decay 8 steps > 10 total steps: decay over 6" in caplog.text
+
+
+def test_lr_scheduler_total_steps_decouples_the_schedule_from_the_run():
+    # Spans 20 steps of a 6-step run: warmup 2, D = 18, p = (n - 3) / 18.
+    assert_lrs(scheduled_lrs({"warmup_steps": 2, "total_steps": 20}, 6), [0.5, 1.0, 1.0, 17 / 18, 16 / 18, 15 / 18])
+    # Spans 4 steps of a 6-step run: D = 2 ends at n = 5 with the floor; past it the floor stays
+    # (torchtitan's formula would go on below it).
+    assert_lrs(scheduled_lrs({"warmup_steps": 2, "total_steps": 4, "min_lr_factor": 0.1}, 6),
+               [0.5, 1.0, 1.0, 0.55, 0.1, 0.1])
 
 
 def test_schedule_reports_at_checkpoints_validations_and_the_end():

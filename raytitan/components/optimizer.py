@@ -1,7 +1,8 @@
-"""Optimizer and learning-rate schedule (warmup, optional stable phase, decay)."""
+"""Optimizer and learning-rate schedule (torchtitan's: linear warmup, optional stable phase, decay)."""
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 
@@ -11,6 +12,8 @@ from torch.optim.lr_scheduler import LambdaLR
 OPTIMIZERS = {"AdamW": torch.optim.AdamW, "Adam": torch.optim.Adam}  # optimizer.name (any case)
 IMPLEMENTATIONS = ("auto", "foreach", "fused", "for-loop")  # optimizer.implementation
 DECAY_TYPES = ("linear", "sqrt", "cosine")  # lr_scheduler.decay_type
+
+logger = logging.getLogger("raytitan")
 
 
 class PartOptimizers:
@@ -60,35 +63,55 @@ def _build_one(params, config, device: torch.device) -> torch.optim.Optimizer:
 
 
 class WarmupStableDecay:
-    """LR multiplier at a step: linear warmup, flat, then decay to ``min_lr_factor``.
+    """torchtitan's learning-rate schedule: the LR multiplier of each step.
 
-    ``decay_ratio`` is the share of all steps spent decaying; None decays over every
-    step after warmup.
+    Over ``total_steps`` steps (1-based, n = 1 .. total_steps):
+
+    - warmup: step n <= W trains at n / W of the peak (W = 2: 0.5, then 1.0);
+    - stable: 1.0 until the last D steps;
+    - decay: step n trains at progress p = (n - (total_steps + 1 - D)) / D, shaped as linear
+      1 - p, sqrt 1 - sqrt(p) or cosine (1 + cos(pi p)) / 2, scaled to end at ``min_lr_factor``.
+      The schedule reaches p = 1 one step after the last, so the last step does not train at
+      the minimum (torchtitan's "virtual last step").
+
+    D is ``round(total_steps * decay_ratio)``, or every step after warmup when ``decay_ratio`` is
+    None. Clamped as torchtitan clamps: W longer than the total is cut to the total, and a D that
+    would overlap the warmup is cut to ``total_steps - W``. Past ``total_steps`` (a run longer than
+    ``lr_scheduler.total_steps``) the multiplier stays at its final value, where torchtitan's
+    formula would run past p = 1.
     """
 
     def __init__(self, warmup_steps: int, total_steps: int, decay_ratio: float | None, decay_type: str,
                  min_lr_factor: float):
-        self.warmup = warmup_steps
-        decay_steps = total_steps - warmup_steps if decay_ratio is None else round(total_steps * decay_ratio)
-        self.decay_start = total_steps - decay_steps
-        self.decay_steps = max(decay_steps, 1)
+        decay_type = decay_type.lower()
+        if decay_type not in DECAY_TYPES:
+            raise ValueError(f"lr_scheduler.decay_type: unknown '{decay_type}'; use one of {', '.join(DECAY_TYPES)}")
+        self.total = total_steps
+        self.warmup = min(warmup_steps, total_steps)
+        decay = total_steps - self.warmup if decay_ratio is None else round(total_steps * decay_ratio)
+        self.decay = min(decay, total_steps - self.warmup)
+        self.clamped = []  # what was cut to fit, in words (logged once by build_lr_scheduler)
+        if warmup_steps > total_steps:
+            self.clamped.append(f"warmup_steps {warmup_steps} > {total_steps} total steps: warmup over {self.warmup}")
+        if decay > self.decay:
+            self.clamped.append(f"warmup {self.warmup} + decay {decay} steps > {total_steps} total steps: "
+                                f"decay over {self.decay}")
         self.decay_type, self.min_lr_factor = decay_type, min_lr_factor
 
-    def __call__(self, step: int) -> float:
-        # LambdaLR calls with the number of completed steps; step s trains with lambda(s).
-        if step < self.warmup:
-            return (step + 1) / (self.warmup + 1)
-        if step < self.decay_start:
+    def __call__(self, completed: int) -> float:
+        # LambdaLR passes the number of completed steps; the next step is n = completed + 1.
+        n = completed + 1
+        if n <= self.warmup:
+            return n / self.warmup
+        if self.decay == 0:
             return 1.0
-        progress = min((step - self.decay_start) / self.decay_steps, 1.0)
+        progress = min(max(n - (self.total + 1 - self.decay), 0) / self.decay, 1.0)
         if self.decay_type == "linear":
             frac = 1 - progress
         elif self.decay_type == "sqrt":
             frac = 1 - math.sqrt(progress)
-        elif self.decay_type == "cosine":
-            frac = 0.5 * (1 + math.cos(math.pi * progress))
         else:
-            raise ValueError(f"lr_scheduler.decay_type: unknown '{self.decay_type}'")
+            frac = 0.5 * (1 + math.cos(math.pi * progress))
         return self.min_lr_factor + (1 - self.min_lr_factor) * frac
 
 
@@ -111,8 +134,13 @@ class PartSchedulers:
 
 
 def build_lr_scheduler(optimizer: PartOptimizers | torch.optim.Optimizer, config, total_steps: int) -> PartSchedulers:
-    schedule = WarmupStableDecay(config.warmup_steps, total_steps, config.decay_ratio, config.decay_type,
+    """The ``[lr_scheduler]`` schedule over ``total_steps`` (training.steps), or over
+    ``config.total_steps`` when that is set."""
+    total = config.total_steps if config.total_steps is not None else total_steps
+    schedule = WarmupStableDecay(config.warmup_steps, total, config.decay_ratio, config.decay_type,
                                  config.min_lr_factor)
+    for note in schedule.clamped:
+        logger.info("lr_scheduler: %s (as torchtitan)", note)
     optimizers = optimizer.optimizers if isinstance(optimizer, PartOptimizers) else [optimizer]
     return PartSchedulers([LambdaLR(o, schedule) for o in optimizers])
 

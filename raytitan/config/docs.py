@@ -16,6 +16,7 @@ import typing
 from typing import Any
 
 from raytitan.config.job import SECTIONS, toml_value
+from raytitan.config.torchtitan import KEYS as TORCHTITAN_KEYS
 
 PAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "docs",
                     "configuration.md")
@@ -30,7 +31,9 @@ One TOML section per concern, with torchtitan's names, plus `[ray]` for the clus
 reads the defaults below, then `--job.config_file FILE` (TOML), then command-line keys:
 
 - `--section.key value` or `--section.key=value` (`--quantize.linear.float8.emulate` for nested tables);
-- booleans as `--section.key` / `--no-section.key`; lists comma-separated; dicts as `K=V,K=V`;
+  dashes and underscores are the same in key names (`--lr-scheduler.warmup-steps 2`);
+- booleans as `--section.key`, `--section.key true|false`, and for false also `--no-section.key` or
+  torchtitan's `--section.no-key`; lists comma-separated; dicts as `K=V,K=V`;
 - from Python, `raytitan.load_config(path, section__key=value)` or `raytitan.fit(path, section__key=value)`;
 - an unknown key is an error that names the closest valid one; `python -m raytitan.train --help`
   prints every key with its default.
@@ -49,6 +52,20 @@ ranks, so the update does not depend on how the batch is split (tested).
 Shipped configs in `configs/`: `llama3_debug.toml` (the default run), `llama3_8b.toml`
 (8 x H100, FSDP), `llama3_70b.toml` (64 x H100, FSDP 8 x TP 8) and `llama3_405b.toml`
 (128 x H100, FSDP 8 x PP 2 x TP 8, interleaved 1F1B); see [parallelism.md](parallelism.md).
+
+torchtitan's own TOMLs load too ([from_torchtitan.md](from_torchtitan.md)): its keys that have
+no field here are listed [at the end](#torchtitan-keys-without-a-field-here), each with the values
+raytitan accepts and what it does instead.
+"""
+
+TORCHTITAN_INTRO = """\
+## torchtitan keys without a field here
+
+Read from a TOML or the command line so that torchtitan's configs load unchanged
+(`raytitan/config/torchtitan.py`). "any" keys change nothing raytitan computes: they are accepted
+and named in one warning. Keys with listed values have a meaning raytitan does not implement: the
+listed values are the ones that mean what raytitan does anyway (also named in the warning), any
+other value is a config error. Keys torchtitan never had are unknown keys, as always.
 """
 
 
@@ -77,6 +94,18 @@ def render() -> str:
             shown = "unset" if default is None else f"`{cell(toml_value(default))}`"
             out.append(f"| `{path}.{f.name}` | `{cell(type_name(hints[f.name]))}` | {shown} | {cell(f.metadata['doc'])} |")
         out.append("")
+    out += [TORCHTITAN_INTRO, "| key | type | accepted | what raytitan does |", "|---|---|---|---|"]
+    for key, spec in TORCHTITAN_KEYS.items():
+        if spec.alias:
+            accepted, what = "any", f"the same as `{spec.alias}`"
+        elif spec.same_as:
+            accepted, what = f"= `{spec.same_as}`", spec.effect
+        else:
+            accepted = "any" if not spec.accepts else ", ".join(
+                "unset" if v is None else f"`{cell(toml_value(v))}`" for v in spec.accepts)
+            what = spec.effect
+        out.append(f"| `{key}` | `{cell(type_name(spec.type))}` | {accepted} | {cell(what)} |")
+    out.append("")
     return "\n".join(out)
 
 

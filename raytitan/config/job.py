@@ -1,13 +1,17 @@
 """Run configuration: one dataclass per TOML section, TOML + ``--section.key`` overrides.
 
 Each key is documented once, in its field's ``doc`` metadata; ``--help`` prints them all.
-The vocabulary follows torchtitan so existing configs carry over; ``[ray]`` is new.
+The vocabulary follows torchtitan so existing configs carry over; ``[ray]`` is new. torchtitan's
+keys that raytitan has no field for are read from the table in ``raytitan.config.torchtitan``:
+accepted and named in one warning, or an error when their value asks for something raytitan
+does not do.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import os
 import sys
 import tomllib
@@ -15,6 +19,10 @@ import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any
+
+from raytitan.config.torchtitan import KEYS as TORCHTITAN_KEYS
+
+logger = logging.getLogger("raytitan")
 
 
 class ConfigError(ValueError):
@@ -51,8 +59,10 @@ class Training:
     seq_len: int = opt(256, "Tokens per training sequence")
     steps: int = opt(40, "Optimizer steps to train for")
     max_norm: float = opt(1.0, "Gradient clipping max total norm; 0 disables clipping")
-    dataset: str = opt("synthetic", "Dataset: synthetic (seeded C4-format shards), c4, c4_validation, or files")
-    dataset_path: str | None = opt(None, "c4: mirror root (default the hub); files: folder, glob or URL of shards")
+    dataset: str = opt("synthetic", "Dataset: synthetic (seeded C4-format shards), c4_test (2,000 generated C4-format "
+                       "documents, torchtitan's name for its small test set), c4, c4_validation, or files")
+    dataset_path: str | None = opt(None, "c4: mirror root (default the hub); files: folder, glob or URL of shards; "
+                                         "c4_test: C4-format files to read instead of generating them")
     shuffle_buffer: int = opt(0, "Shuffle windows within seeded blocks of this many (0 = file order)")
     seed: int = opt(0, "Seed for weights and data order")
     deterministic: bool = opt(False, "Use deterministic algorithms (bitwise reproducible, slower)")
@@ -130,10 +140,14 @@ class Optimizer:
 
 @dataclass
 class LRScheduler:
-    warmup_steps: int = opt(5, "Linear warmup steps")
-    decay_ratio: float | None = opt(None, "Share of steps spent decaying at the end (warmup-stable-decay); unset = all after warmup")
+    warmup_steps: int = opt(5, "Linear warmup (torchtitan's): step n <= warmup_steps trains at n / warmup_steps x "
+                               "optimizer.lr; cut to the total steps if longer")
+    total_steps: int | None = opt(None, "Steps the schedule spans; unset = training.steps. A run past it stays at "
+                                        "the schedule's last value")
+    decay_ratio: float | None = opt(None, "Share of the total steps spent decaying at the end (warmup-stable-decay), "
+                                          "cut to fit after the warmup; unset = every step after warmup")
     decay_type: str = opt("linear", "Decay shape: linear, sqrt or cosine")
-    min_lr_factor: float = opt(0.0, "Final learning rate as a fraction of the peak")
+    min_lr_factor: float = opt(0.0, "Learning rate at the end of decay, as a fraction of optimizer.lr")
 
 
 @dataclass
@@ -247,6 +261,9 @@ class JobConfig:
     validation: Validation = field(default_factory=Validation)
     ray: Ray = field(default_factory=Ray)
     fault: Fault = field(default_factory=Fault)
+    # torchtitan keys read without a raytitan field (raytitan/config/torchtitan.py) and their values, for the
+    # one warning that names them; not part of the config itself (not saved, not compared).
+    torchtitan_ignored: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def run_name(self) -> str:
@@ -370,9 +387,24 @@ def _all_keys() -> list[str]:
 
 
 def _unknown(key: str, source: str) -> ConfigError:
-    close = difflib.get_close_matches(key, _all_keys() + list(SECTIONS), n=1, cutoff=0.5)
+    close = difflib.get_close_matches(key, _all_keys() + list(SECTIONS) + list(TORCHTITAN_KEYS), n=1, cutoff=0.5)
     hint = f"; did you mean '{close[0]}'?" if close else "; see --help for the valid keys"
     return ConfigError(f"unknown config key '{key}' in {source}{hint}")
+
+
+def key_type(key: str) -> Any:
+    """The type of a raytitan key or of a torchtitan key raytitan reads; None for neither."""
+    path, _, name = key.rpartition(".")
+    if path in SECTIONS and name in _field_types(SECTIONS[path]):
+        return _field_types(SECTIONS[path])[name]
+    spec = TORCHTITAN_KEYS.get(key)
+    return spec.type if spec else None
+
+
+def _is_table(path: str) -> bool:
+    """A TOML table path: a section, or a table on the way to one or to a torchtitan key."""
+    return any(s == path or s.startswith(path + ".") for s in SECTIONS) or \
+        any(k.startswith(path + ".") for k in TORCHTITAN_KEYS)
 
 
 ATTRIBUTES = {"quantize.linear.float8": "float8"}  # sections whose JobConfig attribute differs from the path
@@ -383,27 +415,57 @@ def section(config: JobConfig, path: str) -> Any:
 
 
 def set_key(config: JobConfig, key: str, value: Any, source: str) -> None:
+    """Set a raytitan key, or read a torchtitan one (raytitan/config/torchtitan.py): its alias is
+    set, an accepted value is recorded for ``check_torchtitan_keys``, any other value is an error."""
     path, _, name = key.rpartition(".")
-    if path not in SECTIONS:
+    if path in SECTIONS and name in _field_types(SECTIONS[path]):
+        setattr(section(config, path), name, _convert(value, _field_types(SECTIONS[path])[name], key))
+        return
+    spec = TORCHTITAN_KEYS.get(key)
+    if spec is None:
         raise _unknown(key, source)
-    types = _field_types(SECTIONS[path])
-    if name not in types:
-        raise _unknown(key, source)
-    setattr(section(config, path), name, _convert(value, types[name], key))
+    value = _convert(value, spec.type, key)
+    if spec.alias:
+        set_key(config, spec.alias, value, source)
+        return
+    if spec.accepts and value not in spec.accepts:
+        accepted = " or ".join("unset" if v is None else toml_value(v) for v in spec.accepts)
+        raise ConfigError(f"{key} = {toml_value(value)} in {source}: raytitan reads this torchtitan key only as "
+                          f"{accepted}: {spec.effect}")
+    config.torchtitan_ignored[key] = value
+
+
+def check_torchtitan_keys(config: JobConfig) -> None:
+    """Once every key is read: torchtitan keys that must equal a raytitan key do; one warning
+    names every torchtitan key raytitan accepted without acting on it, another a tokenizer folder
+    that the byte tokenizer leaves unused."""
+    for key, value in config.torchtitan_ignored.items():
+        spec = TORCHTITAN_KEYS[key]
+        if spec.same_as:
+            path, _, name = spec.same_as.rpartition(".")
+            expected = getattr(section(config, path), name)
+            if value != expected:
+                raise ConfigError(f"{key} = {toml_value(value)} differs from {spec.same_as} = {toml_value(expected)}: "
+                                  f"{spec.effect}")
+    if config.torchtitan_ignored:
+        logger.warning("torchtitan keys accepted with no effect in raytitan: %s (docs/from_torchtitan.md says what "
+                       "raytitan does instead)", ", ".join(config.torchtitan_ignored))
+    if config.model.hf_assets_path and config.model.tokenizer == "byte":
+        # torchtitan configs set hf_assets_path for its tokenizer; here model.tokenizer decides.
+        logger.warning("model.hf_assets_path is set but model.tokenizer = 'byte': the tokenizer files there are not "
+                       "used; set model.tokenizer = 'hf' to train with them")
 
 
 def apply_dict(config: JobConfig, data: dict[str, Any], source: str, prefix: str = "") -> None:
     """Set keys from (nested) TOML tables; a table path is a section or leads to one."""
     for name, value in data.items():
         path = f"{prefix}.{name}" if prefix else name
-        if prefix in SECTIONS and name in _field_types(SECTIONS[prefix]):
-            set_key(config, path, value, source)
-        elif any(s == path or s.startswith(path + ".") for s in SECTIONS):
+        if _is_table(path):
             if not isinstance(value, dict):
                 raise ConfigError(f"[{path}] in {source} must be a table of keys")
             apply_dict(config, value, source, path)
         else:
-            raise _unknown(path, source)
+            set_key(config, path, value, source)
 
 
 def load_toml(path: str) -> dict[str, Any]:
@@ -416,6 +478,11 @@ def load_toml(path: str) -> dict[str, Any]:
             raise ConfigError(f"job.config_file: '{path}' is not valid TOML: {e}") from None
 
 
+CLI_FORMS = ("Booleans: --section.key, --section.key true|false, and for false --no-section.key or torchtitan's "
+             "--section.no-key; dashes and underscores are the same in key names (--lr-scheduler.warmup-steps); "
+             "lists: comma-separated; dicts: K=V,K=V; None unsets a key whose default is None.")
+
+
 def _help_text() -> str:
     lines = ["Config keys (TOML [section] key, or --section.key VALUE on the command line):", ""]
     for section, cls in SECTIONS.items():
@@ -424,9 +491,27 @@ def _help_text() -> str:
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             lines.append(f"  --{section}.{f.name:<34} {f.metadata['doc']} (default: {default!r})")
         lines.append("")
-    lines.append("Booleans: --section.key / --no-section.key; lists: comma-separated; dicts: K=V,K=V; "
-                 "None unsets a key whose default is None.")
+    lines.append("torchtitan keys raytitan has no field for (read, then ignored or an error; docs/from_torchtitan.md):")
+    for key, spec in TORCHTITAN_KEYS.items():
+        accepted = "any value" if not spec.accepts else "only " + " or ".join(
+            "unset" if v is None else toml_value(v) for v in spec.accepts)
+        what = f"= {spec.alias}" if spec.alias else f"{accepted}; {spec.effect}"
+        lines.append(f"  --{key:<36} {what}")
+    lines += ["", CLI_FORMS]
     return "\n".join(lines)
+
+
+def _flag_key(written: str) -> tuple[str, bool]:
+    """A command-line key as written -> (key, negated). Dashes mean underscores
+    (``lr-scheduler.warmup-steps``); ``no-section.key`` and torchtitan's ``section.no-key`` negate."""
+    key = written.replace("-", "_")
+    if key_type(key) is not None:
+        return key, False
+    path, _, name = key.rpartition(".")
+    for plain in (key[3:] if key.startswith("no_") else None, f"{path}.{name[3:]}" if name.startswith("no_") else None):
+        if plain and key_type(plain) is not None:
+            return plain, True
+    return key, False
 
 
 def parse_args(argv: list[str] | None = None, prog: str = "raytitan.train") -> JobConfig:
@@ -443,18 +528,15 @@ def parse_args(argv: list[str] | None = None, prog: str = "raytitan.train") -> J
         arg = argv[i]
         if not arg.startswith("--"):
             raise ConfigError(f"unexpected argument '{arg}': keys are given as --section.key VALUE")
-        key, eq, value = arg[2:].partition("=")
-        negated = key.startswith("no-")
-        if negated:
-            key = key[3:]
-        path, _, name = key.rpartition(".")
-        types = _field_types(SECTIONS[path]) if path in SECTIONS else {}
-        if name not in types:
+        written, eq, value = arg[2:].partition("=")
+        key, negated = _flag_key(written)
+        tp = key_type(key)
+        if tp is None:
             raise _unknown(key, "the command line")
-        is_bool = _base_type(types[name]) is bool
+        is_bool = _base_type(tp) is bool
         if negated:
             if not is_bool or eq:
-                raise ConfigError(f"--no-{key}: only boolean keys can be negated")
+                raise ConfigError(f"--{written}: only boolean keys can be negated")
             value = False
         elif not eq:
             nxt = argv[i + 1] if i + 1 < len(argv) else None
@@ -473,6 +555,7 @@ def parse_args(argv: list[str] | None = None, prog: str = "raytitan.train") -> J
         apply_dict(config, load_toml(config_file), source=config_file)
     for key, value in overrides:
         set_key(config, key, value, source="the command line")
+    check_torchtitan_keys(config)
     return config
 
 

@@ -8,6 +8,7 @@ Workers call it again on their side: the derivation lives in one place.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -16,7 +17,7 @@ from raytitan.components import storage
 from raytitan.components.checkpoint.manager import ASYNC_MODES, LOADABLE
 from raytitan.components.checkpoint.layout import COMMIT_MARKER
 from raytitan.config.job import Checkpoint, ConfigError, JobConfig, section
-from raytitan.components.data.sources import DATASETS, DataSourceError, resolve_shards
+from raytitan.components.data.sources import C4_TEST_DOCS, DATASETS, DataSourceError, resolve_shards
 from raytitan.components.data.tokenizer import TOKENIZERS, build_tokenizer
 from raytitan.components.metrics import PROGRESS_BAR_MODES
 from raytitan.components.optimizer import DECAY_TYPES, IMPLEMENTATIONS, OPTIMIZERS
@@ -30,6 +31,8 @@ from raytitan.distributed.compile import COMPONENTS
 from raytitan.distributed.context import ROTATE_METHODS
 from raytitan.distributed.float8 import AUTO_FILTER_RECIPES, CONVERTER_NAMES, RECIPES
 from raytitan.distributed.pipeline import SCHEDULES, PipelineError, microbatches, num_stages, stage_layers
+
+logger = logging.getLogger("raytitan")
 
 # Each choice list lives with its owner; this table only says which key each one checks.
 CHOICES = {
@@ -102,6 +105,9 @@ def check_values(config: JobConfig) -> None:
         raise ConfigError("lr_scheduler.min_lr_factor must be within [0, 1]")
     if config.lr_scheduler.decay_ratio is not None and not 0 <= config.lr_scheduler.decay_ratio <= 1:
         raise ConfigError("lr_scheduler.decay_ratio must be within [0, 1] (or unset)")
+    if config.lr_scheduler.total_steps is not None and config.lr_scheduler.total_steps <= 0:
+        raise ConfigError(f"lr_scheduler.total_steps must be > 0, got {config.lr_scheduler.total_steps} "
+                          "(or unset for training.steps)")
     check_checkpoint(config.checkpoint, config.run_dir)
     check_speed_features(config)
     if config.model.hf_assets_path and not os.path.isdir(config.model.hf_assets_path):
@@ -304,5 +310,12 @@ def plan_run(config: JobConfig, world_size: int, resolve_data: bool = True) -> R
                                                    VALIDATION_SEED_OFFSET + config.training.seed, key="validation")
     except DataSourceError as e:
         raise ConfigError(str(e)) from None
+    for key in ("training", "validation"):
+        data = section(config, key)
+        read = key == "training" or config.validation.enable
+        if resolve_data and read and data.dataset == "c4_test" and not data.dataset_path:
+            logger.info("%s.dataset = 'c4_test': %d generated English-like documents in C4's format (synthetic text, "
+                        "not a sample of C4 like torchtitan's c4_test); set %s.dataset_path to read C4-format files "
+                        "instead", key, C4_TEST_DOCS, key)
     return RunPlan(dims, world_size, args, global_batch, local, global_batch // (local * dims.dp), shards,
                    validation_shards)

@@ -12,7 +12,12 @@ SHARD_SUFFIXES = (".json.gz", ".jsonl.gz", ".jsonl", ".json", ".parquet")
 HUB_C4 = "hf://datasets/allenai/c4"
 # The hub's streaming layout of allenai/c4, config "en".
 C4_SPLITS = {"c4": "en/c4-train.*-of-01024.json.gz", "c4_validation": "en/c4-validation.*-of-00008.json.gz"}
-DATASETS = ("synthetic", "c4", "c4_validation", "files")
+DATASETS = ("synthetic", "c4_test", "c4", "c4_validation", "files")
+# torchtitan's c4_test is a 2,000-document sample of C4 kept in its repository; without a
+# dataset_path, raytitan's is generated: this many synthetic documents in C4's format, one shard,
+# the same on every machine (not seeded by training.seed).
+C4_TEST_DOCS = 2000
+C4_TEST_SEED = 0
 
 
 class DataSourceError(ValueError):
@@ -24,10 +29,12 @@ def resolve_shards(dataset: str, dataset_path: str | None, seed: int, key: str =
     if dataset == "synthetic":
         folder = dataset_path or default_cache_folder(seed)
         return ensure_synthetic_shards(os.path.abspath(os.path.expanduser(folder)), seed)
+    if dataset == "c4_test" and not dataset_path:
+        return ensure_synthetic_shards(c4_test_folder(), C4_TEST_SEED, num_shards=1, docs_per_shard=C4_TEST_DOCS)
     if dataset in C4_SPLITS:
         root = (dataset_path or HUB_C4).rstrip("/")
         pattern = f"{root}/{C4_SPLITS[dataset]}"
-    elif dataset == "files":
+    elif dataset in ("files", "c4_test"):
         if not dataset_path:
             raise DataSourceError(f"{key}.dataset = 'files' needs {key}.dataset_path: a folder, glob or URL of shards")
         pattern = dataset_path
@@ -47,6 +54,10 @@ def resolve_shards(dataset: str, dataset_path: str | None, seed: int, key: str =
         )
     _check_readable(shards, key)
     return shards
+
+
+def c4_test_folder() -> str:
+    return os.path.join(os.path.dirname(default_cache_folder(C4_TEST_SEED)), "synthetic-c4_test")
 
 
 def _check_readable(shards: list[str], key: str) -> None:
