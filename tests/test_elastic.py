@@ -26,7 +26,7 @@ def train(root, data_dir, **overrides):
     )
     settings.update(overrides)
     result = raytitan.fit(None, **settings)
-    run_dir = os.path.join(str(root), "llama3-debugmodel")
+    run_dir = raytitan.load_config(None, **settings).run_dir
     final = {}
     for line in raytitan.read_metrics(run_dir):
         if "loss" in line:
@@ -102,6 +102,50 @@ def test_too_many_failures_end_the_run_with_checkpoints_intact(ray_local, tmp_pa
     model = Transformer(dataclasses.replace(FLAVORS["debugmodel"], vocab_size=259, max_seq_len=64))
     CheckpointManager(folder, {"model": ModelState([model])}, 0).load_path(os.path.join(folder, "step-4"), True)
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+CUSTOM_MODEL = {"name": "examples.custom_model:spec", "flavor": "debugmodel"}
+
+
+@pytest.fixture(scope="module")
+def custom_model_runs(tmp_path_factory, data_dir):
+    """A user's own model (examples/custom_model, GPT-2-style): seed weights from one process, then
+    6 steps from them on 2 plain gloo ranks in one spawn, as FSDP (the reference), TP, PP and CP."""
+    root = str(tmp_path_factory.mktemp("custom_model"))
+    run_ranks(tiny_config(os.path.join(root, "seed"), data_dir, model=CUSTOM_MODEL,
+                          checkpoint={"create_seed_checkpoint": True}), 1, root)
+    seed = os.path.join(root, "seed", "run", "checkpoint", "step-0")
+    layouts = {"FSDP": {}, "TP": {"tensor_parallel_degree": 2}, "PP": {"pipeline_parallel_degree": 2},
+               "CP": {"context_parallel_degree": 2}}
+    results = run_ranks([tiny_config(os.path.join(root, name), data_dir, model=CUSTOM_MODEL, parallelism=p,
+                                     training={"steps": 6, "global_batch_size": 8, "local_batch_size": 2},
+                                     checkpoint={"initial_load_path": seed, "enable": False})
+                         for name, p in layouts.items()], 2, root)
+    return seed, {name: dict(enumerate(r["losses"], start=1)) for name, r in zip(layouts, results)}
+
+
+def test_a_users_own_model_trains_through_ray_and_resumes_after_a_worker_kill(ray_local, tmp_path, data_dir,
+                                                                             custom_model_runs):
+    """model.name = examples.custom_model:spec (the user's own spec, imported on the workers)
+    trains on 2 Ray workers with FSDP; a worker killed at the start of step 4 loses the uncommitted
+    step 3, which is redone, and every step's loss (the redone one's both times) is the plain-gloo
+    reference's, exactly. Under TP, PP and CP the model trains like the reference too."""
+    seed, reference = custom_model_runs
+    for layout in ("TP", "PP", "CP"):
+        assert sorted(reference[layout]) == list(range(1, 7)), layout
+        for step, loss in reference[layout].items():
+            assert abs(loss - reference["FSDP"][step]) / loss < 1e-5, (layout, reference)
+    result, run_dir, losses = train(tmp_path, data_dir, model__name=CUSTOM_MODEL["name"], ray__num_workers=2,
+                                    ray__resources_per_worker="CPU=0.5", training__steps=6,
+                                    checkpoint__initial_load_path=seed, fault__kill_step=4, fault__kill_rank=1)
+    assert os.path.basename(run_dir) == "examples.custom_model.spec-debugmodel"
+    assert losses == reference["FSDP"]
+    logged = [(m["step"], m["loss"]) for m in raytitan.read_metrics(run_dir) if "loss" in m]
+    assert [step for step, _ in logged] == [1, 2, 3, 3, 4, 5, 6] and logged[2] == logged[3]
+    starts = read_starts(run_dir)
+    assert len(starts) == 2 and "injected fault: rank 1 killed at the start of step 4" in starts[1]["cause"]
+    assert starts[1]["resumed_step"] == 2 and starts[1]["lost_steps"] == 1
+    assert result.checkpoint.path.endswith("step-6")
 
 
 def test_capacity_probe_places_what_fits_and_probes_nothing_without_room(ray_local, monkeypatch):

@@ -188,7 +188,7 @@ class Ray:
     resources_per_worker: dict = opt({}, "Ray resources per worker, e.g. CPU=4,GPU=1 (default: CPU share leaving room for data)")
     storage_path: str | None = opt(None, "Run storage every node sees: a shared folder or s3://, gs:// (pyarrow URI options after ?); "
                                       "default: job.dump_folder")
-    name: str | None = opt(None, "Run name; the run folder is storage_path/name (default: <model.name>-<model.flavor>)")
+    name: str | None = opt(None, "Run name; the run folder is storage_path/name (default: <model.name>-<model.flavor>, with ':' as '.')")
     max_failures: int = opt(0, "Worker-group restarts allowed before the run fails")
     min_workers: int = opt(-1, "Elastic: keep training on as few as this many workers (-1 = fixed size)")
     max_workers: int = opt(-1, "Elastic: grow back up to this many workers (-1 = ray.num_workers)")
@@ -267,7 +267,8 @@ class JobConfig:
 
     @property
     def run_name(self) -> str:
-        return self.ray.name or f"{self.model.name}-{self.model.flavor}"
+        # A spec in the user's code (package.module:attribute) names its folder with dots only.
+        return self.ray.name or f"{self.model.name.replace(':', '.')}-{self.model.flavor}"
 
     @property
     def run_dir(self) -> str:

@@ -5,6 +5,9 @@ Face adapter), found by ``model.name``: a built-in name, or ``package.module:att
 from __future__ import annotations
 
 import importlib
+import os
+import site
+import sys
 
 from raytitan.models.spec import ModelSpec, ModelSpecError
 
@@ -34,6 +37,20 @@ def get_spec(name: str) -> ModelSpec:
         raise ModelSpecError(f"model.name = {name!r}: {module_name}.{attribute} is {found}, not a "
                              "raytitan.models.spec.ModelSpec")
     return spec
+
+
+def source_root(name: str) -> str | None:
+    """The folder a worker needs on its import path to import ``model.name``'s module as this
+    process did (the folder holding its top-level package or module); None for a built-in family
+    or an installed package."""
+    if name in BUILTIN:
+        return None
+    get_spec(name)  # imports it, or says why not
+    top = sys.modules[name.partition(":")[0].split(".")[0]]
+    location = next(iter(getattr(top, "__path__", [])), None) or top.__file__  # a package's folder, or the file
+    root = os.path.dirname(os.path.abspath(location))
+    installed = {os.path.abspath(p) for p in [*site.getsitepackages(), site.getusersitepackages()]}
+    return None if root in installed else root  # an installed package is on every path already
 
 
 def spec_name_of(marker: dict) -> str:

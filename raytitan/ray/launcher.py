@@ -24,6 +24,7 @@ from raytitan.components.metrics import METRICS_FILE, read_metrics
 from raytitan.ray import progress
 from raytitan.components import storage
 from raytitan.config.plan import data_parallel_degree, plan_run
+from raytitan.models import source_root
 from raytitan.trainer.elastic.history import PROGRESS_FILE, ProgressMarkerError, failures_in, read_progress
 from raytitan.ray.runtime import train_worker
 from raytitan.trainer.runtime import setup_logging
@@ -47,9 +48,14 @@ def _connect(config: JobConfig) -> None:
         # a runtime_env here would replace the one `ray job submit` set up.
         ray.init(address=address, log_to_driver=True)
     else:
-        # A local instance: workers import raytitan from where the driver does, installed or not.
-        paths = os.pathsep.join(filter(None, [import_root(), os.environ.get("PYTHONPATH")]))
-        ray.init(runtime_env={"env_vars": {"PYTHONPATH": paths}})
+        ray.init(runtime_env={"env_vars": {"PYTHONPATH": worker_import_path(config)}})
+
+
+def worker_import_path(config: JobConfig) -> str:
+    """PYTHONPATH for a local instance's workers: they import raytitan, and a model spec of the
+    user's own (``model.name = package.module:attribute``), from where the driver does."""
+    return os.pathsep.join(dict.fromkeys(filter(None, [import_root(), source_root(config.model.name),
+                                                       os.environ.get("PYTHONPATH")])))
 
 
 def import_root() -> str:
