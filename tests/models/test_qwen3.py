@@ -84,10 +84,11 @@ def test_head_dim_is_its_own_and_queries_keys_are_normed_per_head_before_rope():
 
 def test_tied_head_is_the_embeddings_parameter_from_meta_to_training():
     """One Parameter for both (also after to_empty from meta, which gives plain tensors new
-    Parameters), counted once, initialized once at the head's scale, saved under both names, and
-    trained by the gradients of both uses."""
-    model = build_meta(SPEC, TIED).to_empty(device="cpu")
-    model.init_weights()
+    Parameters, and init_weights), counted once, initialized once at the head's scale, saved under
+    both names, and trained by the gradients of both uses."""
+    model = build_meta(SPEC, TIED)
+    assert model.output.weight is model.tok_embeddings.weight
+    model.to_empty(device="cpu").init_weights()
     assert model.output.weight is model.tok_embeddings.weight
     assert {"output.weight", "tok_embeddings.weight"} <= set(model.state_dict())
     untied = build_meta(SPEC, UNTIED)

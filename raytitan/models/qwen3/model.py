@@ -81,9 +81,9 @@ class Transformer(nn.Module):
     removed (set to None): it then takes and returns hidden states instead of tokens / logits.
 
     With ``args.tie_embeddings`` the output head's weight *is* the embedding's Parameter: one
-    tensor, one gradient, one optimizer state, saved under both names. Moving the model to
-    another device (``to_empty`` after building on meta gives plain tensors new Parameters)
-    keeps the two tied."""
+    tensor, one gradient, one optimizer state, saved under both names. ``to_empty`` from the meta
+    device gives each module a new plain Parameter (sharded DTensor ones are swapped in place and
+    stay tied), so ``init_weights``, which the contract calls next, ties them again."""
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -107,13 +107,6 @@ class Transformer(nn.Module):
                 and self.output.weight is not self.tok_embeddings.weight:
             self.output.weight = self.tok_embeddings.weight
 
-    def _apply(self, fn, recurse=True):
-        # nn.Module._apply gives each module a new Parameter when the tensor type changes (meta
-        # -> cpu in to_empty), which would untie the head; DTensor parameters are swapped in place.
-        super()._apply(fn, recurse)
-        self.tie_weights()
-        return self
-
     def _rope(self) -> torch.Tensor:
         freqs = rope_frequencies(self.args, self.args.max_seq_len)
         return freqs if self.positions is None else freqs[self.positions]
@@ -127,11 +120,13 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, buffer_device: torch.device | None = None) -> None:
-        """Initialize every parameter and buffer in place (after to_empty / sharding). A tied
-        weight is initialized once, as the output head (std dim^-0.5): the embedding's unit
-        normal would make the first logits dim^0.5 times too large."""
+        """Initialize every parameter and buffer in place (after to_empty / sharding), the tied
+        pair tied again first. A tied weight is initialized once, as the output head (std
+        dim^-0.5): the embedding's unit normal would make the first logits dim^0.5 times too
+        large."""
         device = buffer_device or self.freqs_cis.device
         self.freqs_cis = self._rope().to(device)
+        self.tie_weights()
         tied = self.output is not None and self.tok_embeddings is not None and \
             self.output.weight is self.tok_embeddings.weight
         if self.tok_embeddings is not None and not tied:
