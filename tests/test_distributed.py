@@ -8,6 +8,7 @@ import pytest
 
 from raytitan.components.checkpoint.layout import COMMIT_MARKER, committed_steps, read_commit_at, read_metadata
 from raytitan.components.checkpoint.convert import export_torch
+from raytitan.components.checkpoint.torchtitan import export_torchtitan
 
 from tests.helpers import run_ranks, tiny_config
 
@@ -119,8 +120,9 @@ def test_finished_run_restarted_on_a_world_with_an_idle_rank_ends(tmp_path, data
 
 def test_runs_started_from_a_step_or_its_exports(tmp_path, data_dir, seed_checkpoint):
     """One process trains 5 steps; its last save holds weights only and is also exported as a
-    Hugging Face folder and (offline) as a .pt file. Then, on 2 ranks (resharded): runs started
-    from step 5, its HF export and its .pt have the same weights, so the same losses bit for bit;
+    Hugging Face folder and (offline) as a .pt file and a torchtitan step folder (0.3.x names).
+    Then, on 2 ranks (resharded): runs started from step 5, its HF export, its .pt and its
+    torchtitan folder (read in place) have the same weights, so the same losses bit for bit;
     a run started from all of step 3 (initial_load_model_only = false) continues at step 4 with
     the first run's losses, and with exclude_from_loading = optimizer only its first step
     matches; the finished run, started again, trains nothing."""
@@ -136,6 +138,8 @@ def test_runs_started_from_a_step_or_its_exports(tmp_path, data_dir, seed_checkp
                                       "enable": False})
     from_pt = tiny_config(str(tmp_path / "e"), data_dir, **started,
                           checkpoint={"initial_load_path": str(tmp_path / "step5.pt"), "enable": False})
+    from_torchtitan = tiny_config(str(tmp_path / "g"), data_dir, **started,
+                                  checkpoint={"initial_load_path": str(tmp_path / "tt-step-5"), "enable": False})
     resumed = {"training": {"steps": 5}}
     from_full = tiny_config(str(tmp_path / "d"), data_dir, **resumed,
                             checkpoint={"initial_load_path": f"{folder}/step-3", "initial_load_model_only": False,
@@ -148,11 +152,12 @@ def test_runs_started_from_a_step_or_its_exports(tmp_path, data_dir, seed_checkp
     assert {k.split(".")[0] for k in read_metadata(f"{folder}/step-5").state_dict_metadata} == {"model"}
     assert os.path.isfile(os.path.join(folder, "step-5-hf", "config.json"))
     export_torch(f"{folder}/step-5", str(tmp_path / "step5.pt"))
-    dcp_run, hf_run, pt_run, full_run, partial_run, again = run_ranks(
-        [from_dcp, from_hf, from_pt, from_full, no_optimizer, trained], 2, str(tmp_path))
+    export_torchtitan(f"{folder}/step-5", str(tmp_path / "tt-step-5"), names="0.3")
+    dcp_run, hf_run, pt_run, tt_run, full_run, partial_run, again = run_ranks(
+        [from_dcp, from_hf, from_pt, from_torchtitan, from_full, no_optimizer, trained], 2, str(tmp_path))
     assert os.path.isfile(os.path.join(from_hf.run_dir, "hf_import", COMMIT_MARKER))
     assert os.path.isfile(os.path.join(from_pt.run_dir, "torch_import", COMMIT_MARKER))
-    assert hf_run["losses"] == dcp_run["losses"] == pt_run["losses"] and len(hf_run["losses"]) == 2
+    assert hf_run["losses"] == dcp_run["losses"] == pt_run["losses"] == tt_run["losses"] and len(hf_run["losses"]) == 2
     assert len(full_run["losses"]) == 2 and full_run["tokens_seen"] == first["tokens_seen"]
     for a, b in zip(first["losses"][3:], full_run["losses"]):
         assert abs(a - b) / a < 1e-5, (first["losses"], full_run["losses"])

@@ -15,7 +15,8 @@ from typing import Any
 
 from raytitan.components import storage
 from raytitan.components.checkpoint.manager import ASYNC_MODES, LOADABLE
-from raytitan.components.checkpoint.layout import COMMIT_MARKER
+from raytitan.components.checkpoint.layout import CheckpointError, read_metadata
+from raytitan.components.checkpoint.torchtitan import check_family, step_kind, weight_names
 from raytitan.config.job import Checkpoint, ConfigError, JobConfig, section
 from raytitan.components.data.sources import C4_TEST_DOCS, DATASETS, DataSourceError, resolve_shards
 from raytitan.components.data.tokenizer import TOKENIZERS, build_tokenizer
@@ -108,7 +109,7 @@ def check_values(config: JobConfig) -> None:
     if config.lr_scheduler.total_steps is not None and config.lr_scheduler.total_steps <= 0:
         raise ConfigError(f"lr_scheduler.total_steps must be > 0, got {config.lr_scheduler.total_steps} "
                           "(or unset for training.steps)")
-    check_checkpoint(config.checkpoint, config.run_dir)
+    check_checkpoint(config.checkpoint, config.run_dir, config.model.name)
     check_speed_features(config)
     if config.model.hf_assets_path and not os.path.isdir(config.model.hf_assets_path):
         raise ConfigError(f"model.hf_assets_path: no such folder '{config.model.hf_assets_path}'")
@@ -139,7 +140,7 @@ def check_speed_features(config: JobConfig) -> None:
                           "enable_fsdp_float8_all_gather")
 
 
-def check_checkpoint(c: Checkpoint, run_dir: str) -> None:
+def check_checkpoint(c: Checkpoint, run_dir: str, model_name: str | None = None) -> None:
     path = c.initial_load_path
     torch_file = bool(path) and path.endswith((".pt", ".pth"))
     if storage.is_remote(run_dir) and (c.initial_load_in_hf or c.last_save_in_hf or torch_file):
@@ -165,9 +166,24 @@ def check_checkpoint(c: Checkpoint, run_dir: str) -> None:
         if not c.initial_load_model_only:
             raise ConfigError("checkpoint.initial_load_path: a .pt file gives weights only: set "
                               "checkpoint.initial_load_model_only")
-    elif path and not storage.isfile(storage.join(path, COMMIT_MARKER)):
-        raise ConfigError(f"checkpoint.initial_load_path: '{path}' is not a committed checkpoint step folder "
-                          "(for a Hugging Face folder set checkpoint.initial_load_in_hf; a torch.save file ends in .pt)")
+    elif path:
+        # A committed raytitan step, or a torchtitan step folder (weights read in place, by name).
+        try:
+            if step_kind(path) == "torchtitan":
+                weight_names(path, read_metadata(path))  # a fused QKV projection needs converting first
+                if not c.initial_load_model_only:
+                    raise CheckpointError(f"{path} is a torchtitan step; raytitan reads its model weights only (its "
+                                          "optimizer, schedule and data position are in torchtitan's formats): set "
+                                          "checkpoint.initial_load_model_only = true")
+                spec = None
+                try:
+                    spec = get_spec(model_name) if model_name else None
+                except ModelSpecError:
+                    pass  # the model's own check names it
+                if spec is not None:
+                    check_family(spec)
+        except CheckpointError as e:
+            raise ConfigError(f"checkpoint.initial_load_path: {e}") from None
 
 
 def model_spec(config: JobConfig) -> ModelSpec:

@@ -51,6 +51,9 @@ class ModelSpec:
     # (args, model on meta, seq_len) -> training FLOPs per token, for MFU; default 6 x non-embedding params.
     flops_per_token: Callable[[Any, nn.Module, int], int] | None = None
     hf: Any = None  # a raytitan.models.hf.HFAdapter, or None: no Hugging Face import/export
+    # True when its weight names and tensor layouts are those of torchtitan's model of the family
+    # (torchtitan v0.2.x names): torchtitan's DCP steps then load and export by renaming alone.
+    torchtitan_names: bool = False
     supports_context_parallel: bool = False
     supports_tensor_parallel: bool = False
 

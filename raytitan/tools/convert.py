@@ -1,10 +1,16 @@
-"""Convert checkpoints: ``python -m raytitan.convert to-hf|from-hf|to-torch SRC DST``.
+"""Convert checkpoints: ``python -m raytitan.convert to-hf|from-hf|to-torch|from-torchtitan|to-torchtitan SRC DST``.
 
 - ``to-hf``: a DCP step (or the newest of a checkpoint folder) -> Hugging Face model folder
   (safetensors shards + config.json, tokenizer files when the run had them).
 - ``from-hf``: Hugging Face model folder -> a committed, model-only DCP step folder; train from
   it with ``--checkpoint.initial_load_path DST`` under any layout (DCP reshards it).
 - ``to-torch``: a DCP step -> one ``torch.save`` file (model weights by name, or every state).
+- ``from-torchtitan``: a torchtitan DCP step (or the newest of its checkpoint folder) -> a
+  committed, model-only raytitan step (runs also read torchtitan steps in place: this is for
+  fused-QKV steps, and for a copy that records its model).
+- ``to-torchtitan``: a DCP step -> a torchtitan step folder (model weights at the top level,
+  torchtitan 0.2.x names, or 0.3.x's with ``--names 0.3``) for torchtitan's
+  ``--checkpoint.initial_load_path``.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from raytitan.components.checkpoint.layout import CheckpointError
 from raytitan.components.checkpoint.convert import (
     export_hf, export_torch, import_hf, model_of, resolve_step_path,
 )
+from raytitan.components.checkpoint.torchtitan import NAMES, export_torchtitan, import_torchtitan
 from raytitan.models.hf import HFFormatError
 from raytitan.models.spec import ModelSpecError
 
@@ -54,6 +61,19 @@ def main(argv: list[str] | None = None) -> int:
     to_torch.add_argument("src", help="step folder, or a checkpoint folder (its newest committed step)")
     to_torch.add_argument("dst", help="output .pt file")
     to_torch.add_argument("--all-states", action="store_true", help="every saved state, not only the model weights")
+    from_tt = sub.add_parser("from-torchtitan", help="torchtitan DCP step -> DCP step folder")
+    from_tt.add_argument("src", help="torchtitan step folder, or its checkpoint folder (its newest step)")
+    from_tt.add_argument("dst", help="output step folder (replaced)")
+    from_tt.add_argument("--model", default="llama3", help="model.name it holds (default llama3)")
+    from_tt.add_argument("--flavor", help="model flavor: recorded for later exports; needed for fused wqkv weights")
+    from_tt.add_argument("--dtype", choices=list(DTYPES), help="stored dtype (default: as saved)")
+    to_tt = sub.add_parser("to-torchtitan", help="DCP step -> torchtitan DCP step folder")
+    to_tt.add_argument("src", help="step folder, or a checkpoint folder (its newest committed step)")
+    to_tt.add_argument("dst", help="output step folder (replaced)")
+    to_tt.add_argument("--names", choices=NAMES, default="0.2",
+                       help="torchtitan version whose weight names to write (default 0.2: v0.2.x; 0.3: lm_head, "
+                            "attention.qkv_linear.wq/wk/wv)")
+    to_tt.add_argument("--dtype", choices=list(DTYPES), help="stored dtype (default: as saved)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     remote = [p for p in (args.src, args.dst) if "://" in p]
@@ -70,6 +90,10 @@ def main(argv: list[str] | None = None) -> int:
                             model_of(src, args.flavor, args.model), args.tokenizer)
         elif args.command == "from-hf":
             out = import_hf(args.src, args.dst, DTYPES[args.dtype], args.model)
+        elif args.command == "from-torchtitan":
+            out = import_torchtitan(args.src, args.dst, args.model, args.flavor, args.dtype and DTYPES[args.dtype])
+        elif args.command == "to-torchtitan":
+            out = export_torchtitan(resolve_step_path(args.src), args.dst, args.names, args.dtype and DTYPES[args.dtype])
         else:
             out = export_torch(resolve_step_path(args.src), args.dst, model_only=not args.all_states)
     except (CheckpointError, HFFormatError, ModelSpecError, FileNotFoundError) as e:

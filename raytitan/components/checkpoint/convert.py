@@ -211,18 +211,37 @@ def import_hf(folder: str, out_step_dir: str, dtype: torch.dtype = torch.float32
     return write_weights_step(read_hf_weights(folder, dtype, name), out_step_dir, source=os.path.abspath(folder))
 
 
-def write_weights_step(weights: dict[str, torch.Tensor], out_step_dir: str, source: str) -> str:
-    """Model weights by name as a committed, model-only step folder (written aside, then renamed)."""
+def write_weights_step(weights: dict[str, torch.Tensor], out_step_dir: str, source: str,
+                       info: dict | None = None) -> str:
+    """Model weights by name as a committed, model-only step folder (written aside, then renamed);
+    ``info``: more facts for its commit marker (the model family and shape)."""
+    check_replaceable(out_step_dir, source)
     tmp = out_step_dir.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*assuming the intent is to save in a single process")
         dcp.save({"model": weights}, checkpoint_id=tmp, no_dist=True)
-    write_commit(tmp, {"step": 0, "world_size": 1, "time": time.time(), "model_only": True, "source": source})
+    write_commit(tmp, {"step": 0, "world_size": 1, "time": time.time(), "model_only": True, **(info or {}),
+                       "source": source})
     shutil.rmtree(out_step_dir, ignore_errors=True)
     os.replace(tmp, out_step_dir)
     return out_step_dir
+
+
+def check_replaceable(out_dir: str, source: str) -> None:
+    """A conversion replaces its output folder: refuse when that would delete its own source, a
+    checkpoint folder, or a step a run saved (one whose commit marker names no ``source``: not
+    an earlier conversion)."""
+    out, src = os.path.abspath(out_dir), os.path.abspath(source)
+    if out == src or src.startswith(out.rstrip(os.sep) + os.sep):
+        raise CheckpointError(f"the output {out_dir} would replace the source {source}: choose another output folder")
+    if not os.path.isdir(out):
+        return
+    marker = os.path.join(out, COMMIT_MARKER)
+    if (os.path.isfile(marker) and "source" not in read_commit_at(out)) or committed_steps(out):
+        raise CheckpointError(f"the output {out_dir} holds a run's checkpoint; conversions replace their output "
+                              "folder, so choose another one (or move that checkpoint away yourself)")
 
 
 # --------------------------------------------------------------------------- torch

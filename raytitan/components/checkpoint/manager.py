@@ -36,6 +36,8 @@ from raytitan.components.checkpoint.layout import (
     COMMIT_MARKER, CheckpointError, check_files, committed_steps, is_export, loadable_step, read_commit, root_cause,
     step_dir, write_commit,
 )
+from raytitan.components.checkpoint.torchtitan import match_weights, step_kind, version_of
+
 logger = logging.getLogger(__name__)
 
 
@@ -308,9 +310,16 @@ class CheckpointManager:
 
     def load_path(self, path: str, model_only: bool) -> None:
         """Restore from a committed step folder anywhere (e.g. ``checkpoint.initial_load_path``),
-        except the states named in ``exclude_from_loading``."""
+        except the states named in ``exclude_from_loading``; or, with ``model_only``, the weights
+        of a torchtitan step folder (read in place: see ``torchtitan``)."""
         if not storage.isfile(storage.join(path, COMMIT_MARKER)):
-            raise CheckpointError(f"{path} is not a committed checkpoint (no {COMMIT_MARKER} file)")
+            if step_kind(path) == "torchtitan":  # else an error saying what the folder is
+                if not model_only:
+                    raise CheckpointError(f"{path} is a torchtitan step: raytitan reads its model weights only "
+                                          "(checkpoint.initial_load_model_only = true)")
+                if "model" not in self.exclude:
+                    self._load_torchtitan(path)
+                return
         names = ["model"] if model_only else list(self.states)
         states = {k: self.states[k] for k in names if k not in self.exclude}
         if not states:
@@ -325,6 +334,25 @@ class CheckpointManager:
                 f"names the damaged file and key; delete its {COMMIT_MARKER} file so the run falls back to the "
                 "previous step"
             ) from e
+
+    def _load_torchtitan(self, path: str) -> None:
+        """A torchtitan step's weights into this rank's model parts, in place: DCP gets the step's
+        names as keys and this rank's (sharded) parameters as values, so each rank reads only the
+        slices it holds, resharded like any step, and nothing is converted or copied first."""
+        t0 = time.perf_counter()
+        model = self.states["model"]
+        own = model.state_dict()
+        metadata = check_files(path)
+        names = match_weights(path, metadata, {k: tuple(v.shape) for k, v in own.items()}, self.model_keys)
+        renamed = {names[k]: v for k, v in own.items()}
+        try:
+            dcp.load(renamed, checkpoint_id=path, storage_reader=storage.dcp_reader(path), process_group=self.group)
+        except (Exception, CheckpointException) as e:
+            raise CheckpointError(f"cannot load torchtitan step {path}: {root_cause(e)} (its files are complete: "
+                                  "one of them is damaged)") from e
+        model.load_state_dict({k: renamed[names[k]] for k in own})
+        logger.info("loaded the weights of %s (torchtitan %s.x names) in %.2fs", path, version_of(names),
+                    time.perf_counter() - t0)
 
 
 @dataclass

@@ -21,6 +21,7 @@ spec = ModelSpec(
     check_layout=check_layout,
     flops_per_token=training_flops,
     hf=LlamaHF(),
+    torchtitan_names=True,
     supports_tensor_parallel=True,
     supports_context_parallel=True,
 )
