@@ -12,7 +12,7 @@ import transformers  # test-only dependency (the dev extra): the reference Qwen3
 
 import raytitan
 from raytitan.components.checkpoint.convert import export_hf, import_hf, read_hf_weights
-from raytitan.components.checkpoint.manager import CheckpointManager, ModelState
+from raytitan.components.checkpoint.manager import CheckpointManager, ModelState, OptimizerState
 from raytitan.components.data.tokenizer import ByteTokenizer
 from raytitan.config.job import ConfigError, JobConfig
 from raytitan.config.plan import plan_run
@@ -102,6 +102,13 @@ def test_tied_head_is_the_embeddings_parameter_from_meta_to_training():
     unused[tokens.flatten()] = False
     assert grad[unused].abs().sum() > 0  # rows no input token looked up still learn, through the head
     assert len([p for p in model.parameters()]) == len(set(model.state_dict())) - 1
+    # What checkpoints hold: DCP's model state has both names (as build()'s model_keys does), the
+    # optimizer state one, the first the model registers.
+    assert set(ModelState([model]).state_dict()) == set(model.state_dict())
+    optimizer = torch.optim.AdamW(model.parameters())
+    optimizer.step()
+    moments = {k for k in OptimizerState([model], [optimizer]).state_dict() if k.endswith(".exp_avg")}
+    assert "state.tok_embeddings.weight.exp_avg" in moments and not any("output" in k for k in moments)
 
 
 def test_output_shape_and_causality():
