@@ -26,30 +26,52 @@ def seed_checkpoint(tmp_path_factory, data_dir):
     return path
 
 
+BLOCK_CAUSAL = {"attn_mask_type": "block_causal"}
+
+
 @pytest.fixture(scope="module")
-def reference_losses(tmp_path_factory, data_dir, seed_checkpoint):
-    """One process, the whole global batch of 8 in one microbatch."""
-    root = str(tmp_path_factory.mktemp("reference"))
-    config = tiny_config(root, data_dir, training={"local_batch_size": 8},
-                         checkpoint={"initial_load_path": seed_checkpoint, "enable": False})
-    return run_ranks(config, 1, root)["losses"]
+def references(tmp_path_factory, data_dir, seed_checkpoint):
+    """One process, the whole global batch of 8 in one microbatch: causal attention over whole rows,
+    and block-causal (document masking), in one spawn."""
+    root = tmp_path_factory.mktemp("reference")
+    causal, block_causal = run_ranks(
+        [tiny_config(str(root / name), data_dir, model=model, training={"local_batch_size": 8},
+                     checkpoint={"initial_load_path": seed_checkpoint, "enable": False})
+         for name, model in (("causal", {}), ("block_causal", BLOCK_CAUSAL))], 1, str(root))
+    return {"causal": causal["losses"], "block_causal": block_causal["losses"]}
 
 
-@pytest.mark.parametrize("world, parallelism, local_batch, extra", [
-    (2, {}, 4, {}),  # FSDP over 2 ranks
-    (4, {"data_parallel_replicate_degree": 2}, 2, {}),  # HSDP: 2 replicas x 2 shards
-    (2, {}, 4, {"activation_checkpoint": {"mode": "selective", "selective_ac_option": "op"}}),  # FSDP + AC
+@pytest.fixture(scope="module")
+def reference_losses(references):
+    return references["causal"]
+
+
+@pytest.mark.parametrize("world, parallelism, local_batch, extra, block_causal", [
+    (2, {}, 4, {}, None),  # FSDP over 2 ranks
+    # HSDP: 2 replicas x 2 shards; in the same spawn, block-causal attention on TP 2 x PP 2 (document
+    # ids passed to both stages, the mask next to TP's sharded heads).
+    (4, {"data_parallel_replicate_degree": 2}, 2, {},
+     {"tensor_parallel_degree": 2, "pipeline_parallel_degree": 2, "pipeline_parallel_microbatch_size": 4}),
+    (2, {}, 4, {"activation_checkpoint": {"mode": "selective", "selective_ac_option": "op"}}, None),  # FSDP + AC
 ])
-def test_data_parallel_matches_one_process(tmp_path, data_dir, seed_checkpoint, reference_losses, world,
-                                           parallelism, local_batch, extra):
+def test_data_parallel_matches_one_process(tmp_path, data_dir, seed_checkpoint, references, world,
+                                           parallelism, local_batch, extra, block_causal):
     config = tiny_config(str(tmp_path), data_dir, parallelism=parallelism, training={"local_batch_size": local_batch},
                          checkpoint={"initial_load_path": seed_checkpoint, "enable": False}, **extra)
-    sharded = run_ranks(config, world, str(tmp_path))
-    reference = {"losses": reference_losses}
-    assert len(reference["losses"]) == len(sharded["losses"]) == 5
-    for a, b in zip(reference["losses"], sharded["losses"]):
-        assert abs(a - b) / a < 1e-5, (reference["losses"], sharded["losses"])
-    assert reference["losses"][-1] < reference["losses"][0]
+    configs = [config]
+    if block_causal:
+        configs.append(tiny_config(str(tmp_path / "block_causal"), data_dir, model=BLOCK_CAUSAL,
+                                   parallelism=block_causal, training={"local_batch_size": 8},
+                                   checkpoint={"initial_load_path": seed_checkpoint, "enable": False}))
+    results = run_ranks(configs, world, str(tmp_path))
+    for mask, result in zip(("causal", "block_causal"), results):
+        reference, losses = references[mask], result["losses"]
+        assert len(reference) == len(losses) == 5
+        for a, b in zip(reference, losses):
+            assert abs(a - b) / a < 1e-5, (mask, reference, losses)
+        assert reference[-1] < reference[0]
+    # Document masking changes what the model sees: its losses are not causal attention's.
+    assert max(abs(a - b) / a for a, b in zip(references["causal"], references["block_causal"])) > 1e-4
 
 
 def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, data_dir, seed_checkpoint):

@@ -51,6 +51,9 @@ class Model:
     tokenizer: str = opt("byte", "Tokenizer: 'byte' (no files) or 'hf' (tokenizer.json in hf_assets_path)")
     converters: list = opt([], "Model conversions: quantize.linear.float8 (or float8) for Float8 training")
 
+    attn_mask_type: str = opt("causal", "Attention over packed rows: causal (all earlier tokens of the row) or "
+                                        "block_causal (earlier tokens of the same document only, RoPE positions "
+                                        "restarting at each document's BOS; not with context parallel)")
 
 @dataclass
 class Training:

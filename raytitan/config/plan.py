@@ -29,6 +29,7 @@ from raytitan.models.hf import HFFormatError, read_hf_config
 from raytitan.models.spec import ModelSpec, ModelSpecError, with_vocab
 from raytitan.distributed.activation_checkpoint import MODES as AC_MODES, ActivationCheckpointError, check_option
 from raytitan.distributed.compile import COMPONENTS
+from raytitan.distributed.attention import ATTN_MASK_TYPES
 from raytitan.distributed.context import ROTATE_METHODS
 from raytitan.distributed.float8 import AUTO_FILTER_RECIPES, CONVERTER_NAMES, RECIPES
 from raytitan.distributed.pipeline import SCHEDULES, PipelineError, microbatches, num_stages, stage_layers
@@ -38,6 +39,7 @@ logger = logging.getLogger("raytitan")
 # Each choice list lives with its owner; this table only says which key each one checks.
 CHOICES = {
     "model.tokenizer": TOKENIZERS,
+    "model.attn_mask_type": ATTN_MASK_TYPES,
     "optimizer.name": tuple(OPTIMIZERS),
     "optimizer.implementation": IMPLEMENTATIONS,
     "lr_scheduler.decay_type": DECAY_TYPES,
@@ -93,6 +95,9 @@ def check_values(config: JobConfig) -> None:
         spec.flavor(config.model.flavor)
     except ModelSpecError as e:
         raise ConfigError(str(e)) from None
+    if config.model.attn_mask_type == "block_causal" and not spec.supports_block_causal:
+        raise ConfigError(f"model.name = {config.model.name!r} does not support block-causal attention (its spec "
+                          "leaves supports_block_causal unset): set model.attn_mask_type = 'causal'")
     if spec.hf is None and (config.checkpoint.initial_load_in_hf or config.checkpoint.last_save_in_hf):
         raise ConfigError(f"model.name = {config.model.name!r} has no Hugging Face adapter: "
                           "checkpoint.initial_load_in_hf and last_save_in_hf need one")
@@ -206,6 +211,10 @@ def check_layout(config: JobConfig, dims: ParallelDims, args: Any, local_batch: 
             spec.check_layout(args, dims)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+    if dims.cp > 1 and config.model.attn_mask_type == "block_causal":
+        raise ConfigError("model.attn_mask_type = 'block_causal' does not combine with context parallel (its ring "
+                          "attention is causal over whole rows): set parallelism.context_parallel_degree = 1 or "
+                          "model.attn_mask_type = 'causal'")
     if dims.cp > 1 and seq % (2 * dims.cp * dims.tp):
         raise ConfigError(f"training.seq_len {seq} is not divisible by 2 x context_parallel_degree x "
                           f"tensor_parallel_degree = {2 * dims.cp * dims.tp}")

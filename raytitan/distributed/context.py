@@ -182,7 +182,11 @@ class RingAttention(nn.Module):
                              f"{', '.join(ROTATE_METHODS)}")
         self.group_name, self.rotate_method = group.group_name, rotate_method
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        if mask is not None:
+            raise ValueError("context parallel attention is causal over whole rows: model.attn_mask_type = "
+                             "'block_causal' needs parallelism.context_parallel_degree = 1")
         return ring_attention(q, k, v, self.group_name, self.rotate_method)[0]
 
 

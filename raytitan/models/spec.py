@@ -56,6 +56,9 @@ class ModelSpec:
     torchtitan_names: bool = False
     supports_context_parallel: bool = False
     supports_tensor_parallel: bool = False
+    # model.attn_mask_type = "block_causal": forward(tokens, document_ids=...) attends within documents
+    # (raytitan.distributed.attention: document_positions for RoPE, block_causal_mask to every CausalAttention).
+    supports_block_causal: bool = False
 
     def flavor(self, name: str) -> Any:
         if name not in self.flavors:

@@ -52,8 +52,9 @@ def build(ctx) -> Trainer:
                 plan.accumulation_steps, dp_size)
 
     spec = get_spec(config.model.name)
+    tokenizer = build_tokenizer(config.model)
     parts, stage_ids, stages = build_model_parts(plan, mesh, config, device)
-    runner = build_runner(parts, stage_ids, stages, mesh, plan, config, device)
+    runner = build_runner(parts, stage_ids, stages, mesh, plan, config, device, tokenizer.bos_id)
     whole_model = build_meta(spec, plan.model_args)
     n_params, _ = count_params(whole_model)
     model_keys = set(whole_model.state_dict())
@@ -62,7 +63,6 @@ def build(ctx) -> Trainer:
 
     optimizer = build_optimizer(parts, config.optimizer, device)
     lr_scheduler = build_lr_scheduler(optimizer, config.lr_scheduler, config.training.steps)
-    tokenizer = build_tokenizer(config.model)
     loader = runtime.build_loader("train", plan.shards, config.model, tokenizer, config.training.seq_len,
                                   config.training.seed, plan.global_batch_size, dp_rank, dp_size,
                                   config.training.shuffle_buffer, reader=ctx.rank, readers=ctx.active)
@@ -134,9 +134,11 @@ def build_model_parts(plan, mesh, config: JobConfig, device: torch.device) -> tu
 
 
 def build_runner(parts: list[torch.nn.Module], stage_ids: list[int], stages: int, mesh, plan, config: JobConfig,
-                 device: torch.device) -> ModelRunner:
-    """How this rank runs a microbatch: directly, or through its pipeline schedule."""
+                 device: torch.device, bos_id: int) -> ModelRunner:
+    """How this rank runs a microbatch: directly, or through its pipeline schedule; with
+    block-causal attention, documents start at ``bos_id``."""
     p = config.parallelism
+    document_start = bos_id if config.model.attn_mask_type == "block_causal" else None
     cp_mesh = ParallelDims.submesh(mesh, "cp")
     cp_positions = None if cp_mesh is None else load_balanced_positions(
         config.training.seq_len, cp_mesh.size(), cp_mesh.get_local_rank())
@@ -148,7 +150,7 @@ def build_runner(parts: list[torch.nn.Module], stage_ids: list[int], stages: int
     pp_mesh = ParallelDims.submesh(mesh, "pp")
     if pp_mesh is None:
         return ModelRunner(parts, cp_positions=cp_positions, loss_parallel=loss_parallel, loss_fn=loss_fn,
-                           autocast_dtype=autocast)
+                           autocast_dtype=autocast, document_start=document_start)
     loss = PipelineLoss(loss_fn)
 
     def schedule(local_batch: int):
@@ -158,7 +160,7 @@ def build_runner(parts: list[torch.nn.Module], stage_ids: list[int], stages: int
     return ModelRunner(parts, cp_positions=cp_positions, loss_parallel=loss_parallel, loss_fn=loss_fn,
                        autocast_dtype=autocast, pipeline=schedule(plan.local_batch_size),
                        eval_pipeline=schedule(config.validation.local_batch_size) if config.validation.enable else None,
-                       pipeline_loss=loss, is_last_stage=stages - 1 in stage_ids)
+                       pipeline_loss=loss, is_last_stage=stages - 1 in stage_ids, document_start=document_start)
 
 
 def model_facts(config: JobConfig, plan, tokenizer) -> dict:

@@ -24,4 +24,5 @@ spec = ModelSpec(
     torchtitan_names=True,
     supports_tensor_parallel=True,
     supports_context_parallel=True,
+    supports_block_causal=True,
 )
