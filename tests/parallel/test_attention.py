@@ -3,6 +3,7 @@ run one by one; the config key is accepted where it works and refused, naming th
 
 import dataclasses
 import json
+import logging
 
 import pytest
 import torch
@@ -97,9 +98,12 @@ def test_the_command_line_takes_block_causal_with_fsdp_tensor_and_pipeline_paral
     assert (plan.dims.dp, plan.dims.tp, plan.dims.pp) == (2, 2, 2)
 
 
-def test_block_causal_is_refused_before_launch_where_it_cannot_run(tmp_path, capsys):
+def test_block_causal_is_refused_before_launch_where_it_cannot_run(tmp_path, capsys, monkeypatch):
     from raytitan.train import main
 
+    log = logging.getLogger("raytitan")  # the launcher sets up logging: give later tests theirs back
+    for name in ("propagate", "level", "handlers"):
+        monkeypatch.setattr(log, name, getattr(log, name) if name != "handlers" else list(log.handlers))
     # Context parallel's ring attention is causal over whole rows: the launcher refuses before Ray starts.
     assert main(_argv(tmp_path, "--parallelism.context_parallel_degree", "2", "--ray.num_workers", "2")) == 2
     err = capsys.readouterr().err
