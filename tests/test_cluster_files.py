@@ -3,10 +3,12 @@ in them (also in their usage comments) names a real entry point and a config tha
 ends of its elastic range, on storage every node shares. Their shell steps (shared storage,
 SkyPilot's Ray start) run here against stub commands. The commands shown in the README and
 docs/ (docs/clusters.md: the cluster walkthrough) name real entry points and options, and their
-configs plan too. The Dockerfile pins the tested Ray, torch and Python and copies what exists;
-cluster/README.md lists every file. Every file under cluster/ is listed in CHECKED_BY with the
-tests that check it, so a new one fails until it has some. Nothing here starts a cluster: `ray up`
-with the local provider would run `ray stop`, ending every Ray process on the machine."""
+configs plan too. The SLURM scripts' headers, auth and addresses are checked here; they run whole
+against stand-in commands in tests/test_slurm.py. The Dockerfile pins the tested Ray, torch and
+Python and copies what exists; cluster/README.md lists every file. Every file under cluster/ is
+listed in CHECKED_BY with the tests that check it, so a new one fails until it has some. Nothing
+here starts a cluster: `ray up` with the local provider would run `ray stop`, ending every Ray
+process on the machine."""
 
 import copy
 import glob
@@ -83,6 +85,16 @@ CHECKED_BY = {
     "Dockerfile": ["test_dockerfile_pins_the_tested_ray_torch_and_python_and_copies_what_exists",
                    "test_kuberay_runs_the_image_of_the_dockerfile"],
     "README.md": ["test_cluster_readme_describes_every_file_and_links_what_exists"],
+    # The SLURM scripts also run whole against stand-in commands in tests/test_slurm.py.
+    "slurm/raytitan.sbatch": ["test_slurm_header_leaves_time_to_stop_before_the_limit",
+                              "test_slurm_ray_has_token_auth_and_no_port_opened_to_the_world",
+                              "test_ray_script_starts_one_ray_node_per_host_then_the_driver_then_tears_down",
+                              "test_ray_script_names_the_nodes_that_never_join_and_stops_the_rest",
+                              "test_ray_script_on_usr1_stops_the_driver_then_ray_then_requeues"],
+    "slurm/torchrun.sbatch": ["test_slurm_header_leaves_time_to_stop_before_the_limit",
+                              "test_slurm_torchrun_starts_no_ray_and_binds_nothing_to_the_world",
+                              "test_torchrun_script_runs_one_torchrun_per_node_with_c10d_rendezvous_on_the_first",
+                              "test_torchrun_script_on_usr1_stops_the_ranks_then_requeues"],
 }
 CHECKED_BY["cluster-gcp.yaml"] = CHECKED_BY["cluster.yaml"]
 CHECKED_BY["kuberay/rayjob.yaml"] = CHECKED_BY["kuberay/raycluster.yaml"]
@@ -98,9 +110,11 @@ def test_every_cluster_file_is_checked():
     assert not unchecked, f"files under cluster/ that no test in tests/test_cluster_files.py checks: {unchecked}"
     assert set(CHECKED_BY) == set(cluster_files()), f"listed but gone: {sorted(set(CHECKED_BY) - set(cluster_files()))}"
     assert set(ALL_FILES) == {f for f in CHECKED_BY if f.endswith(".yaml")}
+    from tests import test_slurm
+
     for name, tests in CHECKED_BY.items():
         for test in tests:
-            assert callable(globals().get(test)), (name, test)
+            assert callable(globals().get(test) or getattr(test_slurm, test, None)), (name, test)
 
 
 def dockerfile() -> list[tuple[str, str]]:
@@ -410,6 +424,62 @@ def test_skypilot_worker_gives_up_when_the_head_never_answers(tmp_path):
         done, calls = run_skypilot_node(tmp_path, rank=1, port=port, wait_s=0)
     assert done.returncode != 0 and "did not answer" in done.stderr
     assert calls == ""  # never tried to join
+
+
+SLURM_SCRIPTS = ["slurm/raytitan.sbatch", "slurm/torchrun.sbatch"]
+
+
+def sbatch_script(name: str) -> tuple[list[str], list[str]]:
+    """A SLURM script's #SBATCH options, and its code lines (comments and blank lines dropped)."""
+    with open(os.path.join(CLUSTER, name)) as f:
+        lines = f.read().splitlines()
+    first_command = next(i for i, line in enumerate(lines) if line.strip() and not line.startswith("#"))
+    options = [line.split(None, 1)[1] for line in lines if line.startswith("#SBATCH")]
+    # sbatch reads #SBATCH lines only up to the first command.
+    assert all(i < first_command for i, line in enumerate(lines) if line.startswith("#SBATCH")), name
+    code = [line.split(" #")[0].rstrip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    return options, code
+
+
+def script_default(code: list[str], variable: str) -> int:
+    (value,) = [int(m.group(1)) for line in code if (m := re.match(rf"{variable}=\${{{variable}:-(\d+)}}", line))]
+    return value
+
+
+@pytest.mark.parametrize("name", SLURM_SCRIPTS)
+def test_slurm_header_leaves_time_to_stop_before_the_limit(name):
+    """One task per node; the warning signal goes to the batch shell only (B:), early enough for
+    the bounded stop (and, with Ray, Ray's teardown) to end before the time limit; requeueable.
+    Only the Ray script keeps its allocation when a node fails (--no-kill): Ray shrinks the group,
+    while torchrun's fixed world could not go on."""
+    options, code = sbatch_script(name)
+    assert "--ntasks-per-node=1" in options and "--requeue" in options and "--exclusive" in options
+    (lead,) = [int(o.split("@")[1]) for o in options if o.startswith("--signal=B:USR1@")]
+    needed = script_default(code, "STOP_WAIT_S") + (script_default(code, "RAY_STOP_WAIT_S") if "ray" in name else 0)
+    assert lead >= needed + 60, (lead, needed)  # SLURM sends it up to 60 s late
+    assert ("--no-kill" in options) == name.endswith("raytitan.sbatch")
+    assert any(line.startswith("trap on_usr1 USR1") for line in code)
+
+
+def test_slurm_ray_has_token_auth_and_no_port_opened_to_the_world():
+    """Every Ray node advertises its cluster-network address, the dashboard (job submission) stays
+    on the head's 127.0.0.1, and Ray runs with a per-job token in a file only the user can read
+    (tests/test_slurm.py checks what each stand-in `ray` call sees)."""
+    _, code = sbatch_script("slurm/raytitan.sbatch")
+    text = "\n".join(code)
+    assert "0.0.0.0" not in text and "--dashboard-host=127.0.0.1" in text
+    (start,) = [i for i, line in enumerate(code) if "ray start" in line]
+    assert "--node-ip-address=" in code[start]
+    for line in ("unset RAY_AUTH_TOKEN", "export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$TOKEN_FILE"):
+        assert line in [c.strip() for c in code], line
+    assert text.count("umask 077") == 2  # the token's folder and file
+
+
+def test_slurm_torchrun_starts_no_ray_and_binds_nothing_to_the_world():
+    _, code = sbatch_script("slurm/torchrun.sbatch")
+    text = "\n".join(code)
+    assert "ray start" not in text and "0.0.0.0" not in text
+    assert '--rdzv_endpoint="${nodes[0]}:$RDZV_PORT"' in text  # the first node's cluster name
 
 
 # Commands shown in the README and in docs/ (docs/clusters.md holds the cluster walkthrough).
