@@ -218,18 +218,20 @@ def test_a_torchtitan_step_of_another_shape_is_an_error_naming_the_key(tmp_path)
         load_into_new_model(path, tmp_path, dataclasses.replace(ARGS, n_layers=3))
 
 
-def test_conversions_never_replace_a_runs_checkpoint_or_their_source(tmp_path):
+def test_conversions_never_replace_a_runs_checkpoint_or_their_source(tmp_path, capsys):
     model = random_model()
     step = save_step(tmp_path / "ckpt", model)
     tt = torchtitan_step(tmp_path / "tt", random_model(seed=1))  # a full torchtitan step: its optimizer state too
     for args, message in (
         (["to-torchtitan", step, step], "would replace the source"),
         (["to-torchtitan", step, str(tmp_path / "ckpt")], "would replace the source"),
+        (["to-torchtitan", step, os.path.join(step, "tt")], "is inside the source"),
         (["to-torchtitan", step, tt], "is a torchtitan training step"),
         (["from-torchtitan", tt, step], "holds a run's checkpoint"),
         (["from-torchtitan", tt, tt], "would replace the source"),
     ):
         assert convert_cli.main(args) == 1, args
+        assert message in capsys.readouterr().err, args
     assert read_commit_at(step)["step"] == 1 and step_kind(tt) == "torchtitan"
     assert torch.equal(logits(load_into_new_model(step, tmp_path)), logits(model))
     out = str(tmp_path / "export")

@@ -236,6 +236,8 @@ def check_replaceable(out_dir: str, source: str) -> None:
     out, src = os.path.abspath(out_dir), os.path.abspath(source)
     if out == src or src.startswith(out.rstrip(os.sep) + os.sep):
         raise CheckpointError(f"the output {out_dir} would replace the source {source}: choose another output folder")
+    if out.startswith(src.rstrip(os.sep) + os.sep) and os.path.isdir(src):
+        raise CheckpointError(f"the output {out_dir} is inside the source {source}: choose a folder outside it")
     if not os.path.isdir(out):
         return
     marker = os.path.join(out, COMMIT_MARKER)
