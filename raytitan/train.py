@@ -1,7 +1,9 @@
 """``python -m raytitan.train [--job.config_file F] [--section.key value ...]``
 
 Parses and validates the config, then hands it to the Ray launcher. With no Ray address
-(``ray.address`` or ``RAY_ADDRESS``) it starts a local Ray instance.
+(``ray.address`` or ``RAY_ADDRESS``) it starts a local Ray instance. Exit codes: 0 finished,
+1 failed, 2 config error, 75 stopped on request (SIGTERM/SIGINT) with the stop step committed,
+130 aborted by a second SIGINT (see docs/elastic.md).
 """
 
 from __future__ import annotations
@@ -18,13 +20,16 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    from raytitan.ray.launcher import TrainingFailed, launch
+    from raytitan.ray.launcher import TrainingFailed, TrainingStopped, launch
 
     try:
         result = launch(config)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    except TrainingStopped as e:  # SIGTERM or SIGINT: 75 once the stop step is committed (docs/elastic.md)
+        print(f"training stopped: {e}", file=sys.stderr)
+        return e.exit_code
     except TrainingFailed as e:
         print(f"training failed: {e}", file=sys.stderr)
         return 1

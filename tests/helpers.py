@@ -28,6 +28,25 @@ def tiny_config(run_root: str, data_dir: str, **sections) -> JobConfig:
     return JobConfig.from_dict(base)
 
 
+def child_pids(pid: int) -> list[int]:
+    """The ids of ``pid``'s child processes (Linux: from /proc)."""
+    return [int(entry) for entry, stat in _proc_files("stat") if int(stat.rsplit(")", 1)[1].split()[1]) == pid]
+
+
+def pids_running(*args: str) -> list[int]:
+    """The ids of the processes whose arguments include each of ``args`` (Linux: from /proc)."""
+    return [int(entry) for entry, cmdline in _proc_files("cmdline") if all(a in cmdline.split("\0") for a in args)]
+
+
+def _proc_files(name: str):
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/{name}", errors="replace") as f:
+                yield entry, f.read()
+        except OSError:  # the process ended meanwhile
+            continue
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

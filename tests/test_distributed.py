@@ -10,7 +10,7 @@ from raytitan.components.checkpoint.layout import COMMIT_MARKER, committed_steps
 from raytitan.components.checkpoint.convert import export_torch
 from raytitan.components.checkpoint.torchtitan import export_torchtitan
 
-from tests.helpers import run_ranks, tiny_config
+from tests.helpers import run_ranks, spawn, tiny_config
 
 pytestmark = pytest.mark.slow
 
@@ -128,6 +128,84 @@ def test_elastic_world_that_fits_no_layout_idles_a_rank(tmp_path, data_dir, seed
     assert three["losses"] == two["losses"]
     restarts = [json.loads(line) for line in open(os.path.join(elastic.run_dir, "restarts.jsonl"))]
     assert (restarts[0]["world"], restarts[0]["active"], restarts[0]["dp"]) == (3, 2, 2)
+
+
+def _stop_then_resume(rank: int, world: int, config: dict, signalled_rank: int, signalled_step: int) -> dict:
+    """The run, with SIGTERM sent to ``signalled_rank`` as it fetches the batch of
+    ``signalled_step``; then the same run started again, as a rerun would."""
+    import signal
+
+    import torch
+
+    from raytitan.components.metrics import read_metrics
+    from raytitan.config.job import JobConfig
+    from raytitan.trainer.loop import Trainer
+    from raytitan.trainer.runtime import TorchrunRuntime
+    from raytitan.trainer.worker import run
+
+    class Preempted(TorchrunRuntime):
+        def build_loader(self, purpose, *args, **kwargs):
+            loader = super().build_loader(purpose, *args, **kwargs)
+            if purpose == "train" and rank == signalled_rank:
+                fetch, fetched = loader.next_batch, []
+
+                def next_batch():
+                    fetched.append(1)
+                    if len(fetched) == signalled_step:
+                        os.kill(os.getpid(), signal.SIGTERM)
+                    return fetch()
+
+                loader.next_batch = next_batch
+            return loader
+
+    torch.set_num_threads(1)
+    config = JobConfig.from_dict(config)
+    handler = signal.getsignal(signal.SIGTERM)
+    outcomes = [run(config, Preempted()), run(config, TorchrunRuntime())]
+    states = [o.state if isinstance(o, Trainer) else o for o in outcomes]
+    return {"steps": [s.step for s in states], "stopped": [getattr(o, "stopped", None) for o in outcomes],
+            "handed_back": signal.getsignal(signal.SIGTERM) == handler,
+            "losses": {m["step"]: m["loss"] for m in read_metrics(config.run_dir) if "loss" in m}}
+
+
+def test_sigterm_to_one_rank_stops_every_rank_at_a_saved_step_and_the_rerun_resumes_there(
+        tmp_path, data_dir, seed_checkpoint, reference_losses):
+    """Preemption of one process: rank 1 of 3 (rank 2 idles) gets SIGTERM while it fetches the
+    batch of step 2. The ranks agree while step 3 trains, and all stop after step 3 with step 3
+    committed; the same run started again resumes there, redoes nothing, and every step's loss is
+    the one-process run's."""
+    config = tiny_config(str(tmp_path), data_dir, ray={"min_workers": 1, "max_workers": 4},
+                         checkpoint={"initial_load_path": seed_checkpoint})
+    ranks = spawn(_stop_then_resume, 3, str(tmp_path), config.to_dict(), 1, 2)
+    assert [r["steps"] for r in ranks] == [[3, 5]] * 3
+    assert [r["stopped"] for r in ranks] == [["SIGTERM", None], ["SIGTERM", None], [None, None]]  # rank 2 idled
+    assert all(r["handed_back"] for r in ranks)  # the SIGTERM handler the process had before
+    assert committed_steps(os.path.join(config.run_dir, "checkpoint")) == [3, 5]
+    restarts = [json.loads(line) for line in open(os.path.join(config.run_dir, "restarts.jsonl"))]
+    assert restarts[1]["cause"] == "stopped on request (SIGTERM) after step 3, run again"
+    assert (restarts[1]["resumed_step"], restarts[1]["lost_steps"], restarts[1]["seconds_since_failure"]) == (3, 0, None)
+    losses = ranks[0]["losses"]
+    assert sorted(int(s) for s in losses) == [1, 2, 3, 4, 5]  # each step logged once: none redone
+    for step, reference in enumerate(reference_losses, start=1):
+        assert abs(losses[str(step)] - reference) / reference < 1e-5, (losses, reference_losses)
+
+
+def _hang_after_sigterm(rank: int, world: int, folder: str) -> None:
+    import signal
+    import time
+
+    from raytitan.trainer.elastic.stop import StopCheck
+
+    StopCheck(None, lambda: None, timeout_s=0.5, checkpoint_folder=folder)
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(60)  # as in a collective that never completes
+
+
+def test_a_rank_that_cannot_stop_within_the_timeout_kills_itself(tmp_path):
+    from torch.multiprocessing import ProcessExitedException
+
+    with pytest.raises(ProcessExitedException, match="SIGKILL"):
+        spawn(_hang_after_sigterm, 1, str(tmp_path), str(tmp_path))
 
 
 def test_finished_run_restarted_on_a_world_with_an_idle_rank_ends(tmp_path, data_dir):

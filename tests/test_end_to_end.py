@@ -1,14 +1,19 @@
-"""The two ways users launch: ``python -m raytitan.train`` through Ray, and torchrun."""
+"""The two ways users launch: ``python -m raytitan.train`` through Ray, and torchrun (which a
+SIGTERM stops at a saved step: docs/elastic.md; the Ray driver's SIGTERM: tests/test_job_submit.py)."""
 
 import glob
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
 from raytitan.components.checkpoint.layout import committed_steps
+
+from tests.helpers import child_pids
 
 pytestmark = pytest.mark.slow
 
@@ -16,13 +21,34 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEP_LINE = re.compile(r"step\s+(\d+)\s+loss\s+([\d.]+)")
 
 
-def run(cmd: list[str], tmp_path, cwd=REPO, timeout=600) -> str:
+def environment(tmp_path) -> dict:
     env = {**os.environ, "RAYTITAN_CACHE": str(tmp_path / "cache"), "PYTHONUNBUFFERED": "1"}
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    return env
+
+
+def run(cmd: list[str], tmp_path, cwd=REPO, timeout=600) -> str:
+    proc = subprocess.run(cmd, cwd=cwd, env=environment(tmp_path), capture_output=True, text=True, timeout=timeout)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-5000:]
     return out
+
+
+def run_until_sigterm(cmd: list[str], tmp_path, run_dir, cwd=REPO, timeout=600) -> tuple[int, str]:
+    """Start ``cmd``; once the run's first step is done, send SIGTERM to its child processes (the
+    ranks torchrun started; SLURM signals every task). Its exit code and output."""
+    proc = subprocess.Popen(cmd, cwd=cwd, env=environment(tmp_path), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        end = time.monotonic() + timeout
+        while not (run_dir / "progress.json").exists() and proc.poll() is None and time.monotonic() < end:
+            time.sleep(0.1)
+        for pid in child_pids(proc.pid):
+            os.kill(pid, signal.SIGTERM)
+        out, _ = proc.communicate(timeout=max(1.0, end - time.monotonic()))
+    finally:
+        proc.kill()
+    return proc.returncode, out
 
 
 def losses(out: str) -> dict[int, float]:
@@ -60,10 +86,17 @@ def test_bad_config_fails_before_starting_ray(tmp_path):
     assert "Started a local Ray instance" not in proc.stdout + proc.stderr
 
 
-def test_same_config_under_torchrun(tmp_path):
-    out = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "raytitan.worker",
-               "--job.config_file", "configs/llama3_debug.toml", "--job.dump_folder", str(tmp_path / "out"),
-               "--training.steps", "4", "--metrics.log_freq", "1"], tmp_path)
+def test_same_config_under_torchrun_stops_on_sigterm(tmp_path):
+    """SIGTERM to the ranks (a preemption: SLURM signals every task; torchrun passes on its own):
+    they stop after the step in flight and the next, with that step committed, and exit 75,
+    which torchrun reports (and itself exits 1)."""
+    run_dir = tmp_path / "out" / "llama3-debugmodel"
+    code, out = run_until_sigterm(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "raytitan.worker",
+         "--job.config_file", "configs/llama3_debug.toml", "--job.dump_folder", str(tmp_path / "out"),
+         "--training.steps", "8", "--metrics.log_freq", "1"], tmp_path, run_dir)
     assert "torchrun | world 2" in out
-    assert set(losses(out)) == {1, 2, 3, 4}
-    assert committed_steps(str(tmp_path / "out" / "llama3-debugmodel" / "checkpoint")) == [4]
+    stop = re.search(r"stopped at step (\d+) of 8 on request \(SIGTERM\): checkpoint \S+ committed", out)
+    assert stop and code == 1 and len(re.findall(r"^\s*exitcode\s*:\s*75 \(pid", out, re.M)) == 2, out[-5000:]
+    assert set(losses(out)) == set(range(1, int(stop[1]) + 1))
+    assert committed_steps(str(run_dir / "checkpoint")) == [int(stop[1])]

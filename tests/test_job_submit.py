@@ -1,5 +1,6 @@
 """`ray job submit` end to end, as from a laptop: a Ray head started here on 127.0.0.1, the
-repository as the job's working_dir, progress streamed back, the checkpoint on the given storage."""
+repository as the job's working_dir, progress streamed back, the checkpoint on the given storage,
+and the driver stopped by SIGTERM with the documented exit code."""
 
 import json
 import os
@@ -16,7 +17,7 @@ import pytest
 
 from raytitan.components.checkpoint.layout import committed_steps
 
-from tests.helpers import free_port
+from tests.helpers import free_port, pids_running
 
 pytestmark = pytest.mark.slow
 
@@ -87,19 +88,36 @@ def test_a_job_without_the_token_is_refused(ray_head, token_env):
     assert proc.returncode != 0 and "Authentication required" in proc.stdout + proc.stderr
 
 
-def test_ray_job_submit_runs_and_checkpoints_on_the_clusters_storage(ray_head, token_env, tmp_path):
+def test_ray_job_submit_runs_checkpoints_and_stops_on_sigterm_to_its_driver(ray_head, token_env, tmp_path):
+    """The submitted run trains on the cluster's storage; SIGTERM to its driver after step 1 (what a
+    preemption or a scheduler sends; `ray job stop` would SIGKILL it 3 s later) stops the workers
+    after the step in flight and the next, with that step committed, and the driver exits 75,
+    which Ray's job status reports (docs/elastic.md)."""
     storage = tmp_path / "storage"
     runtime_env = {"excludes": [".git", "outputs", "benchmarks/results", "**/__pycache__", "*.egg-info"],
                    "env_vars": {"RAYTITAN_CACHE": str(tmp_path / "cache")}}
-    proc = ray_cli("job", "submit", "--address", ray_head, "--working-dir", REPO,
-                   "--runtime-env-json", json.dumps(runtime_env), "--",
-                   "python", "-m", "raytitan.train", "--job.config_file", "configs/llama3_debug.toml",
-                   "--training.steps", "3", "--metrics.log_freq", "1", "--ray.storage_path", str(storage),
-                   "--ray.name", "submitted", env=token_env, cwd=tmp_path, timeout=600)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-5000:]
-    assert "succeeded" in out
-    assert re.search(r"step\s+3\s+loss", out)  # progress streamed back to the submitter
+    proc = subprocess.Popen([sys.executable, "-m", "ray.scripts.scripts", "job", "submit", "--address", ray_head,
+                             "--working-dir", REPO, "--runtime-env-json", json.dumps(runtime_env), "--",
+                             "python", "-m", "raytitan.train", "--job.config_file", "configs/llama3_debug.toml",
+                             "--training.steps", "8", "--metrics.log_freq", "1", "--ray.storage_path", str(storage),
+                             "--ray.name", "submitted"],
+                            env=token_env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        end = time.monotonic() + 600
+        while not (storage / "submitted" / "progress.json").exists() and proc.poll() is None:
+            assert time.monotonic() < end, "the job trained no step"
+            time.sleep(0.1)
+        drivers = [pid for pid in pids_running("-m", "raytitan.train", str(storage)) if pid != proc.pid]
+        assert len(drivers) == 1, drivers  # (the submitter's own arguments name the command too)
+        os.kill(drivers[0], signal.SIGTERM)
+        out, _ = proc.communicate(timeout=max(1.0, end - time.monotonic()))
+    finally:
+        proc.kill()
+    assert proc.returncode == 1 and "failed with exit code 75" in out, out[-5000:]
+    stop = re.search(r"stopped at step (\d+) of 8 on request \(SIGTERM\): checkpoint \S+ is committed", out)
+    assert stop and 2 <= int(stop[1]) < 8, out[-5000:]
+    assert re.search(r"step\s+1\s+loss", out)  # progress streamed back to the submitter
     assert "ray | world 2" in out
     assert "Started a local Ray instance" not in out  # joined the cluster through the job's RAY_ADDRESS
-    assert committed_steps(str(storage / "submitted" / "checkpoint")) == [3]
+    assert committed_steps(str(storage / "submitted" / "checkpoint")) == [int(stop[1])]
+    assert not (storage / "submitted" / "stop.json").exists()  # the driver's request, removed on the way out

@@ -172,6 +172,9 @@ class Checkpoint:
     last_save_model_only: bool = opt(False, "The last save of the run holds only the model weights")
     export_dtype: str = opt("float32", "Weight dtype of a model-only last save and of last_save_in_hf: float32, bfloat16, float16")
     last_save_in_hf: bool = opt(False, "Also export the last step as a Hugging Face model folder step-N-hf (safetensors + config.json)")
+    save_on_signal_timeout_s: float = opt(
+        120.0, "On SIGTERM (or SIGINT to the Ray driver): seconds for the workers to finish the step in flight and the "
+        "next, save and commit it, before the run is ended without it (exit code 1, not 75)")
 
 
 @dataclass

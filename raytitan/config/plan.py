@@ -57,7 +57,7 @@ CHOICES = {
     "quantize.linear.float8.recipe_name": RECIPES,
 }
 POSITIVE = ("profiling.profile_freq", "ray.resize_check_interval_s", "training.local_batch_size", "validation.local_batch_size", "validation.freq", "validation.steps", "training.seq_len", "training.steps", "optimizer.lr",
-            "checkpoint.interval", "metrics.log_freq", "ray.num_workers")
+            "checkpoint.interval", "checkpoint.save_on_signal_timeout_s", "metrics.log_freq", "ray.num_workers")
 NON_NEGATIVE = ("training.shuffle_buffer", "training.max_norm", "training.seed", "optimizer.weight_decay", "optimizer.eps",
                 "lr_scheduler.warmup_steps", "lr_scheduler.min_lr_factor", "checkpoint.keep_latest_k",
                 "ray.max_failures", "metrics.peak_tflops")

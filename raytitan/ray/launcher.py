@@ -27,6 +27,7 @@ from raytitan.config.plan import data_parallel_degree, plan_run
 from raytitan.models import source_root
 from raytitan.trainer.elastic.history import PROGRESS_FILE, ProgressMarkerError, failures_in, read_progress
 from raytitan.ray.runtime import train_worker
+from raytitan.ray.signals import DriverStop, TrainingStopped
 from raytitan.trainer.runtime import setup_logging
 
 logger = logging.getLogger("raytitan")
@@ -123,9 +124,11 @@ def launch(config: JobConfig) -> ray.train.Result:
     t0 = time.perf_counter()
     wanted = progress.wanted(config.metrics.progress_bar)
     bar = progress.ProgressBar(config.run_dir, config.training.steps) if wanted else None
+    stop = DriverStop(config).install()  # SIGTERM, SIGINT: the workers stop at a step they save
+    result = None
     try:
         attempts: set[str] = set()  # this launch's; restarts of earlier launches are not counted
-        while True:
+        while not stop.requested:
             # The workers name this id in a grow request and their restart records: no clocks compared.
             attempt = uuid.uuid4().hex[:12]
             _forget_ray_checkpoint_list(config)
@@ -133,20 +136,27 @@ def launch(config: JobConfig) -> ray.train.Result:
             attempts.add(attempt)
             trainer = _trainer(config, feeders, resources, failures_left=failures_left, attempt=attempt)
             try:
-                result = trainer.fit()
+                result = stop.run(attempt, trainer.fit)
+            except TrainingStopped:
+                raise
             except Exception as e:  # Ray raises once restarts are exhausted
                 raise TrainingFailed(failure_message(config, e)) from e
-            grow = _grow_request(config, attempt)
+            grow = None if stop.requested else _grow_request(config, attempt)
             if grow is None:
                 break
             print(f"growing: step {grow['step']} is committed; starting again with up to {grow['target']} workers "
                   f"(was {grow['world']})", flush=True)
             _refresh_ray_cluster_view()
     finally:
+        stop.restore()
         if bar:
             bar.close()
         for feeder in feeders.values():
             ray.kill(feeder)
+        if stop.aborted:
+            ray.shutdown()  # ends this job's actors now: Ray Train's controller and the workers
+    if stop.requested:
+        stop.conclude()  # raises TrainingStopped, unless the run reached training.steps all the same
     if not config.checkpoint.create_seed_checkpoint:  # a seed run saves step 0 and trains nothing
         check_reached_steps(config)
     print(summary(config, result, time.perf_counter() - t0), flush=True)

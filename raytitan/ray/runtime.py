@@ -12,6 +12,7 @@ import ray.train
 from raytitan.components import storage
 from raytitan.config.job import JobConfig
 from raytitan.ray.data_feed import RayFeedLoader
+from raytitan.trainer.elastic.stop import read_stop_request
 from raytitan.trainer.runtime import Runtime
 
 # How long a capacity probe waits for Ray to place a placement group before calling it full.
@@ -22,10 +23,11 @@ class RayRuntime(Runtime):
     name = "ray"
     reads_shards = False  # the DataFeeder reads them; 512 workers need not each list the source
 
-    def __init__(self, feeders: dict, worker_bundle: dict, max_workers: int, attempt: str | None = None):
+    def __init__(self, feeders: dict, worker_bundle: dict, max_workers: int, attempt: str | None = None,
+                 run_dir: str | None = None):
         self.feeders = feeders  # purpose -> DataFeeder actor
         self.worker_bundle, self.max_workers = worker_bundle, max_workers
-        self.attempt = attempt
+        self.attempt, self.run_dir = attempt, run_dir
 
     def device(self, use_gpu: bool):
         if use_gpu:
@@ -53,6 +55,10 @@ class RayRuntime(Runtime):
 
     def max_world_size(self, world: int) -> int:
         return max(world, self.max_workers)
+
+    def stop_requested(self) -> str | None:
+        """The driver's request (it got SIGTERM or SIGINT: ``raytitan.ray.signals``), through the run folder."""
+        return read_stop_request(self.run_dir, self.attempt) if self.run_dir else None
 
     def spare_workers(self, most: int) -> int:
         """Probe with placement groups of 1, 2, ... worker bundles: what Ray could place right now.
@@ -100,6 +106,6 @@ def train_worker(loop_config: dict) -> None:
     from raytitan.trainer.worker import run
 
     _quiet_report_echo()
-    run(JobConfig.from_dict(loop_config["config"]),
-        RayRuntime(loop_config["feeders"], loop_config["worker_bundle"], loop_config["max_workers"],
-                   loop_config.get("attempt")))
+    config = JobConfig.from_dict(loop_config["config"])
+    run(config, RayRuntime(loop_config["feeders"], loop_config["worker_bundle"], loop_config["max_workers"],
+                           loop_config.get("attempt"), config.run_dir))

@@ -98,7 +98,7 @@ def build(ctx) -> Trainer:
         max_norm=config.training.max_norm, loss_group=loss_group, pp_group=pp_group, validator=validator,
         report=runtime.report, before_step=fault.before_step,
         after_optimizer_step=(lambda: float8.precompute_scales(parts)) if wants_scales else (lambda: None),
-        stop_at_boundary=ctx.growth,
+        stop_at_boundary=ctx.growth, stop_requested=ctx.stop,
     )
 
 

@@ -130,6 +130,7 @@ class Trainer:
                  after_step: Callable[[int], None] = lambda step: None,
                  after_optimizer_step: Callable[[], None] = lambda: None,
                  stop_at_boundary: Callable[[int], bool] = lambda step: False,
+                 stop_requested: Callable[[int], str | None] = lambda step: None,
                  profiler: Profiler | None = None, extra_metrics: dict[str, float] | None = None):
         self.runner, self.optimizer, self.lr_scheduler = runner, optimizer, lr_scheduler
         self.loader, self.checkpoint, self.metrics, self.state = loader, checkpoint, metrics, state
@@ -138,7 +139,8 @@ class Trainer:
         self.loss_group, self.pp_group = loss_group, pp_group
         self.report, self.validator = report, validator
         self.before_step, self.after_step, self.after_optimizer_step = before_step, after_step, after_optimizer_step
-        self.stop_at_boundary, self.profiler = stop_at_boundary, profiler
+        self.stop_at_boundary, self.stop_requested, self.profiler = stop_at_boundary, stop_requested, profiler
+        self.stopped: str | None = None  # why the run stopped short of total_steps on request
         self.extra_metrics = extra_metrics or {}
         self.params = [p for part in runner.parts for p in part.parameters() if p.requires_grad]
 
@@ -187,6 +189,8 @@ class Trainer:
             if self.profiler is not None:
                 self.profiler.step(step)
             self.checkpoint.poll()  # commits an async save whose write completed
+            # Every rank asks at every step: a signal or the launcher's request ends the run here, saved.
+            stop = self.stop_requested(step)
 
             metrics = None
             if self.schedule.logs(step, first_step) or self.schedule.reports(step):
@@ -200,7 +204,7 @@ class Trainer:
                 validation = {"validation/loss": self.validator.evaluate()}
                 self.metrics.log_validation(step, validation)
                 metrics.update(validation)
-            if self.schedule.saves(step):
+            if self.schedule.saves(step) or (stop and self.schedule.checkpoint_enabled):
                 if step == self.schedule.total_steps:
                     self.checkpoint.save_last(step)
                 else:
@@ -208,6 +212,9 @@ class Trainer:
             if self.schedule.reports(step):
                 self.metrics.flush()
                 self.report(metrics, self.checkpoint.take_committed())
+            if stop and step < self.schedule.total_steps:
+                self.stopped = stop
+                break  # to resume from this step's checkpoint, committed by close()
             if self.schedule.boundary(step) and self.stop_at_boundary(step):
                 break  # to resume elsewhere from this step's checkpoint, committed by close()
         self.checkpoint.close()

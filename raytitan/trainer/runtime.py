@@ -71,6 +71,11 @@ class Runtime:
         """How many of ``most`` more workers could be placed now."""
         return 0
 
+    def stop_requested(self) -> str | None:
+        """Why the launcher asks the run to stop after the step in flight, saving it (asked on rank
+        0, at most every second); None: it does not. Without a launcher, signals are the way in."""
+        return None
+
 
 class TorchrunRuntime(Runtime):
     name = "torchrun"

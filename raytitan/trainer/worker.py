@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -15,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from raytitan.components import storage
-from raytitan.components.checkpoint.layout import final_export
+from raytitan.components.checkpoint.layout import final_export, step_dir
 from raytitan.components.profiling import Profiler
 from raytitan.config.job import JobConfig, parse_args
 from raytitan.config.plan import RunPlan, plan_run
@@ -23,6 +25,7 @@ from raytitan.trainer.build import build, import_weights, is_torch_file
 from raytitan.trainer.elastic.growth import GrowthCheck, new_control_group, request_grow
 from raytitan.trainer.elastic.history import record_start, restart_metrics, write_progress
 from raytitan.trainer.elastic.idle import agree_on_first_step, idle, workers_that_train
+from raytitan.trainer.elastic.stop import EXIT_STOPPED, StopCheck
 from raytitan.trainer.loop import Schedule, Trainer, TrainState
 from raytitan.trainer.runtime import Runtime, TorchrunRuntime, setup_logging
 
@@ -43,6 +46,7 @@ class WorkerContext:
     mesh: object  # DeviceMesh over the active ranks
     schedule: Schedule
     growth: GrowthCheck
+    stop: StopCheck
     checkpoint_group: dist.ProcessGroup | None
     started_at: float
     timings: dict[str, float] = field(default_factory=dict)
@@ -80,10 +84,12 @@ def start(config: JobConfig, runtime: Runtime) -> WorkerContext:
     async_save = config.checkpoint.async_mode != "disabled"
     checkpoint_group = dist.new_group(list(range(active)), backend="gloo") if async_save else active_group
     max_world = runtime.max_world_size(world)  # the same on every rank
-    growth = GrowthCheck(new_control_group() if max_world > world else None, world, max_world,
-                         config.ray.resize_check_interval_s, runtime.spare_workers,
+    control = new_control_group()  # the stop decision at every step, the grow decision at checkpoints
+    growth = GrowthCheck(control, world, max_world, config.ray.resize_check_interval_s, runtime.spare_workers,
                          trained_by=lambda n: workers_that_train(config, n))
-    return WorkerContext(config, runtime, device, rank, world, plan, mesh, schedule, growth, checkpoint_group,
+    stop = StopCheck(control, runtime.stop_requested, config.checkpoint.save_on_signal_timeout_s,
+                     storage.join(config.run_dir, config.checkpoint.folder))
+    return WorkerContext(config, runtime, device, rank, world, plan, mesh, schedule, growth, stop, checkpoint_group,
                          started_at, timings)
 
 
@@ -118,7 +124,17 @@ def run(config: JobConfig, runtime: Runtime) -> Trainer | TrainState:
     """Train this rank's share of the run. Returns the ``Trainer`` (its parts and final state)
     on a rank that trained, else the ``TrainState`` it stopped at."""
     ctx = start(config, runtime)
-    c = config.checkpoint
+    try:
+        outcome = train(ctx)
+    except BaseException:
+        ctx.stop.close(complete=False)  # the other ranks may never post their part of the stop check
+        raise
+    ctx.stop.close()
+    return outcome
+
+
+def train(ctx: WorkerContext) -> Trainer | TrainState:
+    config, c = ctx.config, ctx.config.checkpoint
     if (done := finished_step(ctx)) is not None:
         logger.info("the run is finished: %s/step-%d holds its final weights; raise training.steps to train on "
                     "(from the newest full checkpoint)", ctx.checkpoint_folder, done)
@@ -163,11 +179,25 @@ def run(config: JobConfig, runtime: Runtime) -> Trainer | TrainState:
     trainer.fit()
     if ctx.growth.target and ctx.rank == 0:
         request_grow(config.run_dir, trainer.state.step, ctx.world, ctx.growth.target, attempt=ctx.runtime.attempt)
+    if trainer.stopped and ctx.rank == 0:
+        step = trainer.state.step
+        write_progress(config.run_dir, step, stopped=trainer.stopped)
+        saved = (f"checkpoint {step_dir(ctx.checkpoint_folder, step)} committed; run the same command to resume "
+                 "from it" if c.enable else "checkpoint.enable is off: nothing was saved")
+        logger.warning("stopped at step %d of %d on request (%s): %s", step, config.training.steps, trainer.stopped,
+                       saved)
     return trainer
 
 
 def main(argv: list[str] | None = None) -> None:
     config = parse_args(argv, prog="raytitan.worker")
-    run(config, TorchrunRuntime())
+    outcome = run(config, TorchrunRuntime())
+    state = outcome.state if isinstance(outcome, Trainer) else outcome
+    # Under torchrun only a stop on request ends a run early (no growth without a launcher).
+    stopped = state.step < config.training.steps and not config.checkpoint.create_seed_checkpoint
+    if stopped:  # saved: the SIGTERM torchrun sends the other ranks once one exits changes nothing now
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if dist.is_initialized():
         dist.destroy_process_group()
+    if stopped:
+        sys.exit(EXIT_STOPPED if config.checkpoint.enable else 1)

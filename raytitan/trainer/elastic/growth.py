@@ -25,13 +25,14 @@ from raytitan.components import storage
 logger = logging.getLogger(__name__)
 
 GROW_FILE = "grow.json"
-# Ranks that idle wait in this group's collectives for a whole checkpoint interval.
+# A rank may wait in this group's collectives for a step, a save or (idle ranks) a validation.
 CONTROL_TIMEOUT = timedelta(days=7)
 
 
 def new_control_group() -> dist.ProcessGroup:
-    """A CPU group over the whole world (idle ranks included) for the grow decision; created only
-    where the group can grow (a gloo group over a large world is not free)."""
+    """A CPU group over the whole world (idle ranks included) for the decisions every rank takes
+    together: whether to stop (every step, ``raytitan.trainer.elastic.stop``) and whether to grow
+    (at checkpoints). On CPU, off the training path even where training runs on NCCL."""
     return dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
 
 

@@ -27,8 +27,10 @@ def read_starts(run_dir: str) -> list[dict]:
     return read_jsonl(storage.join(run_dir, RESTARTS_FILE))
 
 
-def write_progress(run_dir: str, step: int) -> None:
-    storage.write_text(storage.join(run_dir, PROGRESS_FILE), json.dumps({"step": step, "time": time.time()}))
+def write_progress(run_dir: str, step: int, stopped: str | None = None) -> None:
+    """``stopped``: why the run stopped at ``step`` on request (its checkpoint committed)."""
+    marker = {"step": step, "time": time.time(), **({"stopped": stopped} if stopped else {})}
+    storage.write_text(storage.join(run_dir, PROGRESS_FILE), json.dumps(marker))
 
 
 class ProgressMarkerError(RuntimeError):
@@ -36,8 +38,9 @@ class ProgressMarkerError(RuntimeError):
 
 
 def read_progress(run_dir: str) -> dict | None:
-    """The newest completed step (``{"step", "time"}``); None if no step was marked yet. Raises
-    ProgressMarkerError, naming the file, if it exists but cannot be read or parsed."""
+    """The newest completed step (``{"step", "time"}``, and ``"stopped"``: why, after a stop on
+    request); None if no step was marked yet. Raises ProgressMarkerError, naming the file, if it
+    exists but cannot be read or parsed."""
     path = storage.join(run_dir, PROGRESS_FILE)
     if not storage.isfile(path):
         return None
@@ -94,6 +97,9 @@ def record_start(run_dir: str, checkpoint_folder: str, *, started_at: float, wor
         failed_at = f["time"]
     elif previous and unreadable:
         cause = f"unknown: the progress marker is unreadable, so whether the previous start finished cannot be told ({unreadable})"
+        failed_at = None
+    elif previous and progress and progress.get("stopped") and progress["step"] < previous[-1]["target_steps"]:
+        cause = f"stopped on request ({progress['stopped']}) after step {progress['step']}, run again"
         failed_at = None
     elif previous and progress and progress["step"] < previous[-1]["target_steps"]:  # it did not finish
         cause = "worker group restarted (a worker or node was lost, or capacity changed: see Ray's log)"

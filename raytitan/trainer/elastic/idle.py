@@ -31,9 +31,9 @@ def agree_on_first_step(first: int) -> int:
 
 
 def idle(ctx) -> TrainState:
-    """A rank outside the layout: holds no state, and makes the same ``report`` calls and grow
-    checks as the others (Ray requires every worker to report equally often) until the run ends
-    or the group resizes. ``ctx``: the rank's ``WorkerContext``."""
+    """A rank outside the layout: holds no state, and makes the same stop checks, ``report``
+    calls and grow checks as the others (Ray requires every worker to report equally often) until
+    the run ends, stops or the group resizes. ``ctx``: the rank's ``WorkerContext``."""
     config, plan = ctx.config, ctx.plan
     logger.warning(
         "rank %d idles: %d workers keep the global batch of %d only as %s; it rejoins at the next resize",
@@ -41,8 +41,11 @@ def idle(ctx) -> TrainState:
     )
     first = agree_on_first_step(0)
     for step in range(first, config.training.steps + 1):
+        stop = ctx.stop(step)  # in the order the training ranks make these calls
         if ctx.schedule.reports(step):
             ctx.runtime.report({"step": step, "idle": 1}, None)
+        if stop and step < config.training.steps:
+            return TrainState(step=step)
         if ctx.schedule.boundary(step) and ctx.growth(step):
             return TrainState(step=step)
     return TrainState(step=config.training.steps)
