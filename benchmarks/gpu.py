@@ -102,15 +102,47 @@ def base_overrides(args: argparse.Namespace) -> dict:
     return base
 
 
-def plan(args: argparse.Namespace) -> list[tuple[str, str, int, str, dict]]:
-    """(run name, flavor, seq_len, feature, overrides) for every variant of the sweep."""
+def published_vocab(flavor: str) -> int | None:
+    from raytitan.models.llama3.args import FLAVORS
+
+    return FLAVORS[flavor].vocab_size if flavor in FLAVORS else None
+
+
+def vocab_tokenizer(folder: str, size: int) -> str:
+    """A tokenizer.json of ``size`` entries. The model's vocabulary is the tokenizer's, so the byte
+    tokenizer would give 1B / 3B a 259-row embedding and head instead of the published 128,256:
+    this one has the published size, reads the text one character per id as the byte tokenizer
+    does (first 256 code points), and leaves the rest of its entries unused."""
+    import json
+
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {"<|begin_of_text|>": 0, "<|end_of_text|>": 1, "<unk>": 2}
+    vocab.update({chr(i): len(vocab) + i for i in range(256)})
+    vocab.update({f"<unused_{i}>": i for i in range(len(vocab), size)})
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tokenizer.decoder = decoders.Fuse()
+    os.makedirs(folder, exist_ok=True)
+    tokenizer.save(os.path.join(folder, "tokenizer.json"))
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump({"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>"}, f)
+    return folder
+
+
+def plan(args: argparse.Namespace, tokenizers: dict[int, str] | None = None) -> list[tuple[str, str, int, str, dict]]:
+    """(run name, flavor, seq_len, feature, overrides) for every variant of the sweep; a flavor
+    with a published vocabulary trains with ``tokenizers[that size]`` (a folder)."""
     base = base_overrides(args)
     chosen = {name: o for name, o in features(args.ac_every).items() if not args.features or name in args.features}
     runs = []
     for flavor, seq_len, (feature, overrides) in itertools.product(args.flavors, args.seq_lens, chosen.items()):
         name = f"{flavor}-{seq_len}-{feature}".replace("+", "_and_")
+        vocab = published_vocab(flavor)
+        tokenizer = {"model.hf_assets_path": (tokenizers or {}).get(vocab, f"<a {vocab}-entry tokenizer>")} \
+            if vocab else {}
         runs.append((name, flavor, seq_len, feature,
-                     {**base, "model.flavor": flavor, "training.seq_len": seq_len, **overrides}))
+                     {**base, "model.flavor": flavor, "training.seq_len": seq_len, **tokenizer, **overrides}))
     return runs
 
 
@@ -156,6 +188,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("benchmarks/gpu.py needs a CUDA device (--dry-run prints the plan without one)")
     sweep = datetime.datetime.now().strftime("%Y%m%dT%H%M%S")
     root = tempfile.mkdtemp(prefix="raytitan-gpu-")
+    vocabs = {published_vocab(flavor) for flavor in args.flavors} - {None}
+    runs = plan(args, {v: vocab_tokenizer(os.path.join(root, f"tokenizer-{v}"), v) for v in vocabs})
     rows_path = os.path.join(args.results_dir, "gpu_rows.jsonl")
     rows = []
     try:

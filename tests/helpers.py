@@ -28,6 +28,29 @@ def tiny_config(run_root: str, data_dir: str, **sections) -> JobConfig:
     return JobConfig.from_dict(base)
 
 
+class RaytitanLog:
+    """raytitan's log records while it is entered (the logger does not propagate once a test in
+    this process has set up raytitan's logging, so pytest's caplog alone would miss them)."""
+
+    def __enter__(self):
+        import logging
+
+        self.records, self.logger = [], logging.getLogger("raytitan")
+        self.handler = logging.Handler(logging.INFO)
+        self.handler.emit = self.records.append
+        self.level = self.logger.level
+        self.logger.setLevel(logging.INFO)
+        self.logger.addHandler(self.handler)
+        return self
+
+    def __exit__(self, *exc):
+        self.logger.removeHandler(self.handler)
+        self.logger.setLevel(self.level)
+
+    def messages(self, level: str) -> list[str]:
+        return [r.getMessage() for r in self.records if r.levelname == level]
+
+
 def child_pids(pid: int) -> list[int]:
     """The ids of ``pid``'s child processes (Linux: from /proc)."""
     return [int(entry) for entry, stat in _proc_files("stat") if int(stat.rsplit(")", 1)[1].split()[1]) == pid]

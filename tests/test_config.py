@@ -7,7 +7,7 @@ from raytitan import load_config
 from raytitan.config.job import SECTIONS, ConfigError, JobConfig, parse_args, to_toml
 from raytitan.config.plan import plan_run
 
-from tests.helpers import tiny_config
+from tests.helpers import RaytitanLog, tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -211,8 +211,12 @@ def test_preflight_heads_and_vocab(tmp_path, data_dir, monkeypatch):
     monkeypatch.setitem(args.FLAVORS, "small_vocab", args.ModelArgs(dim=64, n_layers=1, n_heads=4, vocab_size=100))
     with pytest.raises(ConfigError, match="not divisible by n_kv_heads 5"):
         plan_run(tiny_config(str(tmp_path), data_dir, model={"flavor": "odd"}), 1)
-    with pytest.raises(ConfigError, match="smaller than the tokenizer's 259"):
-        plan_run(tiny_config(str(tmp_path), data_dir, model={"flavor": "small_vocab"}), 1)
+    # A flavor's vocabulary smaller than the tokenizer's is no error: the model's follows the tokenizer.
+    with RaytitanLog() as log:
+        plan = plan_run(tiny_config(str(tmp_path), data_dir, model={"flavor": "small_vocab"}), 1)
+    assert plan.model_args.vocab_size == 259
+    assert log.messages("WARNING") == ["llama3 small_vocab publishes a vocabulary of 100; the tokenizer (bytes) has "
+                                       "259: training with 259 (the model's vocabulary follows the tokenizer)"]
 
 
 def test_plan_accepts_composed_layouts(tmp_path, data_dir):
@@ -314,37 +318,19 @@ def toml_text(sections: dict) -> str:
                      for name, keys in sections.items())
 
 
-class RaytitanLog:
-    """raytitan's log records while it is entered (the logger does not propagate once a test in
-    this process has set up raytitan's logging, so pytest's caplog alone would miss them)."""
-
-    def __enter__(self):
-        import logging
-
-        self.records, self.logger = [], logging.getLogger("raytitan")
-        self.handler = logging.Handler(logging.INFO)
-        self.handler.emit = self.records.append
-        self.level = self.logger.level
-        self.logger.setLevel(logging.INFO)
-        self.logger.addHandler(self.handler)
-        return self
-
-    def __exit__(self, *exc):
-        self.logger.removeHandler(self.handler)
-        self.logger.setLevel(self.level)
-
-    def messages(self, level: str) -> list[str]:
-        return [r.getMessage() for r in self.records if r.levelname == level]
-
-
 @pytest.mark.parametrize("name", list(TORCHTITAN_LLAMA3))
 def test_torchtitan_llama3_tomls_load_and_plan(tmp_path, monkeypatch, name):
     """torchtitan's own Llama 3 TOMLs plan unchanged; only the 405B adds a [ray] section (its async
-    tensor parallel needs ray.use_gpu). Their hf_assets_path folders are made, empty: the paths are
-    relative to torchtitan's repository."""
+    tensor parallel needs ray.use_gpu). Their hf_assets_path folders (relative to torchtitan's
+    repository) are made, with a small BPE tokenizer in them: the run tokenizes with it, and the
+    model's vocabulary is its, not the flavor's published 128,256."""
+    from raytitan.components.data.tokenizer import HFTokenizer
+
+    from tests.data.test_sources import make_hf_tokenizer
+
     sections, world, (dp_shard, tp) = TORCHTITAN_LLAMA3[name]
     monkeypatch.chdir(tmp_path)
-    os.makedirs(sections["model"]["hf_assets_path"])
+    folder = make_hf_tokenizer(sections["model"]["hf_assets_path"])
     text = toml_text(sections) + ("[ray]\nuse_gpu = true\n" if name == "llama3_405b" else "")
     (tmp_path / f"{name}.toml").write_text(text)
     with RaytitanLog() as log:
@@ -365,8 +351,8 @@ def test_torchtitan_llama3_tomls_load_and_plan(tmp_path, monkeypatch, name):
         assert any("2000 generated English-like documents in C4's format" in m for m in log.messages("INFO"))
     else:
         assert ignored == []
-    # torchtitan's hf_assets_path is its tokenizer folder; here model.tokenizer decides, and says so.
-    assert any("model.hf_assets_path is set but model.tokenizer = 'byte'" in m for m in warnings)
+    # torchtitan's hf_assets_path is its tokenizer folder: model.tokenizer = "auto" takes it from there.
+    assert config.model.tokenizer == "auto" and plan.model_args.vocab_size == HFTokenizer(folder).vocab_size < 400
 
 
 def test_torchtitan_keys_are_named_in_one_warning_from_toml_and_command_line(tmp_path):

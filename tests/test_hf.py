@@ -105,6 +105,88 @@ def test_tied_hf_checkpoint_gets_an_output_head(tmp_path):
     assert torch.equal(weights["output.weight"], weights["tok_embeddings.weight"])
 
 
+# Llama 3.2 1B's architecture at a tiny width: the head tied to the embedding, RoPE scaled by 32
+# from 8,192 positions (theta 500,000), as in meta-llama/Llama-3.2-1B's config.json.
+LLAMA32_TINY = dataclasses.replace(FLAVORS["1B"], dim=128, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=259,
+                                   multiple_of=32, max_seq_len=128)
+
+
+def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def test_llama32_shaped_tied_model_matches_transformers_after_import_and_export(tmp_path):
+    """A folder transformers' LlamaForCausalLM saved from a 1B-shaped tiny config imports into the
+    tied flavor with its logits (fp32, relative 1e-5), and raytitan's export of those weights loads
+    back in transformers with them: lm_head left out, tie_word_embeddings and the RoPE scaling set.
+    An untied folder does not load into the tied flavor (a planning error)."""
+    args, adapter = LLAMA32_TINY, LlamaHF()
+    torch.manual_seed(0)
+    theirs = transformers.LlamaForCausalLM(transformers.LlamaConfig(**adapter.hf_config(args, torch.float32))).eval()
+    assert theirs.lm_head.weight is theirs.model.embed_tokens.weight
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # norm scales away from 1
+    theirs.save_pretrained(tmp_path / "theirs")
+    step = import_hf(str(tmp_path / "theirs"), str(tmp_path / "imported"))
+    ours = Transformer(args)
+    CheckpointManager(str(tmp_path), {"model": ModelState([ours])}, 0).load_path(step, model_only=True)
+    assert ours.output.weight is ours.tok_embeddings.weight
+    tokens = torch.randint(0, args.vocab_size, (2, 128))
+    with torch.no_grad():
+        reference = theirs(tokens).logits
+        assert relative_difference(ours.eval()(tokens), reference) <= 1e-5
+        # The tolerance sees the scaling: Llama 3.1's factor 8 in place of 32 is far outside it.
+        other = Transformer(dataclasses.replace(args, rope_scaling_factor=8.0))
+        other.load_state_dict(ours.state_dict())
+        assert relative_difference(other.eval()(tokens), reference) > 1e-4
+
+    out = export_hf(save_step(tmp_path / "ckpt", ours, args=args), str(tmp_path / "ours"), dtype=torch.float32)
+    with open(os.path.join(out, "config.json")) as f:
+        config = json.load(f)
+    assert config["tie_word_embeddings"] is True and config["rope_scaling"]["factor"] == 32.0
+    from safetensors import safe_open
+
+    with safe_open(os.path.join(out, "model.safetensors"), "pt") as f:
+        assert "lm_head.weight" not in f.keys() and "model.embed_tokens.weight" in f.keys()
+    back = transformers.LlamaForCausalLM.from_pretrained(out).eval()
+    assert back.lm_head.weight is back.model.embed_tokens.weight
+    assert back.config.rope_parameters["factor"] == 32.0
+    with torch.no_grad():
+        assert relative_difference(back(tokens).logits, reference) <= 1e-5
+    untied = adapter.hf_config(dataclasses.replace(args, tie_embeddings=False), torch.float32)
+    with pytest.raises(HFFormatError, match="tie_word_embeddings = false.*ties output.weight to tok_embeddings.weight"):
+        adapter.check_matches(args, untied)
+
+
+def test_a_run_from_hugging_face_weights_takes_their_vocabulary(tmp_path, data_dir):
+    """The one exception to the vocabulary following the tokenizer: weights imported from a Hugging
+    Face folder keep their rows (a published vocabulary padded past the tokenizer's), said once;
+    fewer rows than the tokenizer has ids is an error before launch."""
+    from raytitan.config.job import ConfigError
+    from raytitan.config.plan import plan_run
+
+    from tests.helpers import RaytitanLog, tiny_config
+
+    def folder(vocab: int) -> str:
+        args = dataclasses.replace(ARGS, vocab_size=vocab)
+        return export_hf(save_step(tmp_path / f"ckpt{vocab}", random_model(args), args=args), str(tmp_path / f"hf{vocab}"),
+                         dtype=torch.float32)
+
+    def config(path: str):
+        return tiny_config(str(tmp_path), data_dir, model={"flavor": "tiny"},
+                           checkpoint={"initial_load_path": path, "initial_load_in_hf": True})
+
+    padded = folder(300)
+    with RaytitanLog() as log:
+        assert plan_run(config(padded), 1).model_args.vocab_size == 300
+    assert log.messages("WARNING") == [
+        f"the Hugging Face model in checkpoint.initial_load_path {padded} has a vocabulary of 300; the tokenizer "
+        "(bytes) has 259: training with the checkpoint's 300 (rows 259 and up are never input tokens)"]
+    with pytest.raises(ConfigError, match=r"has a vocabulary of 200, smaller than the tokenizer's \(bytes: 259\)"):
+        plan_run(config(folder(200)), 1)
+
+
 def test_hf_folder_errors_name_the_problem(tmp_path):
     os.makedirs(tmp_path / "empty")
     with pytest.raises(HFFormatError, match="has no config.json"):

@@ -40,9 +40,16 @@ reads the defaults below, then `--job.config_file FILE` (TOML), then command-lin
 
 The whole config is checked in the driver before Ray starts (`raytitan/config/plan.py`,
 `plan_run`): degrees that do not multiply to the world size, a global batch not divisible by
-local batch x data-parallel degree, head counts, negative values, missing files and folders, a
-model vocab smaller than the tokenizer's. Each failure names the key and what to change; the exit
-code is 2. Workers run the same `plan_run` on their side, so the derivation lives in one place.
+local batch x data-parallel degree, head counts, negative values, missing files and folders (a
+`model.hf_assets_path` without the tokenizer.json it is read for). Each failure names the key and
+what to change; the exit code is 2. Workers run the same `plan_run` on their side, so the
+derivation lives in one place.
+
+The model's vocabulary is the tokenizer's (`model.tokenizer`: `auto` takes the Hugging Face
+tokenizer in `model.hf_assets_path` when that is set, bytes when not): a flavor that publishes
+another vocabulary size (Llama 3's 128,256) trains with the tokenizer's, and the log says so
+once. Only weights imported from a Hugging Face folder (`checkpoint.initial_load_in_hf`) keep
+their own vocabulary, which must cover the tokenizer's ids.
 
 Batch sizes: `global_batch_size` sequences per optimizer step (-1 = `local_batch_size` x dp),
 split as `local_batch_size` x gradient-accumulation steps x data-parallel degree. The loss is the

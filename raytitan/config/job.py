@@ -46,9 +46,10 @@ class Job:
 @dataclass
 class Model:
     name: str = opt("llama3", "Model family: a built-in one (llama3), or package.module:attribute naming a ModelSpec in your own code")
-    flavor: str = opt("debugmodel", "Named shape of the family (llama3: debugmodel, tiny, 1B, 3B, 8B, 70B, 405B)")
+    flavor: str = opt("debugmodel", "Named shape of the family (llama3: debugmodel, tiny, 1B, 3B, 8B, 70B, 405B, 1B_untied, 3B_untied)")
     hf_assets_path: str | None = opt(None, "Folder with tokenizer.json (and tokenizer_config.json)")
-    tokenizer: str = opt("byte", "Tokenizer: 'byte' (no files) or 'hf' (tokenizer.json in hf_assets_path)")
+    tokenizer: str = opt("auto", "Tokenizer: 'auto' ('hf' when hf_assets_path is set, else 'byte'), 'byte' (no files) "
+                                 "or 'hf' (tokenizer.json in hf_assets_path); the model's vocabulary is the tokenizer's")
     converters: list = opt([], "Model conversions: quantize.linear.float8 (or float8) for Float8 training")
 
     attn_mask_type: str = opt("causal", "Attention over packed rows: causal (all earlier tokens of the row) or "
@@ -444,8 +445,7 @@ def set_key(config: JobConfig, key: str, value: Any, source: str) -> None:
 
 def check_torchtitan_keys(config: JobConfig) -> None:
     """Once every key is read: torchtitan keys that must equal a raytitan key do; one warning
-    names every torchtitan key raytitan accepted without acting on it, another a tokenizer folder
-    that the byte tokenizer leaves unused."""
+    names every torchtitan key raytitan accepted without acting on it."""
     for key, value in config.torchtitan_ignored.items():
         spec = TORCHTITAN_KEYS[key]
         if spec.same_as:
@@ -457,10 +457,6 @@ def check_torchtitan_keys(config: JobConfig) -> None:
     if config.torchtitan_ignored:
         logger.warning("torchtitan keys accepted with no effect in raytitan: %s (docs/from_torchtitan.md says what "
                        "raytitan does instead)", ", ".join(config.torchtitan_ignored))
-    if config.model.hf_assets_path and config.model.tokenizer == "byte":
-        # torchtitan configs set hf_assets_path for its tokenizer; here model.tokenizer decides.
-        logger.warning("model.hf_assets_path is set but model.tokenizer = 'byte': the tokenizer files there are not "
-                       "used; set model.tokenizer = 'hf' to train with them")
 
 
 def apply_dict(config: JobConfig, data: dict[str, Any], source: str, prefix: str = "") -> None:

@@ -19,14 +19,14 @@ from raytitan.components.checkpoint.layout import CheckpointError, read_metadata
 from raytitan.components.checkpoint.torchtitan import check_family, step_kind, weight_names
 from raytitan.config.job import Checkpoint, ConfigError, JobConfig, section
 from raytitan.components.data.sources import C4_TEST_DOCS, DATASETS, DataSourceError, resolve_shards
-from raytitan.components.data.tokenizer import TOKENIZERS, build_tokenizer
+from raytitan.components.data.tokenizer import TOKENIZERS, build_tokenizer, has_tokenizer_file
 from raytitan.components.metrics import PROGRESS_BAR_MODES
 from raytitan.components.optimizer import DECAY_TYPES, IMPLEMENTATIONS, OPTIMIZERS
 from raytitan.distributed.dims import ParallelDims, ParallelismError
 from raytitan.distributed.precision import DTYPES, PARAM_DTYPES, REDUCE_DTYPES, RESHARD_AFTER_FORWARD
 from raytitan.models import get_spec
 from raytitan.models.hf import HFFormatError, read_hf_config
-from raytitan.models.spec import ModelSpec, ModelSpecError, with_vocab
+from raytitan.models.spec import ModelSpec, ModelSpecError
 from raytitan.distributed.activation_checkpoint import MODES as AC_MODES, ActivationCheckpointError, check_option
 from raytitan.distributed.compile import COMPONENTS
 from raytitan.distributed.attention import ATTN_MASK_TYPES
@@ -191,6 +191,44 @@ def check_checkpoint(c: Checkpoint, run_dir: str, model_name: str | None = None)
             raise ConfigError(f"checkpoint.initial_load_path: {e}") from None
 
 
+def model_shape(config: JobConfig, spec: ModelSpec, tokenizer, hf_config: dict | None) -> tuple[Any, list]:
+    """The flavor's args at ``training.seq_len`` with the vocabulary of the tokenizer in use, and
+    what to tell the user about it: (log level, message) pairs.
+
+    The vocabulary is the tokenizer's, whatever the flavor publishes (a published vocabulary of
+    another size is said, once). The one exception is a run that starts from Hugging Face weights
+    (``checkpoint.initial_load_in_hf``): the model takes their vocabulary, padding rows included,
+    which must hold every id the tokenizer gives."""
+    flavor = spec.flavor(config.model.flavor)
+    n = tokenizer.vocab_size
+    which = f"{tokenizer.folder}/tokenizer.json" if tokenizer.folder else "bytes"
+    notes = []
+    if config.model.tokenizer.lower() == "auto" and tokenizer.folder:
+        notes.append((logging.INFO, f"tokenizer: the Hugging Face tokenizer in model.hf_assets_path {tokenizer.folder} "
+                                    f"({n} tokens; model.tokenizer = 'auto')"))
+    elif tokenizer.folder is None and has_tokenizer_file(config.model.hf_assets_path):
+        notes.append((logging.WARNING, f"model.tokenizer = 'byte': the tokenizer.json in model.hf_assets_path "
+                                       f"{config.model.hf_assets_path} is not used (model.tokenizer = 'auto' or "
+                                       "'hf' trains with it)"))
+    vocab = n
+    if hf_config is not None and isinstance(hf_config.get("vocab_size"), int):
+        vocab = hf_config["vocab_size"]
+        source = f"the Hugging Face model in checkpoint.initial_load_path {config.checkpoint.initial_load_path}"
+        if vocab < n:
+            raise ConfigError(f"{source} has a vocabulary of {vocab}, smaller than the tokenizer's ({which}: {n}): "
+                              "its embedding has no row for the tokenizer's highest ids; use the tokenizer it was "
+                              "trained with (model.hf_assets_path)")
+        if vocab != n:
+            notes.append((logging.WARNING, f"{source} has a vocabulary of {vocab}; the tokenizer ({which}) has {n}: "
+                                           f"training with the checkpoint's {vocab} (rows {n} and up are never "
+                                           "input tokens)"))
+    elif flavor.vocab_size is not None and flavor.vocab_size != n:
+        notes.append((logging.WARNING, f"{spec.name} {config.model.flavor} publishes a vocabulary of "
+                                       f"{flavor.vocab_size}; the tokenizer ({which}) has {n}: training with {n} "
+                                       "(the model's vocabulary follows the tokenizer)"))
+    return dataclasses.replace(flavor, vocab_size=vocab, max_seq_len=config.training.seq_len), notes
+
+
 def model_spec(config: JobConfig) -> ModelSpec:
     try:
         return get_spec(config.model.name)
@@ -275,7 +313,9 @@ def plan_run(config: JobConfig, world_size: int, resolve_data: bool = True) -> R
     Fixed-size runs must match the degrees exactly. Elastic runs (``ray.min_workers``) keep the
     global batch and let data parallel absorb the world size: local batch x accumulation is
     re-derived, and ranks that fit no full layout idle. ``resolve_data=False`` skips listing and
-    checking the shards (workers fed by the Ray data feeder never read them).
+    checking the shards (workers fed by the Ray data feeder never read them); with it, the
+    process that plans the run also logs what it derived for the user (the tokenizer 'auto'
+    chose, a vocabulary other than the flavor's), once per plan.
     """
     check_values(config)
     if config.ray.elastic:
@@ -302,17 +342,14 @@ def plan_run(config: JobConfig, world_size: int, resolve_data: bool = True) -> R
     except (OSError, ValueError) as e:
         raise ConfigError(str(e)) from None
     spec = model_spec(config)
-    args = with_vocab(spec.flavor(config.model.flavor), tokenizer.vocab_size)
-    args = dataclasses.replace(args, max_seq_len=config.training.seq_len)
-    if args.vocab_size < tokenizer.vocab_size:
-        raise ConfigError(
-            f"model.flavor {config.model.flavor} has vocab {args.vocab_size}, smaller than the tokenizer's "
-            f"{tokenizer.vocab_size}: pick a tokenizer that fits or a flavor sized to it"
-        )
-
-    if config.checkpoint.initial_load_in_hf:
+    hf_config = read_hf_config(config.checkpoint.initial_load_path) if config.checkpoint.initial_load_in_hf else None
+    args, notes = model_shape(config, spec, tokenizer, hf_config)
+    if resolve_data:  # the process that plans the run (the driver; each rank under torchrun), not every worker
+        for level, message in notes:
+            logger.log(level, message)
+    if hf_config is not None:
         try:
-            spec.hf.check_matches(args, read_hf_config(config.checkpoint.initial_load_path))
+            spec.hf.check_matches(args, hf_config)
         except HFFormatError as e:
             raise ConfigError(f"checkpoint.initial_load_path: {e}") from None
 

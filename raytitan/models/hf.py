@@ -34,6 +34,15 @@ def read_hf_config(folder: str) -> dict:
             raise HFFormatError(f"{path} is not valid JSON: {e}") from None
 
 
+def heads_from_hf_config(config: dict) -> tuple[int, int]:
+    """(query heads, key/value heads) of a Hugging Face config.json."""
+    try:
+        n_heads = int(config["num_attention_heads"])
+    except (KeyError, TypeError, ValueError):
+        raise HFFormatError("config.json has no num_attention_heads") from None
+    return n_heads, int(config.get("num_key_value_heads") or n_heads)
+
+
 def pairs_to_halves(tensor: torch.Tensor, heads: int) -> torch.Tensor:
     """Rows of each head from pair order (0,1),(2,3).. to half order (0,d/2),(1,d/2+1).."""
     rows = tensor.shape[0]
@@ -86,7 +95,13 @@ class HFAdapter:
 
     def to_hf(self, name: str, tensor: torch.Tensor, args: Any) -> dict[str, torch.Tensor]:
         """Hugging Face tensors for one of raytitan's (none to leave it out, e.g. a tied head)."""
-        return {self.to_hf_name(name): tensor}
+        return {} if self.omits(name, args) else {self.to_hf_name(name): tensor}
+
+    @staticmethod
+    def omits(name: str, args: Any) -> bool:
+        """Whether a folder leaves raytitan's ``name`` out: a head tied to the embedding
+        (``args.tie_embeddings``) is saved once, as the embedding, with tie_word_embeddings."""
+        return name == "output.weight" and getattr(args, "tie_embeddings", False)
 
     def from_hf(self, name: str, tensor: torch.Tensor, config: dict) -> dict[str, torch.Tensor]:
         """raytitan tensors for one Hugging Face tensor (none to skip it, e.g. a rotary cache)."""
@@ -109,3 +124,7 @@ class HFAdapter:
                 raise HFFormatError(
                     f"Hugging Face config.json has {key} = {config[key]}, but the model being trained has "
                     f"{expected[key]}: pick the model.flavor (and tokenizer) that matches the checkpoint")
+        if getattr(args, "tie_embeddings", False) and not config.get("tie_word_embeddings", False):
+            raise HFFormatError("config.json has tie_word_embeddings = false (lm_head.weight a matrix of its own), but "
+                                "the model being trained ties output.weight to tok_embeddings.weight (one weight): "
+                                "the two cannot become one; pick an untied model.flavor")

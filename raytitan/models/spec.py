@@ -13,8 +13,10 @@ What a spec's model must be (the contract the trainer relies on):
   last; ``forward`` then passes hidden states in and out.
 - It keeps its args as ``model.args``; ``init_weights(buffer_device=None)`` initializes every parameter and buffer in place (after the
   model was materialized with ``to_empty``), sharded or not.
-- ``args`` is a frozen dataclass with at least ``vocab_size`` (``None``: sized to the
-  tokenizer), ``n_layers`` and ``max_seq_len``; flavors are named instances of it.
+- ``args`` is a frozen dataclass with at least ``vocab_size`` (the published size, or ``None``;
+  the model is built at the tokenizer's), ``n_layers`` and ``max_seq_len``; flavors are named
+  instances of it. Optionally ``tie_embeddings``: the output head is the token embedding's
+  Parameter (``raytitan.models.tied``), and steps saved untied do not load into it.
 """
 
 from __future__ import annotations

@@ -100,7 +100,7 @@ def launch(config: JobConfig) -> ray.train.Result:
         config.training.global_batch_size = config.training.local_batch_size * data_parallel_degree(config, hi)
     plan = plan_run(config, hi)  # every config error surfaces here, before Ray starts
     if lo != hi:
-        smallest = plan_run(config, lo)
+        smallest = plan_run(config, lo, resolve_data=False)  # the shards and the log lines of the plan above
         print(f"elastic: {lo}..{hi} workers; at {lo}: {smallest.dims.summary}, local {smallest.local_batch_size} x "
               f"accumulation {smallest.accumulation_steps}", flush=True)
     print(f"resolved config:\n{to_toml(config)}", flush=True)

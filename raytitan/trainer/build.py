@@ -164,12 +164,13 @@ def build_runner(parts: list[torch.nn.Module], stage_ids: list[int], stages: int
 
 
 def model_facts(config: JobConfig, plan, tokenizer) -> dict:
-    """What a checkpoint records about its model, so exports need nothing else."""
+    """What a checkpoint records about its model, so exports need nothing else: the tokenizer is
+    the one the run used ('byte' or 'hf', never 'auto'), with its folder only when it read one."""
     spec = get_spec(config.model.name)
     args = dataclasses.replace(plan.model_args, max_seq_len=spec.flavor(config.model.flavor).max_seq_len)
     return {"model": config.model.name, "flavor": config.model.flavor, "model_args": dataclasses.asdict(args),
-            "tokenizer": config.model.tokenizer,
-            "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id, "hf_assets_path": config.model.hf_assets_path}
+            "tokenizer": tokenizer.name,
+            "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id, "hf_assets_path": tokenizer.folder}
 
 
 def is_torch_file(path: str) -> bool:

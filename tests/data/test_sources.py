@@ -155,3 +155,52 @@ def test_model_vocab_follows_the_hf_tokenizer(tmp_path, data_dir):
     folder = make_hf_tokenizer(str(tmp_path / "tok"))
     plan = plan_run(tiny_config(str(tmp_path), data_dir, model={"tokenizer": "hf", "hf_assets_path": folder}), 1)
     assert plan.model_args.vocab_size == build_tokenizer(Model(tokenizer="hf", hf_assets_path=folder)).vocab_size
+
+
+def test_auto_tokenizer_is_the_one_in_hf_assets_path_and_the_vocab_follows_it(tmp_path, data_dir):
+    """model.tokenizer = 'auto' (the default) trains with the tokenizer.json in model.hf_assets_path
+    (bytes without one); the model's vocabulary is the tokenizer's, whatever the flavor publishes
+    (said once, plainly); the checkpoint marker records the tokenizer used, where sampling and
+    exports find it. An explicit 'byte' is honoured, and an unused tokenizer folder named."""
+    from raytitan.config.job import ConfigError
+    from raytitan.config.plan import plan_run
+    from raytitan.tools.sampling import checkpoint_tokenizer
+    from raytitan.trainer.build import model_facts
+
+    from tests.helpers import RaytitanLog, tiny_config
+
+    folder = make_hf_tokenizer(str(tmp_path / "tok"))
+    n = HFTokenizer(folder).vocab_size
+    config = tiny_config(str(tmp_path), data_dir, model={"flavor": "8B", "hf_assets_path": folder})
+    assert config.model.tokenizer == "auto"
+    with RaytitanLog() as log:
+        plan = plan_run(config, 1)
+    assert plan.model_args.vocab_size == n and plan.model_args.dim == 4096
+    assert f"tokenizer: the Hugging Face tokenizer in model.hf_assets_path {folder} ({n} tokens; model.tokenizer = " \
+           "'auto')" in log.messages("INFO")
+    assert log.messages("WARNING") == [f"llama3 8B publishes a vocabulary of 128256; the tokenizer ({folder}/"
+                                       f"tokenizer.json) has {n}: training with {n} (the model's vocabulary follows "
+                                       "the tokenizer)"]
+    marker = model_facts(config, plan, build_tokenizer(config.model))
+    assert (marker["tokenizer"], marker["hf_assets_path"], marker["model_args"]["vocab_size"]) == ("hf", folder, n)
+    assert isinstance(checkpoint_tokenizer("step-1", marker), HFTokenizer)
+
+    byte = tiny_config(str(tmp_path), data_dir, model={"flavor": "8B", "hf_assets_path": folder, "tokenizer": "byte"})
+    with RaytitanLog() as log:
+        plan = plan_run(byte, 1)
+    assert plan.model_args.vocab_size == 259
+    assert log.messages("WARNING") == [
+        f"model.tokenizer = 'byte': the tokenizer.json in model.hf_assets_path {folder} is not used "
+        "(model.tokenizer = 'auto' or 'hf' trains with it)",
+        "llama3 8B publishes a vocabulary of 128256; the tokenizer (bytes) has 259: training with 259 (the model's "
+        "vocabulary follows the tokenizer)"]
+    marker = model_facts(byte, plan, build_tokenizer(byte.model))
+    assert (marker["tokenizer"], marker["hf_assets_path"]) == ("byte", None)  # exports copy no unused tokenizer
+    assert isinstance(checkpoint_tokenizer("step-1", marker), ByteTokenizer)
+
+    with RaytitanLog() as log:  # no folder: bytes, and the debug model sized to them without a word
+        assert plan_run(tiny_config(str(tmp_path), data_dir), 1).model_args.vocab_size == 259
+    assert log.messages("WARNING") == [] and not any("tokenizer" in m for m in log.messages("INFO"))
+    os.makedirs(tmp_path / "empty")
+    with pytest.raises(ConfigError, match="'.*empty' has no tokenizer.json.*or set model.tokenizer = 'byte'"):
+        plan_run(tiny_config(str(tmp_path), data_dir, model={"flavor": "8B", "hf_assets_path": str(tmp_path / "empty")}), 1)

@@ -33,8 +33,8 @@ from torch.distributed.checkpoint.stateful import Stateful
 from raytitan.components import storage
 from raytitan.components.checkpoint.convert import export_hf
 from raytitan.components.checkpoint.layout import (
-    COMMIT_MARKER, CheckpointError, check_files, committed_steps, is_export, loadable_step, read_commit, root_cause,
-    step_dir, write_commit,
+    COMMIT_MARKER, CheckpointError, check_files, committed_steps, is_export, loadable_step, read_commit, read_commit_at,
+    root_cause, step_dir, write_commit,
 )
 from raytitan.components.checkpoint.torchtitan import match_weights, step_kind, version_of
 
@@ -113,6 +113,20 @@ def check_compatible(path: str, metadata: Metadata, expected: dict[str, tuple[in
         if extra:
             raise CheckpointError(f"checkpoint {path} has {len(extra)} model weights this model lacks "
                                   f"(first: '{extra[0]}'): was it saved from another model.flavor?")
+
+
+def check_tying(path: str, marker: dict, model_args: dict | None) -> None:
+    """A step saved with an output head of its own does not load into a model whose args tie the
+    head to the embedding (``tie_embeddings``): both names would load into the one weight and one
+    of them would win without a word. Steps that record no model shape (imports) are not judged."""
+    if not (model_args or {}).get("tie_embeddings") or "model_args" not in marker:
+        return
+    if not marker["model_args"].get("tie_embeddings", False):
+        raise CheckpointError(
+            f"checkpoint {path} was saved with an untied output head (output.weight a matrix of its own), but this "
+            "model ties output.weight to tok_embeddings.weight (one weight): the two cannot become one. Load it "
+            "into the untied flavor of the same shape (llama3 1B_untied / 3B_untied for Llama 3.2 1B / 3B runs "
+            "saved before raytitan tied them; keep ray.name to resume the same run folder)")
 
 
 LOADABLE = ("model", "optimizer", "lr_scheduler", "dataloader", "train_state")
@@ -318,6 +332,7 @@ class CheckpointManager:
                     raise CheckpointError(f"{path} is a torchtitan step: raytitan reads its model weights only "
                                           "(checkpoint.initial_load_model_only = true)")
                 if "model" not in self.exclude:
+                    check_tying(path, {"model_args": {}}, self.commit_info.get("model_args"))  # torchtitan's Llama: untied
                     self._load_torchtitan(path)
                 return
         names = ["model"] if model_only else list(self.states)
@@ -326,6 +341,8 @@ class CheckpointManager:
             return
         metadata = check_files(path)
         check_compatible(path, metadata, tensor_shapes(states), self.model_keys)
+        if "model" in states:
+            check_tying(path, read_commit_at(path), self.commit_info.get("model_args"))
         try:
             dcp.load(states, checkpoint_id=path, storage_reader=storage.dcp_reader(path), process_group=self.group)
         except (Exception, CheckpointException) as e:

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 class ByteTokenizer:
     """UTF-8 bytes as ids 0-255, then BOS, EOS and PAD."""
 
+    name = "byte"  # the model.tokenizer value that builds it
+    folder = None
     bos_id, eos_id, pad_id = 256, 257, 258
     vocab_size = 259
 
@@ -23,12 +25,15 @@ class ByteTokenizer:
 class HFTokenizer:
     """A tokenizer.json (e.g. Llama 3's), with BOS/EOS read from tokenizer_config.json when present."""
 
+    name = "hf"
+
     def __init__(self, folder: str):
         from tokenizers import Tokenizer
 
         path = os.path.join(folder, "tokenizer.json")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"model.hf_assets_path: no tokenizer.json in '{folder}'")
+        self.folder = folder
         self._tok = Tokenizer.from_file(path)
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         names = {"bos": None, "eos": None}
@@ -57,27 +62,50 @@ class HFTokenizer:
         return self._tok.decode(ids)
 
 
-TOKENIZERS = ("byte", "hf")  # model.tokenizer
+TOKENIZERS = ("auto", "byte", "hf")  # model.tokenizer
+
+
+def has_tokenizer_file(folder: str | None) -> bool:
+    return bool(folder) and os.path.isfile(os.path.join(folder, "tokenizer.json"))
+
+
+def resolve_tokenizer(model_config) -> str:
+    """The tokenizer ``model.tokenizer`` means: 'byte' or 'hf'. 'auto' (the default) is 'hf' when
+    ``model.hf_assets_path`` is set (as torchtitan's configs set it, for their tokenizer) and
+    'byte' when it is not. A folder without tokenizer.json is an error under 'auto' too: training
+    on bytes a model meant for that tokenizer would be a silently wrong run."""
+    choice = model_config.tokenizer.lower()
+    if choice == "auto":
+        if not model_config.hf_assets_path:
+            return "byte"
+        if not has_tokenizer_file(model_config.hf_assets_path):
+            raise ValueError(f"model.hf_assets_path '{model_config.hf_assets_path}' has no tokenizer.json, and "
+                             "model.tokenizer = 'auto' takes the tokenizer from there: put the tokenizer's files "
+                             "(tokenizer.json, tokenizer_config.json) in it, or set model.tokenizer = 'byte' to "
+                             "train on bytes")
+        return "hf"
+    if choice not in TOKENIZERS:
+        raise ValueError(f"model.tokenizer: unknown tokenizer '{model_config.tokenizer}'; use one of "
+                         f"{', '.join(TOKENIZERS)}")
+    return choice
 
 
 @dataclass(frozen=True)
 class TokenizerSpec:
-    """Which tokenizer to build: the ``model`` config's tokenizer keys alone."""
+    """Which tokenizer to build: the ``model`` config's tokenizer keys alone, resolved."""
 
-    tokenizer: str
+    tokenizer: str  # 'byte' or 'hf'
     hf_assets_path: str | None
 
     @classmethod
     def of(cls, model_config) -> TokenizerSpec:
-        return cls(model_config.tokenizer, model_config.hf_assets_path)
+        return cls(resolve_tokenizer(model_config), model_config.hf_assets_path)
 
 
 def build_tokenizer(model_config) -> ByteTokenizer | HFTokenizer:
-    """From the ``model`` config section (or a TokenizerSpec)."""
-    if model_config.tokenizer == "byte":
+    """From the ``model`` config section (or a TokenizerSpec); ``.name`` says which was built."""
+    if resolve_tokenizer(model_config) == "byte":
         return ByteTokenizer()
-    if model_config.tokenizer == "hf":
-        if not model_config.hf_assets_path:
-            raise ValueError("model.tokenizer = 'hf' needs model.hf_assets_path (folder with tokenizer.json)")
-        return HFTokenizer(model_config.hf_assets_path)
-    raise ValueError(f"model.tokenizer: unknown tokenizer '{model_config.tokenizer}'; use one of {', '.join(TOKENIZERS)}")
+    if not model_config.hf_assets_path:
+        raise ValueError("model.tokenizer = 'hf' needs model.hf_assets_path (folder with tokenizer.json)")
+    return HFTokenizer(model_config.hf_assets_path)

@@ -22,6 +22,8 @@ class ModelArgs:
     rope_low_freq_factor: float = 1.0
     rope_high_freq_factor: float = 4.0
     rope_original_max_seq_len: int = 8192
+    # The output head is the token embedding's weight (one Parameter); no pipeline parallel then.
+    tie_embeddings: bool = False
     max_seq_len: int = 131072
 
     @property
@@ -46,20 +48,23 @@ class ModelArgs:
         return self
 
 
-# Published shapes: Llama 3.2 1B/3B (rope factor 32) and Llama 3.1 8B/70B/405B (factor 8).
-# 1B and 3B are trained here with an untied output head (the published checkpoints tie it).
+# Published shapes: Llama 3.2 1B/3B (rope factor 32, the output head tied to the embedding) and
+# Llama 3.1 8B/70B/405B (factor 8, an output head of their own), as in each release's config.json.
+_LLAMA32_1B = ModelArgs(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, vocab_size=128256, ffn_dim_multiplier=1.5,
+                        multiple_of=256, rope_scaling_factor=32.0, tie_embeddings=True)
+_LLAMA32_3B = ModelArgs(dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, vocab_size=128256, ffn_dim_multiplier=1.0,
+                        multiple_of=256, rope_scaling_factor=32.0, tie_embeddings=True)
+
 FLAVORS: dict[str, ModelArgs] = {
     "debugmodel": ModelArgs(dim=256, n_layers=6, n_heads=16),
     # Small enough for many-rank CPU tests; grouped-query like the real flavors.
     "tiny": ModelArgs(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, multiple_of=32),
-    "1B": ModelArgs(
-        dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, vocab_size=128256,
-        ffn_dim_multiplier=1.5, multiple_of=256, rope_scaling_factor=32.0,
-    ),
-    "3B": ModelArgs(
-        dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, vocab_size=128256,
-        ffn_dim_multiplier=1.0, multiple_of=256, rope_scaling_factor=32.0,
-    ),
+    "1B": _LLAMA32_1B,
+    "3B": _LLAMA32_3B,
+    # The same shapes with an output head of their own: what raytitan trained as 1B / 3B before it
+    # tied them (their checkpoints load only into these), and the shapes pipeline parallel can split.
+    "1B_untied": dataclasses.replace(_LLAMA32_1B, tie_embeddings=False),
+    "3B_untied": dataclasses.replace(_LLAMA32_3B, tie_embeddings=False),
     "8B": ModelArgs(
         dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256,
         ffn_dim_multiplier=1.3, multiple_of=1024,

@@ -1,21 +1,12 @@
 """Llama 3 in Hugging Face's layout (``LlamaForCausalLM``): parameter names, the RoPE row order
-of the query/key projections, config.json."""
+of the query/key projections, config.json, the tied head of Llama 3.2 1B / 3B."""
 
 from __future__ import annotations
 
 import torch
 
-from raytitan.models.hf import HFAdapter, HFFormatError, halves_to_pairs, pairs_to_halves
+from raytitan.models.hf import HFAdapter, halves_to_pairs, heads_from_hf_config, pairs_to_halves
 from raytitan.models.llama3.args import ModelArgs
-
-
-def heads_from_hf_config(config: dict) -> tuple[int, int]:
-    """(query heads, key/value heads) of a Hugging Face config.json."""
-    try:
-        n_heads = int(config["num_attention_heads"])
-    except (KeyError, TypeError, ValueError):
-        raise HFFormatError("config.json has no num_attention_heads") from None
-    return n_heads, int(config.get("num_key_value_heads") or n_heads)
 
 
 class LlamaHF(HFAdapter):
@@ -47,6 +38,8 @@ class LlamaHF(HFAdapter):
         return None
 
     def to_hf(self, name: str, tensor: torch.Tensor, args: ModelArgs) -> dict[str, torch.Tensor]:
+        if self.omits(name, args):
+            return {}  # a tied head: saved once, as the embedding (tie_word_embeddings)
         heads = self.rotary_heads(name, args.n_heads, args.kv_heads)
         return {self.to_hf_name(name): tensor if heads is None else pairs_to_halves(tensor, heads)}
 
@@ -83,7 +76,7 @@ class LlamaHF(HFAdapter):
             "rope_scaling": rope_scaling,
             "max_position_embeddings": args.max_seq_len,
             "vocab_size": args.vocab_size,
-            "tie_word_embeddings": False,
+            "tie_word_embeddings": args.tie_embeddings,
             "attention_bias": False,
             "mlp_bias": False,
             "torch_dtype": str(dtype).removeprefix("torch."),

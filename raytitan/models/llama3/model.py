@@ -11,6 +11,7 @@ from torch import nn
 from raytitan.distributed.attention import CausalAttention, block_causal_mask, document_positions
 from raytitan.models.spec import count_params
 from raytitan.models.llama3.args import ModelArgs
+from raytitan.models.tied import head_flops_params, is_tied, tie_weights
 
 
 def rope_frequencies(args: ModelArgs, seq_len: int) -> torch.Tensor:
@@ -113,7 +114,10 @@ class TransformerBlock(nn.Module):
 
 class Transformer(nn.Module):
     """Embedding, blocks, norm, output head. A pipeline stage is a Transformer with some of these
-    removed (set to None): it then takes and returns hidden states instead of tokens / logits."""
+    removed (set to None): it then takes and returns hidden states instead of tokens / logits.
+
+    With ``args.tie_embeddings`` (Llama 3.2 1B / 3B) the output head's weight is the embedding's
+    Parameter (``raytitan.models.tied``); ``init_weights`` ties it again after ``to_empty``."""
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -125,6 +129,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleDict({str(i): TransformerBlock(i, args) for i in range(args.n_layers)})
         self.norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        tie_weights(self)
         # Context parallel sets the sequence positions this rank holds, in its local order.
         self.positions: torch.Tensor | None = None
         self.register_buffer("freqs_cis", self._rope(), persistent=False)
@@ -148,10 +153,13 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, buffer_device: torch.device | None = None) -> None:
-        """Initialize every parameter and buffer in place (after to_empty / sharding)."""
+        """Initialize every parameter and buffer in place (after to_empty / sharding), a tied pair
+        tied again first and initialized once, as the output head (std dim^-0.5: the embedding's
+        unit normal would make the first logits dim^0.5 times too large)."""
         device = buffer_device or self.freqs_cis.device
         self.freqs_cis = self._rope().to(device)
-        if self.tok_embeddings is not None:
+        tie_weights(self)
+        if self.tok_embeddings is not None and not is_tied(self):
             nn.init.normal_(self.tok_embeddings.weight)
         for layer in self.layers.values():
             layer.init_weights()
@@ -163,5 +171,7 @@ class Transformer(nn.Module):
 
 
 def flops_per_token(args: ModelArgs, n_params: int, n_embedding: int, seq_len: int) -> int:
-    """Training FLOPs per token: 6 x non-embedding params + causal-agnostic attention term."""
-    return 6 * (n_params - n_embedding) + 12 * args.n_layers * args.n_heads * args.head_dim * seq_len
+    """Training FLOPs per token: 6 x the parameters that multiply (non-embedding ones, plus a tied
+    head, which ``n_params`` counts once, as the embedding) + causal-agnostic attention term."""
+    matmul = n_params - n_embedding + head_flops_params(args)
+    return 6 * matmul + 12 * args.n_layers * args.n_heads * args.head_dim * seq_len

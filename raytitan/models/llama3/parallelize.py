@@ -15,6 +15,7 @@ from torch.distributed.tensor.parallel import (
 
 from raytitan.distributed.parallelize import parallelize
 from raytitan.models.llama3.model import Transformer
+from raytitan.models.tied import check_pipeline, tie_weights
 
 
 def parallelize_llama(model: Transformer, dims, mesh: DeviceMesh, config) -> Transformer:
@@ -58,17 +59,25 @@ def block_plan() -> dict:
     }
 
 
-def apply_tensor_parallel(model: Transformer, tp_mesh: DeviceMesh, loss_parallel: bool) -> None:
+def apply_tensor_parallel(model: Transformer, tp_mesh: DeviceMesh, loss_parallel: bool,
+                          block: dict | None = None) -> None:
+    """The top-level plan, then ``block`` (default ``block_plan()``) in every block.
+
+    The embedding and the output head are both sharded by vocab row (Shard(0)), so a tied pair
+    stays one Parameter: ``parallelize_module`` gives each module its own DTensor, and the head is
+    tied back to the embedding's."""
     top = top_level_plan(model, loss_parallel)
     if top:
         parallelize_module(model, tp_mesh, top)
-    for block in model.layers.values():
-        parallelize_module(block, tp_mesh, block_plan())
+        tie_weights(model)
+    for layer in model.layers.values():
+        parallelize_module(layer, tp_mesh, block or block_plan())
 
 
 def check_layout(args, dims) -> None:
     """The shape must split into heads, and tensor parallel splits attention by heads: the degree
-    must divide both head counts."""
+    must divide both head counts; a tied head cannot sit on another pipeline stage than the
+    embedding."""
     if args.n_heads % args.kv_heads:
         raise ValueError(f"model: n_heads {args.n_heads} is not divisible by n_kv_heads {args.kv_heads}")
     if args.dim % args.n_heads or args.head_dim % 2:
@@ -78,3 +87,4 @@ def check_layout(args, dims) -> None:
             if n % dims.tp:
                 raise ValueError(f"parallelism.tensor_parallel_degree {dims.tp} does not divide the model's {what} "
                                  f"({n}): pick a degree that divides both head counts")
+    check_pipeline(args, dims)

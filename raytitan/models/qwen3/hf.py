@@ -5,17 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from raytitan.models.hf import HFAdapter, HFFormatError, halves_to_pairs, pairs_to_halves
+from raytitan.models.hf import HFAdapter, halves_to_pairs, heads_from_hf_config, pairs_to_halves
 from raytitan.models.qwen3.args import ModelArgs
-
-
-def heads_from_hf_config(config: dict) -> tuple[int, int]:
-    """(query heads, key/value heads) of a Hugging Face config.json."""
-    try:
-        n_heads = int(config["num_attention_heads"])
-    except (KeyError, TypeError, ValueError):
-        raise HFFormatError("config.json has no num_attention_heads") from None
-    return n_heads, int(config.get("num_key_value_heads") or n_heads)
 
 
 class Qwen3HF(HFAdapter):
@@ -56,7 +47,7 @@ class Qwen3HF(HFAdapter):
         return None
 
     def to_hf(self, name: str, tensor: torch.Tensor, args: ModelArgs) -> dict[str, torch.Tensor]:
-        if name == "output.weight" and args.tie_embeddings:
+        if self.omits(name, args):
             return {}  # saved once, as the embedding (tie_word_embeddings)
         heads = self.rotary_heads(name, args.n_heads, args.kv_heads)
         return {self.to_hf_name(name): tensor if heads is None else pairs_to_halves(tensor, heads)}
@@ -67,12 +58,6 @@ class Qwen3HF(HFAdapter):
         ours = self.from_hf_name(name)
         heads = self.rotary_heads(ours, *heads_from_hf_config(config))
         return {ours: tensor if heads is None else halves_to_pairs(tensor, heads)}
-
-    def check_matches(self, args: ModelArgs, config: dict) -> None:
-        super().check_matches(args, config)
-        if args.tie_embeddings and not config.get("tie_word_embeddings", False):
-            raise HFFormatError("config.json has tie_word_embeddings = false (an output head of its own), but the "
-                                "model being trained ties it to the embedding: pick an untied model.flavor")
 
     def hf_config(self, args: ModelArgs, dtype: torch.dtype, bos_id: int | None = None,
                   eos_id: int | None = None) -> dict:

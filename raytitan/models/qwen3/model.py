@@ -8,9 +8,10 @@ import torch
 from torch import nn
 
 from raytitan.distributed.attention import CausalAttention
-from raytitan.models.llama3.model import FeedForward, apply_rope
+from raytitan.models.llama3.model import FeedForward, apply_rope, flops_per_token
 from raytitan.models.qwen3.args import ModelArgs
 from raytitan.models.spec import count_params
+from raytitan.models.tied import is_tied, tie_weights
 
 
 def rope_frequencies(args: ModelArgs, seq_len: int) -> torch.Tensor:
@@ -80,10 +81,9 @@ class Transformer(nn.Module):
     """Embedding, blocks, norm, output head. A pipeline stage is a Transformer with some of these
     removed (set to None): it then takes and returns hidden states instead of tokens / logits.
 
-    With ``args.tie_embeddings`` the output head's weight *is* the embedding's Parameter: one
-    tensor, one gradient, one optimizer state, saved under both names. ``to_empty`` from the meta
-    device gives each module a new plain Parameter (sharded DTensor ones are swapped in place and
-    stay tied), so ``init_weights``, which the contract calls next, ties them again."""
+    With ``args.tie_embeddings`` the output head's weight *is* the embedding's Parameter
+    (``raytitan.models.tied``); ``init_weights``, which the contract calls after ``to_empty``,
+    ties them again."""
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -95,17 +95,10 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleDict({str(i): TransformerBlock(i, args) for i in range(args.n_layers)})
         self.norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
-        self.tie_weights()
+        tie_weights(self)
         # Context parallel sets the sequence positions this rank holds, in its local order.
         self.positions: torch.Tensor | None = None
         self.register_buffer("freqs_cis", self._rope(), persistent=False)
-
-    def tie_weights(self) -> None:
-        """Make the output head use the embedding's Parameter (when the flavor ties them and this
-        model or stage holds both)."""
-        if self.args.tie_embeddings and self.tok_embeddings is not None and self.output is not None \
-                and self.output.weight is not self.tok_embeddings.weight:
-            self.output.weight = self.tok_embeddings.weight
 
     def _rope(self) -> torch.Tensor:
         freqs = rope_frequencies(self.args, self.args.max_seq_len)
@@ -126,10 +119,8 @@ class Transformer(nn.Module):
         large."""
         device = buffer_device or self.freqs_cis.device
         self.freqs_cis = self._rope().to(device)
-        self.tie_weights()
-        tied = self.output is not None and self.tok_embeddings is not None and \
-            self.output.weight is self.tok_embeddings.weight
-        if self.tok_embeddings is not None and not tied:
+        tie_weights(self)
+        if self.tok_embeddings is not None and not is_tied(self):
             nn.init.normal_(self.tok_embeddings.weight)
         for layer in self.layers.values():
             layer.init_weights()
@@ -140,13 +131,7 @@ class Transformer(nn.Module):
             nn.init.trunc_normal_(self.output.weight, mean=0.0, std=self.args.dim**-0.5, a=-bound, b=bound)
 
 
-def flops_per_token(args: ModelArgs, n_params: int, n_embedding: int, seq_len: int) -> int:
-    """Training FLOPs per token: 6 x the parameters that multiply (the blocks and the output head,
-    which a tied head shares with the embedding lookup, counted once in ``n_params``) plus the
-    attention scores: 12 x layers x heads x head_dim x seq_len."""
-    head = args.vocab_size * args.dim if args.tie_embeddings else 0
-    return 6 * (n_params - n_embedding + head) + 12 * args.n_layers * args.n_heads * args.head_dim * seq_len
-
-
 def training_flops(args: ModelArgs, model: nn.Module, seq_len: int) -> int:
+    """Llama's formula: 6 x (blocks + output head, tied or not) + 12 x layers x heads x head_dim x
+    seq_len."""
     return flops_per_token(args, *count_params(model), seq_len)

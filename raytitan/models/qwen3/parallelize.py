@@ -4,11 +4,12 @@
 from __future__ import annotations
 
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor.parallel import SequenceParallel, parallelize_module
+from torch.distributed.tensor.parallel import SequenceParallel
 
 from raytitan.distributed.parallelize import parallelize
-from raytitan.models.llama3.parallelize import block_plan, top_level_plan
+from raytitan.models.llama3.parallelize import apply_tensor_parallel as apply_llama_tensor_parallel, block_plan
 from raytitan.models.qwen3.model import Transformer
+from raytitan.models.tied import check_pipeline
 
 
 def parallelize_qwen3(model: Transformer, dims, mesh: DeviceMesh, config) -> Transformer:
@@ -24,18 +25,11 @@ def apply_tensor_parallel(model: Transformer, tp_mesh: DeviceMesh, loss_parallel
     column-wise wq / wk, so a QK-norm's input is sharded along its heads dim (2) and its weight
     is replicated; the weight's gradient is summed over the tensor-parallel ranks.
 
-    The embedding and the output head are both sharded by vocab row (Shard(0)), so a tied pair
-    stays one Parameter: ``parallelize_module`` gives each module its own DTensor, and the head
-    is tied back to the embedding's."""
-    top = top_level_plan(model, loss_parallel)
-    if top:
-        parallelize_module(model, tp_mesh, top)
-        model.tie_weights()
+    The embedding and a tied head stay one Parameter as in Llama's plan."""
     plan = {**block_plan(),
             "attention.q_norm": SequenceParallel(sequence_dim=2, use_local_output=True),
             "attention.k_norm": SequenceParallel(sequence_dim=2, use_local_output=True)}
-    for block in model.layers.values():
-        parallelize_module(block, tp_mesh, plan)
+    apply_llama_tensor_parallel(model, tp_mesh, loss_parallel, block=plan)
 
 
 def check_layout(args, dims) -> None:
@@ -51,7 +45,4 @@ def check_layout(args, dims) -> None:
             if n % dims.tp:
                 raise ValueError(f"parallelism.tensor_parallel_degree {dims.tp} does not divide the model's {what} "
                                  f"({n}): pick a degree that divides both head counts")
-    if dims.pp > 1 and args.tie_embeddings:
-        raise ValueError(f"parallelism.pipeline_parallel_degree {dims.pp}: this flavor ties the output head to the "
-                         "token embedding (one weight), which pipeline parallel would put on two stages; use an "
-                         "untied flavor or pipeline_parallel_degree = 1")
+    check_pipeline(args, dims)
