@@ -51,10 +51,10 @@ class Model:
     tokenizer: str = opt("auto", "Tokenizer: 'auto' ('hf' when hf_assets_path is set, else 'byte'), 'byte' (no files) "
                                  "or 'hf' (tokenizer.json in hf_assets_path); the model's vocabulary is the tokenizer's")
     converters: list = opt([], "Model conversions: quantize.linear.float8 (or float8) for Float8 training")
-
     attn_mask_type: str = opt("causal", "Attention over packed rows: causal (all earlier tokens of the row) or "
                                         "block_causal (earlier tokens of the same document only, RoPE positions "
                                         "restarting at each document's BOS; not with context parallel)")
+
 
 @dataclass
 class Training:

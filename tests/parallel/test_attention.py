@@ -14,8 +14,7 @@ from raytitan.components.loss import cross_entropy_sum
 from raytitan.config.job import ConfigError, parse_args
 from raytitan.config.plan import plan_run
 from raytitan.distributed.attention import block_causal_mask, document_ids, document_positions
-from raytitan.models.llama3.args import FLAVORS
-from raytitan.models.llama3.model import Transformer
+from raytitan.models import get_spec
 from raytitan.trainer.runner import ModelRunner
 
 SEQ = 64
@@ -33,10 +32,13 @@ def packed_row(tmp_path_factory):
     return torch.as_tensor(rows[1], dtype=torch.long)  # the second window: starts mid-document
 
 
-@pytest.fixture(scope="module")
-def model():
+@pytest.fixture(scope="module", params=["llama3", "qwen3"])
+def model(request):
+    """Each built-in family that supports document masking, tiny."""
+    spec = get_spec(request.param)
+    assert spec.supports_block_causal
     torch.manual_seed(0)
-    m = Transformer(dataclasses.replace(FLAVORS["tiny"], vocab_size=ByteTokenizer.vocab_size, max_seq_len=SEQ))
+    m = spec.build(dataclasses.replace(spec.flavors["tiny"], vocab_size=ByteTokenizer.vocab_size, max_seq_len=SEQ))
     m.init_weights()
     return m.eval()
 

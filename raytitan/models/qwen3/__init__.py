@@ -19,4 +19,5 @@ spec = ModelSpec(
     hf=Qwen3HF(),
     supports_tensor_parallel=True,
     supports_context_parallel=True,
+    supports_block_causal=True,
 )

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from raytitan.distributed.attention import CausalAttention
+from raytitan.distributed.attention import CausalAttention, block_causal_mask, document_positions
 from raytitan.models.llama3.model import FeedForward, apply_rope, flops_per_token
 from raytitan.models.qwen3.args import ModelArgs
 from raytitan.models.spec import count_params
@@ -37,7 +37,7 @@ class Attention(nn.Module):
         self.k_norm = nn.RMSNorm(self.head_dim, eps=args.norm_eps)
         self.core = CausalAttention()
 
-    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         bsz, seq_len, _ = x.shape
         # -1 head counts let tensor parallel shard heads without this code knowing.
         q = self.q_norm(self.wq(x).view(bsz, seq_len, -1, self.head_dim))
@@ -45,7 +45,7 @@ class Attention(nn.Module):
         v = self.wv(x).view(bsz, seq_len, -1, self.head_dim)
         q, k = apply_rope(q, freqs_cis), apply_rope(k, freqs_cis)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        out = self.core(q, k, v)
+        out = self.core(q, k, v, mask=mask)
         return self.wo(out.transpose(1, 2).reshape(bsz, seq_len, -1))
 
     def init_weights(self, std: float) -> None:
@@ -66,8 +66,9 @@ class TransformerBlock(nn.Module):
         # Depth-scaled init keeps the residual stream's variance flat as layers are added.
         self.init_std = 0.02 / (2 * (layer_id + 1)) ** 0.5
 
-    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), freqs_cis)
+    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        # The mask goes by keyword: tensor parallel's input plan covers (x, freqs_cis) only.
+        h = x + self.attention(self.attention_norm(x), freqs_cis, mask=mask)
         return h + self.feed_forward(self.ffn_norm(h))
 
     def init_weights(self) -> None:
@@ -104,10 +105,16 @@ class Transformer(nn.Module):
         freqs = rope_frequencies(self.args, self.args.max_seq_len)
         return freqs if self.positions is None else freqs[self.positions]
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, document_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """``document_ids`` [batch, seq]: attend within documents only, RoPE positions counted
+        from each document's start (as Llama 3)."""
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
+        freqs_cis, mask = self.freqs_cis, None
+        if document_ids is not None:
+            freqs_cis = self.freqs_cis[document_positions(document_ids)]
+            mask = block_causal_mask(document_ids)
         for layer in self.layers.values():
-            h = layer(h, self.freqs_cis)
+            h = layer(h, freqs_cis, mask=mask)
         h = self.norm(h) if self.norm is not None else h
         return self.output(h) if self.output is not None else h
 
