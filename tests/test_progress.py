@@ -63,6 +63,7 @@ def test_auto_means_a_terminal_or_a_notebook(monkeypatch):
     assert progress.wanted("auto")
 
 
+@pytest.mark.slow  # real processes / many training steps: seconds each
 def test_auto_in_real_processes_terminal_versus_job_log():
     """The same decision where a driver really runs: stdout on a terminal, or piped into a log."""
     piped = subprocess.run([sys.executable, "-c", SHOW_AUTO], capture_output=True, text=True, timeout=120)

@@ -122,6 +122,7 @@ def float8_losses(float8: bool, bf16: bool, steps: int = 6) -> list[float]:
     return losses
 
 
+@pytest.mark.slow  # real processes / many training steps: seconds each
 def test_float8_emulated_training_tracks_float32():
     """Float8 (e4m3 forward, e5m2 gradients) keeps about 2-3 significant digits per matmul: over
     6 AdamW steps the loss falls and stays within 1% of the float32 run."""
@@ -131,6 +132,7 @@ def test_float8_emulated_training_tracks_float32():
         assert abs(a - b) / a < 0.01, (float32, f8)
 
 
+@pytest.mark.slow  # real processes / many training steps: seconds each
 def test_float8_emulated_training_tracks_bf16():
     """Float8 replaces bf16 matmuls: under the same bf16 autocast, its losses over 6 steps stay
     within 1% of the bf16 run's (measured: 0.3% at most)."""
