@@ -93,9 +93,18 @@ class HFAdapter:
                     return f"layers.{m.group(1)}.{ours}"
         raise HFFormatError(f"'{name}' is not a {self.model_type} weight raytitan knows")
 
+    @staticmethod
+    def rotary_heads(name: str, n_heads: int, n_kv_heads: int) -> int | None:
+        """How many heads of features RoPE rotates in raytitan's ``name`` (their rows are reordered
+        pairs <-> halves on the way), or None. Rotary families override it."""
+        return None
+
     def to_hf(self, name: str, tensor: torch.Tensor, args: Any) -> dict[str, torch.Tensor]:
         """Hugging Face tensors for one of raytitan's (none to leave it out, e.g. a tied head)."""
-        return {} if self.omits(name, args) else {self.to_hf_name(name): tensor}
+        if self.omits(name, args):
+            return {}  # saved once, as the embedding (tie_word_embeddings)
+        heads = self.rotary_heads(name, getattr(args, "n_heads", None), getattr(args, "kv_heads", None))
+        return {self.to_hf_name(name): tensor if heads is None else pairs_to_halves(tensor, heads)}
 
     @staticmethod
     def omits(name: str, args: Any) -> bool:
@@ -105,7 +114,12 @@ class HFAdapter:
 
     def from_hf(self, name: str, tensor: torch.Tensor, config: dict) -> dict[str, torch.Tensor]:
         """raytitan tensors for one Hugging Face tensor (none to skip it, e.g. a rotary cache)."""
-        return {self.from_hf_name(name): tensor}
+        if name.endswith("rotary_emb.inv_freq"):
+            return {}  # a cache some exports carry; recomputed from the config
+        ours = self.from_hf_name(name)
+        counts = heads_from_hf_config(config) if "num_attention_heads" in config else (None, None)
+        heads = self.rotary_heads(ours, *counts)
+        return {ours: tensor if heads is None else halves_to_pairs(tensor, heads)}
 
     def complete(self, weights: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
         """Fill what a folder leaves implicit: a tied output head is saved once, as the embedding."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from raytitan.models.hf import HFAdapter, halves_to_pairs, heads_from_hf_config, pairs_to_halves
+from raytitan.models.hf import HFAdapter
 from raytitan.models.qwen3.args import ModelArgs
 
 
@@ -45,19 +45,6 @@ class Qwen3HF(HFAdapter):
         if name.endswith(("attention.q_norm.weight", "attention.k_norm.weight")):
             return 1
         return None
-
-    def to_hf(self, name: str, tensor: torch.Tensor, args: ModelArgs) -> dict[str, torch.Tensor]:
-        if self.omits(name, args):
-            return {}  # saved once, as the embedding (tie_word_embeddings)
-        heads = self.rotary_heads(name, args.n_heads, args.kv_heads)
-        return {self.to_hf_name(name): tensor if heads is None else pairs_to_halves(tensor, heads)}
-
-    def from_hf(self, name: str, tensor: torch.Tensor, config: dict) -> dict[str, torch.Tensor]:
-        if name.endswith("rotary_emb.inv_freq"):
-            return {}  # a cache some exports carry; recomputed from the config
-        ours = self.from_hf_name(name)
-        heads = self.rotary_heads(ours, *heads_from_hf_config(config))
-        return {ours: tensor if heads is None else halves_to_pairs(tensor, heads)}
 
     def hf_config(self, args: ModelArgs, dtype: torch.dtype, bos_id: int | None = None,
                   eos_id: int | None = None) -> dict:
