@@ -117,8 +117,7 @@ class HFAdapter:
         if name.endswith("rotary_emb.inv_freq"):
             return {}  # a cache some exports carry; recomputed from the config
         ours = self.from_hf_name(name)
-        counts = heads_from_hf_config(config) if "num_attention_heads" in config else (None, None)
-        heads = self.rotary_heads(ours, *counts)
+        heads = self.rotary_heads(ours, *heads_from_hf_config(config))  # a config without head counts is an error
         return {ours: tensor if heads is None else halves_to_pairs(tensor, heads)}
 
     def complete(self, weights: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
