@@ -75,13 +75,18 @@ def apply_tensor_parallel(model: Transformer, tp_mesh: DeviceMesh, loss_parallel
 
 
 def check_layout(args, dims) -> None:
-    """The shape must split into heads, and tensor parallel splits attention by heads: the degree
-    must divide both head counts; a tied head cannot sit on another pipeline stage than the
-    embedding."""
-    if args.n_heads % args.kv_heads:
-        raise ValueError(f"model: n_heads {args.n_heads} is not divisible by n_kv_heads {args.kv_heads}")
+    """The shape must split into an even head_dim over its heads, and ``check_heads``."""
     if args.dim % args.n_heads or args.head_dim % 2:
         raise ValueError(f"model: dim {args.dim} must split into an even head_dim over {args.n_heads} heads")
+    check_heads(args, dims)
+
+
+def check_heads(args, dims) -> None:
+    """Query heads must group evenly over key/value heads; tensor parallel splits attention by
+    heads, so its degree must divide both head counts; a tied head cannot sit on another
+    pipeline stage than the embedding."""
+    if args.n_heads % args.kv_heads:
+        raise ValueError(f"model: n_heads {args.n_heads} is not divisible by n_kv_heads {args.kv_heads}")
     if dims.tp > 1:
         for what, n in (("n_heads", args.n_heads), ("n_kv_heads", args.kv_heads)):
             if n % dims.tp:

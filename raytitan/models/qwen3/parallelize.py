@@ -7,9 +7,8 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor.parallel import SequenceParallel
 
 from raytitan.distributed.parallelize import parallelize
-from raytitan.models.llama3.parallelize import apply_tensor_parallel as apply_llama_tensor_parallel, block_plan
+from raytitan.models.llama3.parallelize import apply_tensor_parallel as apply_llama_tensor_parallel, block_plan, check_heads
 from raytitan.models.qwen3.model import Transformer
-from raytitan.models.tied import check_pipeline
 
 
 def parallelize_qwen3(model: Transformer, dims, mesh: DeviceMesh, config) -> Transformer:
@@ -33,16 +32,8 @@ def apply_tensor_parallel(model: Transformer, tp_mesh: DeviceMesh, loss_parallel
 
 
 def check_layout(args, dims) -> None:
-    """Heads must group evenly and rotate in pairs; tensor parallel splits attention by heads (the
-    degree must divide both head counts); a tied head cannot sit on another pipeline stage than
-    the embedding."""
-    if args.n_heads % args.kv_heads:
-        raise ValueError(f"model: n_heads {args.n_heads} is not divisible by n_kv_heads {args.kv_heads}")
+    """head_dim (Qwen3's own, not dim / n_heads) must be even for RoPE's pairs; then Llama's
+    head, tensor-parallel and tied-pipeline checks."""
     if args.head_dim % 2:
         raise ValueError(f"model: head_dim {args.head_dim} must be even (RoPE rotates pairs)")
-    if dims.tp > 1:
-        for what, n in (("n_heads", args.n_heads), ("n_kv_heads", args.kv_heads)):
-            if n % dims.tp:
-                raise ValueError(f"parallelism.tensor_parallel_degree {dims.tp} does not divide the model's {what} "
-                                 f"({n}): pick a degree that divides both head counts")
-    check_pipeline(args, dims)
+    check_heads(args, dims)
