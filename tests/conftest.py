@@ -1,7 +1,6 @@
 import os
 
 import pytest
-import ray
 
 from raytitan.components.data.synthetic import ensure_synthetic_shards
 
@@ -30,6 +29,8 @@ def _cache_in_tmp(tmp_path_factory, monkeypatch):
 @pytest.fixture(scope="module")
 def ray_local():
     """A local Ray instance for one test module (2 CPUs, as on the CI machine)."""
+    import ray  # here, so the tests that need no Ray run where it is not installed (a GPU box)
+
     ray.init(num_cpus=2, log_to_driver=True, include_dashboard=False)
     yield
     ray.shutdown()
