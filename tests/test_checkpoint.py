@@ -152,6 +152,29 @@ def test_exclude_from_loading_restores_weights_but_not_the_optimizer(tmp_path):
     assert len(fresh_optimizer.state_dict()["state"]) == 4
 
 
+def test_resume_keeps_this_runs_lr_and_hyperparameters_and_restores_the_moments(tmp_path):
+    """DCP loads the lr schedule before the optimizer (key order): the optimizer's load must not
+    put the saved lr back over this run's schedule, nor the saved weight decay over a changed config."""
+    from raytitan.components.optimizer import LRSchedulerState, PartSchedulers
+
+    def states(model, optimizer, schedule):
+        return {"model": ModelState([model]), "optimizer": OptimizerState([model], [optimizer]),
+                "lr_scheduler": LRSchedulerState(PartSchedulers([torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)]))}
+
+    model, optimizer = trained()
+    saved = states(model, optimizer, lambda done: 1.0)  # the saved run: a constant lr of 0.1
+    saved["lr_scheduler"].scheduler.step()
+    CheckpointManager(str(tmp_path), saved, keep_latest_k=0).save(1)
+    fresh_model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 4))
+    fresh = torch.optim.Adam(fresh_model.parameters(), lr=0.1, weight_decay=0.5)
+    CheckpointManager(str(tmp_path), states(fresh_model, fresh, lambda done: 0.25 * done), keep_latest_k=0).load(1)
+    group = fresh.param_groups[0]
+    assert group["lr"] == pytest.approx(0.1 * 0.25) and group["weight_decay"] == 0.5  # this run's schedule at step 1
+    before = optimizer.state_dict()["state"]
+    for i, state in fresh.state_dict()["state"].items():
+        assert torch.equal(state["exp_avg"], before[i]["exp_avg"]) and float(state["step"]) == float(before[i]["step"])
+
+
 def test_model_only_export_holds_only_weights_in_the_export_dtype(tmp_path):
     model, optimizer = trained()
     m = full_manager(tmp_path, model, optimizer, last_save_model_only=True, export_dtype=torch.bfloat16)

@@ -42,9 +42,14 @@ def losses(records: list[dict]) -> dict[int, float]:
 
 
 def test_fp32_on_cuda_matches_cpu(tmp_path):
-    """fp32 on one GPU (NCCL) follows the CPU (gloo) run step for step."""
-    cpu = losses(train(str(tmp_path), "cpu", gpu=False, **{"training.mixed_precision_param": "float32"}))
-    gpu = losses(train(str(tmp_path), "gpu", gpu=True, **{"training.mixed_precision_param": "float32"}))
+    """fp32 on one GPU (NCCL) follows the CPU (gloo) run step for step, both from one seed
+    checkpoint (the CPU's and CUDA's random generators draw different initial weights)."""
+    root = str(tmp_path)
+    train(root, "seed", gpu=False, **{"checkpoint.create_seed_checkpoint": "true"})
+    start = {"training.mixed_precision_param": "float32",
+             "checkpoint.initial_load_path": os.path.join(root, "seed", "checkpoint", "step-0")}
+    cpu = losses(train(root, "cpu", gpu=False, **start))
+    gpu = losses(train(root, "gpu", gpu=True, **start))
     print("fp32 cpu", cpu, "\nfp32 gpu", gpu)
     assert sorted(gpu) == sorted(cpu) == list(range(1, 7))
     for step in cpu:

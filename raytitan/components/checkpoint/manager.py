@@ -60,7 +60,12 @@ class ModelState(Stateful):
 
 
 class OptimizerState(Stateful):
-    """Optimizer state keyed by parameter name (flattened), one optimizer per model part."""
+    """Optimizer state keyed by parameter name (flattened), one optimizer per model part.
+
+    Loading restores the moments and step counts only: the hyperparameters (lr, betas, eps,
+    weight decay) stay this run's, from its config and LR schedule. Otherwise a run resumed with
+    more ``training.steps`` or a new ``optimizer.lr`` would take its first step at the saved lr,
+    since DCP loads its entries in key order ("lr_scheduler" before "optimizer")."""
 
     OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 
@@ -73,7 +78,10 @@ class OptimizerState(Stateful):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         for part, o in self.pairs:
             own = {k: state_dict[k] for k in get_optimizer_state_dict(part, o, options=self.OPTIONS)}
+            hyperparameters = [{k: v for k, v in g.items() if k != "params"} for g in o.param_groups]
             set_optimizer_state_dict(part, o, own, options=self.OPTIONS)
+            for group, kept in zip(o.param_groups, hyperparameters, strict=True):
+                group.update(kept)
 
 
 def tensor_shapes(states: dict[str, Any]) -> dict[str, tuple[int, ...]]:
