@@ -59,8 +59,10 @@ def _fmt(v) -> str:
 
 def record(benchmark: str, config: dict, results: list[dict], results_dir: str = RESULTS_DIR) -> dict:
     """Append one JSON line to <results_dir>/<benchmark>.jsonl and return it."""
+    import torch
+
     line = {"benchmark": benchmark, "device": device_name(), "date": datetime.date.today().isoformat(),
-            "commit": commit(), "config": config, "results": results}
+            "commit": commit(), "torch": torch.__version__, "config": config, "results": results}
     append_json(os.path.join(results_dir, f"{benchmark}.jsonl"), line)
     print(json.dumps(line))
     return line
