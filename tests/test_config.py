@@ -163,14 +163,14 @@ def test_fit_api_overrides():
     ({"parallelism": {"tensor_parallel_degree": 2, "pipeline_parallel_degree": 2}}, 2,
      "world size 2 is not divisible by replicate x cp x tp x pp = 4"),
     ({"training": {"global_batch_size": 10}}, 2, "not divisible by local_batch_size 4 x data-parallel degree 2"),
-    ({"training": {"seq_len": -1}}, 2, "training.seq_len must be > 0"),
-    ({"optimizer": {"weight_decay": -0.1}}, 2, "optimizer.weight_decay must be >= 0"),
+    ({"training": {"seq_len": -1}}, 2, "training.seq_len = -1 is out of range: it takes >= 1"),
+    ({"optimizer": {"weight_decay": -0.1}}, 2, "optimizer.weight_decay = -0.1 is out of range: it takes >= 0"),
     ({"model": {"flavor": "7B"}}, 2, "model.flavor"),
     ({"model": {"tokenizer": "hf"}}, 2, "needs model.hf_assets_path"),
     ({"model": {"hf_assets_path": "/nonexistent"}}, 2, "no such folder"),
     ({"training": {"dataset_path": "/nonexistent/*.json.gz"}}, 2, "no shards"),
     ({"lr_scheduler": {"decay_type": "step"}}, 2, "lr_scheduler.decay_type"),
-    ({"lr_scheduler": {"total_steps": 0}}, 2, "lr_scheduler.total_steps must be > 0"),
+    ({"lr_scheduler": {"total_steps": 0}}, 2, "lr_scheduler.total_steps = 0 is out of range: it takes >= 1 \\(or unset\\)"),
     ({"checkpoint": {"initial_load_path": "/nonexistent"}}, 2, "not a committed checkpoint"),
     ({"checkpoint": {"initial_load_path": "/nonexistent", "initial_load_in_hf": True}}, 2, "has no config.json"),
     ({"checkpoint": {"initial_load_in_hf": True}}, 2, "initial_load_in_hf needs checkpoint.initial_load_path"),
@@ -477,3 +477,129 @@ def test_from_torchtitan_doc_names_real_keys_and_raytitans_defaults():
     named = {k for cell in raytitan_cells for k in re.findall(rf"`((?:{sections})\.[a-z_0-9]+)`", cell)}
     assert len(named) > 15
     assert [k for k in named if key_type(k) is None] == []
+
+
+# --------------------------------------------------------------------------- numbers, names and folders
+
+
+def test_every_numeric_key_declares_its_range_and_its_default_is_in_it():
+    import typing
+
+    from raytitan.config.job import _base_type
+
+    for path, cls in SECTIONS.items():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if _base_type(hints[f.name]) in (int, float):
+                assert "allowed" in f.metadata, f"{path}.{f.name} has no range"
+                assert f.default is None or f.default in f.metadata["allowed"], f"{path}.{f.name}"
+
+
+@pytest.mark.parametrize("sections, message", [
+    ({"optimizer": {"lr": float("inf")}}, "optimizer.lr = inf is not a finite number: it takes > 0; set --optimizer.lr"),
+    ({"optimizer": {"lr": float("nan")}}, "optimizer.lr = nan is not a finite number: it takes > 0"),
+    ({"optimizer": {"lr": 0.0}}, "optimizer.lr = 0.0 is out of range: it takes > 0"),
+    ({"optimizer": {"eps": float("nan")}}, "optimizer.eps = nan is not a finite number: it takes > 0"),
+    ({"optimizer": {"eps": 0.0}}, "optimizer.eps = 0.0 is out of range: it takes > 0"),
+    ({"optimizer": {"beta1": 1.0}}, r"optimizer.beta1 = 1.0 is out of range: it takes \[0, 1\)"),
+    ({"optimizer": {"beta2": -0.5}}, r"optimizer.beta2 = -0.5 is out of range: it takes \[0, 1\)"),
+    ({"optimizer": {"weight_decay": float("inf")}}, "optimizer.weight_decay = inf is not a finite number"),
+    ({"training": {"max_norm": float("nan")}}, "training.max_norm = nan is not a finite number: it takes >= 0"),
+    ({"training": {"max_norm": float("-inf")}}, "training.max_norm = -inf is not a finite number"),
+    ({"training": {"steps": -3}}, "training.steps = -3 is out of range: it takes >= 1"),
+    ({"training": {"global_batch_size": -4}}, "training.global_batch_size = -4 is out of range: it takes >= 1 or -1"),
+    ({"training": {"max_nonfinite_skips": 0}}, "training.max_nonfinite_skips = 0 is out of range: it takes >= 1"),
+    ({"training": {"on_nonfinite": "ignore"}}, "training.on_nonfinite = 'ignore' is not one of stop, skip"),
+    ({"lr_scheduler": {"warmup_steps": -1}}, "lr_scheduler.warmup_steps = -1 is out of range: it takes >= 0"),
+    ({"lr_scheduler": {"decay_ratio": float("nan")}}, r"decay_ratio = nan is not a finite number: it takes \[0, 1\] \(or unset\)"),
+    ({"lr_scheduler": {"min_lr_factor": 1.5}}, r"lr_scheduler.min_lr_factor = 1.5 is out of range: it takes \[0, 1\]"),
+    ({"checkpoint": {"load_step": -2}}, "checkpoint.load_step = -2 is out of range: it takes >= 0 or -1"),
+    ({"checkpoint": {"interval": 0}}, "checkpoint.interval = 0 is out of range: it takes >= 1"),
+    ({"checkpoint": {"keep_latest_k": -1}}, "checkpoint.keep_latest_k = -1 is out of range"),
+    ({"checkpoint": {"save_on_signal_timeout_s": float("inf")}}, "save_on_signal_timeout_s = inf is not a finite"),
+    ({"metrics": {"peak_tflops": float("nan")}}, "metrics.peak_tflops = nan is not a finite number"),
+    ({"validation": {"freq": 0}}, "validation.freq = 0 is out of range: it takes >= 1"),
+    ({"parallelism": {"pipeline_parallel_first_stage_less_layers": -1}}, "first_stage_less_layers = -1 is out of range"),
+    ({"ray": {"min_workers": 0}}, "ray.min_workers = 0 is out of range: it takes >= 1 or -1"),
+    ({"ray": {"max_workers": -3}}, "ray.max_workers = -3 is out of range"),
+    ({"ray": {"max_workers": 4}}, "ray.max_workers = 4 needs an elastic run"),
+    ({"ray": {"max_failures": -1}}, "ray.max_failures = -1 is out of range: it takes >= 0"),
+    ({"ray": {"resize_check_interval_s": float("nan")}}, "ray.resize_check_interval_s = nan is not a finite number"),
+    ({"ray": {"resources_per_worker": {"CPU": float("nan")}}}, "ray.resources_per_worker: CPU = nan must be a finite"),
+    ({"fault": {"kill_step": 0}}, "fault.kill_step = 0 is out of range: it takes >= 1 or -1"),
+    ({"fault": {"kill_step": 6}}, "fault.kill_step = 6 is past training.steps = 5: the fault would never fire"),
+    ({"fault": {"kill_rank": -1}}, "fault.kill_rank = -1 is out of range: it takes >= 0"),
+    ({"fault": {"seed": -2}}, "fault.seed = -2 is out of range: it takes >= 0 or -1"),
+])
+def test_numbers_outside_their_range_are_config_errors(tmp_path, sections, message):
+    from raytitan.config.plan import check_values
+
+    with pytest.raises(ConfigError, match=message):
+        check_values(tiny_config(str(tmp_path), str(tmp_path), **sections))
+
+
+def test_nan_and_inf_from_the_command_line_and_toml_stop_before_launch(tmp_path, data_dir):
+    """What used to pass the sign checks (NaN compares False) fails in plan_run, the driver's
+    check (and each rank's under torchrun), before any worker starts."""
+    base = ["--job.dump_folder", str(tmp_path), "--training.dataset", "files", "--training.dataset_path", data_dir]
+    for argv, message in [(["--optimizer.lr", "inf"], "optimizer.lr = inf"),
+                          (["--training.max_norm", "nan"], "training.max_norm = nan"),
+                          (["--optimizer.eps=nan"], "optimizer.eps = nan")]:
+        with pytest.raises(ConfigError, match=message):
+            plan_run(parse_args(base + argv), 2)
+    toml = write(tmp_path, "[optimizer]\nlr = nan\n")
+    with pytest.raises(ConfigError, match="optimizer.lr = nan is not a finite number"):
+        plan_run(parse_args(base + ["--job.config_file", toml]), 2)
+
+
+@pytest.mark.parametrize("name", ["../../x", "..", ".", "/tmp/x", "a/b", "run name", "x\\y"])
+def test_run_name_is_one_safe_folder_name(tmp_path, name):
+    from raytitan.config.plan import check_values
+
+    with pytest.raises(ConfigError, match="is not one folder name: it takes letters, digits"):
+        check_values(tiny_config(str(tmp_path), str(tmp_path), ray={"name": name}))
+    check_values(tiny_config(str(tmp_path), str(tmp_path), ray={"name": "llama3-8B_v2.1"}))
+
+
+def test_storage_root_that_is_a_file_is_a_config_error(tmp_path):
+    from raytitan.config.plan import check_run_folder
+
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ConfigError, match=r"ray.storage_path = '.*afile': it is a file \(.*afile\), not a folder"):
+        check_run_folder(tiny_config(str(tmp_path), "", ray={"storage_path": str(tmp_path / "afile")}))
+    with pytest.raises(ConfigError, match="job.dump_folder = .* is not a folder this process can write to"):
+        check_run_folder(tiny_config(str(tmp_path / "afile" / "below"), ""))
+    (tmp_path / "run").write_text("x")  # the run folder itself (ray.name = "run") is a file
+    with pytest.raises(ConfigError, match="the run folder 'run' in it is a file"):
+        check_run_folder(tiny_config(str(tmp_path), ""))
+    check_run_folder(tiny_config(str(tmp_path / "not" / "yet"), ""))  # created at launch
+    check_run_folder(tiny_config(str(tmp_path), "", ray={"storage_path": "s3://bucket/prefix", "name": "r"}))
+
+
+def test_seq_len_above_the_flavors_context_needs_the_explicit_key(tmp_path, monkeypatch):
+    from raytitan.config.plan import check_values
+    from raytitan.models.llama3 import args
+
+    monkeypatch.setitem(args.FLAVORS, "short", args.ModelArgs(dim=64, n_layers=1, n_heads=4, max_seq_len=32))
+    config = tiny_config(str(tmp_path), str(tmp_path), model={"flavor": "short"})  # seq_len 64
+    with pytest.raises(ConfigError, match="training.seq_len = 64 is above the longest context of llama3 short "
+                                          r"\(max_seq_len 32, .*allow_seq_len_above_model_max = true"):
+        check_values(config)
+    config.training.allow_seq_len_above_model_max = True
+    check_values(config)
+    with pytest.raises(ConfigError, match="training.seq_len = 200000 is above the longest context of llama3 8B"):
+        check_values(tiny_config(str(tmp_path), str(tmp_path), model={"flavor": "8B"}, training={"seq_len": 200000}))
+
+
+def test_kill_rank_must_exist_in_the_largest_world(tmp_path):
+    from raytitan.config.plan import check_fault_rank
+
+    with pytest.raises(ConfigError, match=r"fault.kill_rank = 2 cannot exist: the run has at most 2 ranks \(0 to 1\)"):
+        check_fault_rank(tiny_config(str(tmp_path), "", fault={"kill_step": 3, "kill_rank": 2}), 2)
+    check_fault_rank(tiny_config(str(tmp_path), "", fault={"kill_step": 3, "kill_rank": 1}), 2)
+    check_fault_rank(tiny_config(str(tmp_path), "", fault={"kill_rank": 7}), 2)  # no kill_step: nothing to fire
+    check_fault_rank(tiny_config(str(tmp_path), "", fault={"kill_step": 3, "kill_rank": 7, "seed": 1}), 2)  # seeded
+    elastic = {"min_workers": 1, "max_workers": 4}
+    check_fault_rank(tiny_config(str(tmp_path), "", ray=elastic, fault={"kill_step": 3, "kill_rank": 3}), 2)
+    with pytest.raises(ConfigError, match="fault.kill_rank = 4 cannot exist: the run has at most 4 ranks"):
+        check_fault_rank(tiny_config(str(tmp_path), "", ray=elastic, fault={"kill_step": 3, "kill_rank": 4}), 2)

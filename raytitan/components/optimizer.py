@@ -12,6 +12,8 @@ from torch.optim.lr_scheduler import LambdaLR
 OPTIMIZERS = {"AdamW": torch.optim.AdamW, "Adam": torch.optim.Adam}  # optimizer.name (any case)
 IMPLEMENTATIONS = ("auto", "foreach", "fused", "for-loop")  # optimizer.implementation
 DECAY_TYPES = ("linear", "sqrt", "cosine")  # lr_scheduler.decay_type
+# training.on_nonfinite: what a step whose loss or gradient norm is NaN or infinite does to the update.
+ON_NONFINITE = ("stop", "skip")
 
 logger = logging.getLogger("raytitan")
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import logging
+import math
 import os
 import sys
 import tomllib
@@ -29,11 +30,51 @@ class ConfigError(ValueError):
     """A bad configuration value; the message names the key and what to do."""
 
 
-def opt(default: Any, doc: str) -> Any:
-    """A config field with its one-line documentation."""
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric key takes: ``low`` .. ``high`` (either end left out, or open), plus
+    ``special`` values outside it that mean something (-1 = unset). NaN and infinity never pass:
+    ``nan <= 0`` is False, so a plain sign check would let them through."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    special: tuple = ()
+
+    def __contains__(self, value: float) -> bool:
+        if value in self.special:
+            return True
+        if not math.isfinite(value):
+            return False
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            return False
+        return self.high is None or value < self.high or (not self.high_open and value == self.high)
+
+    def __str__(self) -> str:
+        if self.high is None:
+            text = f"{'>' if self.low_open else '>='} {self.low:g}"
+        elif self.low is None:
+            text = f"{'<' if self.high_open else '<='} {self.high:g}"
+        else:
+            text = f"{'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+        return " or ".join([text, *(f"{v:g}" for v in self.special)])
+
+
+POSITIVE = Range(0, low_open=True)
+NON_NEGATIVE = Range(0)
+FRACTION = Range(0, 1)
+COUNT = Range(1)  # a count or frequency of at least one
+FILL = Range(1, special=(-1,))  # at least one, or -1 for the key's automatic value
+
+
+def opt(default: Any, doc: str, allowed: Range | None = None) -> Any:
+    """A config field with its one-line documentation and, for numbers, the values it takes
+    (checked before launch by ``raytitan.config.plan``, shown in the generated reference)."""
+    metadata = {"doc": doc, **({"allowed": allowed} if allowed is not None else {})}
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"doc": doc})
-    return field(default=default, metadata={"doc": doc})
+        return field(default_factory=lambda d=default: type(d)(d), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
@@ -58,20 +99,29 @@ class Model:
 
 @dataclass
 class Training:
-    local_batch_size: int = opt(4, "Sequences per microbatch on each data-parallel rank")
-    global_batch_size: int = opt(-1, "Sequences per optimizer step over all ranks; -1 = local x dp (no accumulation)")
-    seq_len: int = opt(256, "Tokens per training sequence")
-    steps: int = opt(40, "Optimizer steps to train for")
-    max_norm: float = opt(1.0, "Gradient clipping max total norm; 0 disables clipping")
+    local_batch_size: int = opt(4, "Sequences per microbatch on each data-parallel rank", COUNT)
+    global_batch_size: int = opt(-1, "Sequences per optimizer step over all ranks; -1 = local x dp (no accumulation)", FILL)
+    seq_len: int = opt(256, "Tokens per training sequence; at most the flavor's max_seq_len unless "
+                            "allow_seq_len_above_model_max", COUNT)
+    steps: int = opt(40, "Optimizer steps to train for", COUNT)
+    max_norm: float = opt(1.0, "Gradient clipping max total norm; 0 disables clipping", NON_NEGATIVE)
     dataset: str = opt("synthetic", "Dataset: synthetic (seeded C4-format shards), c4_test (2,000 generated C4-format "
                        "documents, torchtitan's name for its small test set), c4, c4_validation, or files")
     dataset_path: str | None = opt(None, "c4: mirror root (default the hub); files: folder, glob or URL of shards; "
                                          "c4_test: C4-format files to read instead of generating them")
-    shuffle_buffer: int = opt(0, "Shuffle windows within seeded blocks of this many (0 = file order)")
-    seed: int = opt(0, "Seed for weights and data order")
+    shuffle_buffer: int = opt(0, "Shuffle windows within seeded blocks of this many (0 = file order)", NON_NEGATIVE)
+    seed: int = opt(0, "Seed for weights and data order", NON_NEGATIVE)
     deterministic: bool = opt(False, "Use deterministic algorithms (bitwise reproducible, slower)")
     mixed_precision_param: str = opt("auto", "FSDP param dtype: auto (bfloat16 on CUDA, float32 on CPU), bfloat16, float32")
     mixed_precision_reduce: str = opt("float32", "FSDP gradient reduce dtype")
+    allow_seq_len_above_model_max: bool = opt(
+        False, "Train at a seq_len above the flavor's max_seq_len (the context its RoPE settings are made for); "
+        "without it that is a config error")
+    on_nonfinite: str = opt(
+        "stop", "A step whose loss or gradient norm is NaN or infinite: stop (raise naming the step, nothing "
+        "applied or saved) or skip (drop its update, count it; the step, data and schedule still advance)")
+    max_nonfinite_skips: int = opt(
+        3, "on_nonfinite = skip: stop with the error at this many non-finite steps in a row", COUNT)
 
 
 @dataclass
@@ -79,30 +129,30 @@ class Validation:
     enable: bool = opt(False, "Evaluate on held-out data during training")
     dataset: str = opt("synthetic", "Validation dataset (same choices as training.dataset)")
     dataset_path: str | None = opt(None, "Validation dataset location (as training.dataset_path)")
-    local_batch_size: int = opt(4, "Sequences per validation microbatch on each data-parallel rank")
-    freq: int = opt(20, "Evaluate every this many steps (and at the last step)")
-    steps: int = opt(4, "Batches per evaluation; the same batches every time, so losses compare")
+    local_batch_size: int = opt(4, "Sequences per validation microbatch on each data-parallel rank", COUNT)
+    freq: int = opt(20, "Evaluate every this many steps (and at the last step)", COUNT)
+    steps: int = opt(4, "Batches per evaluation; the same batches every time, so losses compare", COUNT)
 
 
 @dataclass
 class Parallelism:
-    data_parallel_replicate_degree: int = opt(1, "HSDP replicate groups (1 = plain FSDP)")
-    data_parallel_shard_degree: int = opt(-1, "FSDP shard degree; -1 fills the remaining ranks")
-    tensor_parallel_degree: int = opt(1, "Tensor parallel degree")
-    pipeline_parallel_degree: int = opt(1, "Pipeline parallel degree")
-    context_parallel_degree: int = opt(1, "Context parallel degree: each rank holds 1/cp of every sequence")
+    data_parallel_replicate_degree: int = opt(1, "HSDP replicate groups (1 = plain FSDP)", COUNT)
+    data_parallel_shard_degree: int = opt(-1, "FSDP shard degree; -1 fills the remaining ranks", FILL)
+    tensor_parallel_degree: int = opt(1, "Tensor parallel degree", COUNT)
+    pipeline_parallel_degree: int = opt(1, "Pipeline parallel degree", COUNT)
+    context_parallel_degree: int = opt(1, "Context parallel degree: each rank holds 1/cp of every sequence", COUNT)
     fsdp_reshard_after_forward: str = opt(
         "default", "Free gathered FSDP params after forward: default (yes, except with pipeline parallel), always, never")
     disable_loss_parallel: bool = opt(False, "With tensor parallel, gather the logits instead of a vocab-sharded loss")
     enable_async_tensor_parallel: bool = opt(False, "Overlap TP collectives with matmuls (CUDA + compile only)")
     pipeline_parallel_schedule: str = opt(
         "1F1B", "Pipeline schedule: 1F1B, GPipe, Interleaved1F1B, InterleavedZeroBubble or ZBVZeroBubble")
-    pipeline_parallel_microbatch_size: int = opt(1, "Sequences per pipeline microbatch; divides training.local_batch_size")
+    pipeline_parallel_microbatch_size: int = opt(1, "Sequences per pipeline microbatch; divides training.local_batch_size", COUNT)
     pipeline_parallel_layers_per_stage: int | None = opt(
         None, "Layers per pipeline stage (counting the embedding and output as the *_less_layers below); unset = "
-        "one stage per rank (two for interleaved schedules)")
-    pipeline_parallel_first_stage_less_layers: int = opt(1, "The first stage holds this many fewer blocks (for the embedding)")
-    pipeline_parallel_last_stage_less_layers: int = opt(1, "The last stage holds this many fewer blocks (for the output head)")
+        "one stage per rank (two for interleaved schedules)", COUNT)
+    pipeline_parallel_first_stage_less_layers: int = opt(1, "The first stage holds this many fewer blocks (for the embedding)", NON_NEGATIVE)
+    pipeline_parallel_last_stage_less_layers: int = opt(1, "The last stage holds this many fewer blocks (for the output head)", NON_NEGATIVE)
     context_parallel_rotate_method: str = opt(
         "allgather", "How ring attention moves K/V between cp ranks: allgather (once, memory for the "
         "whole sequence's K/V) or alltoall (passed round the ring, memory for two ranks' K/V)")
@@ -125,7 +175,7 @@ class Compile:
 @dataclass
 class Profiling:
     enable_profiling: bool = opt(False, "Record torch.profiler traces on every rank")
-    profile_freq: int = opt(10, "Trace the last step of every this many")
+    profile_freq: int = opt(10, "Trace the last step of every this many", COUNT)
     save_traces_folder: str = opt("profile_traces", "Trace folder inside the run folder")
     enable_memory_snapshot: bool = opt(False, "CUDA: record allocations; dump a snapshot every profile_freq steps")
     save_memory_snapshot_folder: str = opt("memory_snapshot", "Memory snapshot folder inside the run folder")
@@ -134,33 +184,33 @@ class Profiling:
 @dataclass
 class Optimizer:
     name: str = opt("AdamW", "Optimizer: AdamW or Adam")
-    lr: float = opt(1e-3, "Peak learning rate")
-    beta1: float = opt(0.9, "Adam beta1")
-    beta2: float = opt(0.95, "Adam beta2")
-    eps: float = opt(1e-8, "Adam epsilon")
-    weight_decay: float = opt(0.1, "Decoupled weight decay")
+    lr: float = opt(1e-3, "Peak learning rate", POSITIVE)
+    beta1: float = opt(0.9, "Adam beta1", Range(0, 1, high_open=True))
+    beta2: float = opt(0.95, "Adam beta2", Range(0, 1, high_open=True))
+    eps: float = opt(1e-8, "Adam epsilon", POSITIVE)
+    weight_decay: float = opt(0.1, "Decoupled weight decay", NON_NEGATIVE)
     implementation: str = opt("auto", "Kernel: auto (fused on CUDA, foreach on CPU), foreach, fused, for-loop")
 
 
 @dataclass
 class LRScheduler:
     warmup_steps: int = opt(5, "Linear warmup (torchtitan's): step n <= warmup_steps trains at n / warmup_steps x "
-                               "optimizer.lr; cut to the total steps if longer")
+                               "optimizer.lr; cut to the total steps if longer", NON_NEGATIVE)
     total_steps: int | None = opt(None, "Steps the schedule spans; unset = training.steps. A run past it stays at "
-                                        "the schedule's last value")
+                                        "the schedule's last value", COUNT)
     decay_ratio: float | None = opt(None, "Share of the total steps spent decaying at the end (warmup-stable-decay), "
-                                          "cut to fit after the warmup; unset = every step after warmup")
+                                          "cut to fit after the warmup; unset = every step after warmup", FRACTION)
     decay_type: str = opt("linear", "Decay shape: linear, sqrt or cosine")
-    min_lr_factor: float = opt(0.0, "Learning rate at the end of decay, as a fraction of optimizer.lr")
+    min_lr_factor: float = opt(0.0, "Learning rate at the end of decay, as a fraction of optimizer.lr", FRACTION)
 
 
 @dataclass
 class Checkpoint:
     enable: bool = opt(True, "Save and resume DCP checkpoints")
     folder: str = opt("checkpoint", "Checkpoint folder inside the run folder")
-    interval: int = opt(20, "Save every this many steps (and always at the last step)")
-    load_step: int = opt(-1, "Resume from this step instead of the newest committed one (-1 = newest)")
-    keep_latest_k: int = opt(3, "Keep this many newest committed checkpoints (0 = keep all)")
+    interval: int = opt(20, "Save every this many steps (and always at the last step)", COUNT)
+    load_step: int = opt(-1, "Resume from this step instead of the newest committed one (-1 = newest)", Range(0, special=(-1,)))
+    keep_latest_k: int = opt(3, "Keep this many newest committed checkpoints (0 = keep all)", NON_NEGATIVE)
     create_seed_checkpoint: bool = opt(False, "Write initial weights as step-0 from one process, then exit")
     initial_load_path: str | None = opt(
         None, "Where a run without checkpoints starts from: a committed step folder, a .pt file of weights "
@@ -175,31 +225,33 @@ class Checkpoint:
     last_save_in_hf: bool = opt(False, "Also export the last step as a Hugging Face model folder step-N-hf (safetensors + config.json)")
     save_on_signal_timeout_s: float = opt(
         120.0, "On SIGTERM (or SIGINT to the Ray driver): seconds for the workers to finish the step in flight and the "
-        "next, save and commit it, before the run is ended without it (exit code 1, not 75)")
+        "next, save and commit it, before the run is ended without it (exit code 1, not 75)", POSITIVE)
 
 
 @dataclass
 class Metrics:
-    log_freq: int = opt(5, "Log metrics every this many steps")
+    log_freq: int = opt(5, "Log metrics every this many steps", COUNT)
     enable_tensorboard: bool = opt(True, "Write TensorBoard scalars")
     save_tb_folder: str = opt("tb", "TensorBoard folder inside the run folder")
-    peak_tflops: float = opt(0.0, "Peak TFLOP/s per device for MFU when the device is not in the table (0 = look up)")
+    peak_tflops: float = opt(0.0, "Peak TFLOP/s per device for MFU when the device is not in the table (0 = look up)", NON_NEGATIVE)
     progress_bar: str = opt("auto", "Progress bar on the driver: auto (when a terminal or notebook shows it), on, off")
 
 
 @dataclass
 class Ray:
     address: str | None = opt(None, "Ray cluster address; unset uses RAY_ADDRESS or starts a local instance")
-    num_workers: int = opt(2, "Training workers (one process each)")
+    num_workers: int = opt(2, "Training workers (one process each)", COUNT)
     use_gpu: bool = opt(False, "One GPU per worker, NCCL backend")
-    resources_per_worker: dict = opt({}, "Ray resources per worker, e.g. CPU=4,GPU=1 (default: CPU share leaving room for data)")
+    resources_per_worker: dict = opt({}, "Ray resources per worker, e.g. CPU=4,GPU=1, each amount finite and >= 0 "
+                                         "(default: CPU share leaving room for data)")
     storage_path: str | None = opt(None, "Run storage every node sees: a shared folder or s3://, gs:// (pyarrow URI options after ?); "
                                       "default: job.dump_folder")
-    name: str | None = opt(None, "Run name; the run folder is storage_path/name (default: <model.name>-<model.flavor>, with ':' as '.')")
-    max_failures: int = opt(0, "Worker-group restarts allowed before the run fails")
-    min_workers: int = opt(-1, "Elastic: keep training on as few as this many workers (-1 = fixed size)")
-    max_workers: int = opt(-1, "Elastic: grow back up to this many workers (-1 = ray.num_workers)")
-    resize_check_interval_s: float = opt(60.0, "Elastic: check for capacity to grow at checkpoint steps, at most this often (seconds)")
+    name: str | None = opt(None, "Run name; the run folder is storage_path/name (default: <model.name>-<model.flavor>, with ':' as '.'); "
+                                "one path component: letters, digits, '.', '_', '-'")
+    max_failures: int = opt(0, "Worker-group restarts allowed before the run fails", NON_NEGATIVE)
+    min_workers: int = opt(-1, "Elastic: keep training on as few as this many workers (-1 = fixed size)", FILL)
+    max_workers: int = opt(-1, "Elastic: grow back up to this many workers (-1 = ray.num_workers)", FILL)
+    resize_check_interval_s: float = opt(60.0, "Elastic: check for capacity to grow at checkpoint steps, at most this often (seconds)", POSITIVE)
 
     @property
     def elastic(self) -> bool:
@@ -214,10 +266,10 @@ class Ray:
 
 @dataclass
 class Fault:
-    kill_step: int = opt(-1, "Kill a worker (SIGKILL) at the start of this step, once per run (-1 = never)")
-    kill_rank: int = opt(0, "Rank that kill_step kills")
+    kill_step: int = opt(-1, "Kill a worker (SIGKILL) at the start of this step, once per run (-1 = never)", FILL)
+    kill_rank: int = opt(0, "Rank that kill_step kills; below the run's largest world size", NON_NEGATIVE)
     during_save: bool = opt(False, "Kill after the checkpoint of kill_step is written but before it commits")
-    seed: int = opt(-1, "Pick kill_step and kill_rank at random from this seed (-1 = use the keys above)")
+    seed: int = opt(-1, "Pick kill_step and kill_rank at random from this seed (-1 = use the keys above)", Range(0, special=(-1,)))
 
 
 @dataclass
@@ -472,13 +524,24 @@ def apply_dict(config: JobConfig, data: dict[str, Any], source: str, prefix: str
 
 
 def load_toml(path: str) -> dict[str, Any]:
+    """A TOML config file as a dict; any file that is not one (missing, unreadable, binary, not UTF-8) is a
+    ConfigError naming it."""
     if not os.path.isfile(path):
         raise ConfigError(f"job.config_file: no such file '{path}'")
-    with open(path, "rb") as f:
-        try:
-            return tomllib.load(f)
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"job.config_file: '{path}' is not valid TOML: {e}") from None
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise ConfigError(f"job.config_file: cannot read '{path}': {e.strerror or e}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"job.config_file: '{path}' is not a TOML file: byte {e.start} is not UTF-8 text "
+                          "(TOML files are UTF-8; is this a binary or another file?)") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"job.config_file: '{path}' is not valid TOML: {e}") from None
 
 
 CLI_FORMS = ("Booleans: --section.key, --section.key true|false, and for false --no-section.key or torchtitan's "

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
+import re
+import typing
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,11 +20,11 @@ from raytitan.components import storage
 from raytitan.components.checkpoint.manager import ASYNC_MODES, LOADABLE
 from raytitan.components.checkpoint.layout import CheckpointError, read_metadata
 from raytitan.components.checkpoint.torchtitan import check_family, step_kind, weight_names
-from raytitan.config.job import Checkpoint, ConfigError, JobConfig, section
+from raytitan.config.job import SECTIONS, Checkpoint, ConfigError, JobConfig, _base_type, section
 from raytitan.components.data.sources import C4_TEST_DOCS, DATASETS, DataSourceError, resolve_shards
 from raytitan.components.data.tokenizer import TOKENIZERS, build_tokenizer, has_tokenizer_file
 from raytitan.components.metrics import PROGRESS_BAR_MODES
-from raytitan.components.optimizer import DECAY_TYPES, IMPLEMENTATIONS, OPTIMIZERS
+from raytitan.components.optimizer import DECAY_TYPES, IMPLEMENTATIONS, ON_NONFINITE, OPTIMIZERS
 from raytitan.distributed.dims import ParallelDims, ParallelismError
 from raytitan.distributed.precision import DTYPES, PARAM_DTYPES, REDUCE_DTYPES, RESHARD_AFTER_FORWARD
 from raytitan.models import get_spec
@@ -43,6 +46,7 @@ CHOICES = {
     "optimizer.name": tuple(OPTIMIZERS),
     "optimizer.implementation": IMPLEMENTATIONS,
     "lr_scheduler.decay_type": DECAY_TYPES,
+    "training.on_nonfinite": ON_NONFINITE,
     "training.mixed_precision_param": PARAM_DTYPES,
     "training.mixed_precision_reduce": REDUCE_DTYPES,
     "training.dataset": DATASETS,
@@ -56,11 +60,8 @@ CHOICES = {
     "activation_checkpoint.mode": AC_MODES,
     "quantize.linear.float8.recipe_name": RECIPES,
 }
-POSITIVE = ("profiling.profile_freq", "ray.resize_check_interval_s", "training.local_batch_size", "validation.local_batch_size", "validation.freq", "validation.steps", "training.seq_len", "training.steps", "optimizer.lr",
-            "checkpoint.interval", "checkpoint.save_on_signal_timeout_s", "metrics.log_freq", "ray.num_workers")
-NON_NEGATIVE = ("training.shuffle_buffer", "training.max_norm", "training.seed", "optimizer.weight_decay", "optimizer.eps",
-                "lr_scheduler.warmup_steps", "lr_scheduler.min_lr_factor", "checkpoint.keep_latest_k",
-                "ray.max_failures", "metrics.peak_tflops")
+# A run name is one folder inside the storage root: nothing that climbs out of it or needs quoting.
+RUN_NAME = re.compile(r"[A-Za-z0-9._-]+")
 
 
 # Synthetic validation shards use their own seed, so they are never the training shards.
@@ -101,23 +102,78 @@ def check_values(config: JobConfig) -> None:
     if spec.hf is None and (config.checkpoint.initial_load_in_hf or config.checkpoint.last_save_in_hf):
         raise ConfigError(f"model.name = {config.model.name!r} has no Hugging Face adapter: "
                           "checkpoint.initial_load_in_hf and last_save_in_hf need one")
-    for key in POSITIVE:
-        if _get(config, key) <= 0:
-            raise ConfigError(f"{key} must be > 0, got {_get(config, key)}")
-    for key in NON_NEGATIVE:
-        if _get(config, key) < 0:
-            raise ConfigError(f"{key} must be >= 0, got {_get(config, key)}")
-    if not 0 <= config.lr_scheduler.min_lr_factor <= 1:
-        raise ConfigError("lr_scheduler.min_lr_factor must be within [0, 1]")
-    if config.lr_scheduler.decay_ratio is not None and not 0 <= config.lr_scheduler.decay_ratio <= 1:
-        raise ConfigError("lr_scheduler.decay_ratio must be within [0, 1] (or unset)")
-    if config.lr_scheduler.total_steps is not None and config.lr_scheduler.total_steps <= 0:
-        raise ConfigError(f"lr_scheduler.total_steps must be > 0, got {config.lr_scheduler.total_steps} "
-                          "(or unset for training.steps)")
+    check_numbers(config)
+    check_seq_len(config, spec)
+    check_run_folder(config)
     check_checkpoint(config.checkpoint, config.run_dir, config.model.name)
     check_speed_features(config)
     if config.model.hf_assets_path and not os.path.isdir(config.model.hf_assets_path):
         raise ConfigError(f"model.hf_assets_path: no such folder '{config.model.hf_assets_path}'")
+
+
+def check_numbers(config: JobConfig) -> None:
+    """Every numeric key within the range its field declares (``opt(..., allowed)`` in job.py);
+    NaN and infinity are outside every range. Then the limits that involve two keys."""
+    for path, cls in SECTIONS.items():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            value, allowed = getattr(section(config, path), f.name), f.metadata.get("allowed")
+            if value is None or _base_type(hints[f.name]) not in (int, float):
+                continue
+            if allowed is not None and value not in allowed:
+                what = "is not a finite number" if not math.isfinite(value) else "is out of range"
+                optional = " (or unset)" if _base_type(hints[f.name]) is not hints[f.name] else ""
+                raise ConfigError(f"{path}.{f.name} = {value!r} {what}: it takes {allowed}{optional}; set "
+                                  f"--{path}.{f.name} (or the TOML key) to a value within that")
+    for name, amount in config.ray.resources_per_worker.items():
+        if not (math.isfinite(amount) and amount >= 0):
+            raise ConfigError(f"ray.resources_per_worker: {name} = {amount!r} must be a finite amount >= 0; fix "
+                              "it in K=V,K=V (or the TOML table)")
+    fault = config.fault
+    if fault.seed < 0 and fault.kill_step > config.training.steps:
+        raise ConfigError(f"fault.kill_step = {fault.kill_step} is past training.steps = {config.training.steps}: "
+                          "the fault would never fire; pick a step in [1, training.steps] (or -1 for none)")
+    if config.ray.max_workers != -1 and not config.ray.elastic:
+        raise ConfigError(f"ray.max_workers = {config.ray.max_workers} needs an elastic run (ray.min_workers >= 1); "
+                          "a fixed-size run has ray.num_workers workers: set that instead, or ray.max_workers = -1")
+
+
+def check_seq_len(config: JobConfig, spec: ModelSpec) -> None:
+    """training.seq_len within the flavor's context (``max_seq_len`` of its args, what its RoPE
+    settings are made for), unless the run says it means to go beyond it."""
+    longest = getattr(spec.flavor(config.model.flavor), "max_seq_len", None)
+    seq = config.training.seq_len
+    if longest is not None and seq > longest and not config.training.allow_seq_len_above_model_max:
+        raise ConfigError(f"training.seq_len = {seq} is above the longest context of {spec.name} "
+                          f"{config.model.flavor} (max_seq_len {longest}, what its RoPE settings are made for); it "
+                          f"takes 1 to {longest}: lower it, or set training.allow_seq_len_above_model_max = true to "
+                          "train longer sequences anyway")
+
+
+def check_run_folder(config: JobConfig) -> None:
+    """The run name is one safe path component, and a local storage root is (or can become) a
+    writable folder. Object stores are checked by their first write."""
+    name = config.run_name
+    if not RUN_NAME.fullmatch(name) or name in (".", ".."):
+        key = f"ray.name = {name!r}" if config.ray.name is not None else \
+            f"the run name {name!r} (from model.name and model.flavor)"
+        raise ConfigError(f"{key} is not one folder name: it takes letters, digits, '.', '_' and '-' (not '.' or "
+                          "'..', no '/'); set --ray.name to such a name")
+    key = "ray.storage_path" if config.ray.storage_path else "job.dump_folder"
+    root = config.ray.storage_path or config.job.dump_folder
+    if storage.is_remote(root):
+        return
+    path = os.path.abspath(os.path.expanduser(root.removeprefix("file://").split("?", 1)[0]))
+    for folder, what in ((path, "it"), (os.path.join(path, name), f"the run folder {name!r} in it")):
+        if os.path.exists(folder) and not os.path.isdir(folder):
+            raise ConfigError(f"{key} = {root!r}: {what} is a file ({folder}), not a folder; point {key} at a "
+                              "folder (or set another ray.name)")
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key} = {root!r}: {existing} is not a folder this process can write to; point {key} "
+                          "at a writable folder")
 
 
 def check_speed_features(config: JobConfig) -> None:
@@ -307,6 +363,16 @@ def elastic_layout(config: JobConfig, world_size: int, global_batch: int) -> tup
     return dims, _largest_divisor_at_most(global_batch // dims.dp, config.training.local_batch_size)
 
 
+def check_fault_rank(config: JobConfig, world_size: int) -> None:
+    """fault.kill_rank names a rank the run can have: below the largest world (an elastic run's
+    ray.max_workers; else this world), or the injected fault would silently never fire."""
+    fault = config.fault
+    most = max(world_size, config.ray.worker_range[1]) if config.ray.elastic else world_size
+    if fault.kill_step > 0 and fault.seed < 0 and fault.kill_rank >= most:
+        raise ConfigError(f"fault.kill_rank = {fault.kill_rank} cannot exist: the run has at most {most} ranks "
+                          f"(0 to {most - 1}); pick a rank in that range")
+
+
 def plan_run(config: JobConfig, world_size: int, resolve_data: bool = True) -> RunPlan:
     """Everything derived from the config for a world of ``world_size`` ranks.
 
@@ -318,6 +384,7 @@ def plan_run(config: JobConfig, world_size: int, resolve_data: bool = True) -> R
     chose, a vocabulary other than the flavor's), once per plan.
     """
     check_values(config)
+    check_fault_rank(config, world_size)
     if config.ray.elastic:
         lo, hi = config.ray.worker_range
         if not lo <= hi:
