@@ -191,7 +191,11 @@ def train(ctx: WorkerContext) -> Trainer | TrainState:
 
 def main(argv: list[str] | None = None) -> None:
     config = parse_args(argv, prog="raytitan.worker")
-    outcome = run(config, TorchrunRuntime())
+    from raytitan.components.lease import hold_run_folder  # rank 0 holds the run folder (one writer per folder)
+
+    with hold_run_folder(config.run_dir, config.ray.storage_path, enabled=os.environ.get("RANK", "0") == "0",
+                         kind="torchrun rank 0"):
+        outcome = run(config, TorchrunRuntime())
     state = outcome.state if isinstance(outcome, Trainer) else outcome
     # Under torchrun only a stop on request ends a run early (no growth without a launcher).
     stopped = state.step < config.training.steps and not config.checkpoint.create_seed_checkpoint
