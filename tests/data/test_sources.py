@@ -57,7 +57,7 @@ def test_c4_hub_layout_from_a_local_mirror(tmp_path):
 @pytest.mark.parametrize("dataset, path, message", [
     ("files", None, "needs training.dataset_path"),
     ("files", "/nonexistent/folder", "no shards"),
-    ("c4", "/nonexistent", "point training.dataset_path at the folder holding en/"),
+    ("c4", "/nonexistent", "point training.dataset_path at its root .the folder holding en/., at en/ itself"),
     ("wiki", None, "unknown dataset"),
 ])
 def test_missing_sources_are_clear_errors(dataset, path, message):

@@ -30,6 +30,10 @@ logger = logging.getLogger(__name__)
 ID_COLUMNS = ("epoch", "shard", "window")
 
 
+class DataSourceError(ValueError):
+    """A dataset that cannot be read, or can never make a batch; the message names the key or file and what to do."""
+
+
 @dataclass(frozen=True, order=True)
 class Cursor:
     epoch: int = 0
@@ -52,16 +56,42 @@ MAX_DOCUMENT_CHARS = 1_000_000  # longer documents are truncated (and counted)
 
 @dataclass
 class ShardStats:
-    """Records a shard reader could not use as they were; reported, never fatal."""
+    """Records of a shard, and those a reader could not use as they were (skipped records are never fatal)."""
 
+    records: int = 0  # every record read, usable or not
     malformed: int = 0  # not JSON, not an object, no string text, invalid UTF-8
     empty: int = 0
     truncated: int = 0
     corrupt: int = 0  # the file itself broke off (bad gzip member, truncated file)
+    corrupt_error: str = ""
 
     @property
     def total(self) -> int:
         return self.malformed + self.empty + self.truncated + self.corrupt
+
+    @property
+    def skipped(self) -> int:
+        return self.malformed + self.empty
+
+    def summary(self) -> str:
+        return (f"{self.records} records, {self.skipped} skipped ({self.malformed} malformed, {self.empty} empty)"
+                + (f", {self.truncated} truncated" if self.truncated else "")
+                + (f", corrupt after the last good record ({self.corrupt_error})" if self.corrupt else ""))
+
+
+# (shard, epoch) pairs whose skipped records this process already reported: a shard re-read in the
+# same epoch (a resume, a validation pass) does not say it again.
+_REPORTED: dict[tuple[str, int], None] = {}
+_REPORTED_MAX = 100_000
+
+
+def _report_once(path: str, epoch: int, stats: ShardStats) -> None:
+    if not stats.total or (path, epoch) in _REPORTED:
+        return
+    if len(_REPORTED) >= _REPORTED_MAX:
+        _REPORTED.pop(next(iter(_REPORTED)))
+    _REPORTED[(path, epoch)] = None
+    logger.warning("%s (epoch %d): %s; skipped records are counted in data/bad_records", path, epoch, stats.summary())
 
 
 def _lines(stream, chunk_bytes: int = 1 << 20) -> Iterator[bytes]:
@@ -80,6 +110,7 @@ def _json_texts(stream, stats: ShardStats) -> Iterator[str | None]:
     for line in _lines(stream):
         if not line.strip():
             continue
+        stats.records += 1
         try:
             text = json.loads(line).get("text")
         except (ValueError, AttributeError):  # UnicodeDecodeError is a ValueError
@@ -90,10 +121,27 @@ def _json_texts(stream, stats: ShardStats) -> Iterator[str | None]:
         yield text
 
 
-def _parquet_texts(stream, stats: ShardStats) -> Iterator[str | None]:
+def check_text_column(path: str, schema) -> None:
+    """A columnar shard must have a string column ``text``: any other schema fails the whole file at once."""
+    import pyarrow as pa
+
+    if "text" not in schema.names:
+        raise DataSourceError(f"{path}: no 'text' column (columns: {', '.join(schema.names) or 'none'}); "
+                              "C4-format shards need a string column named 'text'")
+    kind = schema.field("text").type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)
+            or getattr(pa.types, "is_string_view", lambda _: False)(kind)):
+        raise DataSourceError(f"{path}: column 'text' is {kind}, not string; C4-format shards need the document "
+                              "text as a string column named 'text'")
+
+
+def _parquet_texts(stream, stats: ShardStats, path: str) -> Iterator[str | None]:
     import pyarrow.parquet as pq
 
-    for batch in pq.ParquetFile(stream).iter_batches(columns=["text"], batch_size=1024):
+    shard = pq.ParquetFile(stream)
+    check_text_column(path, shard.schema_arrow)
+    for batch in shard.iter_batches(columns=["text"], batch_size=1024):
+        stats.records += batch.num_rows
         for text in batch.column(0).to_pylist():
             if not isinstance(text, str):
                 stats.malformed += 1
@@ -101,18 +149,19 @@ def _parquet_texts(stream, stats: ShardStats) -> Iterator[str | None]:
             yield text
 
 
-def read_texts(path: str, stats: ShardStats, chunk_docs: int = 512) -> Iterator[list[str]]:
+def read_texts(path: str, stats: ShardStats, chunk_docs: int = 512, epoch: int | None = None) -> Iterator[list[str]]:
     """Texts of a C4-format shard (json lines, gzipped or not, or parquet), in file order.
 
     Unusable records are skipped or truncated and counted in ``stats``; a file that breaks
-    off mid-way (corrupt gzip, truncated) yields what was readable before the break.
+    off mid-way (corrupt gzip, truncated) yields what was readable before the break. With an
+    ``epoch``, what was skipped is logged, once per shard and epoch in this process.
     """
     from raytitan.components.storage import open_binary
 
     chunk: list[str] = []
     with open_binary(path) as raw:
         if path.endswith(".parquet"):
-            texts = _parquet_texts(raw, stats)
+            texts = _parquet_texts(raw, stats, path)
         else:
             texts = _json_texts(gzip.GzipFile(fileobj=raw) if path.endswith(".gz") else raw, stats)
         try:
@@ -129,16 +178,15 @@ def read_texts(path: str, stats: ShardStats, chunk_docs: int = 512) -> Iterator[
                     chunk = []
         except (OSError, EOFError, zlib.error) as e:
             stats.corrupt += 1
-            logger.warning("%s is corrupt after the records read so far (%s); using those", path, e)
+            stats.corrupt_error = str(e)
     if chunk:
         yield chunk
-    if stats.total:
-        logger.warning("%s: skipped %d malformed, %d empty, truncated %d giant records, %d corrupt tail",
-                       path, stats.malformed, stats.empty, stats.truncated, stats.corrupt)
+    if epoch is not None:
+        _report_once(path, epoch, stats)
 
 
 def pack_shard(path: str, tokenizer, seq_len: int, stats: ShardStats | None = None,
-               rows_per_chunk: int = 256) -> Iterator[np.ndarray]:
+               rows_per_chunk: int = 256, epoch: int | None = None) -> Iterator[np.ndarray]:
     """All windows [n, seq_len + 1] (int32) of one shard in order, a chunk at a time.
 
     The last chunk is held back until the file is fully read, so ``stats`` is final
@@ -149,7 +197,7 @@ def pack_shard(path: str, tokenizer, seq_len: int, stats: ShardStats | None = No
     buffer: list[int] = []
     ready: list[np.ndarray] = []
     have = 0
-    for texts in read_texts(path, stats):
+    for texts in read_texts(path, stats, epoch=epoch):
         for ids in tokenizer.encode_batch(texts):
             buffer.append(tokenizer.bos_id)
             buffer.extend(ids)
@@ -183,7 +231,7 @@ def _blocks(windows: Iterator[np.ndarray], size: int) -> Iterator[np.ndarray]:
 
 
 def shard_rows(path: str, shard: int, epoch: int, shard_pos: int, tokenizer, seq_len: int, skip: int,
-               seed: int = 0, shuffle_block: int = 0) -> Iterator[dict]:
+               seed: int = 0, shuffle_block: int = 0, shards: list[str] | None = None) -> Iterator[dict]:
     """Batches of rows of one shard from output position ``skip`` on, with their ids.
 
     Columns: tokens, epoch, shard, shard_pos, window (the window's index in the shard: its
@@ -191,11 +239,13 @@ def shard_rows(path: str, shard: int, epoch: int, shard_pos: int, tokenizer, seq
     bad_records (records of this shard found unusable since the previous batch).
     With ``shuffle_block`` > 0, windows are permuted within consecutive blocks of that many,
     seeded by (seed, epoch, shard, block): order stays a pure function of the cursor.
+    Given the whole shard list, a shard without a window checks that some shard has one
+    (``require_windows``): an epoch without windows would make the stream loop forever.
     """
     stats = ShardStats()
     reported = 0
     block = shuffle_block or 256
-    chunks = pack_shard(path, tokenizer, seq_len, stats, rows_per_chunk=block)
+    chunks = pack_shard(path, tokenizer, seq_len, stats, rows_per_chunk=block, epoch=epoch)
     start = 0
     for tokens in _blocks(chunks, block) if shuffle_block else chunks:
         n = len(tokens)
@@ -219,6 +269,56 @@ def shard_rows(path: str, shard: int, epoch: int, shard_pos: int, tokenizer, seq
             "position": position[keep],
             "bad_records": bad,
         }
+    if start == 0 and shards is not None:
+        require_windows(shards, tokenizer, seq_len)
+
+
+def count_windows(path: str, tokenizer, seq_len: int, limit: int | None = None) -> tuple[int, int, ShardStats]:
+    """(windows, tokens, stats) of one shard as the stream packs it; reading stops once ``limit`` windows are
+    certain. Logs nothing: a check, not the stream."""
+    stats, tokens = ShardStats(), 0
+    for texts in read_texts(path, stats):
+        tokens += sum(len(ids) + 2 for ids in tokenizer.encode_batch(texts))  # BOS text EOS
+        if limit is not None and tokens // (seq_len + 1) >= limit:
+            break
+    return tokens // (seq_len + 1), tokens, stats
+
+
+def describe_shards(counts: list[tuple[str, int, ShardStats]], limit: int = 5) -> str:
+    """'path: N records, M skipped (...), T tokens; ...' for the first ``limit`` shards, and totals."""
+    parts = [f"{path}: {stats.summary()}, {tokens} tokens" for path, tokens, stats in counts[:limit]]
+    if len(counts) > limit:
+        parts.append(f"and {len(counts) - limit} more")
+    records = sum(s.records for _, _, s in counts)
+    skipped = sum(s.skipped for _, _, s in counts)
+    return f"{len(counts)} shard(s), {records} records, {skipped} skipped: " + "; ".join(parts)
+
+
+# (shards, tokenizer, seq_len) this process has seen a window of: checked once, then trusted.
+_HAS_WINDOWS: set[tuple] = set()
+
+
+def require_windows(shards: list[str], tokenizer, seq_len: int) -> None:
+    """Raise DataSourceError when no shard yields a window of seq_len + 1 tokens.
+
+    Every epoch reads the same shards, so one with no window means all have none: the stream
+    would then read epoch after epoch forever without a batch. Stops at the first window found.
+    """
+    key = (tuple(shards), tokenizer.name, getattr(tokenizer, "folder", None), seq_len)
+    if key in _HAS_WINDOWS:
+        return
+    counts = []
+    for path in shards:
+        windows, tokens, stats = count_windows(path, tokenizer, seq_len, limit=1)
+        if windows:
+            _HAS_WINDOWS.add(key)
+            return
+        counts.append((path, tokens, stats))
+    raise DataSourceError(
+        f"no window of seq_len + 1 = {seq_len + 1} tokens in a whole epoch, so no batch can ever be made "
+        f"({describe_shards(counts)}). Each shard is packed on its own and its last partial window dropped: "
+        "use shards whose records have a string 'text' and hold more than seq_len + 1 tokens each, or a smaller "
+        "seq_len")
 
 
 def shard_plan(num_shards: int, seed: int, start: Cursor) -> Iterator[dict]:
@@ -236,7 +336,7 @@ def local_rows(shards: list[str], tokenizer, seq_len: int, seed: int, start: Cur
     """The stream computed in this process (torchrun runs, tests, the reference order)."""
     for item in shard_plan(len(shards), seed, start):
         yield from shard_rows(shards[item["shard"]], item["shard"], item["epoch"], item["shard_pos"],
-                              tokenizer, seq_len, item["skip"], seed, shuffle_block)
+                              tokenizer, seq_len, item["skip"], seed, shuffle_block, shards=shards)
 
 
 @dataclass

@@ -7,6 +7,10 @@ import os
 from dataclasses import dataclass
 
 
+class TokenizerError(ValueError):
+    """Tokenizer files that cannot be used; the message names the file and what to do (a config error)."""
+
+
 class ByteTokenizer:
     """UTF-8 bytes as ids 0-255, then BOS, EOS and PAD."""
 
@@ -34,13 +38,24 @@ class HFTokenizer:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"model.hf_assets_path: no tokenizer.json in '{folder}'")
         self.folder = folder
-        self._tok = Tokenizer.from_file(path)
+        try:
+            self._tok = Tokenizer.from_file(path)
+        except Exception as e:  # tokenizers raises a bare Exception for any unreadable file
+            raise TokenizerError(f"model.hf_assets_path: cannot read {path} as a Hugging Face tokenizer ({e}); "
+                                 "replace it with the model's tokenizer.json") from None
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         names = {"bos": None, "eos": None}
         config_path = os.path.join(folder, "tokenizer_config.json")
         if os.path.isfile(config_path):
-            with open(config_path) as f:
-                cfg = json.load(f)
+            try:
+                with open(config_path, encoding="utf-8") as f:
+                    cfg = json.load(f)
+            except ValueError as e:  # not JSON, or not UTF-8
+                raise TokenizerError(f"model.hf_assets_path: {config_path} is not valid JSON ({e}); replace it with "
+                                     "the model's tokenizer_config.json, or remove it") from None
+            if not isinstance(cfg, dict):
+                raise TokenizerError(f"model.hf_assets_path: {config_path} holds a JSON {type(cfg).__name__}, not an "
+                                     "object; replace it with the model's tokenizer_config.json, or remove it")
             for k in names:
                 tok = cfg.get(f"{k}_token")
                 names[k] = tok.get("content") if isinstance(tok, dict) else tok
@@ -53,7 +68,9 @@ class HFTokenizer:
             tid = self._tok.token_to_id(candidate)
             if tid is not None:
                 return tid
-        raise ValueError(f"tokenizer has none of the special tokens {[name, *fallbacks]}")
+        raise TokenizerError(f"model.hf_assets_path: the tokenizer in {self.folder} has none of the special tokens "
+                             f"{[t for t in (name, *fallbacks) if t]}; name its BOS/EOS in tokenizer_config.json "
+                             "(bos_token, eos_token)")
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
