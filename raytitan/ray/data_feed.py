@@ -16,7 +16,8 @@ from collections import OrderedDict
 import numpy as np
 
 from raytitan.components.data.loader import BatchLoader
-from raytitan.components.data.stream import Cursor, GlobalBatch, global_batches, shard_plan, shard_rows
+from raytitan.components.data.stream import Cursor, DataSourceError, GlobalBatch, global_batches, shard_plan, \
+    shard_rows
 from raytitan.components.data.tokenizer import TokenizerSpec
 
 logger = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ class _PackShards:
     def __call__(self, items: dict):
         for epoch, pos, shard, skip in zip(items["epoch"], items["shard_pos"], items["shard"], items["skip"]):
             yield from shard_rows(self.shards[int(shard)], int(shard), int(epoch), int(pos), self.tokenizer,
-                                  self.seq_len, int(skip), self.seed, self.shuffle_block)
+                                  self.seq_len, int(skip), self.seed, self.shuffle_block, shards=self.shards)
 
 
 def ray_rows(shards: list[str], model_config, seq_len: int, seed: int, start: Cursor, shuffle_block: int = 0,
@@ -59,6 +60,21 @@ def ray_rows(shards: list[str], model_config, seq_len: int, seed: int, start: Cu
             num_cpus=0.5,
         )
         yield from ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2)
+
+
+def _data_source_error(error: BaseException | None) -> DataSourceError | None:
+    """The DataSourceError behind a pipeline failure (Ray Data wraps the one its task raised), so that
+    ranks get the data's own error rather than a generic pipeline failure. Its message is one line;
+    Ray Data appends its retry advice on the next, which does not apply to it."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        original = getattr(error, "cause", None)  # a RayTaskError's own exception
+        for candidate in (original, error):
+            if isinstance(candidate, DataSourceError):
+                return DataSourceError(str(candidate.args[0] if candidate.args else candidate).split("\n", 1)[0])
+        error = error.__cause__ or error.__context__ or (original if isinstance(original, BaseException) else None)
+    return None
 
 
 class DataFeeder:
@@ -136,6 +152,8 @@ class DataFeeder:
             self._evict(readers)
             self._cond.wait_for(lambda: cursor in self._buffer or self._error is not None)
             if self._error is not None:
+                if (data_error := _data_source_error(self._error)) is not None:
+                    raise data_error from None  # the data's own message, not Ray Data's wrapping of it
                 raise RuntimeError(f"data pipeline failed: {self._error!r}") from self._error
             batch = self._buffer[cursor]
         tokens, ids = batch.rows_for(dp_rank, dp_size)
