@@ -33,8 +33,8 @@ def test_gradient_accumulation_matches_one_big_batch():
     model.init_weights()
     twin = copy.deepcopy(model)
     tokens = torch.randint(0, 61, (8, 17))
-    loss_a, norm_a = make_trainer(model, local_batch_size=2).train_step(tokens)  # 4 microbatches of 2
-    loss_b, norm_b = make_trainer(twin, local_batch_size=8).train_step(tokens)  # 1 microbatch of 8
+    loss_a, norm_a, _ = make_trainer(model, local_batch_size=2).train_step(tokens)  # 4 microbatches of 2
+    loss_b, norm_b, _ = make_trainer(twin, local_batch_size=8).train_step(tokens)  # 1 microbatch of 8
     assert abs(loss_a - loss_b) / loss_b < 1e-6 and abs(norm_a - norm_b) / norm_b < 1e-5
     for (name, p), q in zip(model.named_parameters(), twin.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7, msg=name)
@@ -48,7 +48,7 @@ def test_loss_is_the_global_token_mean():
     model.init_weights()
     tokens = torch.randint(0, 61, (4, 17))
     expected = torch.nn.functional.cross_entropy(model(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten())
-    loss, _ = make_trainer(model, local_batch_size=1).train_step(tokens)
+    loss, _, _ = make_trainer(model, local_batch_size=1).train_step(tokens)
     assert abs(loss - expected.item()) < 1e-5
     assert cross_entropy_sum(torch.zeros(1, 2, 5), torch.tensor([[0, -100]])).item() == torch.log(torch.tensor(5.0)).item()
 
@@ -221,7 +221,8 @@ def test_schedule_reports_at_checkpoints_validations_and_the_end():
 
 def test_the_loop_reads_losses_back_only_on_the_steps_it_logs(monkeypatch):
     """Reading a tensor's value waits for the device: the loop does it for the loss and gradient
-    norm on logged and reported steps only, never on the others."""
+    norm on logged and reported steps only, never on the others. Every step reads one flag: whether
+    both are finite (the non-finite guard, before the optimizer step)."""
     from raytitan.components.data.loader import RankBatch
     from raytitan.trainer.loop import TrainState
 
@@ -252,7 +253,198 @@ def test_the_loop_reads_losses_back_only_on_the_steps_it_logs(monkeypatch):
                                 validation_freq=0)
     reads = []
     item = torch.Tensor.item
-    monkeypatch.setattr(torch.Tensor, "item", lambda t: reads.append(trainer.state.step) or item(t))
+    monkeypatch.setattr(torch.Tensor, "item", lambda t: reads.append((trainer.state.step, t.dtype)) or item(t))
     trainer.fit()
     assert trainer.metrics.logged == [1, 3, 6, 7]
-    assert sorted(set(reads)) == [1, 3, 6, 7] and len(reads) == 2 * 4  # loss and grad norm, on those steps only
+    flags = [step + 1 for step, dtype in reads if dtype == torch.bool]  # read during the step, before it counts
+    values = [step for step, dtype in reads if dtype != torch.bool]
+    assert flags == [1, 2, 3, 4, 5, 6, 7]
+    assert sorted(set(values)) == [1, 3, 6, 7] and len(values) == 2 * 4  # loss and grad norm, on those steps only
+
+
+# --------------------------------------------------------------------------- the non-finite guard
+
+
+class CountingLoader:
+    """Seeded batches of 4 rows; counts what the loop consumed (the data position)."""
+
+    global_batch_size, bad_records = 4, 0
+
+    def __init__(self):
+        self.generator, self.consumed = torch.Generator().manual_seed(0), 0
+
+    def next_batch(self):
+        from raytitan.components.data.loader import RankBatch
+
+        self.consumed += 1
+        return RankBatch(torch.randint(0, 61, (4, 17), generator=self.generator), None)
+
+
+class LoggedMetrics:
+    def __init__(self):
+        self.logged = []
+
+    def summarize(self, step, loss, grad_norm, lr):
+        return {"step": step, "loss": loss, "grad_norm": grad_norm}
+
+    def log(self, metrics):
+        self.logged.append(metrics)
+
+    record_step = flush = close = log_validation = lambda self, *a: None
+
+
+def guarded_trainer(folder, steps: int, *, on_nonfinite="stop", max_skips=3, lr=1e-3, poison=(), where="loss",
+                    save=True):
+    """The real loop and checkpoint manager on one process: AdamW, clipping off (the guard still
+    reads the gradient norm), a save every step (``save``). ``poison``: steps whose loss (or, with
+    ``where="grad"``, one gradient) is made NaN."""
+    from raytitan.components.checkpoint.manager import ModelState, OptimizerState
+    from raytitan.trainer.loop import NonFiniteGuard, TrainState
+
+    torch.manual_seed(0)
+    model = Transformer(ARGS)
+    model.init_weights()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    state = TrainState()
+    checkpoint = CheckpointManager(str(folder), {"model": ModelState([model]), "train_state": state,
+                                                 "optimizer": OptimizerState([model], [optimizer])}, keep_latest_k=0)
+    trainer = Trainer(ModelRunner([model]), optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0),
+                      CountingLoader(), checkpoint, LoggedMetrics(), state, device=torch.device("cpu"),
+                      local_batch_size=4, schedule=Schedule(steps, 1, 1, save, 0), max_norm=0.0, loss_group=None,
+                      guard=NonFiniteGuard(on_nonfinite, max_skips))
+    poisoned = lambda: state.step + 1 in poison  # noqa: E731
+    if where == "loss":
+        forward_backward = trainer.runner.forward_backward
+        trainer.runner.forward_backward = lambda *a: forward_backward(*a) * (math.nan if poisoned() else 1.0)
+    else:
+        model.norm.weight.register_hook(lambda g: g * math.nan if poisoned() else g)
+    return trainer, model
+
+
+def saved_weights(folder, step: int) -> dict:
+    from raytitan.components.checkpoint.manager import ModelState
+
+    model = Transformer(ARGS)
+    CheckpointManager(str(folder), {"model": ModelState([model])}, keep_latest_k=0).load(step)
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("where", ["loss", "grad"])
+def test_stop_on_a_nonfinite_step_keeps_the_last_good_checkpoint(tmp_path, where):
+    """on_nonfinite = stop: the error names the step; nothing of it reached the optimizer or a
+    checkpoint, so step 2 stays the newest committed state and equals the weights in memory."""
+    from raytitan.components.checkpoint.layout import committed_steps
+    from raytitan.trainer.loop import NonFiniteError
+
+    trainer, model = guarded_trainer(tmp_path, 5, poison={3}, where=where)
+    with pytest.raises(NonFiniteError, match="step 3: loss .*: not finite, stopped before its optimizer step "
+                                             r"\(training.on_nonfinite = stop\)") as stopped:
+        trainer.fit()
+    assert stopped.value.step == 3 and trainer.state.step == 2
+    assert committed_steps(str(tmp_path)) == [1, 2]
+    saved = saved_weights(tmp_path, 2)
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, saved[name]), name  # the bad step changed nothing
+    assert all(s["step"].item() == 2 for s in trainer.optimizer.state.values())
+
+
+def test_a_learning_rate_too_large_stops_and_commits_nothing_nonfinite(tmp_path):
+    """A finite but absurd lr: the weights or the loss overflow within a few steps; the run stops
+    naming the step, and every committed checkpoint holds finite weights only."""
+    from raytitan.components.checkpoint.layout import committed_steps
+    from raytitan.trainer.loop import NonFiniteError
+
+    trainer, _ = guarded_trainer(tmp_path, 6, lr=1e30)
+    with pytest.raises(NonFiniteError, match=r"step \d: (loss|the weights) .*not finite") as stopped:
+        trainer.fit()
+    steps = committed_steps(str(tmp_path))
+    assert steps == list(range(1, stopped.value.step))
+    for step in steps:
+        assert all(torch.isfinite(v).all() for v in saved_weights(tmp_path, step).values()), step
+
+
+def test_nonfinite_weights_are_never_saved(tmp_path):
+    from raytitan.components.checkpoint.layout import committed_steps
+    from raytitan.trainer.loop import NonFiniteError
+
+    trainer, model = guarded_trainer(tmp_path, 4)
+    trainer.after_step = lambda step: step == 2 and model.norm.weight.data.fill_(math.inf)
+    with pytest.raises(NonFiniteError, match="step 2: the weights are not finite after this step's update; not saved"):
+        trainer.fit()
+    assert committed_steps(str(tmp_path)) == [1]
+
+
+def test_skip_drops_the_update_counts_it_and_stops_after_max_in_a_row(tmp_path):
+    """on_nonfinite = skip, at most 1 in a row: steps 2 and 4 are skipped (weights and Adam state
+    unchanged, the batch consumed, the step, data position and lr schedule advanced); step 5 is the
+    second in a row and stops the run."""
+    from raytitan.trainer.loop import NonFiniteError
+
+    trainer, model = guarded_trainer(tmp_path, 6, on_nonfinite="skip", max_skips=1, poison={2, 4, 5}, save=False)
+    after = []
+    trainer.after_step = lambda step: after.append(model.norm.weight.detach().clone())
+    with pytest.raises(NonFiniteError, match=r"step 5: .*2 non-finite steps in a row, more than "
+                                             r"training.max_nonfinite_skips = 1"):
+        trainer.fit()
+    assert trainer.state.step == 4 and trainer.loader.consumed == 5
+    assert [m["training/skipped_steps"] for m in trainer.metrics.logged] == [0, 1, 1, 2]
+    assert [math.isfinite(m["loss"]) for m in trainer.metrics.logged] == [True, False, True, False]
+    assert torch.equal(after[0], after[1])  # step 2: no update
+    assert not torch.equal(after[1], after[2]) and torch.equal(after[2], after[3])  # step 3 trained; 4 not
+    assert all(s["step"].item() == 2 for s in trainer.optimizer.state.values())  # Adam stepped at 1 and 3 only
+    assert trainer.lr_scheduler.last_epoch == 5  # the schedule followed every step, skipped ones too
+
+
+def _stop_on_one_ranks_nan(rank: int, world: int, root: str, data_dir: str) -> dict:
+    """Rank 1 alone sees a NaN loss at step 3 (one microbatch per step)."""
+    from raytitan.components.checkpoint.layout import committed_steps
+    from raytitan.trainer.loop import NonFiniteError
+    from raytitan.trainer.runner import ModelRunner
+    from raytitan.trainer.runtime import TorchrunRuntime
+    from raytitan.trainer.worker import run
+    from tests.helpers import tiny_config
+
+    calls = []
+    forward_backward = ModelRunner.forward_backward
+
+    def poisoned(self, *args):
+        calls.append(1)
+        loss = forward_backward(self, *args)
+        return loss * math.nan if rank == 1 and len(calls) == 3 else loss
+
+    ModelRunner.forward_backward = poisoned
+    config = tiny_config(root, data_dir, checkpoint={"interval": 1})
+    try:
+        run(config, TorchrunRuntime())
+    except NonFiniteError as e:
+        return {"step": e.step, "committed": committed_steps(f"{config.run_dir}/checkpoint")}
+    return {"step": None}
+
+
+@pytest.mark.slow
+def test_ranks_agree_to_stop_when_one_ranks_loss_is_nan(tmp_path, data_dir):
+    """World 2: the decision uses the loss after its all-reduce, so both ranks stop at step 3
+    (a rank going on alone would hang in the next collective), with steps 1-2 committed."""
+    from tests.helpers import spawn
+
+    results = spawn(_stop_on_one_ranks_nan, 2, str(tmp_path), str(tmp_path / "runs"), data_dir)
+    assert [r["step"] for r in results] == [3, 3]
+    assert results[0]["committed"] == [1, 2]
+
+
+def test_a_launch_that_stopped_on_a_nonfinite_step_is_not_retried(tmp_path):
+    """Ray restarts a failed group within the same launch (attempt): its workers raise the
+    recorded stop again before building anything. Another launch trains again."""
+    import json
+    from types import SimpleNamespace
+
+    from raytitan.trainer.loop import NonFiniteError
+    from raytitan.trainer.worker import NONFINITE_FILE, refuse_retry
+
+    (tmp_path / NONFINITE_FILE).write_text(json.dumps({"attempt": "a1", "step": 7, "error": "step 7: loss nan"}))
+    ctx = lambda attempt: SimpleNamespace(runtime=SimpleNamespace(attempt=attempt),  # noqa: E731
+                                          config=SimpleNamespace(run_dir=str(tmp_path)))
+    with pytest.raises(NonFiniteError, match="step 7: loss nan \\(not retried: this launch stopped on it"):
+        refuse_retry(ctx("a1"))
+    refuse_retry(ctx("b2"))  # the same command run again
+    refuse_retry(ctx(None))  # torchrun: nothing restarts the group

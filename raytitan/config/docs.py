@@ -40,10 +40,35 @@ reads the defaults below, then `--job.config_file FILE` (TOML), then command-lin
 
 The whole config is checked in the driver before Ray starts (`raytitan/config/plan.py`,
 `plan_run`): degrees that do not multiply to the world size, a global batch not divisible by
-local batch x data-parallel degree, head counts, negative values, missing files and folders (a
+local batch x data-parallel degree, head counts, missing files and folders (a
 `model.hf_assets_path` without the tokenizer.json it is read for). Each failure names the key and
-what to change; the exit code is 2. Workers run the same `plan_run` on their side, so the
-derivation lives in one place.
+what to change; the exit code is 2. Workers run the same `plan_run` on their side (every rank
+under torchrun), so the derivation lives in one place. Also checked there:
+
+- every number against the range in its row below ("takes"): NaN and infinity are never in one
+  (`--optimizer.lr inf`, `--training.max_norm nan` are errors), -1 only where the row says so;
+  `ray.resources_per_worker` amounts finite and >= 0; `ray.max_workers` only with `ray.min_workers`;
+- `training.seq_len` at most the flavor's `max_seq_len` (the context its RoPE settings are made
+  for), unless `training.allow_seq_len_above_model_max` says to go beyond it;
+- `fault.kill_step` within `training.steps`, and `fault.kill_rank` below the largest world size
+  the run can have (an elastic run's `ray.max_workers`): a fault that could never fire is an error;
+- `ray.name` (or the default name) is one folder name of letters, digits, `.`, `_`, `-` (not `.`
+  or `..`); a local `ray.storage_path` / `job.dump_folder` (or the run folder in it) that is a
+  file, or a folder this process cannot write to, is an error (object-store URLs are checked by
+  their first write).
+
+A step whose loss or gradient norm is NaN or infinite never reaches the optimizer or a
+checkpoint: with `training.on_nonfinite = "stop"` (the default) the run ends with an error that
+names the step, and the newest committed checkpoint stays the last good one; with `"skip"` the
+step's update is dropped (its batch is consumed and the step, the data position and the learning
+rate schedule advance, so step n still trains on batch n at the lr of step n), the skip is logged
+and counted (`training/skipped_steps` in the metrics); one more than `training.max_nonfinite_skips`
+such steps in a row stops the run the same way. The decision is taken on the loss and the gradient norm
+after both are reduced over every rank and pipeline stage, so all ranks agree; the gradient norm
+is computed every step, also with clipping off. Before each save every rank checks its weights
+too: non-finite weights are never saved. Under Ray the stop is not retried: the workers of the
+same launch refuse to train again (`nonfinite.json` in the run folder); running the command again
+(after lowering `optimizer.lr`, say) resumes from the last good checkpoint.
 
 The model's vocabulary is the tokenizer's (`model.tokenizer`: `auto` takes the Hugging Face
 tokenizer in `model.hf_assets_path` when that is set, bytes when not): a flavor that publishes
@@ -99,7 +124,8 @@ def render() -> str:
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             shown = "unset" if default is None else f"`{cell(toml_value(default))}`"
-            out.append(f"| `{path}.{f.name}` | `{cell(type_name(hints[f.name]))}` | {shown} | {cell(f.metadata['doc'])} |")
+            doc = f.metadata["doc"] + (f"; takes {f.metadata['allowed']}" if "allowed" in f.metadata else "")
+            out.append(f"| `{path}.{f.name}` | `{cell(type_name(hints[f.name]))}` | {shown} | {cell(doc)} |")
         out.append("")
     out += [TORCHTITAN_INTRO, "| key | type | accepted | what raytitan does |", "|---|---|---|---|"]
     for key, spec in TORCHTITAN_KEYS.items():

@@ -121,7 +121,8 @@ class Training:
         "stop", "A step whose loss or gradient norm is NaN or infinite: stop (raise naming the step, nothing "
         "applied or saved) or skip (drop its update, count it; the step, data and schedule still advance)")
     max_nonfinite_skips: int = opt(
-        3, "on_nonfinite = skip: stop with the error at this many non-finite steps in a row", COUNT)
+        3, "on_nonfinite = skip: skip at most this many non-finite steps in a row; the next one stops the run "
+        "with the error", COUNT)
 
 
 @dataclass

@@ -33,7 +33,7 @@ from raytitan.distributed.precision import DTYPES, param_dtype
 from raytitan.models import get_spec
 from raytitan.models.spec import build_meta, count_params
 from raytitan.trainer.elastic.fault import FaultInjector
-from raytitan.trainer.loop import Trainer, TrainState, Validator
+from raytitan.trainer.loop import NonFiniteGuard, Trainer, TrainState, Validator
 from raytitan.trainer.runner import ModelRunner, PipelineLoss
 
 logger = logging.getLogger("raytitan")
@@ -99,6 +99,8 @@ def build(ctx) -> Trainer:
         report=runtime.report, before_step=fault.before_step,
         after_optimizer_step=(lambda: float8.precompute_scales(parts)) if wants_scales else (lambda: None),
         stop_at_boundary=ctx.growth, stop_requested=ctx.stop,
+        guard=NonFiniteGuard(config.training.on_nonfinite, config.training.max_nonfinite_skips),
+        group=ctx.active_group,
     )
 
 

@@ -1,12 +1,15 @@
 """The training loop: forward, backward over microbatches, clip, step, log, checkpoint.
 
-Knows nothing of Ray: the caller hands it the built pieces and a ``report`` callback.
+Knows nothing of Ray: the caller hands it the built pieces and a ``report`` callback. A step
+whose loss or gradient norm is not finite never reaches the optimizer, and weights that are not
+finite are never saved (``NonFiniteGuard``).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -17,6 +20,7 @@ from torch.distributed.tensor import DTensor
 from raytitan.components.checkpoint.manager import CheckpointManager
 from raytitan.components.data.loader import BatchLoader
 from raytitan.components.metrics import MetricsLogger
+from raytitan.components.optimizer import STEP_ORDER_WARNING
 from raytitan.components.profiling import Profiler
 from raytitan.trainer.runner import ModelRunner
 
@@ -47,7 +51,7 @@ def all_reduce_sum(t: torch.Tensor, *groups: dist.ProcessGroup | None) -> torch.
 def clip_grad_norm_(params: list[torch.nn.Parameter], max_norm: float,
                     pp_group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """Total gradient norm over all ranks' shards (DTensor-aware) and pipeline stages, clipped in
-    place if max_norm > 0."""
+    place if max_norm > 0. Computed also when clipping is off: the non-finite guard reads it."""
     grads = [p.grad for p in params if p.grad is not None]
     total = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
     if isinstance(total, DTensor):
@@ -57,6 +61,60 @@ def clip_grad_norm_(params: list[torch.nn.Parameter], max_norm: float,
     if max_norm > 0:
         torch.nn.utils.clip_grads_with_norm_([p for p in params if p.grad is not None], max_norm, total)
     return total
+
+
+class NonFiniteError(RuntimeError):
+    """A step's loss or gradient norm, or the weights about to be saved, were NaN or infinite, and
+    the run stopped there: nothing of that step was applied or saved."""
+
+    def __init__(self, message: str, step: int):
+        super().__init__(message)
+        self.step = step
+
+
+def is_finite(*values: torch.Tensor) -> bool:
+    """Whether every value is finite, in one read from the device."""
+    return bool(torch.stack([v.detach().float().reshape(()) for v in values]).isfinite().all().item())
+
+
+class NonFiniteGuard:
+    """What a step whose loss or gradient norm is not finite does (``training.on_nonfinite``):
+    "stop" raises ``NonFiniteError``; "skip" drops its update and counts it, up to ``max_skips``
+    in a row, and stops at the next one. The loop calls it with global values (reduced over every
+    rank and pipeline stage), so every rank takes the same decision without another collective."""
+
+    def __init__(self, policy: str = "stop", max_skips: int = 3):
+        self.policy, self.max_skips = policy, max_skips
+        self.skipped = 0  # steps skipped since this process started
+        self.in_a_row = 0
+
+    def applied(self) -> None:
+        self.in_a_row = 0
+
+    def not_finite(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        """Count a non-finite step whose update was dropped; raise if the run must stop."""
+        self.in_a_row += 1
+        what = f"step {step}: loss {loss.item():.6g}, gradient norm {grad_norm.item():.6g}"
+        if self.policy == "skip" and self.in_a_row <= self.max_skips:
+            self.skipped += 1
+            logger.warning("%s: not finite, skipped its update (%d in a row, %d in all; training.on_nonfinite = skip stops "
+                           "after %d in a row)", what, self.in_a_row, self.skipped, self.max_skips)
+            return
+        why = ("training.on_nonfinite = stop" if self.policy == "stop" else
+               f"{self.in_a_row} non-finite steps in a row, more than training.max_nonfinite_skips = {self.max_skips}")
+        raise NonFiniteError(
+            f"{what}: not finite, stopped before its optimizer step ({why}). Nothing of step {step} was applied or "
+            "saved: the newest committed checkpoint is the last good state. Lower optimizer.lr (or raise "
+            "lr_scheduler.warmup_steps, or look at the data of this step), then run again to resume from it; "
+            "training.on_nonfinite = skip drops such steps instead", step)
+
+    def weights(self, step: int, finite: bool) -> None:
+        """Before a save: weights that are not finite are never saved, whatever the policy."""
+        if not finite:
+            raise NonFiniteError(
+                f"step {step}: the weights are not finite after this step's update; not saved. The newest committed "
+                "checkpoint is the last good state: lower optimizer.lr (or raise lr_scheduler.warmup_steps), then "
+                "run again to resume from it", step)
 
 
 class Validator:
@@ -131,7 +189,8 @@ class Trainer:
                  after_optimizer_step: Callable[[], None] = lambda: None,
                  stop_at_boundary: Callable[[int], bool] = lambda step: False,
                  stop_requested: Callable[[int], str | None] = lambda step: None,
-                 profiler: Profiler | None = None, extra_metrics: dict[str, float] | None = None):
+                 profiler: Profiler | None = None, extra_metrics: dict[str, float] | None = None,
+                 guard: NonFiniteGuard | None = None, group: dist.ProcessGroup | None = None):
         self.runner, self.optimizer, self.lr_scheduler = runner, optimizer, lr_scheduler
         self.loader, self.checkpoint, self.metrics, self.state = loader, checkpoint, metrics, state
         self.device, self.local_batch_size = device, local_batch_size
@@ -143,10 +202,23 @@ class Trainer:
         self.stopped: str | None = None  # why the run stopped short of total_steps on request
         self.extra_metrics = extra_metrics or {}
         self.params = [p for part in runner.parts for p in part.parameters() if p.requires_grad]
+        self.guard = guard or NonFiniteGuard()
+        self.group = group  # every rank that trains (None: the default group), for the weights check
 
-    def train_step(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def weights_finite(self) -> bool:
+        """Whether every training rank's share of the weights is finite (one all-reduce)."""
+        bad = torch.zeros((), device=self.device)
+        for p in self.params:
+            local = p.to_local() if isinstance(p, DTensor) else p
+            bad += (~torch.isfinite(local.detach())).sum()
+        if dist.is_initialized():
+            dist.all_reduce(bad, group=self.group)
+        return bad.item() == 0
+
+    def train_step(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
         """One optimizer step over this rank's rows, split into microbatches; returns the global
-        mean loss and the gradient norm as tensors (read them only where they are logged).
+        mean loss and the gradient norm as tensors (read them only where they are logged), and
+        whether the update was applied: not when the loss or gradient norm is not finite.
 
         Each microbatch's summed loss is divided by the *global* target-token count, and
         gradients are summed over ranks, so the update is the same however the global
@@ -158,17 +230,39 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         for mb_inputs, mb_labels in zip(inputs.split(self.local_batch_size), labels.split(self.local_batch_size)):
             loss_sum += self.runner.forward_backward(mb_inputs, mb_labels, global_tokens)
-        grad_norm = clip_grad_norm_(self.params, self.max_norm, self.pp_group)
-        self.checkpoint.wait_for_staging()  # an async save may still be copying these weights
-        self.optimizer.step()
-        self.after_optimizer_step()  # e.g. Float8 scales for the next all-gather
-        self.lr_scheduler.step()
         # Summed over data/context ranks; over pipeline stages, of which only the last has a loss.
-        return all_reduce_sum(loss_sum, self.loss_group, self.pp_group), grad_norm
+        loss = all_reduce_sum(loss_sum, self.loss_group, self.pp_group)
+        grad_norm = clip_grad_norm_(self.params, self.max_norm, self.pp_group)
+        applied = is_finite(loss, grad_norm)  # both global: every rank decides the same
+        if applied:
+            self.checkpoint.wait_for_staging()  # an async save may still be copying these weights
+            self.optimizer.step()
+            self.after_optimizer_step()  # e.g. Float8 scales for the next all-gather
+        else:
+            self.optimizer.zero_grad(set_to_none=True)  # the update is dropped, weights and moments unchanged
+        with warnings.catch_warnings():  # a first step skipped: the schedule steps before the optimizer ever did
+            warnings.filterwarnings("ignore", message=STEP_ORDER_WARNING, category=UserWarning)
+            self.lr_scheduler.step()  # step n trains at the lr of step n, skipped steps or not
+        return loss, grad_norm, applied
 
     def fit(self) -> TrainState:
         for part in self.runner.parts:
             part.train()
+        try:
+            self._run()
+        except NonFiniteError:
+            self._close()  # an async save of an earlier, good step still commits
+            raise
+        self._close()
+        return self.state
+
+    def _close(self) -> None:
+        self.checkpoint.close()
+        self.metrics.close()
+        if self.profiler is not None:
+            self.profiler.close()
+
+    def _run(self) -> None:
         first_step = self.state.step + 1
         while self.state.step < self.schedule.total_steps:
             step = self.state.step + 1
@@ -179,7 +273,11 @@ class Trainer:
             data_wait = time.perf_counter() - t0
             tokens = batch.tokens.to(self.device, non_blocking=True)
 
-            loss, grad_norm = self.train_step(tokens)
+            loss, grad_norm, applied = self.train_step(tokens)
+            if applied:
+                self.guard.applied()
+            else:  # the batch is consumed and the step counts: the data stream stays exact
+                self.guard.not_finite(step, loss, grad_norm)
 
             self.state.step = step
             step_tokens = self.loader.global_batch_size * (tokens.shape[1] - 1)
@@ -198,6 +296,7 @@ class Trainer:
             if self.schedule.logs(step, first_step):
                 metrics = self.metrics.summarize(step, metrics["loss"], grad_norm.item(), lr)
                 metrics.update(tokens_seen=self.state.tokens_seen, **self.extra_metrics)
+                metrics["training/skipped_steps"] = self.guard.skipped
                 metrics["data/bad_records"] = self.loader.bad_records
                 self.metrics.log(metrics)
             if self.validator and self.schedule.validates(step):
@@ -205,6 +304,7 @@ class Trainer:
                 self.metrics.log_validation(step, validation)
                 metrics.update(validation)
             if self.schedule.saves(step) or (stop and self.schedule.checkpoint_enabled):
+                self.guard.weights(step, self.weights_finite())
                 if step == self.schedule.total_steps:
                     self.checkpoint.save_last(step)
                 else:
@@ -217,8 +317,3 @@ class Trainer:
                 break  # to resume from this step's checkpoint, committed by close()
             if self.schedule.boundary(step) and self.stop_at_boundary(step):
                 break  # to resume elsewhere from this step's checkpoint, committed by close()
-        self.checkpoint.close()
-        self.metrics.close()
-        if self.profiler is not None:
-            self.profiler.close()
-        return self.state

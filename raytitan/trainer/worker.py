@@ -6,6 +6,7 @@ Runs unchanged under Ray (``raytitan.ray``) and under
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -26,10 +27,13 @@ from raytitan.trainer.elastic.growth import GrowthCheck, new_control_group, requ
 from raytitan.trainer.elastic.history import record_start, restart_metrics, write_progress
 from raytitan.trainer.elastic.idle import agree_on_first_step, idle, workers_that_train
 from raytitan.trainer.elastic.stop import EXIT_STOPPED, StopCheck
-from raytitan.trainer.loop import Schedule, Trainer, TrainState
+from raytitan.trainer.loop import NonFiniteError, Schedule, Trainer, TrainState
 from raytitan.trainer.runtime import Runtime, TorchrunRuntime, setup_logging
 
 logger = logging.getLogger("raytitan")
+
+# In the run folder: the launch (attempt) whose workers stopped on a non-finite step, and why.
+NONFINITE_FILE = "nonfinite.json"
 
 
 @dataclass
@@ -50,6 +54,7 @@ class WorkerContext:
     checkpoint_group: dist.ProcessGroup | None
     started_at: float
     timings: dict[str, float] = field(default_factory=dict)
+    active_group: dist.ProcessGroup | None = None  # the ranks that train; None: all of them
 
     @property
     def active(self) -> int:
@@ -90,7 +95,7 @@ def start(config: JobConfig, runtime: Runtime) -> WorkerContext:
     stop = StopCheck(control, runtime.stop_requested, config.checkpoint.save_on_signal_timeout_s,
                      storage.join(config.run_dir, config.checkpoint.folder))
     return WorkerContext(config, runtime, device, rank, world, plan, mesh, schedule, growth, stop, checkpoint_group,
-                         started_at, timings)
+                         started_at, timings, active_group)
 
 
 def restore(ctx: WorkerContext, trainer: Trainer) -> int | None:
@@ -133,8 +138,38 @@ def run(config: JobConfig, runtime: Runtime) -> Trainer | TrainState:
     return outcome
 
 
+def refuse_retry(ctx: WorkerContext) -> None:
+    """Raise again the non-finite stop of this launch, if its workers stopped on one.
+
+    Ray restarts the worker group after any worker error (up to ray.max_failures); the same
+    weights and data would only reach the same step again. Every rank reads the same marker, so
+    all refuse together, before building anything. A new launch (another attempt id: the same
+    command run again, after lowering optimizer.lr, say) trains again from the last good checkpoint."""
+    if ctx.runtime.attempt is None:
+        return
+    path = storage.join(ctx.config.run_dir, NONFINITE_FILE)
+    if not storage.isfile(path):
+        return
+    marker = json.loads(storage.read_text(path))
+    if marker.get("attempt") == ctx.runtime.attempt:
+        raise NonFiniteError(f"{marker['error']} (not retried: this launch stopped on it; {path})", marker["step"])
+
+
+def record_nonfinite_stop(ctx: WorkerContext, error: NonFiniteError) -> None:
+    """Rank 0 records the stop for ``refuse_retry``; every training rank waits for it, so the
+    marker exists before any rank's error ends the group."""
+    if ctx.runtime.attempt is None:  # torchrun: no launcher restarts the group
+        return
+    if ctx.rank == 0:
+        storage.write_text(storage.join(ctx.config.run_dir, NONFINITE_FILE),
+                           json.dumps({"attempt": ctx.runtime.attempt, "step": error.step, "error": str(error),
+                                       "time": time.time()}))
+    dist.barrier(group=ctx.active_group)
+
+
 def train(ctx: WorkerContext) -> Trainer | TrainState:
     config, c = ctx.config, ctx.config.checkpoint
+    refuse_retry(ctx)
     if (done := finished_step(ctx)) is not None:
         logger.info("the run is finished: %s/step-%d holds its final weights; raise training.steps to train on "
                     "(from the newest full checkpoint)", ctx.checkpoint_folder, done)
@@ -176,7 +211,11 @@ def train(ctx: WorkerContext) -> Trainer | TrainState:
         trainer.profiler = Profiler(config.profiling, config.local_dir, ctx.rank, ctx.device,
                                     first_step=trainer.state.step + 1)
 
-    trainer.fit()
+    try:
+        trainer.fit()
+    except NonFiniteError as e:
+        record_nonfinite_stop(ctx, e)
+        raise
     if ctx.growth.target and ctx.rank == 0:
         request_grow(config.run_dir, trainer.state.step, ctx.world, ctx.growth.target, attempt=ctx.runtime.attempt)
     if trainer.stopped and ctx.rank == 0:
