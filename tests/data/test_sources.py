@@ -52,6 +52,15 @@ def test_c4_hub_layout_from_a_local_mirror(tmp_path):
     # A URL goes through pyarrow's filesystems (file:// here; s3:// and gs:// alike).
     url = resolve_shards("c4", f"file://{tmp_path}/c4", seed=0)
     assert url[0].startswith("file://") and texts(url[0]) == DOCS
+    # The mirror's en/ folder (as the cluster setups name it) and any folder of the split's shards work too.
+    assert resolve_shards("c4", str(en), seed=0) == train
+    assert resolve_shards("c4", f"file://{en}", seed=0) == url
+    part = tmp_path / "part"
+    part.mkdir()
+    os.link(en / "c4-train.00002-of-01024.json.gz", part / "c4-train.00002-of-01024.json.gz")
+    assert resolve_shards("c4", str(part), seed=0) == [str(part / "c4-train.00002-of-01024.json.gz")]
+    with pytest.raises(DataSourceError, match=r"no shards .* at '.*/part/en/c4-validation.\*' or '.*/part/c4-valid"):
+        resolve_shards("c4_validation", str(part), seed=0)
 
 
 @pytest.mark.parametrize("dataset, path, message", [
