@@ -395,8 +395,9 @@ def test_skip_drops_the_update_counts_it_and_stops_after_max_in_a_row(tmp_path):
     assert trainer.lr_scheduler.last_epoch == 5  # the schedule followed every step, skipped ones too
 
 
-def _stop_on_one_ranks_nan(rank: int, world: int, root: str, data_dir: str) -> dict:
-    """Rank 1 alone sees a NaN loss at step 3 (one microbatch per step)."""
+def _stop_on_one_ranks_nan(rank: int, world: int, root: str, data_dir: str, parallelism: dict | None = None,
+                           microbatches_per_step: int = 1) -> dict:
+    """Rank 1 alone sees a NaN loss in the first microbatch of step 3."""
     from raytitan.components.checkpoint.layout import committed_steps
     from raytitan.trainer.loop import NonFiniteError
     from raytitan.trainer.runner import ModelRunner
@@ -410,10 +411,10 @@ def _stop_on_one_ranks_nan(rank: int, world: int, root: str, data_dir: str) -> d
     def poisoned(self, *args):
         calls.append(1)
         loss = forward_backward(self, *args)
-        return loss * math.nan if rank == 1 and len(calls) == 3 else loss
+        return loss * math.nan if rank == 1 and len(calls) == 2 * microbatches_per_step + 1 else loss
 
     ModelRunner.forward_backward = poisoned
-    config = tiny_config(root, data_dir, checkpoint={"interval": 1})
+    config = tiny_config(root, data_dir, checkpoint={"interval": 1}, parallelism=parallelism or {})
     try:
         run(config, TorchrunRuntime())
     except NonFiniteError as e:
