@@ -3,7 +3,8 @@ in them (also in their usage comments) names a real entry point and a config tha
 ends of its elastic range, on storage every node shares. Their shell steps (shared storage,
 SkyPilot's Ray start) run here against stub commands. The commands shown in the README and
 docs/ (docs/clusters.md: the cluster walkthrough) name real entry points and options, and their
-configs plan too. The SLURM scripts' headers, auth and addresses are checked here; they run whole
+configs plan too. Every data and tokenizer path they and configs/ show resolves on a stand-in laid
+out as the docs describe (tiny generated files). The SLURM scripts' headers, auth and addresses are checked here; they run whole
 against stand-in commands in tests/test_slurm.py. The Dockerfile pins the tested Ray, torch and
 Python and copies what exists; cluster/README.md lists every file. Every file under cluster/ is
 listed in CHECKED_BY with the tests that check it, so a new one fails until it has some. Nothing
@@ -535,3 +536,108 @@ def test_doc_commands_name_real_entry_points_and_configs_that_plan(page, capsys)
         usage = capsys.readouterr().out
         for option in (a.split("=")[0] for a in args if a.startswith("--")):
             assert option in usage, (page, module, option)
+
+
+# Where the docs put data and tokenizers, laid out as their download commands leave them:
+# `hf download allenai/c4 --repo-type dataset --include "en/*" --local-dir <c4>` gives
+# <c4>/en/c4-train.XXXXX-of-01024.json.gz, and a model's tokenizer files sit in its assets folder
+# (torchtitan's download script, which the configs follow, writes ./assets/hf/<repo name>/).
+C4_MIRRORS = ["/mnt/shared/c4", "/lustre/me/c4", "/mnt/data/c4"]  # clusters.md and cluster/, slurm.md, configs/
+TOKENIZER_FOLDERS = ["/mnt/shared/assets/Llama-3.1-8B", "/lustre/me/assets/Llama-3.1-8B",
+                     *(f"./assets/hf/{name}" for name in ("Llama-3.1-8B", "Llama-3.1-70B", "Llama-3.1-405B",
+                                                          "Qwen3-8B", "Qwen3-32B"))]
+PATH_VALUE = re.compile(r"\b(dataset_path|hf_assets_path)(?:\s*=\s*|\s+)[\"']?((?:/|\./|~/|[a-z0-9]+://)[^\s\"'`\\]*)")
+
+
+def documented_paths() -> list[tuple[str, str, str]]:
+    """(file, key, value) of every dataset_path / hf_assets_path value shown in the README, docs/,
+    cluster/ and configs/ (commands, TOML and prose alike). $SHARED paths are tests/test_slurm.py's."""
+    files = [*DOC_PAGES, *(os.path.relpath(os.path.join(CLUSTER, f), REPO) for f in cluster_files()),
+             *sorted(os.path.relpath(p, REPO) for p in glob.glob(os.path.join(REPO, "configs", "*.toml")))]
+    found = []
+    for name in files:
+        if name == "docs/configuration.md":  # generated from the config's own docs: no paths
+            continue
+        with open(os.path.join(REPO, name), encoding="utf-8") as f:
+            found += [(name, key, value) for key, value in PATH_VALUE.findall(f.read())]
+    return found
+
+
+@pytest.fixture(scope="module")
+def stand_in(tmp_path_factory):
+    """The documented layout under a temporary root: two tiny C4 shards per mirror, a small tokenizer
+    per folder. ``place(path)`` is where a documented path lands in it."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from raytitan.components.data.synthetic import write_shard
+
+    root = tmp_path_factory.mktemp("documented")
+    place = lambda path: str(root / "repo" / path) if path.startswith("./") else str(root / path.lstrip("/"))
+    c4_mirrors = C4_MIRRORS + re.findall(r"hf download allenai/c4 [^`\n]*--local-dir ([^\s`]+)", open(
+        os.path.join(REPO, "docs", "data.md"), encoding="utf-8").read())
+    for mirror in c4_mirrors:
+        os.makedirs(os.path.join(place(mirror), "en"))
+        for name in ("c4-train.00000-of-01024.json.gz", "c4-train.00001-of-01024.json.gz",
+                     "c4-validation.00000-of-00008.json.gz"):
+            write_shard(os.path.join(place(mirror), "en", name), seed=0, index=0, docs=3)
+    vocab = {"<|begin_of_text|>": 0, "<|end_of_text|>": 1, "[UNK]": 2, "the": 3}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    for folder in TOKENIZER_FOLDERS:
+        os.makedirs(place(folder))
+        tokenizer.save(os.path.join(place(folder), "tokenizer.json"))
+        with open(os.path.join(place(folder), "tokenizer_config.json"), "w") as f:
+            f.write('{"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>"}')
+    return place
+
+
+def check_resolves(place, dataset: str, dataset_path: str | None, hf_assets_path: str | None, where) -> None:
+    from raytitan.components.data.sources import resolve_shards
+    from raytitan.components.data.tokenizer import build_tokenizer
+    from raytitan.config.job import Model
+
+    if dataset_path and "://" not in dataset_path:
+        shards = resolve_shards(dataset, place(dataset_path), seed=0)
+        assert shards and all(os.path.basename(s).startswith("c4-train.") for s in shards), (where, shards)
+    if hf_assets_path:
+        assert build_tokenizer(Model(hf_assets_path=place(hf_assets_path))).name == "hf", where
+
+
+def test_documented_data_and_tokenizer_paths_resolve_on_the_documented_layout(stand_in):
+    """Every training command in cluster/ and the docs, and every config, reads its data and tokenizer
+    from a stand-in laid out as the docs describe: a path that names the wrong level of the mirror
+    (c4/en/en, the assets folder's parent) fails here, not on the cluster."""
+    checked = set()
+    sources = [(name, module, args) for name in ALL_FILES for module, args in commands(name)]
+    sources += [(page, module, args) for page in DOC_PAGES for module, args, _ in doc_commands(page)]
+    for where, module, args in sources:
+        if module not in ("raytitan.train", "raytitan.worker") or "--help" in args:
+            continue
+        args = [a.replace("/home/ray/raytitan/", "") for a in args]
+        config_file = flag(args, "--job.config_file")
+        if config_file:
+            args = [a if a != config_file else os.path.join(REPO, config_file) for a in args]
+        config = parse_args(args)
+        check_resolves(stand_in, config.training.dataset, config.training.dataset_path, config.model.hf_assets_path,
+                       (where, args))
+        checked |= {config.training.dataset_path, config.model.hf_assets_path}
+    for path in sorted(glob.glob(os.path.join(REPO, "configs", "*.toml"))):
+        config = parse_args(["--job.config_file", path])
+        check_resolves(stand_in, config.training.dataset, config.training.dataset_path, config.model.hf_assets_path,
+                       path)
+        checked |= {config.training.dataset_path, config.model.hf_assets_path}
+    shown = documented_paths()
+    assert len({v for _, _, v in shown}) >= 4, shown
+    for where, key, value in shown:  # also what prose shows (docs/data.md's mirror), as the c4 dataset
+        if value not in checked:
+            check_resolves(stand_in, "c4", value if key == "dataset_path" else None,
+                           value if key == "hf_assets_path" else None, where)
+
+
+def test_the_layout_check_fails_a_wrong_documented_path(stand_in):
+    from raytitan.components.data.sources import DataSourceError
+
+    with pytest.raises(DataSourceError, match="no shards"):
+        check_resolves(stand_in, "c4", "/mnt/shared/c4/en/en", None, "a path one level too deep")
+    with pytest.raises(ValueError, match="no tokenizer.json"):
+        check_resolves(stand_in, "c4", None, "/mnt/shared/assets", "the assets folder's parent")
