@@ -556,7 +556,8 @@ def _help_text() -> str:
         lines.append(f"[{section}]")
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            lines.append(f"  --{section}.{f.name:<34} {f.metadata['doc']} (default: {default!r})")
+            allowed = f", takes {f.metadata['allowed']}" if "allowed" in f.metadata else ""
+            lines.append(f"  --{section}.{f.name:<34} {f.metadata['doc']} (default: {default!r}{allowed})")
         lines.append("")
     lines.append("torchtitan keys raytitan has no field for (read, then ignored or an error; docs/from_torchtitan.md):")
     for key, spec in TORCHTITAN_KEYS.items():

@@ -97,8 +97,9 @@ class NonFiniteGuard:
         what = f"step {step}: loss {loss.item():.6g}, gradient norm {grad_norm.item():.6g}"
         if self.policy == "skip" and self.in_a_row <= self.max_skips:
             self.skipped += 1
-            logger.warning("%s: not finite, skipped its update (%d in a row, %d in all; training.on_nonfinite = skip stops "
-                           "after %d in a row)", what, self.in_a_row, self.skipped, self.max_skips)
+            logger.warning("%s: not finite, skipped its update (%d in a row, %d in all; training.max_nonfinite_skips "
+                           "= %d in a row are skipped, the next one stops the run)", what, self.in_a_row, self.skipped,
+                           self.max_skips)
             return
         why = ("training.on_nonfinite = stop" if self.policy == "stop" else
                f"{self.in_a_row} non-finite steps in a row, more than training.max_nonfinite_skips = {self.max_skips}")
