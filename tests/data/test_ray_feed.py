@@ -76,3 +76,24 @@ def test_feeder_memory_stays_bounded_while_streaming(ray_local, tmp_path):
         cursor = Cursor(*end)
     assert high_water <= prefetch
     ray.kill(feeder)
+
+
+def test_a_dataset_without_a_window_reaches_the_ranks_as_a_data_source_error(ray_local, tmp_path):
+    """Every record bad: the pipeline's error reaches the ranks as the DataSourceError it is (it used to
+    loop forever, the ranks warning that the pipeline may be starved)."""
+    from raytitan.components.data.sources import DataSourceError
+    from raytitan.ray.data_feed import RayFeedLoader
+
+    bad = [str(tmp_path / f"s{i}.jsonl") for i in range(2)]
+    for path in bad:
+        with open(path, "w") as f:
+            f.write("not json\n" * 3)
+    feeder = ray.remote(DataFeeder).options(max_concurrency=4).remote(bad, Model(), 63, 0, 8)
+    with pytest.raises(DataSourceError) as error:
+        ray.get(feeder.get.remote([0, 0, 0], 0, 1, True), timeout=120)  # a GetTimeoutError if it hangs again
+    message = str(error.value.cause if hasattr(error.value, "cause") else error.value)
+    assert message.startswith("no window of seq_len + 1 = 64 tokens in a whole epoch") and bad[0] in message
+    assert "6 records, 6 skipped" in message and "retry" not in message  # Ray Data's retry advice is dropped
+    with pytest.raises(DataSourceError, match="no window"):  # the rank's own loader
+        RayFeedLoader(feeder, 8, 0, 1).next_batch()
+    ray.kill(feeder)
