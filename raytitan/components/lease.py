@@ -100,9 +100,10 @@ class RunLease:
 
     @classmethod
     def acquire(cls, run_dir: str, kind: str = "a run", *, stale_after_s: float = STALE_AFTER_S,
-                heartbeat_s: float = HEARTBEAT_S, settle_s: float = SETTLE_S, force: bool | None = None) -> RunLease:
+                heartbeat_s: float = HEARTBEAT_S, settle_s: float | None = None, force: bool | None = None) -> RunLease:
         """Take the run folder's lease, or raise RunFolderBusy naming its live holder."""
         force = os.environ.get(FORCE_ENV) == "1" if force is None else force
+        settle_s = SETTLE_S if settle_s is None else settle_s
         lease = cls(run_dir, kind)
         storage.makedirs(run_dir)
         held = read_lease(run_dir)
