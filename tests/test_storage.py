@@ -52,6 +52,23 @@ def test_files_round_trip_on_s3(s3_root):
     assert storage.listdir(folder) == []
 
 
+def test_run_folder_lease_on_s3(s3_root, monkeypatch):
+    """The lease works through the object store as on a folder: taken, refused to a second run
+    naming the holder, released."""
+    from raytitan.components import lease
+    from raytitan.components.lease import RunFolderBusy, RunLease, hold_run_folder, read_lease
+
+    monkeypatch.setattr(lease, "SETTLE_S", 0.0)
+
+    run_dir = f"s3://{BUCKET}/runs/leased"
+    with hold_run_folder(run_dir, s3_root, kind="the Ray driver") as held:
+        assert read_lease(run_dir)["holder"] == held.record["holder"]
+        with pytest.raises(RunFolderBusy, match=f"pid {os.getpid()} on host"):
+            RunLease.acquire(run_dir, settle_s=0)
+        assert held.renew()
+    assert read_lease(run_dir) is None and not storage.isfile(f"{run_dir}/lease.json")
+
+
 @pytest.mark.slow
 def test_checkpoints_on_s3_resume_resharded_with_the_same_losses(tmp_path, data_dir, s3_root):
     from raytitan.components.checkpoint.layout import committed_steps, loadable_step
