@@ -126,6 +126,13 @@ def test_a_parquet_shard_in_another_schema_names_file_and_column(tmp_path, colum
         list(read_texts(path, ShardStats()))
 
 
+def test_a_file_that_is_not_parquet_names_the_file(tmp_path):
+    path = tmp_path / "a.parquet"
+    path.write_bytes(b"PAR1 but not really parquet")
+    with pytest.raises(DataSourceError, match=rf"^training.dataset_path: {path}: cannot read it as parquet"):
+        resolve_shards("files", str(tmp_path), seed=0)
+
+
 @pytest.mark.parametrize("lines, message", [
     ([json.dumps({"content": "a", "url": "u"})] * 3, r"no 'text' field in the first 3 records \(fields: content, url\)"),
     ([json.dumps({"text": ["a", "b"]})] * 2 + ["oops"], r"field 'text' holds list, not a string"),

@@ -8,8 +8,7 @@ import logging
 import os
 
 from raytitan.components.storage import list_files, open_binary
-from raytitan.components.data.stream import DataSourceError, ShardStats, check_text_column, count_windows, \
-    describe_shards
+from raytitan.components.data.stream import DataSourceError, ShardStats, count_windows, describe_shards, read_texts
 from raytitan.components.data.synthetic import default_cache_folder, ensure_synthetic_shards
 
 logger = logging.getLogger(__name__)
@@ -95,12 +94,12 @@ def _check_schema(path: str, key: str) -> None:
     """The first shard's records must hold a string ``text``: a whole dataset in another schema would
     otherwise start, skip every record and never make a batch."""
     try:
+        if path.endswith(".parquet"):
+            texts = read_texts(path, ShardStats(), chunk_docs=1)
+            next(texts, None)  # opening the file checks its schema
+            texts.close()
+            return
         with open_binary(path) as raw:
-            if path.endswith(".parquet"):
-                import pyarrow.parquet as pq
-
-                check_text_column(path, pq.ParquetFile(raw).schema_arrow)
-                return
             stream = gzip.GzipFile(fileobj=raw) if path.endswith(".gz") else raw
             objects, fields, kinds = 0, {}, set()
             for line in stream:

@@ -138,7 +138,10 @@ def check_text_column(path: str, schema) -> None:
 def _parquet_texts(stream, stats: ShardStats, path: str) -> Iterator[str | None]:
     import pyarrow.parquet as pq
 
-    shard = pq.ParquetFile(stream)
+    try:
+        shard = pq.ParquetFile(stream)
+    except Exception as e:  # pyarrow raises ArrowInvalid (or OSError) for a file that is not parquet
+        raise DataSourceError(f"{path}: cannot read it as parquet ({e}); replace or remove the file") from None
     check_text_column(path, shard.schema_arrow)
     for batch in shard.iter_batches(columns=["text"], batch_size=1024):
         stats.records += batch.num_rows
