@@ -8,6 +8,8 @@ CheckpointManager:
   landed_s       save() called -> step committed on storage (seen between steps when async)
   steps_s        --steps training steps run right after save() returned (the write overlaps
                  them in async modes), next to idle_steps_s: the same steps with no save
+  checksum_s     time rank 0 spent hashing what it wrote (CRC-32, in the writing thread), and
+  checksum_share that time as a share of the save (landed_s: the whole write, also when async)
 Then it times loading the newest step on the same ranks, and on --load-world ranks (reshard).
 Rank 0's medians are reported (each repeat's stall too); the stall ratio is async / sync from
 the same run. --profile prints where rank 0's last async save() spent its time (cProfile).
@@ -105,7 +107,7 @@ def _save_phase(rank, world, port, cfg, out):
     n = 0
     for mode in modes:
         m = _manager(cfg["folder"], model, optimizer, mode, group)
-        stalls, landed, steps = [], [], []
+        stalls, landed, steps, hashing = [], [], [], []
         for _ in range(cfg["repeats"]):
             n += 1
             dist.barrier()
@@ -129,10 +131,13 @@ def _save_phase(rank, world, port, cfg, out):
             steps.append(time.perf_counter() - t0 - stalls[-1])
             m.wait()
             landed.append(landed_at if landed_at is not None else time.perf_counter() - t0)
+            hashing.append(m.last_checksum_seconds)
         m.close()
         rows.append({"mode": mode, "stall_s": statistics.median(stalls), "each_stall_s": [round(x, 3) for x in stalls],
                      "landed_s": statistics.median(landed),
-                     "steps_s": statistics.median(steps), "idle_steps_s": statistics.median(idle)})
+                     "steps_s": statistics.median(steps), "idle_steps_s": statistics.median(idle),
+                     "checksum_s": statistics.median(hashing),
+                     "checksum_share": statistics.median(h / t for h, t in zip(hashing, landed))})
     loads = []
     for _ in range(cfg["repeats"]):
         dist.barrier()
@@ -200,7 +205,8 @@ def main() -> None:
         r["stall_vs_sync"] = r["stall_s"] / sync["stall_s"]
     print(f"\n{args.flavor}: checkpoint {saved['bytes'] / 2**20:.1f} MiB (model + AdamW), saved by {args.save_world} "
           f"ranks, {args.repeats} repeats, medians\n")
-    print_table(rows, ["mode", "stall_s", "stall_vs_sync", "landed_s", "steps_s", "idle_steps_s"])
+    print_table(rows, ["mode", "stall_s", "stall_vs_sync", "landed_s", "steps_s", "idle_steps_s", "checksum_s",
+                       "checksum_share"])
     loads = [{"load": f"same world ({args.save_world})", "seconds": saved["load_s"]},
              {"load": f"resharded onto {args.load_world}", "seconds": resharded["load_s"]}]
     print()

@@ -1,3 +1,4 @@
+import json
 import logging
 import os
 import signal
@@ -122,6 +123,14 @@ def test_corrupt_bytes_name_the_folder_and_how_to_find_the_file(tmp_path):
     size = os.path.getsize(shard)
     with open(shard, "wb") as f:
         f.write(b"\0" * size)  # right length, garbage inside: found only while reading
+    with pytest.raises(CheckpointError, match=f"'model.weight' in {shard} is damaged: bytes .* differ .*checkpoints "
+                                              f"verify {path}"):
+        manager(tmp_path, torch.nn.Linear(8, 8)).load(1)
+    marker = os.path.join(path, COMMIT_MARKER)
+    with open(marker) as f:
+        old_format = {k: v for k, v in json.load(f).items() if k != "checksums"}
+    with open(marker, "w") as f:
+        json.dump(old_format, f)  # saved before checksums: found by the deserializer
     with pytest.raises(CheckpointError, match=f"cannot load checkpoint {path}.*checkpoints verify {path}.*{COMMIT_MARKER}"):
         manager(tmp_path, torch.nn.Linear(8, 8)).load(1)
 

@@ -16,13 +16,14 @@ import glob
 import io
 import os
 import posixpath
+from collections.abc import Callable
 from contextlib import contextmanager
-from typing import Generator
+from typing import Any, Generator
 from urllib.parse import urlsplit
 
 import pyarrow.fs as pafs
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
-from torch.distributed.checkpoint.filesystem import FileSystemBase
+from torch.distributed.checkpoint.filesystem import FileSystem, FileSystemBase
 
 LOCAL = pafs.LocalFileSystem()
 _OBJECT_STORES = ("s3", "gs", "gcs")  # URIs whose host part is the bucket, part of the path
@@ -182,27 +183,46 @@ class _ArrowWriter(FileSystemWriter):
 
 
 class _ArrowReader(FileSystemReader):
-    def __init__(self, path: str):
+    def __init__(self, path: str, check: Callable[[Any, bytes], None] | None = None):
         super().__init__(path)
         self.fs = _ArrowFileSystem()
         self.path = path
+        self.check = check
 
     def _slice_file(self, file, sinfo):
         # One ranged read per stored item: unpickling from the remote file directly would issue
         # a request for every small read (minutes for a small model on S3). Overrides a private
         # hook of torch's FileSystemReader (torch 2.13), the one private name this module uses:
-        # were torch to rename it, reads would stay correct but slow, so
+        # were torch to rename it, reads would stay correct but slow (and unchecked), so
         # tests/test_private_apis.py checks that read_data still calls it.
         file.seek(sinfo.offset)
-        return io.BytesIO(file.read(sinfo.length))
+        data = file.read(sinfo.length)
+        if self.check is not None:
+            self.check(sinfo, data)
+        return io.BytesIO(data)
+
+
+class _CheckedLocalReader(_ArrowReader):
+    """Local files read through Python's file objects (pyarrow's stream fetches a small file whole,
+    right for object stores only), each item in one piece so that ``check`` sees it."""
+
+    def __init__(self, path: str, check: Callable[[Any, bytes], None]):
+        super().__init__(path, check)
+        self.fs = FileSystem()
+        self.path = self.fs.init_path(path)
 
 
 def dcp_writer(path: str) -> FileSystemWriter:
     return _ArrowWriter(path) if is_remote(path) else FileSystemWriter(path)
 
 
-def dcp_reader(path: str) -> FileSystemReader:
-    return _ArrowReader(path) if is_remote(path) else FileSystemReader(path)
+def dcp_reader(path: str, check: Callable[[Any, bytes], None] | None = None) -> FileSystemReader:
+    """DCP's reader for ``path``; ``check(sinfo, data)`` sees each stored item's bytes (``sinfo``:
+    ``relative_path``, ``offset``, ``length``) before DCP deserializes them, and may raise
+    (checkpoint checksums)."""
+    if is_remote(path):
+        return _ArrowReader(path, check)
+    return FileSystemReader(path) if check is None else _CheckedLocalReader(path, check)
 
 
 # --------------------------------------------------------------------------- data shards

@@ -1,9 +1,11 @@
 """Look at checkpoints: ``python -m raytitan.checkpoints list|inspect|verify PATH``.
 
-- ``list FOLDER``: every step folder: committed or not, size, world size it was saved with.
+- ``list FOLDER``: every step folder: committed, uncommitted or damaged (unreadable marker), size,
+  world size it was saved with, whether it has checksums.
 - ``inspect STEP``: what a step holds: states, tensor counts and bytes, model weights and shapes.
-- ``verify STEP|FOLDER``: read every tensor and every other entry of a step (or of every
-  committed step), report NaN/Inf values; exits 1 naming the file and key that cannot be read.
+- ``verify STEP|FOLDER``: check every stored item of a step (or of every committed step) against
+  its checksums, then read every tensor and every other entry and report NaN/Inf values; reports
+  every damaged step (and every damaged item in it) and exits 1 if there is one.
 """
 
 from __future__ import annotations
@@ -13,10 +15,9 @@ import datetime
 import os
 import sys
 
+from raytitan.components.checkpoint import integrity
 from raytitan.components.checkpoint.layout import (
-
     COMMIT_MARKER, CheckpointError, check_files, committed_steps, read_commit_at, step_dir,
-
 )
 from raytitan.components.checkpoint.convert import (
     VerifyReport, list_steps, model_order, resolve_step_path, state_sizes, tensor_keys, verify,
@@ -36,16 +37,21 @@ def cmd_list(folder: str) -> int:
     if not steps:
         print(f"{folder}: no step folders")
         return 0
-    print(f"{'step':>8}  {'state':<11} {'size':>10}  {'world':>5}  {'contents':<11} saved")
+    print(f"{'step':>8}  {'state':<11} {'size':>10}  {'world':>5}  {'contents':<11} {'checksums':<9} saved")
     for s in steps:
         m = s.marker
         when = datetime.datetime.fromtimestamp(m["time"]).strftime("%Y-%m-%d %H:%M:%S") if "time" in m else "-"
-        contents = ("weights" if m.get("model_only") else "full") if s.committed else "-"
-        print(f"{s.step:>8}  {'committed' if s.committed else 'UNCOMMITTED':<11} {_size(s.bytes):>10}  "
-              f"{m.get('world_size', '-'):>5}  {contents:<11} {when}")
+        contents = ("weights" if m.get("model_only") else "full") if s.committed and not s.damage else "-"
+        state = "DAMAGED" if s.damage else "committed" if s.committed else "UNCOMMITTED"
+        print(f"{s.step:>8}  {state:<11} {_size(s.bytes):>10}  {m.get('world_size', '-'):>5}  {contents:<11} "
+              f"{m.get('checksums', '-'):<9} {when}")
+    for s in steps:
+        if s.damage:
+            print(f"step {s.step} is damaged and never loaded: {s.damage}")
     uncommitted = [s.step for s in steps if not s.committed]
     if uncommitted:
         print(f"uncommitted steps {uncommitted} are never loaded (an interrupted save, or one in progress)")
+    print("(list reads the markers only; `verify` checks the data against its checksums)")
     return 0
 
 
@@ -71,21 +77,41 @@ def cmd_verify(path: str) -> int:
     paths = [path] if is_step else [step_dir(path, s) for s in committed_steps(path)]
     if not paths:
         raise CheckpointError(f"{path}: no committed steps to verify")
-    bad = 0
+    damaged, non_finite = [], 0
     for step_path in paths:
-        for item in verify(step_path):
-            if isinstance(item, VerifyReport):
-                status = "ok" if not item.non_finite else f"{len(item.non_finite)} tensors with NaN/Inf"
-                print(f"{step_path}: {item.tensors} tensors ({_size(item.bytes)}) and {item.entries} other entries "
-                      f"read: {status}")
-                for key, count in sorted(item.non_finite.items()):
-                    print(f"  {key}: {count} non-finite values")
-                bad += bool(item.non_finite)
-            elif sys.stdout.isatty():
-                print(f"\r  {step_path}: {item[0] / max(item[1], 1):.0%}", end="", flush=True)
+        try:
+            non_finite += _verify_step(step_path)
+        except CheckpointError as e:  # every step is checked, whatever the previous one held
+            print(f"{step_path}: DAMAGED: {e}", file=sys.stderr)
+            damaged.append(os.path.basename(step_path))
+    if damaged:
+        print(f"{len(damaged)} of {len(paths)} steps are damaged: {', '.join(damaged)}. A run resuming skips damaged "
+              "steps (with a warning) and takes the newest intact one; delete them to be rid of them", file=sys.stderr)
+    return 1 if damaged or non_finite else 0
+
+
+def _verify_step(step_path: str) -> bool:
+    """Check one step's checksums, then read it whole for NaN/Inf, printing what it finds; returns
+    whether it holds non-finite values, raises ``CheckpointError`` when it is damaged."""
+    marker = read_commit_at(step_path)
+    metadata = check_files(step_path)
+    problems = integrity.verify_step(step_path, metadata, marker)
+    if problems:
+        raise integrity.ChecksumError(f"{len(problems)} item(s) fail their checksums:\n  " + "\n  ".join(problems))
+    checked = "checksums ok" if problems is not None else "no checksums (saved before raytitan recorded them)"
+    for item in verify(step_path, checked=False):  # just checked, in one pass over the raw bytes
         if sys.stdout.isatty():
             print("\r", end="")
-    return 1 if bad else 0
+        if isinstance(item, VerifyReport):
+            status = "ok" if not item.non_finite else f"{len(item.non_finite)} tensors with NaN/Inf"
+            print(f"{step_path}: {checked}; {item.tensors} tensors ({_size(item.bytes)}) and {item.entries} other "
+                  f"entries read: {status}")
+            for key, count in sorted(item.non_finite.items()):
+                print(f"  {key}: {count} non-finite values")
+            return bool(item.non_finite)
+        if sys.stdout.isatty():
+            print(f"  {step_path}: {item[0] / max(item[1], 1):.0%}", end="", flush=True)
+    return False
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,6 +24,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
+from raytitan.components.checkpoint import integrity
 from raytitan.components.checkpoint.layout import (
 
     COMMIT_MARKER, STEP_DIR, CheckpointError, root_cause, check_files, committed_steps, read_commit_at, step_dir, write_commit,
@@ -50,24 +51,27 @@ def resolve_step_path(path: str) -> str:
                           "of committed step-N folders")
 
 
-def _quiet_load(state: dict, path: str) -> None:
+def _quiet_load(state: dict, path: str, checked: bool = True) -> None:
+    """DCP's load on one process; ``checked``: against the step's checksums, where it has them."""
+    reader = integrity.reader(path) if checked else None
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
-        dcp.load(state, checkpoint_id=path, no_dist=True)
+        dcp.load(state, checkpoint_id=path, storage_reader=reader, no_dist=True)
 
 
-def load_tensors(path: str, metadata: Metadata, keys: list[str]) -> dict[str, torch.Tensor]:
-    """The named tensors (DCP keys, e.g. ``model.norm.weight``), whole, on the CPU."""
+def load_tensors(path: str, metadata: Metadata, keys: list[str], checked: bool = True) -> dict[str, torch.Tensor]:
+    """The named tensors (DCP keys, e.g. ``model.norm.weight``), whole, on the CPU; bytes that fail
+    the step's checksums are an error naming the key (``checked``)."""
     state = {}
     for key in keys:
         meta = metadata.state_dict_metadata[key]
         state[key] = torch.empty(meta.size, dtype=meta.properties.dtype)
     try:
-        _quiet_load(state, path)
+        _quiet_load(state, path, checked)
     except (Exception, CheckpointException) as e:
         if len(keys) > 1:  # find the one that fails
             for key in keys:
-                load_tensors(path, metadata, [key])
+                load_tensors(path, metadata, [key], checked)
         raise CheckpointError(f"{path}/{files_of(metadata, keys[0])}: cannot read '{keys[0]}': {root_cause(e)}") from e
     return state
 
@@ -221,9 +225,9 @@ def write_weights_step(weights: dict[str, torch.Tensor], out_step_dir: str, sour
     os.makedirs(tmp)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*assuming the intent is to save in a single process")
-        dcp.save({"model": weights}, checkpoint_id=tmp, no_dist=True)
-    write_commit(tmp, {"step": 0, "world_size": 1, "time": time.time(), "model_only": True, **(info or {}),
-                       "source": source})
+        dcp.save({"model": weights}, checkpoint_id=tmp, storage_writer=integrity.writer(tmp), no_dist=True)
+    write_commit(tmp, {"step": 0, "world_size": 1, "time": time.time(), "model_only": True,
+                       "checksums": integrity.ALGORITHM, **(info or {}), "source": source})
     shutil.rmtree(out_step_dir, ignore_errors=True)
     os.replace(tmp, out_step_dir)
     return out_step_dir
@@ -288,10 +292,12 @@ class StepSummary:
     committed: bool
     bytes: int
     marker: dict
+    damage: str | None = None  # why a committed step cannot be used (an unreadable marker)
 
 
 def list_steps(folder: str) -> list[StepSummary]:
-    """Every step folder, committed or not, oldest first."""
+    """Every step folder, committed or not, oldest first. Reads the markers only: bytes damaged
+    inside the data files are found by ``verify``."""
     if not os.path.isdir(folder):
         raise CheckpointError(f"no such checkpoint folder '{folder}'")
     out = []
@@ -303,7 +309,13 @@ def list_steps(folder: str) -> list[StepSummary]:
         committed = os.path.isfile(os.path.join(path, COMMIT_MARKER))
         size = sum(os.path.getsize(f) for f in glob.glob(os.path.join(path, "*")) + glob.glob(os.path.join(path, ".*"))
                    if os.path.isfile(f))
-        out.append(StepSummary(path, int(m.group(1)), committed, size, read_commit_at(path) if committed else {}))
+        marker, damage = {}, None
+        if committed:
+            try:
+                marker = read_commit_at(path)
+            except CheckpointError as e:
+                damage = str(e)
+        out.append(StepSummary(path, int(m.group(1)), committed, size, marker, damage))
     return sorted(out, key=lambda s: s.step)
 
 
@@ -326,16 +338,17 @@ class VerifyReport:
     entries: int = 0  # non-tensor entries (schedule, data position, step), unpickled
 
 
-def verify(step_path: str, group_bytes: int = 256 << 20) -> Iterator[tuple[int, int] | VerifyReport]:
+def verify(step_path: str, group_bytes: int = 256 << 20,
+           checked: bool = True) -> Iterator[tuple[int, int] | VerifyReport]:
     """Read every tensor of a step (a group at a time) and every other entry; yields (bytes done,
     total) as it goes, then a report with the count of NaN/Inf values per tensor that has any.
-    Raises naming the file and key that cannot be read."""
+    Raises naming the file and key that cannot be read (or, ``checked``, fails its checksum)."""
     metadata = check_files(step_path)
     keys = tensor_keys(metadata)
     total = sum(_nbytes(metadata.state_dict_metadata[k]) for k in keys)
     done, non_finite = 0, {}
     for group in _groups(metadata, keys, group_bytes):
-        for key, tensor in load_tensors(step_path, metadata, group).items():
+        for key, tensor in load_tensors(step_path, metadata, group, checked).items():
             if tensor.is_floating_point():
                 bad = int((~torch.isfinite(tensor)).sum())
                 if bad:
@@ -346,7 +359,7 @@ def verify(step_path: str, group_bytes: int = 256 << 20) -> Iterator[tuple[int, 
     entries = [k for k in metadata.state_dict_metadata if k not in tensors]
     for key in entries:
         try:
-            _quiet_load({key: None}, step_path)
+            _quiet_load({key: None}, step_path, checked)
         except (Exception, CheckpointException) as e:
             raise CheckpointError(f"{step_path}/{files_of(metadata, key)}: cannot read '{key}': {root_cause(e)}") from e
     yield VerifyReport(step_path, len(keys), total, non_finite, len(entries))

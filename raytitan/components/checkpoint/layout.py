@@ -3,7 +3,8 @@
 Layout: ``{folder}/step-N/`` holds the DCP files; ``step-N/COMMITTED`` is written by rank 0
 only after every rank finished writing. Only committed steps exist as far as loading is
 concerned, so a crash mid-save leaves the previous step as the newest; a committed step whose
-files were damaged later is skipped with a warning. Tools that read checkpoints offline
+files or marker were damaged later is skipped with a warning (bytes damaged at the right length
+are found by their checksums while loading: ``integrity``). Tools that read checkpoints offline
 (``raytitan.checkpoints``, ``raytitan.convert``, sampling) need only this module.
 """
 
@@ -46,7 +47,20 @@ def read_commit(folder: str, step: int) -> dict:
 
 
 def read_commit_at(path: str) -> dict:
-    return json.loads(storage.read_text(storage.join(path, COMMIT_MARKER)))
+    """A step's commit marker; an empty or garbled one (a torn write, a damaged disk) is a
+    ``CheckpointError`` naming it, so that the step counts as damaged."""
+    file = storage.join(path, COMMIT_MARKER)
+    text = storage.read_text(file)
+    try:
+        marker = json.loads(text)
+    except ValueError as e:  # also UnicodeDecodeError
+        what = "empty" if not text.strip() else f"not valid JSON ({e})"
+        raise CheckpointError(f"the commit marker {file} is {what}: the step is damaged; delete the step "
+                              "folder (a run resumes from the newest intact step without it)") from None
+    if not isinstance(marker, dict):
+        raise CheckpointError(f"the commit marker {file} is not a JSON object (it holds a {type(marker).__name__}): "
+                              "the step is damaged; delete the step folder")
+    return marker
 
 
 def write_commit(path: str, marker: dict) -> None:
@@ -88,13 +102,16 @@ def is_export(folder: str, step: int) -> bool:
     return step > 0 and read_commit(folder, step).get("model_only", False)
 
 
-def loadable_step(folder: str, load_step: int = -1) -> int | None:
+def loadable_step(folder: str, load_step: int = -1, damaged: dict[int, str] | None = None) -> int | None:
     """The step to resume from: ``load_step`` if given (it must be committed and intact), else the
-    newest committed step whose files are intact. Damaged newer steps are skipped with a warning,
-    and so are weights-only exports (they lack the optimizer, schedule and data position).
+    newest committed step whose marker is readable and whose files are intact. Damaged newer steps
+    are skipped with a warning, and so are weights-only exports (they lack the optimizer, schedule
+    and data position). ``damaged``: steps already found damaged (failed checksums while loading),
+    step -> why, skipped too.
 
     Depends only on what is on storage, so every rank (also one that idles) picks the same step."""
     steps = committed_steps(folder)
+    damaged = damaged or {}
     if load_step >= 0:
         if load_step not in steps:
             raise CheckpointError(
@@ -105,12 +122,14 @@ def loadable_step(folder: str, load_step: int = -1) -> int | None:
             raise CheckpointError(f"checkpoint.load_step = {load_step}: {_export_advice(folder, load_step)}")
         check_files(step_dir(folder, load_step))
         return load_step
-    problems, exports = [], []
+    problems, exports = list(damaged.values()), []
     for step in reversed(steps):
-        if is_export(folder, step):
-            exports.append(step)
+        if step in damaged:
             continue
         try:
+            if is_export(folder, step):
+                exports.append(step)
+                continue
             check_files(step_dir(folder, step))
         except CheckpointError as e:
             logger.warning("skipping damaged checkpoint %s: %s", step_dir(folder, step), e)
@@ -131,8 +150,16 @@ def loadable_step(folder: str, load_step: int = -1) -> int | None:
 def final_export(folder: str, total_steps: int) -> int | None:
     """The weights-only last save of a run that reached ``total_steps``, if there is one: such a
     run is finished, and starting it again would only redo its tail."""
-    done = [s for s in committed_steps(folder) if s >= total_steps and is_export(folder, s)]
+    done = [s for s in committed_steps(folder) if s >= total_steps and is_intact_export(folder, s)]
     return max(done) if done else None
+
+
+def is_intact_export(folder: str, step: int) -> bool:
+    """``is_export``, False for a step whose marker is damaged (resuming skips it with a warning)."""
+    try:
+        return is_export(folder, step)
+    except CheckpointError:
+        return False
 
 
 def _export_advice(folder: str, step: int) -> str:

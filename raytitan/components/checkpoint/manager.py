@@ -2,7 +2,8 @@
 
 Where steps live and which count is ``layout``'s; this module writes and reads them. Loads
 check keys and shapes first, so a wrong checkpoint is an error naming the key, never a
-partial load.
+partial load; every save records checksums of what it wrote and every load checks what it reads
+against them (``integrity``).
 """
 
 from __future__ import annotations
@@ -31,10 +32,11 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.checkpoint.stateful import Stateful
 
 from raytitan.components import storage
+from raytitan.components.checkpoint import integrity
 from raytitan.components.checkpoint.convert import export_hf
 from raytitan.components.checkpoint.layout import (
-    COMMIT_MARKER, CheckpointError, check_files, committed_steps, is_export, loadable_step, read_commit, read_commit_at,
-    root_cause, step_dir, write_commit,
+    COMMIT_MARKER, CheckpointError, check_files, committed_steps, is_intact_export, loadable_step, read_commit,
+    read_commit_at, root_cause, step_dir, write_commit,
 )
 from raytitan.components.checkpoint.torchtitan import match_weights, step_kind, version_of
 
@@ -171,6 +173,8 @@ class CheckpointManager:
         self.last_save_model_only, self.export_dtype, self.last_save_in_hf = last_save_model_only, export_dtype, last_save_in_hf
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.last_save_seconds = 0.0  # how long the last save blocked training
+        self.last_checksum_seconds = 0.0  # how long this rank hashed the last committed save's bytes
+        self._fall_back = False  # the step to load was picked by resolve_load_step: may fall back
         self._pending: _PendingSave | None = None
         self._stager = None
         if async_mode == "async_with_pinned_mem" and not torch.cuda.is_available():
@@ -193,21 +197,23 @@ class CheckpointManager:
             # is an export, damaged, or newer than the load_step this run resumed from.
             if storage.isfile(storage.join(path, COMMIT_MARKER)):
                 logger.warning("replacing the committed %s%s with a new save of that step", path,
-                               " (weights only)" if is_export(self.folder, step) else "")
+                               " (weights only)" if is_intact_export(self.folder, step) else "")
             storage.rmtree(path)
             storage.makedirs(path)
         self._barrier()
         states = self._states_to_save(model_only, dtype)
+        writer = integrity.writer(path)  # hashes what it writes: in the background for async saves
         if blocking is False or (blocking is None and self.async_mode != "disabled"):
-            response = dcp.async_save(states, checkpoint_id=path, storage_writer=storage.dcp_writer(path),
+            response = dcp.async_save(states, checkpoint_id=path, storage_writer=writer,
                                       process_group=self.group, async_stager=self._async_stager())
             staged, written = (response.staging_completion, response.upload_completion) \
                 if isinstance(response, AsyncSaveResponse) else (None, response)
-            self._pending = _PendingSave(step, path, model_only, written, staged, t0)
+            self._pending = _PendingSave(step, path, model_only, written, staged, t0, writer)
             self.last_save_seconds = time.perf_counter() - t0
             logger.info("checkpoint step %d: staged in %.2fs, writing in the background", step, self.last_save_seconds)
             return None
-        dcp.save(states, checkpoint_id=path, storage_writer=storage.dcp_writer(path), process_group=self.group)
+        dcp.save(states, checkpoint_id=path, storage_writer=writer, process_group=self.group)
+        self.last_checksum_seconds = integrity.hashing_seconds(writer)
         if self.before_commit:
             self.before_commit(step)
         self._barrier()  # every rank wrote its part: only now may rank 0 commit
@@ -215,7 +221,8 @@ class CheckpointManager:
             self._commit(step, path, model_only)
         self._barrier()
         self.last_save_seconds = time.perf_counter() - t0
-        logger.info("saved checkpoint step %d to %s in %.2fs", step, path, self.last_save_seconds)
+        logger.info("saved checkpoint step %d to %s in %.2fs (checksums %.3fs)", step, path, self.last_save_seconds,
+                    self.last_checksum_seconds)
         return path
 
     def save_last(self, step: int) -> str:
@@ -281,6 +288,7 @@ class CheckpointManager:
         except (Exception, CheckpointException) as e:  # DCP's exception is a BaseException
             raise CheckpointError(f"writing checkpoint {pending.path} failed: {root_cause(e)}; the previous "
                                   "committed checkpoint stays the latest") from e
+        self.last_checksum_seconds = integrity.hashing_seconds(pending.writer)
         if self.before_commit:
             self.before_commit(pending.step)
         # DCP wrote the metadata after every rank's data: rank 0 may commit without a barrier.
@@ -294,7 +302,7 @@ class CheckpointManager:
     def _commit(self, step: int, path: str, model_only: bool) -> None:
         world = dist.get_world_size(self.group) if dist.is_initialized() else 1
         write_commit(path, {"step": step, "world_size": world, "time": time.time(), "model_only": model_only,
-                            **self.commit_info})
+                            "checksums": integrity.ALGORITHM, **self.commit_info})
         self._committed = path
         self._purge_old()
 
@@ -320,15 +328,31 @@ class CheckpointManager:
     # ------------------------------------------------------------------ loading
 
     def resolve_load_step(self, load_step: int = -1) -> int | None:
+        """The step ``load`` should restore (see ``layout.loadable_step``). Without ``load_step``,
+        ``load`` may fall back from it to an older step whose bytes pass their checksums."""
+        self._fall_back = load_step < 0
         return loadable_step(self.folder, load_step)
 
-    def load(self, step: int) -> None:
-        """Restore every state from ``step-N``, resharded to this run's layout.
+    def load(self, step: int) -> int:
+        """Restore every state from ``step-N``, resharded to this run's layout; returns the step
+        restored. A model-only checkpoint (a seed checkpoint) restores the weights alone.
 
-        A model-only checkpoint (a seed checkpoint) restores the weights alone.
-        """
-        path = step_dir(self.folder, step)
-        self.load_path(path, model_only=read_commit(self.folder, step).get("model_only", False))
+        When ``step`` came from ``resolve_load_step()`` without a ``load_step`` and an item fails its
+        checksum while loading (on any rank: DCP fails the load on all), the step is skipped like
+        any damaged one, with a warning naming it and the key, and the newest older intact step is
+        loaded instead: it overwrites every state the failed load may have touched. Collective."""
+        damaged: dict[int, str] = {}
+        while True:
+            path = step_dir(self.folder, step)
+            try:
+                self.load_path(path, model_only=read_commit(self.folder, step).get("model_only", False))
+                return step
+            except integrity.ChecksumError as e:
+                if not self._fall_back:
+                    raise
+                logger.warning("skipping damaged checkpoint %s: %s", path, e)
+                damaged[step] = str(e)
+            step = loadable_step(self.folder, damaged=damaged)  # raises naming every damaged step if none is left
 
     def load_path(self, path: str, model_only: bool) -> None:
         """Restore from a committed step folder anywhere (e.g. ``checkpoint.initial_load_path``),
@@ -349,11 +373,16 @@ class CheckpointManager:
             return
         metadata = check_files(path)
         check_compatible(path, metadata, tensor_shapes(states), self.model_keys)
+        marker = read_commit_at(path)
         if "model" in states:
-            check_tying(path, read_commit_at(path), self.commit_info.get("model_args"))
+            check_tying(path, marker, self.commit_info.get("model_args"))
+        reader = integrity.reader(path, metadata, marker)
         try:
-            dcp.load(states, checkpoint_id=path, storage_reader=storage.dcp_reader(path), process_group=self.group)
+            dcp.load(states, checkpoint_id=path, storage_reader=reader, process_group=self.group)
         except (Exception, CheckpointException) as e:
+            if (damage := _checksum_error(e)) is not None:
+                raise integrity.ChecksumError(
+                    f"{damage}; `python -m raytitan.checkpoints verify {path}` lists every damaged item") from e
             raise CheckpointError(
                 f"cannot load checkpoint {path}: {root_cause(e)}. `python -m raytitan.checkpoints verify {path}` "
                 f"names the damaged file and key; delete its {COMMIT_MARKER} file so the run falls back to the "
@@ -380,6 +409,18 @@ class CheckpointManager:
                     time.perf_counter() - t0)
 
 
+def _checksum_error(e: BaseException) -> integrity.ChecksumError | None:
+    """The checksum mismatch behind a failed DCP load (on whichever rank found it), if that was it."""
+    if isinstance(e, integrity.ChecksumError):
+        return e
+    if isinstance(e, CheckpointException):
+        for failure in e.failures.values():
+            found = _checksum_error(failure[0] if isinstance(failure, tuple) else failure)
+            if found is not None:
+                return found
+    return None
+
+
 @dataclass
 class _PendingSave:
     step: int
@@ -388,3 +429,4 @@ class _PendingSave:
     written: Future
     staged: Future | None
     started: float
+    writer: Any = None  # its fs.seconds: hashing time
