@@ -128,8 +128,12 @@ class PartSchedulers:
         return self.schedulers[0].last_epoch
 
     def step(self) -> None:
-        for s in self.schedulers:
-            s.step()
+        # The schedule follows the step counter, also over steps whose update was skipped (a first
+        # step skipped steps the schedule before its optimizer ever stepped: no mistake here).
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=STEP_ORDER_WARNING, category=UserWarning)
+            for s in self.schedulers:
+                s.step()
 
     def get_last_lr(self) -> list[float]:
         return [lr for s in self.schedulers for lr in s.get_last_lr()]

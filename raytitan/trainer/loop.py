@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -20,7 +19,6 @@ from torch.distributed.tensor import DTensor
 from raytitan.components.checkpoint.manager import CheckpointManager
 from raytitan.components.data.loader import BatchLoader
 from raytitan.components.metrics import MetricsLogger
-from raytitan.components.optimizer import STEP_ORDER_WARNING
 from raytitan.components.profiling import Profiler
 from raytitan.trainer.runner import ModelRunner
 
@@ -241,9 +239,7 @@ class Trainer:
             self.after_optimizer_step()  # e.g. Float8 scales for the next all-gather
         else:
             self.optimizer.zero_grad(set_to_none=True)  # the update is dropped, weights and moments unchanged
-        with warnings.catch_warnings():  # a first step skipped: the schedule steps before the optimizer ever did
-            warnings.filterwarnings("ignore", message=STEP_ORDER_WARNING, category=UserWarning)
-            self.lr_scheduler.step()  # step n trains at the lr of step n, skipped steps or not
+        self.lr_scheduler.step()  # step n trains at the lr of step n, skipped steps or not
         return loss, grad_norm, applied
 
     def fit(self) -> TrainState:
