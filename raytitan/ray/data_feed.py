@@ -4,7 +4,9 @@ Ray Data reads and tokenizes shards in parallel tasks, outside the trainer proce
 ordered execution, so its output is exactly ``stream.local_rows``. A ``DataFeeder`` actor
 runs the pipeline, groups rows into global batches keyed by their start cursor, and keeps
 a bounded number of them ahead. It outlives worker-group restarts; a request for a cursor
-it does not hold (a resume) restarts the pipeline there.
+it does not hold (a resume) restarts the pipeline there. When the feeder itself dies, Ray
+starts it again and resends the requests in flight (``raytitan.ray.launcher.start_feeder``):
+the ranks' cursors restart the pipeline where they are.
 """
 
 from __future__ import annotations
@@ -146,7 +148,10 @@ class DataFeeder:
                 self._positions.clear()
                 while self._buffer and next(iter(self._buffer)) < cursor:
                     self._buffer.popitem(last=False)
-            if cursor not in self._buffer and cursor != self._next_start:
+            # A rank's request one batch ahead of the pipeline (its next request, sent to a feeder
+            # that Ray restarted after the one before it) waits: the pipeline gets there.
+            ahead = not reset and self._next_start is not None and self._next_start < cursor
+            if cursor not in self._buffer and cursor != self._next_start and not ahead:
                 self._restart(cursor)
             self._positions[reader] = cursor
             self._evict(readers)
