@@ -107,7 +107,8 @@ class Training:
     max_norm: float = opt(1.0, "Gradient clipping max total norm; 0 disables clipping", NON_NEGATIVE)
     dataset: str = opt("synthetic", "Dataset: synthetic (seeded C4-format shards), c4_test (2,000 generated C4-format "
                        "documents, torchtitan's name for its small test set), c4, c4_validation, or files")
-    dataset_path: str | None = opt(None, "c4: mirror root (default the hub); files: folder, glob or URL of shards; "
+    dataset_path: str | None = opt(None, "c4: a mirror's root, its en/ folder or any folder of c4-train shards (default the hub); "
+                                         "files: folder, glob or URL of shards; "
                                          "c4_test: C4-format files to read instead of generating them")
     shuffle_buffer: int = opt(0, "Shuffle windows within seeded blocks of this many (0 = file order)", NON_NEGATIVE)
     seed: int = opt(0, "Seed for weights and data order", NON_NEGATIVE)

@@ -21,7 +21,9 @@ from raytitan.components.checkpoint.manager import ASYNC_MODES, LOADABLE
 from raytitan.components.checkpoint.layout import CheckpointError, read_metadata
 from raytitan.components.checkpoint.torchtitan import check_family, step_kind, weight_names
 from raytitan.config.job import SECTIONS, Checkpoint, ConfigError, JobConfig, _base_type, section
-from raytitan.components.data.sources import C4_TEST_DOCS, DATASETS, DataSourceError, resolve_shards
+from raytitan.components.data.sources import (
+    C4_TEST_DOCS, DATASETS, DataSourceError, check_enough_data, resolve_shards,
+)
 from raytitan.components.data.tokenizer import TOKENIZERS, build_tokenizer, has_tokenizer_file
 from raytitan.components.metrics import PROGRESS_BAR_MODES
 from raytitan.components.optimizer import DECAY_TYPES, IMPLEMENTATIONS, ON_NONFINITE, OPTIMIZERS
@@ -373,6 +375,18 @@ def check_fault_rank(config: JobConfig, world_size: int) -> None:
                           f"(0 to {most - 1}); pick a rank in that range")
 
 
+_ENOUGH_DATA: set[tuple] = set()
+
+
+def check_enough_data_once(shards: list[str], tokenizer, seq_len: int, batch: int, key: str) -> None:
+    """``check_enough_data`` once per process for a dataset and batch: an elastic run plans again
+    at every resize, and remote shards should not be opened again each time."""
+    seen = (tuple(shards), seq_len, batch, key)
+    if seen not in _ENOUGH_DATA:
+        check_enough_data(shards, tokenizer, seq_len, batch, key=key)
+        _ENOUGH_DATA.add(seen)
+
+
 def plan_run(config: JobConfig, world_size: int, resolve_data: bool = True) -> RunPlan:
     """Everything derived from the config for a world of ``world_size`` ranks.
 
@@ -434,9 +448,12 @@ def plan_run(config: JobConfig, world_size: int, resolve_data: bool = True) -> R
     try:
         if resolve_data:
             shards = resolve_shards(config.training.dataset, config.training.dataset_path, config.training.seed)
+            check_enough_data_once(shards, tokenizer, config.training.seq_len, global_batch, "training")
             if config.validation.enable:
                 validation_shards = resolve_shards(config.validation.dataset, config.validation.dataset_path,
                                                    VALIDATION_SEED_OFFSET + config.training.seed, key="validation")
+                check_enough_data_once(validation_shards, tokenizer, config.training.seq_len,
+                                       config.validation.local_batch_size * dims.dp, "validation")
     except DataSourceError as e:
         raise ConfigError(str(e)) from None
     for key in ("training", "validation"):

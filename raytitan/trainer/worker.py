@@ -20,7 +20,7 @@ import torch.distributed as dist
 from raytitan.components import storage
 from raytitan.components.checkpoint.layout import committed_steps, final_export, step_dir
 from raytitan.components.profiling import Profiler
-from raytitan.config.job import JobConfig, parse_args
+from raytitan.config.job import ConfigError, JobConfig, parse_args
 from raytitan.config.plan import RunPlan, plan_run
 from raytitan.trainer.build import build, import_weights, is_torch_file
 from raytitan.trainer.elastic.growth import GrowthCheck, new_control_group, request_grow
@@ -236,9 +236,13 @@ def main(argv: list[str] | None = None) -> None:
     config = parse_args(argv, prog="raytitan.worker")
     from raytitan.components.lease import hold_run_folder  # rank 0 holds the run folder (one writer per folder)
 
-    with hold_run_folder(config.run_dir, config.ray.storage_path, enabled=os.environ.get("RANK", "0") == "0",
-                         kind="torchrun rank 0"):
-        outcome = run(config, TorchrunRuntime())
+    try:
+        with hold_run_folder(config.run_dir, config.ray.storage_path, enabled=os.environ.get("RANK", "0") == "0",
+                             kind="torchrun rank 0"):
+            outcome = run(config, TorchrunRuntime())
+    except ConfigError as e:  # found by a rank's own planning (data, tokenizer): a message, as the driver gives
+        print(f"config error: {e}", file=sys.stderr)
+        sys.exit(2)
     state = outcome.state if isinstance(outcome, Trainer) else outcome
     # Under torchrun only a stop on request ends a run early (no growth without a launcher).
     stopped = state.step < config.training.steps and not config.checkpoint.create_seed_checkpoint

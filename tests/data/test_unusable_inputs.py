@@ -109,6 +109,20 @@ def test_preflight_refuses_a_dataset_smaller_than_one_global_batch(tmp_path):
     assert "the first 1 of 2 shards hold 2 window(s)" in log.messages("WARNING")[0]
 
 
+def test_the_driver_refuses_a_dataset_smaller_than_one_global_batch_before_launch(tmp_path):
+    from raytitan.config.plan import plan_run
+
+    for i in range(2):
+        write_lines(tmp_path / f"s{i}.jsonl", [record("w" * 60)] * 3)
+    config = parse_args(["--training.dataset", "files", "--training.dataset_path", str(tmp_path),
+                         "--training.seq_len", "63", "--training.local_batch_size", "4",
+                         "--training.global_batch_size", "8", "--model.tokenizer", "byte"])
+    with pytest.raises(ConfigError, match=r"fewer than one global batch \(8\)"):
+        plan_run(config, 1)
+    config.training.global_batch_size = 4
+    assert plan_run(config, 1).global_batch_size == 4
+
+
 def parquet(path, **columns):
     pq.write_table(pa.table(columns), path)
     return str(path)
