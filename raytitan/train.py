@@ -2,8 +2,9 @@
 
 Parses and validates the config, then hands it to the Ray launcher. With no Ray address
 (``ray.address`` or ``RAY_ADDRESS``) it starts a local Ray instance. Exit codes: 0 finished,
-1 failed, 2 config error, 75 stopped on request (SIGTERM/SIGINT) with the stop step committed,
-130 aborted by a second SIGINT (see docs/elastic.md).
+1 failed (or refused: another live run holds the run folder), 2 config error, 75 stopped on
+request (SIGTERM/SIGINT) with the stop step committed, 130 aborted by a second SIGINT (see
+docs/elastic.md).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    from raytitan.components.lease import RunFolderBusy
     from raytitan.ray.launcher import TrainingFailed, TrainingStopped, launch
 
     try:
@@ -32,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
         return e.exit_code
     except TrainingFailed as e:
         print(f"training failed: {e}", file=sys.stderr)
+        return 1
+    except RunFolderBusy as e:  # another live run writes to this run folder (docs/elastic.md)
+        print(f"training refused: {e}", file=sys.stderr)
         return 1
     if result.error:
         print(f"training failed: {result.error}", file=sys.stderr)

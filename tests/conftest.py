@@ -28,9 +28,12 @@ def _cache_in_tmp(tmp_path_factory, monkeypatch):
 
 @pytest.fixture(scope="module")
 def ray_local():
-    """A local Ray instance for one test module (2 CPUs, as on the CI machine)."""
+    """A local Ray instance for one test module (2 CPUs, as on the CI machine), started as
+    raytitan starts one: on 127.0.0.1 only, with token authentication."""
     import ray  # here, so the tests that need no Ray run where it is not installed (a GPU box)
 
-    ray.init(num_cpus=2, log_to_driver=True, include_dashboard=False)
+    from raytitan.ray.launcher import start_local_ray
+
+    start_local_ray(num_cpus=2, log_to_driver=True, include_dashboard=False)
     yield
     ray.shutdown()

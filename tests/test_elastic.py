@@ -1,6 +1,7 @@
 """Fault tolerance through Ray: injected worker deaths, deaths mid-save, and giving up cleanly."""
 
 import os
+import threading
 
 import pytest
 import ray
@@ -58,14 +59,49 @@ def assert_same_losses(got, expected):
         assert abs(got[step] - expected[step]) / expected[step] < 1e-4, (step, got, expected)
 
 
+class FeederKiller(threading.Thread):
+    """Kills the run's train data feeder actor through Ray once the run completed ``at_step``."""
+
+    def __init__(self, run_dir: str, at_step: int):
+        super().__init__(daemon=True)
+        self.run_dir, self.at_step = run_dir, at_step
+        self.killed_after: int | None = None  # the step completed when the feeder was killed
+        self.restarted = False
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        from raytitan.ray.launcher import FEEDER_PREFIX
+        from raytitan.trainer.elastic.history import read_progress
+
+        while not self.done.wait(0.05):
+            step = (read_progress(self.run_dir) or {}).get("step", 0)
+            feeders = [n for n in ray.util.list_named_actors() if n.startswith(FEEDER_PREFIX + "train-")]
+            if step >= self.at_step and feeders:
+                feeder = ray.get_actor(feeders[0])
+                ray.kill(feeder, no_restart=False)  # as if its process died; Ray may restart it
+                self.killed_after = step
+                self.restarted = ray.get(feeder.stats.remote(), timeout=120) is not None  # it answers again
+                return
+
+
 def test_worker_killed_mid_run_resumes_with_the_same_math(ray_local, tmp_path, data_dir, uninterrupted,
                                                           seed_weights):
     """An elastic TP=2 run through Ray: the ranks of a TP group share their data slice from the
     feeder; a worker killed mid-run costs no committed step, and the rebuilt group keeps TP=2
-    with the same math as plain data parallel on 4 ranks without faults."""
-    result, run_dir, losses = train(tmp_path, data_dir, ray__min_workers=2, ray__max_workers=4,
-                                    parallelism__tensor_parallel_degree=2, training__local_batch_size=4,
-                                    checkpoint__initial_load_path=seed_weights, fault__kill_step=5, fault__kill_rank=3)
+    with the same math as plain data parallel on 4 ranks without faults. The data feeder actor,
+    killed through Ray after step 2, is restarted by Ray at the cursors the ranks ask for: the
+    same rows (same losses), and no restart of the worker group."""
+    killer = FeederKiller(str(tmp_path / "llama3-debugmodel"), at_step=2)
+    killer.start()
+    try:
+        result, run_dir, losses = train(tmp_path, data_dir, ray__min_workers=2, ray__max_workers=4,
+                                        parallelism__tensor_parallel_degree=2, training__local_batch_size=4,
+                                        checkpoint__initial_load_path=seed_weights, fault__kill_step=5,
+                                        fault__kill_rank=3)
+    finally:
+        killer.done.set()
+    assert killer.killed_after is not None and killer.killed_after < 8, "the feeder was not killed mid-run"
+    assert killer.restarted
     assert_same_losses(losses, uninterrupted)
     starts = read_starts(run_dir)
     assert len(starts) == 2 and "injected fault: rank 3 killed at the start of step 5" in starts[1]["cause"]
@@ -164,3 +200,50 @@ def test_capacity_probe_places_what_fits_and_probes_nothing_without_room(ray_loc
     monkeypatch.setattr(placement_groups, "placement_group", lambda *a, **k: tried.append(a) or place(*a, **k))
     assert RayRuntime({}, {"CPU": free + 1.0}, 8).spare_workers(3) == 0 and tried == []
     assert RayRuntime({}, {"CPU": 1.0}, 8).spare_workers(8) == free and len(tried) == free
+
+
+def listening(port: int) -> dict[str, str]:
+    """The TCP sockets listening at ``port`` on this machine (IPv4 and IPv6): address -> inode."""
+    import ipaddress
+
+    found = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                address, _, hex_port = fields[1].partition(":")
+                if fields[3] != "0A" or int(hex_port, 16) != port:  # 0A: LISTEN
+                    continue
+                raw = bytes.fromhex(address)
+                # The kernel prints each 32-bit word in host (little-endian) order.
+                ip = ipaddress.ip_address(b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4)))
+                found[str(ip.ipv4_mapped or ip) if ip.version == 6 else str(ip)] = fields[9]
+    return found
+
+
+def owner_environment(inode: str) -> dict[str, str]:
+    """The environment of the process holding the socket ``inode``."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if any(os.readlink(f"/proc/{pid}/fd/{fd}") == f"socket:[{inode}]" for fd in os.listdir(f"/proc/{pid}/fd")):
+                with open(f"/proc/{pid}/environ", "rb") as f:
+                    return dict(v.decode().partition("=")[::2] for v in f.read().split(b"\0") if v)
+        except OSError:  # gone, or another user's
+            continue
+    raise AssertionError(f"no process holds socket {inode}")
+
+
+def test_a_local_ray_instance_listens_on_loopback_only_with_token_auth(ray_local):
+    """The instance raytitan starts without an address (conftest's ray_local starts it the same
+    way, raytitan.ray.launcher.start_local_ray): its node address is 127.0.0.1, every port of its
+    node listens there and nowhere else, and token authentication was switched on for it."""
+    [node] = [n for n in ray.nodes() if n["Alive"]]
+    assert node["NodeManagerAddress"] == "127.0.0.1"
+    gcs_host, gcs_port = ray.get_runtime_context().gcs_address.rsplit(":", 1)
+    assert gcs_host == "127.0.0.1"
+    ports = {"GCS": int(gcs_port), **{k: node[k] for k in ("NodeManagerPort", "ObjectManagerPort",
+                                                          "MetricsExportPort", "RuntimeEnvAgentPort") if node.get(k)}}
+    for name, port in ports.items():
+        assert set(listening(port)) == {"127.0.0.1"}, (name, port, listening(port))
+    # The GCS, which every caller talks to first, runs with token authentication.
+    assert owner_environment(listening(int(gcs_port))["127.0.0.1"]).get("RAY_AUTH_MODE") == "token"

@@ -39,6 +39,11 @@ Ray 2.60 (only under raytitan/ray/)
 - Ray Train's snapshot file name ``checkpoint_manager_snapshot.json``
   (``ray.train.v2._internal.constants.CHECKPOINT_MANAGER_SNAPSHOT_FILENAME``):
   raytitan/ray/launcher.py ``RAY_CHECKPOINT_LIST``.
+- A local Ray instance on 127.0.0.1 with token authentication: ``ray.init``'s hidden
+  ``_node_ip_address`` option, ``ray._private.ray_constants.ENABLE_RAY_CLUSTER`` (without it Ray
+  turns 127.0.0.1 into the machine's outward address) and ``ray._raylet.Config.initialize`` (Ray
+  reads ``RAY_AUTH_MODE`` when imported): raytitan/ray/launcher.py ``start_local_ray``,
+  ``_loopback_node_address``, ``_switch_on_token_auth``.
 
 Replaced by public API (checked here too, so they do not come back):
 - ``LambdaLR._step_count`` / ``_last_lr``: raytitan/components/optimizer.py ``LRSchedulerState``
@@ -83,7 +88,8 @@ USED = {
     "distributed/parallelize.py": {"torch._inductor.config", "_inductor", "_micro_pipeline_tp",
                                      "torch.distributed._symmetric_memory.enable_symm_mem_for_group"},
     "ray/launcher.py": {
-        "ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator.get_or_create_autoscaling_coordinator"},
+        "ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator.get_or_create_autoscaling_coordinator",
+        "ray._private.ray_constants", "ray._raylet.Config"},
     "ray/runtime.py": {"ray.train.v2._internal.execution.context"},
 }
 # Per file: private methods of other packages' classes that a class of it overrides.
@@ -457,3 +463,21 @@ def test_ray_checkpoint_snapshot_file_name():
     # ... kept in the experiment folder, which raytitan makes its run folder.
     source = inspect.getsource(StorageContext.checkpoint_manager_snapshot_path.fget)
     assert "self.experiment_fs_path, CHECKPOINT_MANAGER_SNAPSHOT_FILENAME" in source
+
+
+def test_ray_local_instance_on_loopback_with_token_auth():
+    """What start_local_ray relies on: a 127.0.0.1 node address is turned into the outward one
+    unless ENABLE_RAY_CLUSTER is off; ray.init passes _node_ip_address through that; Ray switches
+    token auth on by setting RAY_AUTH_MODE and re-reading its config with Config.initialize."""
+    from ray._private import ray_constants, services, worker
+    from ray._private.authentication import authentication_token_setup
+    from ray._raylet import Config
+
+    assert isinstance(ray_constants.ENABLE_RAY_CLUSTER, bool)
+    assert "ENABLE_RAY_CLUSTER" in inspect.getsource(services.get_node_ip_address)
+    assert "get_node_ip_address()" in inspect.getsource(services.resolve_ip_for_localhost)
+    init = inspect.getsource(worker.init)
+    assert 'kwargs.pop("_node_ip_address"' in init and "resolve_ip_for_localhost(_node_ip_address)" in init
+    assert callable(Config.initialize)
+    assert 'Config.initialize("")' in inspect.getsource(authentication_token_setup._enable_token_auth)
+    assert authentication_token_setup.AUTH_MODE_ENV_VAR == "RAY_AUTH_MODE"

@@ -6,6 +6,7 @@ Everything Ray-specific lives here; the workers run ``raytitan.trainer.worker.ru
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -23,6 +24,7 @@ from raytitan.trainer.elastic.growth import GrowRequestError, read_grow_request
 from raytitan.components.metrics import METRICS_FILE, read_metrics
 from raytitan.ray import progress
 from raytitan.components import storage
+from raytitan.components.lease import RunLease
 from raytitan.config.plan import data_parallel_degree, plan_run
 from raytitan.models import source_root
 from raytitan.trainer.elastic.history import PROGRESS_FILE, ProgressMarkerError, failures_in, read_progress
@@ -38,6 +40,9 @@ DATA_CPUS = 1.0
 # (ray.train.v2._internal.constants.CHECKPOINT_MANAGER_SNAPSHOT_FILENAME), checked by
 # tests/test_private_apis.py.
 RAY_CHECKPOINT_LIST = "checkpoint_manager_snapshot.json"
+# A local Ray instance listens here only.
+LOOPBACK = "127.0.0.1"
+AUTH_MODE_VAR = "RAY_AUTH_MODE"  # Ray's switch for token authentication
 
 
 def _connect(config: JobConfig) -> None:
@@ -49,7 +54,51 @@ def _connect(config: JobConfig) -> None:
         # a runtime_env here would replace the one `ray job submit` set up.
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(runtime_env={"env_vars": {"PYTHONPATH": worker_import_path(config)}})
+        start_local_ray(runtime_env={"env_vars": {"PYTHONPATH": worker_import_path(config)}})
+
+
+def start_local_ray(**init_args) -> None:
+    """Start a Ray instance for this machine alone: every Ray process listens on 127.0.0.1 only
+    (no port of it is reachable from the network), and callers must present Ray's auth token.
+
+    Token authentication is switched on here, not left to Ray's default for new local instances
+    (Ray 2.60 turns it on unless ``RAY_AUTH_MODE`` says otherwise; a later version may not). An
+    explicit ``RAY_AUTH_MODE=disabled`` is respected, with a warning. The token is Ray's own
+    (``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``, which Ray creates)."""
+    mode = os.environ.get(AUTH_MODE_VAR)
+    if mode is None:
+        _switch_on_token_auth()
+    elif mode.lower() != "token":
+        logger.warning("%s=%s: the local Ray instance starts without token authentication; any process on this "
+                       "machine can run code in it", AUTH_MODE_VAR, mode)
+    with _loopback_node_address():
+        ray.init(_node_ip_address=LOOPBACK, dashboard_host=LOOPBACK, **init_args)
+
+
+def _switch_on_token_auth() -> None:
+    """Set ``RAY_AUTH_MODE=token`` for this process and the Ray processes it starts. Ray reads the
+    variable into its config when it is imported, so the config is read again: Ray 2.60's own way
+    (``ray._raylet.Config.initialize``, private; tests/test_private_apis.py checks it)."""
+    from ray._raylet import Config
+
+    os.environ[AUTH_MODE_VAR] = "token"
+    Config.initialize("")
+
+
+@contextlib.contextmanager
+def _loopback_node_address():
+    """Ray 2.60 turns a node address of 127.0.0.1 into the machine's outward address, unless it
+    was told that this machine forms no cluster (``ray._private.ray_constants.ENABLE_RAY_CLUSTER``,
+    set from ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`` when Ray is imported; private, checked by
+    tests/test_private_apis.py). Told so for the start only: its processes then bind 127.0.0.1."""
+    from ray._private import ray_constants
+
+    before = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = before
 
 
 def worker_import_path(config: JobConfig) -> str:
@@ -104,21 +153,22 @@ def launch(config: JobConfig) -> ray.train.Result:
         print(f"elastic: {lo}..{hi} workers; at {lo}: {smallest.dims.summary}, local {smallest.local_batch_size} x "
               f"accumulation {smallest.accumulation_steps}", flush=True)
     print(f"resolved config:\n{to_toml(config)}", flush=True)
-    storage.makedirs(config.run_dir)
-    storage.write_text(storage.join(config.run_dir, "config.toml"), to_toml(config))
+    # One writer per run folder, held across every restart of the worker group (raytitan.components.lease).
+    with RunLease.acquire(config.run_dir, kind="the Ray driver"):
+        return _launch(config, plan)
 
+
+def _launch(config: JobConfig, plan) -> ray.train.Result:
+    storage.write_text(storage.join(config.run_dir, "config.toml"), to_toml(config))
     _connect(config)
     resources = _worker_resources(config)
-    # The feeders hold the data stream for every restart of the group: on the driver's node (the
-    # head node under `ray job submit`), never on a worker node whose loss would take them along.
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    feeder_cls = ray.remote(DataFeeder).options(num_cpus=0, max_concurrency=64, scheduling_strategy=here)
-    feeders = {"train": feeder_cls.remote(plan.shards, config.model, config.training.seq_len, config.training.seed,
-                                          plan.global_batch_size, config.training.shuffle_buffer)}
+    launch_id = uuid.uuid4().hex[:8]
+    feeders = {"train": start_feeder(f"train-{launch_id}", plan.shards, config.model, config.training.seq_len,
+                                     config.training.seed, plan.global_batch_size, config.training.shuffle_buffer)}
     if config.validation.enable:
-        feeders["validation"] = feeder_cls.remote(
-            plan.validation_shards, config.model, config.training.seq_len, config.training.seed,
-            config.validation.local_batch_size * plan.dims.dp)
+        feeders["validation"] = start_feeder(
+            f"validation-{launch_id}", plan.validation_shards, config.model, config.training.seq_len,
+            config.training.seed, config.validation.local_batch_size * plan.dims.dp)
     if starts_at_the_beginning(config):
         feeders["train"].warm_start.remote()
     t0 = time.perf_counter()
@@ -161,6 +211,26 @@ def launch(config: JobConfig) -> ray.train.Result:
         check_reached_steps(config)
     print(summary(config, result, time.perf_counter() - t0), flush=True)
     return result
+
+
+FEEDER_PREFIX = "raytitan-feeder-"  # the feeder actors' names: FEEDER_PREFIX + purpose-launch id
+
+
+def start_feeder(name: str, *args):
+    """A ``DataFeeder`` actor named ``FEEDER_PREFIX + name`` (a drill or an operator finds it by it).
+
+    The feeders hold the data stream for every restart of the group: on the driver's node (the
+    head node under `ray job submit`), never on a worker node whose loss would take them along.
+    If the feeder's process dies (killed, out of memory), Ray starts it again and sends it the
+    requests in flight once more (``max_restarts``, ``max_task_retries``): each rank's request names
+    the cursor it wants, so the new feeder restarts its pipeline there and the ranks get the very
+    rows they would have got; training waits for the pipeline's start, the worker group is not
+    restarted. The feeder holds nothing a restart could lose: the cursor lives in the checkpoints."""
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return ray.remote(DataFeeder).options(
+        name=FEEDER_PREFIX + name, num_cpus=0, max_concurrency=64, scheduling_strategy=here,
+        max_restarts=-1, max_task_retries=-1,
+    ).remote(*args)
 
 
 def starts_at_the_beginning(config: JobConfig) -> bool:
