@@ -94,6 +94,24 @@ def test_forcing_takes_a_live_lease_and_a_concurrent_start_loses(tmp_path, monke
         RunLease.acquire(str(tmp_path / "run"), force=True, settle_s=0.5)
 
 
+def test_on_a_folder_a_new_lease_is_created_exclusively(tmp_path, monkeypatch):
+    """No wait to take a free folder; a start that finds the file created under it by another
+    start's exclusive create is refused."""
+    run_dir = str(tmp_path / "run")
+    monkeypatch.setattr(lease, "SETTLE_S", 60.0)  # never waited for on a free folder
+    RunLease.acquire(run_dir).release()
+    real_open = os.open
+
+    def created_by_another_start(path, flags, *args):
+        if path.endswith(lease.LEASE_FILE) and flags & os.O_EXCL:
+            held_by(run_dir, kind="another start")
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(lease.os, "open", created_by_another_start)
+    with pytest.raises(RunFolderBusy, match="another start"):
+        RunLease.acquire(run_dir)
+
+
 def test_ranks_other_than_0_take_no_lease(tmp_path):
     with hold_run_folder(str(tmp_path / "run"), enabled=False):
         assert not os.path.exists(tmp_path / "run")

@@ -9,7 +9,8 @@ A lease is stale, and taken over with a warning, once its heartbeat is older tha
 this host that is gone. It is released at a clean end and at a stop on request.
 
 It works wherever the run folder does (``raytitan.components.storage``): plain files, no locks,
-so also on shared filesystems and object stores. Taking one writes the lease and reads it back
+so also on shared filesystems and object stores. On a folder a new lease is created exclusively
+(``O_EXCL``); on an object store, and when taking over a stale lease, it is written and read back
 after ``SETTLE_S``: of two runs starting at the same moment, the one that wrote last keeps it.
 """
 
@@ -113,6 +114,14 @@ class RunLease:
                 raise RunFolderBusy(lease._busy_message(held, stale_after_s))
             logger.warning("taking over the lease on run folder %s from %s: %s", run_dir, describe(held),
                            reason or f"{FORCE_ENV}=1")
+        if held is None and not storage.is_remote(lease.path):
+            if lease._create_local():
+                lease._start_heartbeat(heartbeat_s)  # created exclusively: no other start can have it
+                return lease
+            time.sleep(0.1)  # another start created it just now: let it finish writing
+            held = read_lease(run_dir)
+            if held is not None and stale_reason(held, stale_after_s) is None and not force:
+                raise RunFolderBusy(lease._busy_message(held, stale_after_s))
         lease._write()
         if settle_s > 0:
             time.sleep(settle_s)
@@ -128,6 +137,16 @@ class RunLease:
                 f"one another ray.name or storage path. If that run is gone, its lease is taken over once its "
                 f"heartbeat is {stale_after_s:g} s old (at once on its own host); to take it now, delete {self.path} "
                 f"or set {FORCE_ENV}=1")
+
+    def _create_local(self) -> bool:
+        """Create the lease file on a folder only if none exists (atomic, also on NFS v3+)."""
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(self.record))
+        return True
 
     def _write(self) -> None:
         storage.write_text(self.path, json.dumps(self.record))
