@@ -10,7 +10,8 @@ CheckpointManager:
                  them in async modes), next to idle_steps_s: the same steps with no save
   checksum_s     time rank 0 spent hashing what it wrote (CRC-32, in the writing thread), and
   checksum_share that time as a share of the save (landed_s: the whole write, also when async)
-Then it times loading the newest step on the same ranks, and on --load-world ranks (reshard).
+Then it times loading the newest step on the same ranks, and on --load-world ranks (reshard), with
+checksum_s: the part of it rank 0 spent checking what it read against the checksums.
 Rank 0's medians are reported (each repeat's stall too); the stall ratio is async / sync from
 the same run. --profile prints where rank 0's last async save() spent its time (cProfile).
 
@@ -138,17 +139,19 @@ def _save_phase(rank, world, port, cfg, out):
                      "steps_s": statistics.median(steps), "idle_steps_s": statistics.median(idle),
                      "checksum_s": statistics.median(hashing),
                      "checksum_share": statistics.median(h / t for h, t in zip(hashing, landed))})
-    loads = []
+    loads, checks = [], []
     for _ in range(cfg["repeats"]):
         dist.barrier()
         t0 = time.perf_counter()
         m.load(n)
         loads.append(time.perf_counter() - t0)
+        checks.append(m.last_check_seconds)
     if rank == 0:
         size = sum(os.path.getsize(os.path.join(cfg["folder"], f"step-{n}", f))
                    for f in os.listdir(os.path.join(cfg["folder"], f"step-{n}")))
         with open(out, "w") as f:
-            json.dump({"rows": rows, "load_s": statistics.median(loads), "bytes": size, "step": n}, f)
+            json.dump({"rows": rows, "load_s": statistics.median(loads), "load_check_s": statistics.median(checks),
+                       "bytes": size, "step": n}, f)
     dist.destroy_process_group()
 
 
@@ -156,15 +159,16 @@ def _load_phase(rank, world, port, cfg, out):
     device = _setup(rank, world, port, cfg["gpu"])
     model, optimizer, _ = _build(cfg["flavor"], device, cfg["seq_len"])
     m = _manager(cfg["folder"], model, optimizer, "disabled", None)
-    loads = []
+    loads, checks = [], []
     for _ in range(cfg["repeats"]):
         dist.barrier()
         t0 = time.perf_counter()
         m.load(cfg["step"])
         loads.append(time.perf_counter() - t0)
+        checks.append(m.last_check_seconds)
     if rank == 0:
         with open(out, "w") as f:
-            json.dump({"load_s": statistics.median(loads)}, f)
+            json.dump({"load_s": statistics.median(loads), "load_check_s": statistics.median(checks)}, f)
     dist.destroy_process_group()
 
 
@@ -207,10 +211,11 @@ def main() -> None:
           f"ranks, {args.repeats} repeats, medians\n")
     print_table(rows, ["mode", "stall_s", "stall_vs_sync", "landed_s", "steps_s", "idle_steps_s", "checksum_s",
                        "checksum_share"])
-    loads = [{"load": f"same world ({args.save_world})", "seconds": saved["load_s"]},
-             {"load": f"resharded onto {args.load_world}", "seconds": resharded["load_s"]}]
+    loads = [{"load": f"same world ({args.save_world})", "seconds": saved["load_s"], "checksum_s": saved["load_check_s"]},
+             {"load": f"resharded onto {args.load_world}", "seconds": resharded["load_s"],
+              "checksum_s": resharded["load_check_s"]}]
     print()
-    print_table(loads, ["load", "seconds"])
+    print_table(loads, ["load", "seconds", "checksum_s"])
     record("checkpoint", {**vars(args), "checkpoint_bytes": saved["bytes"]}, rows + loads)
 
 

@@ -174,6 +174,7 @@ class CheckpointManager:
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.last_save_seconds = 0.0  # how long the last save blocked training
         self.last_checksum_seconds = 0.0  # how long this rank hashed the last committed save's bytes
+        self.last_check_seconds = 0.0  # how long this rank checked the bytes of its last load
         self._fall_back = False  # the step to load was picked by resolve_load_step: may fall back
         self._pending: _PendingSave | None = None
         self._stager = None
@@ -379,6 +380,7 @@ class CheckpointManager:
         reader = integrity.reader(path, metadata, marker)
         try:
             dcp.load(states, checkpoint_id=path, storage_reader=reader, process_group=self.group)
+            self.last_check_seconds = integrity.checking_seconds(reader)
         except (Exception, CheckpointException) as e:
             if (damage := _checksum_error(e)) is not None:
                 raise integrity.ChecksumError(
