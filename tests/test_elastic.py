@@ -202,6 +202,25 @@ def test_capacity_probe_places_what_fits_and_probes_nothing_without_room(ray_loc
     assert RayRuntime({}, {"CPU": 1.0}, 8).spare_workers(8) == free and len(tried) == free
 
 
+def test_a_second_run_on_a_live_runs_folder_is_refused_before_ray_starts(tmp_path, data_dir, capsys):
+    """python -m raytitan.train on a folder whose lease a live run holds: exit 1 naming the holder,
+    before anything is written there or Ray is started."""
+    from raytitan import train as entry
+    from raytitan.components.lease import RunLease
+
+    run_dir = tmp_path / "llama3-debugmodel"
+    holder = RunLease.acquire(str(run_dir), kind="the Ray driver")  # this process: alive
+    try:
+        code = entry.main(["--job.dump_folder", str(tmp_path), "--training.dataset", "files",
+                           "--training.dataset_path", data_dir])
+    finally:
+        holder.release()
+    err = capsys.readouterr().err
+    assert code == 1 and "training refused: run folder" in err, err
+    assert f"the Ray driver pid {os.getpid()} on host" in err
+    assert not (run_dir / "config.toml").exists()
+
+
 def listening(port: int) -> dict[str, str]:
     """The TCP sockets listening at ``port`` on this machine (IPv4 and IPv6): address -> inode."""
     import ipaddress
