@@ -51,8 +51,10 @@ def ray_head(token_env):
          f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
          f"--metrics-export-port={free_port()}",
          f"--temp-dir={temp_dir}", "--disable-usage-stats"],
-        env=token_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        start_new_session=True)  # its own process group: ending it can never touch this process
+        # Ray keeps a 127.0.0.1 node address only where told this machine forms no cluster (else it
+        # takes the outward address, and its ports listen on every interface): docs/clusters.md.
+        env={**token_env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL, start_new_session=True)  # its own process group: ending it can never touch this process
     url = f"http://127.0.0.1:{dashboard}"
     try:
         end = time.monotonic() + 120
