@@ -2,6 +2,7 @@
 
 import os
 import threading
+import time
 
 import pytest
 import ray
@@ -80,6 +81,7 @@ class FeederKiller(threading.Thread):
                 feeder = ray.get_actor(feeders[0])
                 ray.kill(feeder, no_restart=False)  # as if its process died; Ray may restart it
                 self.killed_after = step
+                print(f"data feeder {feeders[0]} killed after step {step} at {time.strftime('%H:%M:%S')}", flush=True)
                 self.restarted = ray.get(feeder.stats.remote(), timeout=120) is not None  # it answers again
                 return
 
