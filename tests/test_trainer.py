@@ -1,6 +1,7 @@
 import copy
 import logging
 import math
+import os
 
 import pytest
 import torch
@@ -449,3 +450,26 @@ def test_a_launch_that_stopped_on_a_nonfinite_step_is_not_retried(tmp_path):
         refuse_retry(ctx("a1"))
     refuse_retry(ctx("b2"))  # the same command run again
     refuse_retry(ctx(None))  # torchrun: nothing restarts the group
+
+
+def test_the_driver_names_a_repeating_cause_instead_of_the_restarts_spent(tmp_path):
+    """A non-finite stop of this launch, or data that make no batch, is what the driver says;
+    other failures keep the restarts-used message."""
+    import json
+
+    from raytitan.components.data.stream import DataSourceError
+    from raytitan.config.job import JobConfig
+    from raytitan.ray.launcher import failure_message
+    from raytitan.trainer.worker import NONFINITE_FILE
+
+    config = JobConfig.from_dict({"job": {"dump_folder": str(tmp_path)}, "ray": {"name": "run"}})
+    os.makedirs(config.run_dir)
+    other = RuntimeError("worker died")
+    assert "after using its" in failure_message(config, other, {"a1"})
+    wrapped = RuntimeError("Training failed")
+    wrapped.__cause__ = DataSourceError("training.dataset_path: no window in a whole epoch\nRay Data's advice")
+    assert "failed: data error: training.dataset_path: no window in a whole epoch\n" in failure_message(config, wrapped)
+    with open(os.path.join(config.run_dir, NONFINITE_FILE), "w") as f:
+        json.dump({"attempt": "a1", "step": 7, "error": "step 7: loss nan"}, f)
+    assert "failed: step 7: loss nan\n" in failure_message(config, other, {"a1"})
+    assert "after using its" in failure_message(config, other, {"b2"})  # an earlier launch's stop

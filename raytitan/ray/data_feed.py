@@ -64,7 +64,7 @@ def ray_rows(shards: list[str], model_config, seq_len: int, seed: int, start: Cu
         yield from ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2)
 
 
-def _data_source_error(error: BaseException | None) -> DataSourceError | None:
+def data_source_error(error: BaseException | None) -> DataSourceError | None:
     """The DataSourceError behind a pipeline failure (Ray Data wraps the one its task raised), so that
     ranks get the data's own error rather than a generic pipeline failure. Its message is one line;
     Ray Data appends its retry advice on the next, which does not apply to it."""
@@ -157,7 +157,7 @@ class DataFeeder:
             self._evict(readers)
             self._cond.wait_for(lambda: cursor in self._buffer or self._error is not None)
             if self._error is not None:
-                if (data_error := _data_source_error(self._error)) is not None:
+                if (data_error := data_source_error(self._error)) is not None:
                     raise data_error from None  # the data's own message, not Ray Data's wrapping of it
                 raise RuntimeError(f"data pipeline failed: {self._error!r}") from self._error
             batch = self._buffer[cursor]

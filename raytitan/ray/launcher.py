@@ -190,7 +190,7 @@ def _launch(config: JobConfig, plan) -> ray.train.Result:
             except TrainingStopped:
                 raise
             except Exception as e:  # Ray raises once restarts are exhausted
-                raise TrainingFailed(failure_message(config, e)) from e
+                raise TrainingFailed(failure_message(config, e, attempts)) from e
             grow = None if stop.requested else _grow_request(config, attempt)
             if grow is None:
                 break
@@ -347,14 +347,35 @@ class TrainingFailed(RuntimeError):
     its checkpoints are intact."""
 
 
-def failure_message(config: JobConfig, error: Exception) -> str:
+def failure_message(config: JobConfig, error: Exception, attempts: set[str] = frozenset()) -> str:
     folder = storage.join(config.run_dir, config.checkpoint.folder)
     steps = committed_steps(folder)
     where = f"newest committed checkpoint: {step_dir(folder, steps[-1])}" if steps else "no committed checkpoint"
+    if (cause := repeating_cause(config, error, attempts)) is not None:
+        return f"run {config.run_name} failed: {cause}\n{where}; fix that, then run the same command again to resume"
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     first_line = " ".join(lines[:2]) if lines else type(error).__name__
     return (f"run {config.run_name} failed after using its {config.ray.max_failures} allowed restarts "
             f"(ray.max_failures): {first_line}\n{where}; run the same command again to resume from it")
+
+
+def repeating_cause(config: JobConfig, error: Exception, attempts: set[str]) -> str | None:
+    """The cause of a failure that a restart repeats (a non-finite step this launch stopped on, data
+    that make no batch), said plainly: the restarts Ray spent on it refused at once."""
+    import json
+
+    from raytitan.ray.data_feed import data_source_error
+    from raytitan.trainer.worker import NONFINITE_FILE
+
+    marker = storage.join(config.run_dir, NONFINITE_FILE)
+    if storage.isfile(marker):
+        with contextlib.suppress(ValueError):
+            stop = json.loads(storage.read_text(marker))
+            if stop.get("attempt") in attempts:
+                return stop["error"]
+    if (data_error := data_source_error(error)) is not None:
+        return f"data error: {data_error}"
+    return None
 
 
 def summary(config: JobConfig, result: ray.train.Result, seconds: float) -> str:
