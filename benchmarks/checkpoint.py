@@ -14,6 +14,9 @@ Then it times loading the newest step on the same ranks, and on --load-world ran
 checksum_s: the part of it rank 0 spent checking what it read against the checksums.
 Rank 0's medians are reported (each repeat's stall too); the stall ratio is async / sync from
 the same run. --profile prints where rank 0's last async save() spent its time (cProfile).
+Last, the net cost of checksums on the write alone: one process writes 128 MiB of tensors through
+DCP's plain writer (torch.save's own record CRC on, as always) and through raytitan's (checksums,
+torch's unchecked record CRC off), interleaved, fastest of 2 x --repeats each.
 
     python benchmarks/checkpoint.py [--flavor debugmodel] [--save-world 2] [--load-world 1] [--repeats 3]
                                     [--profile] [--gpu]
@@ -172,6 +175,31 @@ def _load_phase(rank, world, port, cfg, out):
     dist.destroy_process_group()
 
 
+def _write_cost(folder: str, repeats: int) -> list[dict]:
+    """DCP's plain writer against raytitan's checksumming one, on one process (see the docstring)."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    from raytitan.components import storage
+    from raytitan.components.checkpoint import integrity
+
+    tensors = {f"t{i}": torch.randn(2 << 20) for i in range(16)}  # 128 MiB
+    writers = {"plain DCP writer": storage.dcp_writer, "with checksums": integrity.writer}
+    times: dict[str, list[float]] = {name: [] for name in writers}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "assuming the intent is to save in a single process"
+        for i in range(2 * repeats):
+            for name, make in writers.items():
+                path = os.path.join(folder, f"write-{i}-{len(times[name])}")
+                t0 = time.perf_counter()
+                dcp.save(tensors, storage_writer=make(path), no_dist=True)
+                times[name].append(time.perf_counter() - t0)
+                shutil.rmtree(path)
+    plain = min(times["plain DCP writer"])
+    return [{"write (128 MiB, 1 process)": name, "seconds": min(t), "vs_plain": min(t) / plain} for name, t in times.items()]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--flavor", default="debugmodel")
@@ -200,6 +228,7 @@ def main() -> None:
                        nprocs=args.load_world, start_method="spawn")
     with open(out) as f:
         resharded = json.load(f)
+    writes = _write_cost(folder, args.repeats) if not args.gpu else []
     if not args.folder:
         shutil.rmtree(folder, ignore_errors=True)
 
@@ -216,7 +245,10 @@ def main() -> None:
               "checksum_s": resharded["load_check_s"]}]
     print()
     print_table(loads, ["load", "seconds", "checksum_s"])
-    record("checkpoint", {**vars(args), "checkpoint_bytes": saved["bytes"]}, rows + loads)
+    if writes:
+        print()
+        print_table(writes, ["write (128 MiB, 1 process)", "seconds", "vs_plain"])
+    record("checkpoint", {**vars(args), "checkpoint_bytes": saved["bytes"]}, rows + loads + writes)
 
 
 if __name__ == "__main__":

@@ -7,12 +7,18 @@ records the item's offset and length in ``.metadata``), so every stored item is 
 several whole ones). ``__R_I.distcp.checksums`` beside each data file lists ``[offset, length,
 crc]`` per segment, written when the file is complete, before DCP's ``.metadata`` and the commit
 marker; the marker records ``"checksums": "crc32"``. Nothing is read back, and the hashing runs in
-the thread that writes: in the background for async saves.
+the thread that writes: in the background for async saves. ``torch.save`` also computes a CRC-32
+of every zip record it writes, which ``torch.load`` never checks; it costs as much as these
+checksums, so it is switched off while a data file is written (torch's public
+``set_crc32_options``; torch documents that such files load), and the checksums cost the save
+almost nothing net.
 
 **Loading.** Each stored item's bytes are checked as DCP reads them (``storage.dcp_reader`` with a
-``check``), before they are deserialized: every rank checks what it reads, nothing is read twice,
-and a mismatch on one rank fails the load on every rank (DCP gathers read errors), so all ranks
-fall back together. ``verify_step`` checks a whole step offline (``checkpoints verify``).
+``check``), just before they are deserialized: every rank checks only what it reads (locally the
+check reads the item through a small buffer and DCP reads it again from the page cache; on
+object stores both use the one ranged read), and a mismatch on one rank fails the load on every
+rank (DCP gathers read errors), so all ranks fall back together. ``verify_step`` checks a whole
+step offline (``checkpoints verify``).
 
 CRC-32 finds every error burst up to 32 bits and any other damage but for a 2**-32 chance per
 item; it is the fastest adequate stdlib hash here (3 GB/s against blake2b's 0.9), and guards
@@ -28,6 +34,7 @@ import zlib
 from contextlib import contextmanager
 from typing import Any
 
+import torch.serialization
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.filesystem import DEFAULT_SUFFIX
 from torch.distributed.checkpoint.metadata import Metadata
@@ -45,6 +52,27 @@ class ChecksumError(CheckpointError):
 
 
 # --------------------------------------------------------------------------- saving
+
+_torch_crc = {"lock": threading.Lock(), "writers": 0, "saved": True}
+
+
+@contextmanager
+def _without_torch_record_crc():
+    """Skip torch.save's unchecked per-record CRC-32 while data files are written (DCP may write
+    several at once, from threads: the setting is process-wide, restored by the last one)."""
+    with _torch_crc["lock"]:
+        if _torch_crc["writers"] == 0:
+            _torch_crc["saved"] = torch.serialization.get_crc32_options()
+            torch.serialization.set_crc32_options(False)
+        _torch_crc["writers"] += 1
+    try:
+        yield
+    finally:
+        with _torch_crc["lock"]:
+            _torch_crc["writers"] -= 1
+            if _torch_crc["writers"] == 0:
+                torch.serialization.set_crc32_options(_torch_crc["saved"])
+
 
 
 class _HashingStream:
@@ -98,7 +126,7 @@ class _HashingFileSystem:
             with self.inner.create_stream(path, mode) as stream:
                 yield stream
             return
-        with self.inner.create_stream(path, mode) as raw:
+        with _without_torch_record_crc(), self.inner.create_stream(path, mode) as raw:
             stream = _HashingStream(raw)
             yield stream
             stream.finish()
