@@ -197,7 +197,8 @@ def _write_cost(folder: str, repeats: int) -> list[dict]:
                 times[name].append(time.perf_counter() - t0)
                 shutil.rmtree(path)
     plain = min(times["plain DCP writer"])
-    return [{"write (128 MiB, 1 process)": name, "seconds": min(t), "vs_plain": min(t) / plain} for name, t in times.items()]
+    return [{"write (128 MiB, 1 process)": name, "seconds": min(t), "vs_plain": min(t) / plain}
+            for name, t in times.items()]
 
 
 def main() -> None:
