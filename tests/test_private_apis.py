@@ -19,8 +19,10 @@ torch 2.13
   checkpointing policy keeps: raytitan/distributed/activation_checkpoint.py ``SAVED_OPS``.
 - ``torch.distributed.algorithms._checkpoint.checkpoint_wrapper.checkpoint_wrapper`` (the wrapper
   that keeps state-dict keys unchanged): activation_checkpoint.py.
-- ``FileSystemReader._slice_file``, overridden for one ranged read per item on object stores:
-  raytitan/components/storage.py ``_ArrowReader``.
+- ``FileSystemReader._slice_file``, overridden for one ranged read per item on object stores
+  and for each item's checksum check: raytitan/components/storage.py ``_ArrowReader`` and
+  ``_CheckedLocalReader`` (a torch that stopped calling it fails the damaged-bytes tests in
+  tests/test_checkpoint_integrity.py).
 - ``torch.cuda.memory._record_memory_history`` and ``torch.cuda.memory._snapshot`` (CUDA memory
   snapshots): raytitan/components/profiling.py ``CudaMemoryHistory``.
 - ``torch._inductor.config._micro_pipeline_tp`` and

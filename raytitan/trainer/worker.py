@@ -105,7 +105,7 @@ def restore(ctx: WorkerContext, trainer: Trainer) -> int | None:
     checkpoint = trainer.checkpoint
     step = checkpoint.resolve_load_step(c.load_step) if c.enable else None
     if step is not None:
-        checkpoint.load(step)
+        step = checkpoint.load(step)  # an older step when the newest fails its checksums
         logger.info("resumed from %s/step-%d (step %d, %d tokens seen, data cursor %s)", checkpoint.folder, step,
                     trainer.state.step, trainer.state.tokens_seen, trainer.loader.cursor.as_list())
     elif c.initial_load_path:
