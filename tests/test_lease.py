@@ -2,7 +2,6 @@
 run's lease is taken over with a warning; a run releases its lease when it ends."""
 
 import json
-import logging
 import os
 import socket
 import subprocess
@@ -12,6 +11,8 @@ import pytest
 
 from raytitan.components import lease
 from raytitan.components.lease import RunFolderBusy, RunLease, hold_run_folder, read_lease
+
+from tests.helpers import RaytitanLog
 
 
 def held_by(run_dir, *, host=None, pid=None, heartbeat_age=0.0, kind="the Ray driver") -> dict:
@@ -42,41 +43,42 @@ def test_a_second_live_run_is_refused_naming_the_holder(tmp_path):
     assert read_lease(run_dir)["holder"] == "other-run"  # left as it was
 
 
-def test_a_live_lease_on_another_host_holds_until_its_heartbeat_is_stale(tmp_path, caplog):
+def test_a_live_lease_on_another_host_holds_until_its_heartbeat_is_stale(tmp_path):
     run_dir = str(tmp_path / "run")
     held_by(run_dir, host="elsewhere", pid=dead_pid(), heartbeat_age=60)  # its pid means nothing here
     with pytest.raises(RunFolderBusy, match="on host elsewhere"):
         RunLease.acquire(run_dir, settle_s=0, stale_after_s=120)
     held_by(run_dir, host="elsewhere", heartbeat_age=121)
-    with caplog.at_level(logging.WARNING, logger="raytitan"):
+    with RaytitanLog() as log:
         taken = RunLease.acquire(run_dir, settle_s=0, stale_after_s=120)
-    assert "taking over the lease" in caplog.text and "121 s old" in caplog.text and "host elsewhere" in caplog.text
+    said = " ".join(log.messages("WARNING"))
+    assert "taking over the lease" in said and "121 s old" in said and "host elsewhere" in said
     assert read_lease(run_dir)["holder"] == taken.record["holder"]
     taken.release()
 
 
-def test_a_crashed_runs_lease_on_this_host_is_taken_over_at_once(tmp_path, caplog, monkeypatch):
+def test_a_crashed_runs_lease_on_this_host_is_taken_over_at_once(tmp_path, monkeypatch):
     monkeypatch.setattr(lease, "SETTLE_S", 0.0)
     run_dir = str(tmp_path / "run")
     pid = dead_pid()
     held_by(run_dir, pid=pid)  # fresh heartbeat, but its process is gone
-    with caplog.at_level(logging.WARNING, logger="raytitan"):
+    with RaytitanLog() as log:
         with hold_run_folder(run_dir) as taken:
-            assert f"its process {pid} on this host is gone" in caplog.text
+            assert f"its process {pid} on this host is gone" in " ".join(log.messages("WARNING"))
             assert read_lease(run_dir)["pid"] == os.getpid()
     assert not os.path.exists(taken.path)  # released at the end
 
 
-def test_the_holder_renews_and_releases_only_its_own_lease(tmp_path, caplog):
+def test_the_holder_renews_and_releases_only_its_own_lease(tmp_path):
     run_dir = str(tmp_path / "run")
     mine = RunLease.acquire(run_dir, settle_s=0)
     first = read_lease(run_dir)["heartbeat"]
     time.sleep(0.01)
     assert mine.renew() and read_lease(run_dir)["heartbeat"] > first
     held_by(run_dir, host="elsewhere")  # forced over by another run (RAYTITAN_TAKE_LEASE=1)
-    with caplog.at_level(logging.ERROR, logger="raytitan"):
+    with RaytitanLog() as log:
         assert not mine.renew() and mine.lost
-    assert "taken over by" in caplog.text
+    assert "taken over by" in " ".join(log.messages("ERROR"))
     mine.release()
     assert read_lease(run_dir)["holder"] == "other-run"  # not this run's to remove
 

@@ -135,8 +135,10 @@ def test_layouts_it_cannot_split_and_missing_names_are_config_errors():
     assert plan.dims.tp == 2 and plan.model_args.max_seq_len == 64 and plan.model_args.vocab_size == 259
     with pytest.raises(ConfigError, match="tensor_parallel_degree 8 does not divide the model's 4 heads"):
         plan_run(config(parallelism__tensor_parallel_degree=8), 8, resolve_data=False)
-    with pytest.raises(ConfigError, match="training.seq_len 2048 is longer than the model's 1024 positions"):
+    with pytest.raises(ConfigError, match="training.seq_len = 2048 is above the longest context of gpt debugmodel"):
         plan_run(config(training__seq_len=2048), 1, resolve_data=False)
+    with pytest.raises(ConfigError, match="training.seq_len 2048 is longer than the model's 1024 positions"):
+        plan_run(config(training__seq_len=2048, training__allow_seq_len_above_model_max=True), 1, resolve_data=False)
     with pytest.raises(ConfigError, match="'7B' is not a gpt flavor: one of debugmodel, 124M"):
         plan_run(config(model__flavor="7B"), 1, resolve_data=False)
     with pytest.raises(ConfigError, match="cannot import examples.no_such_model .*importable from the working"):
