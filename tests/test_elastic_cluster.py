@@ -48,7 +48,7 @@ def fit(root, data_dir, **extra):
     return final
 
 
-def test_capacity_arrives_then_a_node_is_lost(tmp_path, data_dir, monkeypatch):
+def test_capacity_arrives_then_a_node_is_lost(tmp_path, data_dir):
     from ray.cluster_utils import Cluster
 
     # Seed weights from one process, and the uninterrupted run on 4 plain gloo ranks (no Ray).
@@ -62,8 +62,6 @@ def test_capacity_arrives_then_a_node_is_lost(tmp_path, data_dir, monkeypatch):
                     "initial_load_model_only": True})
     expected = dict(enumerate(run_ranks(fixed, 4, str(tmp_path))["losses"], start=1))
 
-    # After a node loss Ray first retries the old size until this start timeout (default 60 s).
-    monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "30")
     # Detect a dead node in ~10 s rather than Ray's production default of about a minute. Not
     # faster: on 2 busy cores a live node's raylet can miss a few seconds of heartbeats while
     # workers start, and would be declared dead too.

@@ -254,6 +254,10 @@ class Ray:
     min_workers: int = opt(-1, "Elastic: keep training on as few as this many workers (-1 = fixed size)", FILL)
     max_workers: int = opt(-1, "Elastic: grow back up to this many workers (-1 = ray.num_workers)", FILL)
     resize_check_interval_s: float = opt(60.0, "Elastic: check for capacity to grow at checkpoint steps, at most this often (seconds)", POSITIVE)
+    worker_group_start_timeout_s: float = opt(
+        10.0, "Seconds Ray Train waits for a new worker group's resources before deciding its size again; short, so "
+        "a group sized from a view that still counted a lost node is given up soon (sets RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S)",
+        POSITIVE)
 
     @property
     def elastic(self) -> bool:

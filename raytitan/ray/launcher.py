@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 import time
 import uuid
 
@@ -43,6 +44,9 @@ RAY_CHECKPOINT_LIST = "checkpoint_manager_snapshot.json"
 # A local Ray instance listens here only.
 LOOPBACK = "127.0.0.1"
 AUTH_MODE_VAR = "RAY_AUTH_MODE"  # Ray's switch for token authentication
+# Ray Train's wait for a worker group's placement group (read by its controller, which gets the
+# driver's RAY_TRAIN_* variables); raytitan sets it from ray.worker_group_start_timeout_s.
+START_TIMEOUT_VAR = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 
 
 def _connect(config: JobConfig) -> None:
@@ -160,6 +164,7 @@ def launch(config: JobConfig) -> ray.train.Result:
 
 def _launch(config: JobConfig, plan) -> ray.train.Result:
     storage.write_text(storage.join(config.run_dir, "config.toml"), to_toml(config))
+    os.environ[START_TIMEOUT_VAR] = str(config.ray.worker_group_start_timeout_s)
     _connect(config)
     resources = _worker_resources(config)
     launch_id = uuid.uuid4().hex[:8]
@@ -186,7 +191,8 @@ def _launch(config: JobConfig, plan) -> ray.train.Result:
             attempts.add(attempt)
             trainer = _trainer(config, feeders, resources, failures_left=failures_left, attempt=attempt)
             try:
-                result = stop.run(attempt, trainer.fit)
+                with NodeWatch():  # a lost node refreshes the view Ray Train sizes the next group from
+                    result = stop.run(attempt, trainer.fit)
             except TrainingStopped:
                 raise
             except Exception as e:  # Ray raises once restarts are exhausted
@@ -312,6 +318,43 @@ def _refresh_ray_cluster_view() -> None:
         ray.get(coordinator.get_reserved_resources.remote("raytitan", recompute=True), timeout=30)
     except Exception as e:  # a Ray version without it: the group may come back smaller and grow again
         logger.warning("could not refresh Ray's view of the cluster before growing (%s: %s)", type(e).__name__, e)
+
+
+class NodeWatch:
+    """While a group trains, watch the cluster's nodes; when one dies, refresh the autoscaling
+    coordinator's view at once. Ray Train sizes the restarted group from that view, which the
+    coordinator otherwise refreshes only every 20 s: a group sized with the dead node's slots waits
+    its whole start timeout for them before Ray Train decides again."""
+
+    def __init__(self, interval_s: float = 1.0):
+        self.interval_s = interval_s
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._watch, name="raytitan-node-watch", daemon=True)
+
+    def __enter__(self) -> "NodeWatch":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.done.set()
+        self.thread.join(timeout=5)
+
+    @staticmethod
+    def alive() -> set[str]:
+        return {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+
+    def _watch(self) -> None:
+        try:
+            known = self.alive()
+            while not self.done.wait(self.interval_s):
+                now = self.alive()
+                if lost := known - now:
+                    logger.warning("node(s) %s left the cluster: refreshing Ray's view before the group restarts",
+                                   ", ".join(sorted(n[:8] for n in lost)))
+                    _refresh_ray_cluster_view()
+                known = now
+        except Exception as e:  # never the run's failure: Ray Train decides again after its start timeout
+            logger.warning("the node watch stopped (%s: %s)", type(e).__name__, e)
 
 
 def _trainer(config: JobConfig, feeders: dict, resources: dict, failures_left: int,
