@@ -11,22 +11,9 @@ import torch
 from raytitan.components.checkpoint import integrity
 from raytitan.components.checkpoint.convert import load_tensors
 from raytitan.components.checkpoint.layout import COMMIT_MARKER, CheckpointError, final_export, read_metadata
-from raytitan.components.checkpoint.manager import CheckpointManager, ModelState, OptimizerState
 from raytitan.tools import checkpoints as checkpoints_cli
 
-
-def trained(seed=0):
-    torch.manual_seed(seed)
-    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 4))
-    optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
-    model(torch.randn(2, 8)).sum().backward()
-    optimizer.step()
-    return model, optimizer
-
-
-def full_manager(folder, model, optimizer, **kwargs):
-    states = {"model": ModelState([model]), "optimizer": OptimizerState([model], [optimizer])}
-    return CheckpointManager(str(folder), states, keep_latest_k=0, **kwargs)
+from tests.test_checkpoint import full_manager, trained
 
 
 def train_step(model, optimizer):
