@@ -16,6 +16,7 @@ after ``SETTLE_S``: of two runs starting at the same moment, the one that wrote 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -198,19 +199,11 @@ class RunLease:
         self.release()
 
 
-class _NoLease:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc) -> None:
-        return None
-
-
 def hold_run_folder(run_dir: str, storage_root: str | None = None, *, enabled: bool = True,
                     kind: str = "a run"):
     """A context manager holding the run folder's lease (a no-op where ``enabled`` is false, e.g.
     on ranks other than 0)."""
     if not enabled:
-        return _NoLease()
+        return contextlib.nullcontext()
     storage.use_root(storage_root)
     return RunLease.acquire(run_dir, kind)
