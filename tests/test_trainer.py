@@ -473,3 +473,9 @@ def test_the_driver_names_a_repeating_cause_instead_of_the_restarts_spent(tmp_pa
         json.dump({"attempt": "a1", "step": 7, "error": "step 7: loss nan"}, f)
     assert "failed: step 7: loss nan\n" in failure_message(config, other, {"a1"})
     assert "after using its" in failure_message(config, other, {"b2"})  # an earlier launch's stop
+    folder = os.path.join(config.run_dir, "checkpoint")
+    for step, marker in ((2, "{}"), (4, "")):  # step 4's marker is empty: a damaged step
+        os.makedirs(os.path.join(folder, f"step-{step}"))
+        with open(os.path.join(folder, f"step-{step}", "COMMITTED"), "w") as f:
+            f.write(marker)
+    assert f"newest committed checkpoint: {os.path.join(folder, 'step-2')};" in failure_message(config, other)

@@ -18,7 +18,7 @@ import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from raytitan.components.checkpoint.layout import committed_steps, step_dir
+from raytitan.components.checkpoint.layout import committed_steps, newest_readable_step, step_dir
 from raytitan.config.job import ConfigError, JobConfig, to_toml
 from raytitan.ray.data_feed import DataFeeder
 from raytitan.trainer.elastic.growth import GrowRequestError, read_grow_request
@@ -392,8 +392,8 @@ class TrainingFailed(RuntimeError):
 
 def failure_message(config: JobConfig, error: Exception, attempts: set[str] = frozenset()) -> str:
     folder = storage.join(config.run_dir, config.checkpoint.folder)
-    steps = committed_steps(folder)
-    where = f"newest committed checkpoint: {step_dir(folder, steps[-1])}" if steps else "no committed checkpoint"
+    newest = newest_readable_step(folder)
+    where = f"newest committed checkpoint: {step_dir(folder, newest)}" if newest is not None else "no committed checkpoint"
     if (cause := repeating_cause(config, error, attempts)) is not None:
         return f"run {config.run_name} failed: {cause}\n{where}; fix that, then run the same command again to resume"
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]

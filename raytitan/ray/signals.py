@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 
 from raytitan.components import storage
-from raytitan.components.checkpoint.layout import committed_steps, step_dir
+from raytitan.components.checkpoint.layout import committed_steps, newest_readable_step, step_dir
 from raytitan.config.job import JobConfig
 from raytitan.trainer.elastic.history import ProgressMarkerError, read_progress
 from raytitan.trainer.elastic.stop import EXIT_STOPPED, remove_stop_request, request_stop
@@ -156,7 +156,7 @@ class DriverStop:
 
     def _where(self) -> str:
         folder = storage.join(self.config.run_dir, self.config.checkpoint.folder)
-        steps = committed_steps(folder) if self.config.checkpoint.enable else []
-        if not steps:
+        newest = newest_readable_step(folder) if self.config.checkpoint.enable else None
+        if newest is None:
             return "no committed checkpoint: running the same command starts the run over"
-        return f"newest committed checkpoint: {step_dir(folder, steps[-1])}; run the same command to resume from it"
+        return f"newest committed checkpoint: {step_dir(folder, newest)}; run the same command to resume from it"

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from raytitan.components import storage
-from raytitan.components.checkpoint.layout import committed_steps, final_export, step_dir
+from raytitan.components.checkpoint.layout import final_export, newest_readable_step, step_dir
 from raytitan.components.profiling import Profiler
 from raytitan.config.job import ConfigError, JobConfig, parse_args
 from raytitan.config.plan import RunPlan, plan_run
@@ -215,10 +215,10 @@ def train(ctx: WorkerContext) -> Trainer | TrainState:
         trainer.fit()
     except NonFiniteError as e:
         record_nonfinite_stop(ctx, e)
-        steps = committed_steps(ctx.checkpoint_folder) if c.enable else []
+        newest = newest_readable_step(ctx.checkpoint_folder) if c.enable else None
         logger.error("stopped at step %d on a non-finite value; %s", e.step,
-                     f"the newest committed checkpoint is {step_dir(ctx.checkpoint_folder, steps[-1])}" if steps
-                     else "no checkpoint was committed")
+                     f"the newest committed checkpoint is {step_dir(ctx.checkpoint_folder, newest)}"
+                     if newest is not None else "no checkpoint was committed")
         raise
     if ctx.growth.target and ctx.rank == 0:
         request_grow(config.run_dir, trainer.state.step, ctx.world, ctx.growth.target, attempt=ctx.runtime.attempt)

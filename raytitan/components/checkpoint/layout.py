@@ -42,6 +42,18 @@ def committed_steps(folder: str) -> list[int]:
     return sorted(steps)
 
 
+def newest_readable_step(folder: str) -> int | None:
+    """The newest committed step whose commit marker reads, for messages that name where a run
+    stands (a garbled marker marks a damaged step; data files are checked when a step loads)."""
+    for step in reversed(committed_steps(folder)):
+        try:
+            read_commit(folder, step)
+        except (CheckpointError, OSError):
+            continue
+        return step
+    return None
+
+
 def read_commit(folder: str, step: int) -> dict:
     return read_commit_at(step_dir(folder, step))
 
