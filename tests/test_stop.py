@@ -113,6 +113,21 @@ def test_workers_that_do_not_stop_in_time_are_abandoned_with_exit_code_1(tmp_pat
     assert "no committed checkpoint: running the same command starts the run over" in str(late.value)
 
 
+def test_a_run_whose_folder_another_run_took_over_ends_at_once_without_saving(tmp_path):
+    c = config(tmp_path)
+    never, lost = threading.Event(), []
+    stop = DriverStop(c)
+    threading.Timer(0.3, lambda: lost.append("the lease on run folder x was taken over by pid 7")).start()
+    try:
+        with pytest.raises(TrainingStopped) as ended:
+            stop.run("attempt-1", lambda: never.wait(30), end_if=lambda: lost[0] if lost else None)
+    finally:
+        never.set()
+    assert ended.value.exit_code == 1 and ended.value.aborted and stop.aborted
+    assert "ended without saving: the lease on run folder x was taken over by pid 7" in str(ended.value)
+    assert read_stop_request(c.run_dir, "attempt-1") is None  # ended, not asked to save
+
+
 def test_how_a_stopped_run_ended(tmp_path):
     c = config(tmp_path)
     stop = DriverStop(c)

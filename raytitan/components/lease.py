@@ -98,7 +98,7 @@ class RunLease:
                        "started": now, "heartbeat": now, "command": " ".join(sys.argv)[:300]}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.lost = False  # another run took the lease over while this one held it
+        self.lost: str | None = None  # who took the lease over while this run held it
 
     @classmethod
     def acquire(cls, run_dir: str, kind: str = "a run", *, stale_after_s: float = STALE_AFTER_S,
@@ -157,9 +157,9 @@ class RunLease:
         held = read_lease(self.run_dir)
         if held is not None and held.get("holder") != self.record["holder"]:
             if not self.lost:
-                self.lost = True
-                logger.error("the lease on run folder %s was taken over by %s: two runs may now write to it; stop "
-                             "one of them", self.run_dir, describe(held))
+                self.lost = f"the lease on run folder {self.run_dir} was taken over by {describe(held)}"
+                logger.error("%s: two runs may now write to it; the Ray driver ends this run without saving (under "
+                             "torchrun, stop one of them)", self.lost)
             return False
         self.record["heartbeat"] = time.time()
         self._write()

@@ -158,11 +158,11 @@ def launch(config: JobConfig) -> ray.train.Result:
               f"accumulation {smallest.accumulation_steps}", flush=True)
     print(f"resolved config:\n{to_toml(config)}", flush=True)
     # One writer per run folder, held across every restart of the worker group (raytitan.components.lease).
-    with RunLease.acquire(config.run_dir, kind="the Ray driver"):
-        return _launch(config, plan)
+    with RunLease.acquire(config.run_dir, kind="the Ray driver") as lease:
+        return _launch(config, plan, lease)
 
 
-def _launch(config: JobConfig, plan) -> ray.train.Result:
+def _launch(config: JobConfig, plan, lease: RunLease) -> ray.train.Result:
     storage.write_text(storage.join(config.run_dir, "config.toml"), to_toml(config))
     os.environ[START_TIMEOUT_VAR] = str(config.ray.worker_group_start_timeout_s)
     _connect(config)
@@ -192,7 +192,7 @@ def _launch(config: JobConfig, plan) -> ray.train.Result:
             trainer = _trainer(config, feeders, resources, failures_left=failures_left, attempt=attempt)
             try:
                 with NodeWatch():  # a lost node refreshes the view Ray Train sizes the next group from
-                    result = stop.run(attempt, trainer.fit)
+                    result = stop.run(attempt, trainer.fit, end_if=lambda: lease.lost)
             except TrainingStopped:
                 raise
             except Exception as e:  # Ray raises once restarts are exhausted

@@ -100,9 +100,11 @@ class DriverStop:
             print(f"could not leave the stop request in {self.config.run_dir} ({type(e).__name__}: {e}); the "
                   "workers go on until checkpoint.save_on_signal_timeout_s ends them", flush=True)
 
-    def run(self, attempt: str, fit: Callable[[], object]):
+    def run(self, attempt: str, fit: Callable[[], object], end_if: Callable[[], str | None] = lambda: None):
         """``fit()`` on a thread of its own, while this (main) thread takes signals; its result,
-        or its exception. Past the deadline after a signal, raises TrainingStopped (exit code 1)."""
+        or its exception. Past the deadline after a signal, raises TrainingStopped (exit code 1);
+        so it does, at once and without the workers' checkpoint, when ``end_if()`` gives a reason
+        (another run took over the run folder: this one must write nothing more there)."""
         self.attempt = attempt
         if self.requested:  # the signal came while this attempt was being set up
             self._request(attempt)
@@ -118,6 +120,10 @@ class DriverStop:
         thread.start()
         while thread.is_alive():
             thread.join(WAIT_SLICE_S)
+            if thread.is_alive() and (reason := end_if()) is not None:
+                self.aborted = True
+                raise TrainingStopped(f"run {self.config.run_name} ended without saving: {reason}\n{self._where()}",
+                                      1, aborted=True)
             if self.deadline is not None and time.monotonic() > self.deadline and thread.is_alive():
                 self.aborted = True
                 raise TrainingStopped(
