@@ -241,7 +241,8 @@ def main(argv: list[str] | None = None) -> None:
                              kind="torchrun rank 0"):
             outcome = run(config, TorchrunRuntime())
     except ConfigError as e:  # found by a rank's own planning (data, tokenizer): a message, as the driver gives
-        print(f"config error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # every rank finds it: one says it
+            print(f"config error: {e}", file=sys.stderr)
         sys.exit(2)
     state = outcome.state if isinstance(outcome, Trainer) else outcome
     # Under torchrun only a stop on request ends a run early (no growth without a launcher).
