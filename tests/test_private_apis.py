@@ -25,6 +25,8 @@ torch 2.13
   tests/test_checkpoint_integrity.py).
 - ``torch.cuda.memory._record_memory_history`` and ``torch.cuda.memory._snapshot`` (CUDA memory
   snapshots): raytitan/components/profiling.py ``CudaMemoryHistory``.
+- ``torch._grouped_mm`` (grouped matmul of the MoE experts; tested in tests/models/test_moe.py):
+  raytitan/models/moe.py ``grouped_mm``.
 - ``torch._inductor.config._micro_pipeline_tp`` and
   ``torch.distributed._symmetric_memory.enable_symm_mem_for_group`` (async tensor parallel):
   raytitan/distributed/parallelize.py ``enable_async_tensor_parallel``.
@@ -87,6 +89,7 @@ USED = {
         "_scaled_dot_product_flash_attention", "_scaled_dot_product_flash_attention_backward"},
     "distributed/dims.py": {"_flatten"},
     "distributed/float8.py": {"torchao.float8._auto_filter_for_recipe"},
+    "models/moe.py": {"_grouped_mm"},
     "distributed/parallelize.py": {"torch._inductor.config", "_inductor", "_micro_pipeline_tp",
                                      "torch.distributed._symmetric_memory.enable_symm_mem_for_group"},
     "ray/launcher.py": {

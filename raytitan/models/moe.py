@@ -1,0 +1,295 @@
+"""A Mixture-of-Experts feed-forward layer for the MoE families (DeepSeek-V3, Qwen3-MoE).
+
+Token-choice top-k routing (softmax or sigmoid scores, optional group-limited routing,
+normalization of the chosen scores and a routed scaling factor), routed SwiGLU experts stored as
+stacked weights and computed with one grouped matrix multiplication, shared experts, and load
+balancing without an auxiliary loss (a per-expert bias that only chooses experts), with an
+optional sequence-level auxiliary loss. No token is dropped. No expert parallelism yet: every
+rank holds every expert.
+
+How a trainer uses it:
+- after each optimizer step, ``update_load_balance_bias(model)`` moves every layer's bias toward
+  balance from the tokens its experts received since the last update (all microbatches), then
+  resets the counts. Under data parallel pass the data-parallel group so that every rank counts
+  the same tokens and keeps the same bias.
+- with ``aux_loss_alpha > 0`` each ``MoE`` keeps the auxiliary loss of its last training forward
+  in ``aux_loss``; ``aux_loss(model)`` sums them, to be added to the training loss of that
+  microbatch before ``backward`` (scaled as the loss is).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from raytitan.models.llama3.model import FeedForward
+
+SCORE_FUNCS = ("softmax", "sigmoid")
+
+
+@dataclass(frozen=True)
+class MoEArgs:
+    """The shape and routing of one MoE layer.
+
+    ``n_expert_groups`` > 1 turns on group-limited routing (DeepSeek-V3): each token keeps the
+    ``n_limited_groups`` groups whose two best scores sum highest and chooses its ``top_k``
+    experts within them. ``load_balance_coeff`` None: no bias (selection by scores alone)."""
+
+    dim: int
+    moe_inter_dim: int
+    num_experts: int = 8
+    top_k: int = 2
+    score_func: str = "softmax"
+    route_norm: bool = False
+    route_scale: float = 1.0
+    num_shared_experts: int = 0
+    n_expert_groups: int = 1
+    n_limited_groups: int = 1
+    load_balance_coeff: float | None = 1e-3
+    aux_loss_alpha: float = 0.0
+    use_grouped_mm: bool = True  # False: one matmul per expert (the reference path)
+
+    def __post_init__(self):
+        if self.score_func not in SCORE_FUNCS:
+            raise ValueError(f"MoEArgs.score_func = {self.score_func!r}: one of {', '.join(SCORE_FUNCS)}")
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(f"MoEArgs.top_k = {self.top_k} must be between 1 and num_experts ({self.num_experts})")
+        if self.num_experts % self.n_expert_groups:
+            raise ValueError(f"MoEArgs.num_experts ({self.num_experts}) must be a multiple of "
+                             f"n_expert_groups ({self.n_expert_groups})")
+        if self.n_expert_groups > 1:
+            allowed = self.n_limited_groups * (self.num_experts // self.n_expert_groups)
+            if not 1 <= self.n_limited_groups <= self.n_expert_groups or allowed < self.top_k:
+                raise ValueError(f"MoEArgs.n_limited_groups = {self.n_limited_groups} of {self.n_expert_groups} "
+                                 f"groups leaves {allowed} experts to choose top_k = {self.top_k} from")
+        if self.use_grouped_mm and (self.dim % 8 or self.moe_inter_dim % 8):
+            # Grouped matmul wants 16-byte row strides: 8 elements in bfloat16 (4 in float32).
+            raise ValueError(f"MoEArgs.dim ({self.dim}) and moe_inter_dim ({self.moe_inter_dim}) must be multiples "
+                             "of 8 for the grouped matmul; set use_grouped_mm = False for other shapes")
+
+
+class TokenChoiceRouter(nn.Module):
+    """Each token chooses its top_k experts. The load-balancing bias (``expert_bias``, a buffer
+    saved in checkpoints) shifts which experts are chosen but never the weights their outputs are
+    scaled by, so balancing does not distort what the model computes."""
+
+    def __init__(self, args: MoEArgs):
+        super().__init__()
+        self.args = args
+        self.gate = nn.Linear(args.dim, args.num_experts, bias=False)
+        if args.load_balance_coeff is not None:
+            self.register_buffer("expert_bias", torch.zeros(args.num_experts, dtype=torch.float32))
+        else:
+            self.expert_bias = None
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        """[tokens, num_experts] routing scores in float32 (sums of many small probabilities)."""
+        logits = self.gate(x).float()
+        return logits.softmax(dim=-1) if self.args.score_func == "softmax" else logits.sigmoid()
+
+    def _limit_to_groups(self, choice: torch.Tensor) -> torch.Tensor:
+        """Set the scores of experts outside each token's best groups to -inf."""
+        a = self.args
+        grouped = choice.view(choice.shape[0], a.n_expert_groups, -1)
+        best_two = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(dim=-1)
+        keep = best_two.topk(a.n_limited_groups, dim=-1).indices
+        mask = torch.ones_like(best_two, dtype=torch.bool).scatter_(1, keep, False)
+        return grouped.masked_fill(mask.unsqueeze(-1), float("-inf")).view_as(choice)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [tokens, dim] -> (weights [tokens, top_k] float32, expert ids [tokens, top_k],
+        tokens per expert [num_experts], scores [tokens, num_experts])."""
+        a = self.args
+        scores = self.scores(x)
+        choice = scores.detach()
+        if self.expert_bias is not None:
+            choice = choice + self.expert_bias
+        if a.n_expert_groups > 1:
+            choice = self._limit_to_groups(choice)
+        ids = choice.topk(a.top_k, dim=-1).indices
+        weights = scores.gather(-1, ids)
+        if a.route_norm:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        weights = weights * a.route_scale
+        counts = torch.bincount(ids.flatten(), minlength=a.num_experts)
+        return weights, ids, counts, scores
+
+    def init_weights(self, init_std: float) -> None:
+        nn.init.trunc_normal_(self.gate.weight, mean=0.0, std=init_std)
+        if self.expert_bias is not None:
+            self.expert_bias.zero_()
+
+
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """x [rows, in] sorted by group, w [groups, in, out], offsets int32 [groups] (cumulative row
+    counts, the last = rows) -> [rows, out]: group g's rows times w[g], in one call.
+
+    ``torch._grouped_mm`` is private (torch 2.13; listed in tests/test_private_apis.py) and the
+    only place raytitan calls it. It runs on CPU for float32 and bfloat16, needs row strides of
+    16 bytes, and leaves rows past the last offset unwritten."""
+    return torch._grouped_mm(x, w, offs=offsets)
+
+
+class GroupedExperts(nn.Module):
+    """num_experts SwiGLU experts, w2(silu(w1 x) * w3 x), their weights stacked as
+    [num_experts, out, in] (each expert's slice laid out as an nn.Linear weight)."""
+
+    def __init__(self, dim: int, hidden_dim: int, num_experts: int, use_grouped_mm: bool = True):
+        super().__init__()
+        self.use_grouped_mm = use_grouped_mm
+        self.w1 = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
+        self.w2 = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
+        self.w3 = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """x [rows, dim] sorted by expert, counts [num_experts] rows per expert -> [rows, dim]."""
+        x = x.to(self.w1.dtype)
+        if self.use_grouped_mm:
+            return self._grouped(x, counts)
+        return self._for_loop(x, counts)
+
+    def _grouped(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
+        h = F.silu(grouped_mm(x, self.w1.transpose(-2, -1), offsets)) * grouped_mm(x, self.w3.transpose(-2, -1), offsets)
+        return grouped_mm(h, self.w2.transpose(-2, -1), offsets)
+
+    def _for_loop(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """One SwiGLU per expert over its rows: the reference the grouped path must equal."""
+        outs = []
+        for e, rows in enumerate(torch.split(x, counts.tolist())):
+            h = F.silu(F.linear(rows, self.w1[e])) * F.linear(rows, self.w3[e])
+            outs.append(F.linear(h, self.w2[e]))
+        return torch.cat(outs)
+
+    def init_weights(self, init_std: float) -> None:
+        # As the dense feed-forward: input projection at 0.02, the others depth-scaled.
+        nn.init.trunc_normal_(self.w1, mean=0.0, std=0.02)
+        for w in (self.w2, self.w3):
+            nn.init.trunc_normal_(w, mean=0.0, std=init_std)
+
+
+class MoE(nn.Module):
+    """The MoE feed-forward: x [batch, seq, dim] -> shared(x) + sum over the chosen k of
+    weight_k * expert_k(x). Counts the tokens each expert receives (``tokens_per_expert``,
+    accumulated over microbatches until ``update_expert_bias``; a forward recomputed under
+    activation checkpointing counts again, which doubles every count and leaves the update,
+    which reads only their signs against the mean, unchanged)."""
+
+    def __init__(self, args: MoEArgs):
+        super().__init__()
+        self.args = args
+        self.router = TokenChoiceRouter(args)
+        self.experts = GroupedExperts(args.dim, args.moe_inter_dim, args.num_experts, args.use_grouped_mm)
+        self.shared_experts = (FeedForward(args.dim, args.num_shared_experts * args.moe_inter_dim)
+                               if args.num_shared_experts else None)
+        # Transient (reset every step), so not saved: a checkpoint is taken after the update.
+        self.register_buffer("tokens_per_expert", torch.zeros(args.num_experts, dtype=torch.float32), persistent=False)
+        self.aux_loss: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bsz, seq_len, dim = x.shape
+        flat = x.reshape(-1, dim)
+        weights, ids, counts, scores = self.router(flat)
+        with torch.no_grad():
+            self.tokens_per_expert.add_(counts)
+        if self.training and self.args.aux_loss_alpha > 0:
+            self.aux_loss = sequence_aux_loss(scores.view(bsz, seq_len, -1), ids.view(bsz, seq_len, -1),
+                                              self.args.top_k, self.args.aux_loss_alpha)
+        # Sort the (token, choice) pairs by expert; a stable sort keeps the order deterministic.
+        order = ids.flatten().argsort(stable=True)
+        token = order // self.args.top_k
+        routed = self.experts(flat[token], counts)
+        routed = (routed.float() * weights.flatten()[order].unsqueeze(-1)).to(x.dtype)
+        out = torch.zeros_like(flat).index_add_(0, token, routed)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(flat)
+        return out.view(bsz, seq_len, dim)
+
+    @torch.no_grad()
+    def update_expert_bias(self, counts: torch.Tensor | None = None) -> None:
+        """Auxiliary-loss-free balancing (arXiv 2408.15664): raise the bias of experts below the
+        mean load and lower it above, by ``load_balance_coeff``, then reset the counts. The
+        change is centred (a common shift chooses the same experts); no gradient reaches it."""
+        counts = self.tokens_per_expert if counts is None else counts
+        bias = self.router.expert_bias
+        if bias is not None and counts.sum() > 0:
+            delta = self.args.load_balance_coeff * torch.sign(counts.mean() - counts)
+            bias.add_(delta - delta.mean())
+        self.tokens_per_expert.zero_()
+
+    def init_weights(self, init_std: float) -> None:
+        """Deterministic from the global seed, in the conventions of the dense blocks."""
+        self.router.init_weights(init_std)
+        self.experts.init_weights(init_std)
+        if self.shared_experts is not None:
+            self.shared_experts.init_weights(init_std)
+        self.tokens_per_expert.zero_()
+        self.aux_loss = None
+
+    def param_counts(self) -> tuple[int, int]:
+        """(total, activated per token) parameters of this layer; activated = router + shared
+        experts + top_k routed experts."""
+        return moe_param_counts(self.args)
+
+
+def sequence_aux_loss(scores: torch.Tensor, ids: torch.Tensor, top_k: int, alpha: float) -> torch.Tensor:
+    """DeepSeek-V3's sequence-wise balance loss, averaged over sequences: alpha * sum_i f_i * P_i
+    with f_i = num_experts / (top_k * seq) x the tokens of the sequence choosing expert i and P_i
+    the mean over the sequence of expert i's score normalized over experts.
+    scores [batch, seq, experts], ids [batch, seq, top_k]."""
+    bsz, seq_len, num_experts = scores.shape
+    chosen = torch.zeros(bsz, num_experts, device=scores.device).scatter_add_(
+        1, ids.reshape(bsz, -1), torch.ones(bsz, seq_len * top_k, device=scores.device))
+    f = chosen * num_experts / (top_k * seq_len)
+    p = (scores / scores.sum(dim=-1, keepdim=True)).mean(dim=1)
+    return alpha * (f * p).sum(dim=-1).mean()
+
+
+def moe_layers(model: nn.Module) -> list[MoE]:
+    return [m for m in model.modules() if isinstance(m, MoE)]
+
+
+@torch.no_grad()
+def update_load_balance_bias(model: nn.Module, group: dist.ProcessGroup | None = None) -> None:
+    """Every MoE layer's bias update, after the optimizer step. With ``group`` (the ranks that
+    see different tokens: data parallel) the counts are summed over it first, in one all-reduce,
+    so every rank moves its bias the same way."""
+    layers = moe_layers(model)
+    if not layers:
+        return
+    counts = torch.stack([m.tokens_per_expert for m in layers])
+    if group is not None:
+        dist.all_reduce(counts, group=group)
+    for layer, c in zip(layers, counts):
+        layer.update_expert_bias(c)
+
+
+def aux_loss(model: nn.Module) -> torch.Tensor | None:
+    """The sum of the MoE layers' auxiliary losses from the last training forward (None when
+    no layer has one); taken, so a later forward starts empty."""
+    losses = [m.aux_loss for m in moe_layers(model) if m.aux_loss is not None]
+    for m in moe_layers(model):
+        m.aux_loss = None
+    return torch.stack(losses).sum() if losses else None
+
+
+def moe_param_counts(args: MoEArgs) -> tuple[int, int]:
+    """(total, activated per token) parameters of one MoE layer from its shape."""
+    expert = 3 * args.dim * args.moe_inter_dim
+    fixed = args.dim * args.num_experts + args.num_shared_experts * expert  # router + shared
+    return fixed + args.num_experts * expert, fixed + args.top_k * expert
+
+
+def activated_params(model: nn.Module) -> tuple[int, int]:
+    """(total, activated per token) parameters of a model whose MoE layers are ``MoE`` modules:
+    each layer's experts that a token does not choose are left out of the activated count."""
+    total = sum(p.numel() for p in model.parameters())
+    idle = 0
+    for m in moe_layers(model):
+        layer_total, layer_active = m.param_counts()
+        idle += layer_total - layer_active
+    return total, total - idle
