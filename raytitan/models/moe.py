@@ -115,7 +115,9 @@ class TokenChoiceRouter(nn.Module):
         if a.route_norm:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         weights = weights * a.route_scale
-        counts = torch.bincount(ids.flatten(), minlength=a.num_experts)
+        # A scatter, not bincount: its output size does not depend on the data (compile-friendly).
+        flat = ids.flatten()
+        counts = flat.new_zeros(a.num_experts).scatter_add_(0, flat, torch.ones_like(flat))
         return weights, ids, counts, scores
 
     def init_weights(self, init_std: float) -> None:
@@ -130,7 +132,8 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch
 
     ``torch._grouped_mm`` is private (torch 2.13; listed in tests/test_private_apis.py) and the
     only place raytitan calls it. It runs on CPU for float32 and bfloat16, needs row strides of
-    16 bytes, and leaves rows past the last offset unwritten."""
+    16 bytes, and leaves rows past the last offset unwritten. Under torch.compile it traces in
+    bfloat16 only (its fake-tensor rule refuses float32), the dtype mixed precision trains in."""
     return torch._grouped_mm(x, w, offs=offsets)
 
 

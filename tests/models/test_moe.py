@@ -211,6 +211,32 @@ def test_init_is_deterministic_from_the_seed():
         m.init_weights(0.02)
     assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
     assert a.router.expert_bias.abs().sum() == 0
+    # built on meta, materialized, then initialized (as raytitan builds models): the same weights
+    with torch.device("meta"):
+        c = MoE(ARGS)
+    c.to_empty(device="cpu")
+    torch.manual_seed(7)
+    c.init_weights(0.02)
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), c.state_dict().values()))
+    assert torch.equal(c.tokens_per_expert, torch.zeros(4))
+
+
+def test_the_update_sums_counts_over_the_data_parallel_group():
+    """One rank here: the counts go through the all-reduce and the bias moves as without it."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already set up in this process")
+    a, b = build(), build()
+    x = torch.randn(2, 6, 8)
+    a(x), b(x)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        update_load_balance_bias(a, group=dist.group.WORLD)
+    finally:
+        dist.destroy_process_group()
+    update_load_balance_bias(b)
+    assert torch.equal(a.router.expert_bias, b.router.expert_bias) and a.router.expert_bias.abs().sum() > 0
 
 
 def test_parameter_counts_total_and_activated():
