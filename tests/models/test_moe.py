@@ -15,6 +15,16 @@ from raytitan.models.moe import (
 ARGS = MoEArgs(dim=8, moe_inter_dim=16, num_experts=4, top_k=2, num_shared_experts=1)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Shapes this small gain nothing from threads, and on a busy machine the many tiny
+    parallel regions of a training loop wait on each other for seconds."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def build(args=ARGS, seed=0) -> MoE:
     torch.manual_seed(seed)
     moe = MoE(args)
