@@ -54,3 +54,30 @@ def test_a_restarted_feeder_serves_ranks_one_batch_apart(shards, monkeypatch, fi
         tokens, ids, end, _ = got[k]
         np.testing.assert_array_equal(ids, expected[k].rows_for(rank, 2)[1])
         assert Cursor(*end) == expected[k].end
+
+
+def test_a_group_restarted_from_a_recent_step_is_served_again_without_a_pipeline_restart(shards, monkeypatch):
+    """Batches the ranks moved past stay (``replay``): a group restarted from a recent checkpoint
+    asks for them again with the same rows, and the pipeline goes on; a cursor further back than
+    the window restarts it, also with the same rows."""
+    monkeypatch.setattr(data_feed, "ray_rows", lambda shards, model, seq_len, seed, start, shuffle_block=0:
+                        local_rows(shards, ByteTokenizer(), seq_len, seed, start))
+    expected = list(itertools.islice(global_batches(local_rows(shards, ByteTokenizer(), 63, 0, Cursor()), 4,
+                                                    Cursor()), 12))
+    feeder = data_feed.DataFeeder(shards, Model(), 63, 0, 4, replay=3)
+
+    def step(k: int, reset: bool = False) -> None:
+        for rank in (0, 1):
+            _, ids, end, _ = feeder.get(expected[k].start.as_list(), rank, 2, reset=reset and rank == 0)
+            np.testing.assert_array_equal(ids, expected[k].rows_for(rank, 2)[1])
+            assert Cursor(*end) == expected[k].end
+
+    for k in range(7):
+        step(k, reset=k == 0)
+    assert feeder.restarts == 1
+    for k in range(4, 9):  # the group restarts from step 4's checkpoint: batches 4, 5, 6 again
+        step(k, reset=k == 4)
+    assert feeder.restarts == 1
+    step(2, reset=True)  # further back than the window holds
+    assert feeder.restarts == 2
+    step(3)

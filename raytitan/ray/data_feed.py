@@ -79,6 +79,18 @@ def data_source_error(error: BaseException | None) -> DataSourceError | None:
     return None
 
 
+REPLAY_BYTES = 512 * 2**20  # what a feeder may hold of batches already served, for restarts
+
+
+def replay_batches(checkpoint_interval: int, global_batch_size: int, seq_len: int,
+                   budget_bytes: int = REPLAY_BYTES) -> int:
+    """How many served batches a feeder keeps: enough for a restart from the newest committed
+    checkpoint (at most an interval back, one more while an async save commits), within the
+    budget; a restart further back restarts the pipeline, as before."""
+    batch_bytes = global_batch_size * ((seq_len + 1) * 4 + 3 * 8)  # int32 tokens, int64 ids
+    return max(0, min(2 * checkpoint_interval, budget_bytes // batch_bytes))
+
+
 class DataFeeder:
     """Serves global batches by start cursor; runs as a threaded Ray actor.
 
@@ -88,17 +100,23 @@ class DataFeeder:
     """
 
     def __init__(self, shards: list[str], model_config, seq_len: int, seed: int,
-                 global_batch_size: int, shuffle_block: int = 0, prefetch: int = 4):
+                 global_batch_size: int, shuffle_block: int = 0, prefetch: int = 4, replay: int = 0):
         # Only what the tokenizer needs: a small immutable value Ray Data can hash and ship.
         self._source = (shards, TokenizerSpec.of(model_config), seq_len, seed, shuffle_block)
         self.global_batch_size, self.prefetch = global_batch_size, max(prefetch, 3)
         self._cond = threading.Condition()
         self._buffer: OrderedDict[Cursor, GlobalBatch] = OrderedDict()
+        # The newest ``replay`` batches every rank has moved past: a group restarted from a recent
+        # checkpoint asks for them again, and gets them without restarting the pipeline (which
+        # would read its shards again from their start up to the cursor).
+        self._served: OrderedDict[Cursor, GlobalBatch] = OrderedDict()
+        self.replay = replay
         self._positions: dict[int, Cursor] = {}  # reader (training rank) -> newest cursor it asked for
         self._generation = 0
         self._next_start: Cursor | None = None
         self._error: BaseException | None = None
         self.rows_produced = 0
+        self.restarts = 0  # of the pipeline: at the first request, then when a cursor is not at hand
 
     def _produce(self, start: Cursor, generation: int) -> None:
         try:
@@ -120,7 +138,9 @@ class DataFeeder:
 
     def _restart(self, start: Cursor) -> None:
         self._generation += 1
+        self.restarts += 1
         self._buffer.clear()
+        self._served.clear()
         self._next_start, self._error = start, None
         threading.Thread(target=self._produce, args=(start, self._generation), daemon=True).start()
 
@@ -129,8 +149,26 @@ class DataFeeder:
             first = next(iter(self._buffer))
             if not all(r in self._positions and self._positions[r] > first for r in range(readers)):
                 return
-            del self._buffer[first]
+            self._served[first] = self._buffer.pop(first)
+            while len(self._served) > self.replay:
+                self._served.popitem(last=False)
             self._cond.notify_all()
+
+    def _replay_from(self, cursor: Cursor) -> bool:
+        """Whether the batches from ``cursor`` on are here (served ones, then the buffer's) with no
+        gap up to where the pipeline is: then they go back to the buffer and nothing restarts."""
+        if cursor not in self._served:
+            return False
+        chain, at = [], cursor
+        while at in self._served:
+            chain.append(self._served[at])
+            at = self._served[at].end
+        if not (at in self._buffer or at == self._next_start):
+            return False
+        for batch in chain:
+            del self._served[batch.start]
+        self._buffer = OrderedDict([*((b.start, b) for b in chain), *self._buffer.items()])
+        return True
 
     def get(self, start: list[int], dp_rank: int, dp_size: int, reset: bool = False,
             reader: int | None = None, readers: int | None = None):
@@ -146,6 +184,7 @@ class DataFeeder:
         with self._cond:
             if reset:
                 self._positions.clear()
+                self._replay_from(cursor)
                 while self._buffer and next(iter(self._buffer)) < cursor:
                     self._buffer.popitem(last=False)
             # A rank's request one batch ahead of the pipeline (its next request, sent to a feeder
@@ -173,7 +212,8 @@ class DataFeeder:
 
     def stats(self) -> dict:
         with self._cond:
-            return {"buffered_batches": len(self._buffer), "rows_produced": self.rows_produced}
+            return {"buffered_batches": len(self._buffer), "replayable_batches": len(self._served),
+                    "rows_produced": self.rows_produced, "pipeline_restarts": self.restarts}
 
 
 class RayFeedLoader(BatchLoader):

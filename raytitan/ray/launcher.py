@@ -20,7 +20,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from raytitan.components.checkpoint.layout import committed_steps, newest_readable_step, step_dir
 from raytitan.config.job import ConfigError, JobConfig, to_toml
-from raytitan.ray.data_feed import DataFeeder
+from raytitan.ray.data_feed import DataFeeder, replay_batches
 from raytitan.trainer.elastic.growth import GrowRequestError, read_grow_request
 from raytitan.components.metrics import METRICS_FILE, read_metrics
 from raytitan.ray import progress
@@ -168,8 +168,10 @@ def _launch(config: JobConfig, plan, lease: RunLease) -> ray.train.Result:
     _connect(config)
     resources = _worker_resources(config)
     launch_id = uuid.uuid4().hex[:8]
+    replay = replay_batches(config.checkpoint.interval, plan.global_batch_size, config.training.seq_len)
     feeders = {"train": start_feeder(f"train-{launch_id}", plan.shards, config.model, config.training.seq_len,
-                                     config.training.seed, plan.global_batch_size, config.training.shuffle_buffer)}
+                                     config.training.seed, plan.global_batch_size, config.training.shuffle_buffer,
+                                     4, replay)}
     if config.validation.enable:
         feeders["validation"] = start_feeder(
             f"validation-{launch_id}", plan.validation_shards, config.model, config.training.seq_len,
