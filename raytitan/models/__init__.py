@@ -15,6 +15,7 @@ from raytitan.models.spec import ModelSpec, ModelSpecError
 BUILTIN = {
     "llama3": "raytitan.models.llama3:spec",
     "qwen3": "raytitan.models.qwen3:spec",
+    "qwen3_moe": "raytitan.models.qwen3_moe:spec",
 }
 MODELS = tuple(BUILTIN)
 

@@ -61,6 +61,10 @@ class ModelSpec:
     # model.attn_mask_type = "block_causal": forward(tokens, document_ids=...) attends within documents
     # (raytitan.distributed.attention: document_positions for RoPE, block_causal_mask to every CausalAttention).
     supports_block_causal: bool = False
+    # (model parts, data-parallel group or None) -> None, after every applied optimizer step: state
+    # the model keeps outside its gradients (an MoE layer's load-balancing bias), updated alike on
+    # every data-parallel rank. None: nothing to do.
+    after_optimizer_step: Callable[[list[nn.Module], Any], None] | None = None
 
     def flavor(self, name: str) -> Any:
         if name not in self.flavors:

@@ -97,11 +97,27 @@ def build(ctx) -> Trainer:
         device=device, local_batch_size=plan.local_batch_size, schedule=ctx.schedule,
         max_norm=config.training.max_norm, loss_group=loss_group, pp_group=pp_group, validator=validator,
         report=runtime.report, before_step=fault.before_step,
-        after_optimizer_step=(lambda: float8.precompute_scales(parts)) if wants_scales else (lambda: None),
+        after_optimizer_step=after_optimizer_step(spec, parts, loss_group, wants_scales),
         stop_at_boundary=ctx.growth, stop_requested=ctx.stop,
         guard=NonFiniteGuard(config.training.on_nonfinite, config.training.max_nonfinite_skips),
         group=ctx.active_group,
     )
+
+
+def after_optimizer_step(spec, parts: list[torch.nn.Module], dp_group, float8_scales: bool):
+    """What runs after each applied optimizer step: the family's own update (over the ranks that
+    see different tokens, so every replica agrees), then the Float8 scales for the next all-gather."""
+    hooks = []
+    if spec.after_optimizer_step is not None:
+        hooks.append(lambda: spec.after_optimizer_step(parts, dp_group))
+    if float8_scales:
+        hooks.append(lambda: float8.precompute_scales(parts))
+
+    def run() -> None:
+        for hook in hooks:
+            hook()
+
+    return run
 
 
 def build_model_parts(plan, mesh, config: JobConfig, device: torch.device) -> tuple[list[torch.nn.Module], list[int], int]:

@@ -1,0 +1,117 @@
+"""Qwen3-MoE in Hugging Face's layout (``Qwen3MoeForCausalLM``, model_type ``qwen3_moe``):
+Qwen3's attention names and RoPE orders, and the experts as the published folders store them,
+one matrix per expert (``mlp.experts.{e}.gate_proj.weight``), where raytitan stacks them.
+
+The load-balancing bias has no Hugging Face counterpart: an export leaves it out (transformers
+routes by the scores alone), an import starts it at zero."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from raytitan.models.hf import HFFormatError
+from raytitan.models.qwen3.hf import Qwen3HF
+from raytitan.models.qwen3_moe.args import ModelArgs
+
+# raytitan's stacked expert weight -> the per-expert Hugging Face matrix it holds.
+EXPERT_NAMES = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+_OURS_EXPERTS = re.compile(r"^layers\.(\d+)\.moe\.experts\.(w[123])$")
+_HF_EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+_BIAS = re.compile(r"^layers\.(\d+)\.moe\.router\.expert_bias$")
+# Partial names of one expert's matrix on import, stacked by ``complete``.
+_PART = "{}#{}"
+
+
+def num_experts(config: dict) -> int:
+    """The releases write ``num_experts``; transformers 5's save_pretrained ``num_local_experts``."""
+    n = config.get("num_experts", config.get("num_local_experts"))
+    if n is None:
+        raise HFFormatError("config.json has no num_experts (nor num_local_experts)")
+    return int(n)
+
+
+class Qwen3MoeHF(Qwen3HF):
+    model_type = "qwen3_moe"
+    layer_names = {**{k: v for k, v in Qwen3HF.layer_names.items() if not k.startswith("feed_forward.")},
+                   "moe.router.gate.weight": "mlp.gate.weight"}
+    compared_keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size",
+                     "head_dim", "moe_intermediate_size", "num_experts", "num_experts_per_tok", "norm_topk_prob")
+
+    def to_hf(self, name: str, tensor: torch.Tensor, args: ModelArgs) -> dict[str, torch.Tensor]:
+        if _BIAS.match(name):
+            return {}
+        m = _OURS_EXPERTS.match(name)
+        if m:
+            layer, w = m.groups()
+            return {f"model.layers.{layer}.mlp.experts.{e}.{EXPERT_NAMES[w]}.weight": tensor[e]
+                    for e in range(tensor.shape[0])}
+        return super().to_hf(name, tensor, args)
+
+    def from_hf(self, name: str, tensor: torch.Tensor, config: dict) -> dict[str, torch.Tensor]:
+        m = _HF_EXPERT.match(name)
+        if m:
+            layer, expert, hf = m.groups()
+            w = next(k for k, v in EXPERT_NAMES.items() if v == hf)
+            return {_PART.format(f"layers.{layer}.moe.experts.{w}", expert): tensor}
+        if ".mlp.experts." in name:
+            raise HFFormatError(f"'{name}': raytitan reads the published per-expert layout "
+                                "(mlp.experts.<e>.gate_proj.weight), as transformers' save_pretrained writes it")
+        return super().from_hf(name, tensor, config)
+
+    def complete(self, weights: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
+        """Stack each layer's per-expert matrices into [num_experts, out, in] and start every
+        layer's load-balancing bias at zero."""
+        weights = super().complete(weights, config)
+        n = num_experts(config)
+        stacked = sorted({k.partition("#")[0] for k in weights if "#" in k})
+        for key in stacked:
+            missing = [e for e in range(n) if _PART.format(key, e) not in weights]
+            if missing:
+                raise HFFormatError(f"{key}: experts {missing[:5]} missing from the folder ({n} expected)")
+            weights[key] = torch.stack([weights.pop(_PART.format(key, e)) for e in range(n)])
+        for layer in range(int(config["num_hidden_layers"])):
+            weights.setdefault(f"layers.{layer}.moe.router.expert_bias", torch.zeros(n, dtype=torch.float32))
+        return weights
+
+    def check_matches(self, args: ModelArgs, config: dict) -> None:
+        """Qwen3's checks, then: every layer must be MoE (decoder_sparse_step 1, no dense layers)."""
+        if int(config.get("decoder_sparse_step", 1)) != 1 or config.get("mlp_only_layers"):
+            raise HFFormatError("config.json has dense layers (decoder_sparse_step != 1 or mlp_only_layers): raytitan's "
+                                "qwen3_moe has an MoE feed-forward in every layer, as the releases do")
+        super().check_matches(args, {**config, "num_experts": num_experts(config)})
+
+    def hf_config(self, args: ModelArgs, dtype: torch.dtype, bos_id: int | None = None,
+                  eos_id: int | None = None) -> dict:
+        return {
+            "architectures": ["Qwen3MoeForCausalLM"],
+            "model_type": "qwen3_moe",
+            "hidden_size": args.dim,
+            "intermediate_size": args.moe_inter_dim * args.top_k,  # unused: no dense layer
+            "moe_intermediate_size": args.moe_inter_dim,
+            "num_experts": args.num_experts,
+            "num_experts_per_tok": args.top_k,
+            "norm_topk_prob": args.route_norm,
+            "decoder_sparse_step": 1,
+            "mlp_only_layers": [],
+            "num_hidden_layers": args.n_layers,
+            "num_attention_heads": args.n_heads,
+            "num_key_value_heads": args.kv_heads,
+            "head_dim": args.head_dim,
+            "hidden_act": "silu",
+            "rms_norm_eps": args.norm_eps,
+            "rope_theta": args.rope_theta,
+            "rope_scaling": None,
+            "max_position_embeddings": args.max_seq_len,
+            "vocab_size": args.vocab_size,
+            "tie_word_embeddings": args.tie_embeddings,
+            "attention_bias": False,
+            "attention_dropout": 0.0,
+            "use_sliding_window": False,
+            "sliding_window": None,
+            "output_router_logits": False,
+            "torch_dtype": str(dtype).removeprefix("torch."),
+            "bos_token_id": bos_id,
+            "eos_token_id": eos_id,
+        }

@@ -1,0 +1,33 @@
+"""Qwen3-MoE's layouts in this first version: data parallel (FSDP / HSDP), with activation
+checkpointing and compile, the shared steps of ``raytitan.distributed.parallelize``. No expert,
+tensor, context or pipeline parallel yet: ``check_layout`` refuses them before launch."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from torch.distributed.device_mesh import DeviceMesh
+
+from raytitan.distributed.parallelize import parallelize
+from raytitan.models.qwen3.parallelize import check_layout as check_qwen3_layout
+from raytitan.models.qwen3_moe.model import Transformer
+
+# Float8 converts nn.Linear layers; the router's gate must keep its precision (a float8 router
+# would choose experts by rounded scores). The experts are not nn.Linear: never converted.
+FLOAT8_KEEP = ("router.gate",)
+
+
+def parallelize_qwen3_moe(model: Transformer, dims, mesh: DeviceMesh, config) -> Transformer:
+    """Float8 (attention projections only), activation checkpointing, compile, FSDP/HSDP."""
+    float8 = config.float8
+    config = dataclasses.replace(config, float8=dataclasses.replace(
+        float8, filter_fqns=[*float8.filter_fqns, *(n for n in FLOAT8_KEEP if n not in float8.filter_fqns)]))
+    return parallelize(model, dims, mesh, config)
+
+
+def check_layout(args, dims) -> None:
+    """Data parallel only for now; then Qwen3's head checks."""
+    if dims.pp > 1:
+        raise ValueError("model.name = 'qwen3_moe' does not support pipeline parallel yet (data parallel only: "
+                         "FSDP/HSDP): set parallelism.pipeline_parallel_degree = 1")
+    check_qwen3_layout(args, dims)

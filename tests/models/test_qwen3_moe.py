@@ -1,0 +1,181 @@
+"""Qwen3-MoE: Hugging Face parity both ways, the published parameter counts (total and
+activated), training with the load-balancing bias moving and checkpointed, the trainer's hook,
+and the layouts refused before launch (data parallel only in this version)."""
+
+import dataclasses
+import os
+
+import pytest
+import torch
+import transformers  # test-only dependency (the dev extra): the reference Qwen3-MoE implementation
+
+from raytitan.components.checkpoint.convert import export_hf, import_hf
+from raytitan.components.checkpoint.manager import CheckpointManager, ModelState
+from raytitan.components.data.tokenizer import ByteTokenizer
+from raytitan.config.job import ConfigError, JobConfig
+from raytitan.config.plan import plan_run
+from raytitan.models import get_spec
+from raytitan.models.moe import MoE
+from raytitan.models.qwen3_moe.args import FLAVORS, ModelArgs
+from raytitan.models.qwen3_moe.model import Transformer
+from raytitan.models.spec import build_meta, count_params
+from raytitan.trainer.build import after_optimizer_step
+
+SPEC = get_spec("qwen3_moe")
+VOCAB = ByteTokenizer.vocab_size
+TINY = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, moe_inter_dim=32, num_experts=8, top_k=2,
+                 vocab_size=VOCAB, max_seq_len=64)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Shapes this small gain nothing from threads (as tests/models/test_moe.py)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def save_step(folder, model, args, step=1) -> str:
+    info = {"model": "qwen3_moe", "flavor": "debugmodel", "model_args": dataclasses.asdict(args),
+            "tokenizer": "byte", "bos_id": 256, "eos_id": 257}
+    return CheckpointManager(str(folder), {"model": ModelState([model])}, 0, commit_info=info).save(step)
+
+
+# --------------------------------------------------------------------------- Hugging Face
+
+
+def test_transformers_weights_import_with_the_same_logits_and_export_unchanged(tmp_path):
+    """A tiny Qwen3MoeForCausalLM (random weights, QK-norm scales off 1) saved by transformers
+    imports into raytitan with its logits (fp32, eval, relative 1e-5); raytitan's export writes
+    exactly the tensors transformers saved (per-expert matrices, RoPE orders restored, no bias),
+    and loads back in transformers with the same logits."""
+    from safetensors.torch import load_file
+
+    config = transformers.Qwen3MoeConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=2,
+        norm_topk_prob=True, rope_theta=1e6, rms_norm_eps=1e-6, max_position_embeddings=64, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    theirs = transformers.Qwen3MoeForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    theirs.save_pretrained(tmp_path / "theirs")
+    step = import_hf(str(tmp_path / "theirs"), str(tmp_path / "imported"))
+    ours = Transformer(TINY)
+    CheckpointManager(str(tmp_path), {"model": ModelState([ours])}, 0).load_path(step, model_only=True)
+    SPEC.hf.check_matches(TINY, config.to_dict())
+    assert all(m.router.expert_bias.abs().sum() == 0 for m in ours.modules() if isinstance(m, MoE))
+    tokens = torch.randint(0, VOCAB, (2, 24))
+    with torch.no_grad():
+        reference = theirs(tokens).logits
+        assert relative_difference(ours.eval()(tokens), reference) <= 1e-5
+
+    out = export_hf(save_step(tmp_path / "ckpt", ours, TINY), str(tmp_path / "ours"), dtype=torch.float32)
+    saved, exported = load_file(tmp_path / "theirs" / "model.safetensors"), load_file(os.path.join(out, "model.safetensors"))
+    assert exported.keys() == saved.keys()
+    assert all(torch.equal(exported[k], saved[k]) for k in saved)
+    back = transformers.Qwen3MoeForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        assert relative_difference(back(tokens).logits, reference) <= 1e-5
+
+
+# --------------------------------------------------------------------------- published shapes
+
+
+# Exact counts from the published shapes (every layer MoE, untied head, vocab 151936), and the
+# figures the model cards round them to: Qwen3-30B-A3B "30.5B in total and 3.3B activated",
+# Qwen3-235B-A22B "235B in total and 22B activated".
+@pytest.mark.parametrize("flavor, total, activated, card_total, card_activated", [
+    ("30B-A3B", 30_532_122_624, 3_353_032_704, 30.5e9, 3.3e9),
+    ("235B-A22B", 235_093_634_560, 22_190_763_520, 235e9, 22e9),
+])
+def test_parameter_counts_total_and_activated_match_published(flavor, total, activated, card_total, card_activated):
+    args = dataclasses.replace(FLAVORS[flavor], max_seq_len=16)
+    model = build_meta(SPEC, args)
+    assert count_params(model)[0] == total
+    assert SPEC.training_flops_per_token(args, model, 0) == 6 * (activated - args.vocab_size * args.dim)
+    # The cards cut the figures after their last published digit (0.1B for 30.5B and 3.3B, 1B for
+    # 235B and 22B): 3,353,032,704 activated reads "3.3B", not the rounded 3.4B.
+    digit = 0.1e9 if flavor == "30B-A3B" else 1e9
+    assert card_total <= total < card_total + digit and card_activated <= activated < card_activated + digit
+    if flavor == "30B-A3B":  # transformers' model of the release counts the same
+        with torch.device("meta"):
+            reference = transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(
+                **SPEC.hf.hf_config(args, torch.bfloat16)))
+        assert sum(p.numel() for p in reference.parameters()) == total
+
+
+# --------------------------------------------------------------------------- training
+
+
+def test_debug_model_trains_and_its_bias_moves_and_is_checkpointed(tmp_path):
+    """The debug flavor, one process: loss falls over 10 AdamW steps on a repeated batch; the
+    spec's after-optimizer-step hook (as the trainer chains it) moves every layer's expert bias;
+    the bias is in the checkpoint and comes back on load."""
+    args = FLAVORS["debugmodel"].with_vocab(VOCAB)
+    args = dataclasses.replace(args, max_seq_len=16)
+    torch.manual_seed(0)
+    model = Transformer(args)
+    model.init_weights()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    hook = after_optimizer_step(SPEC, [model], None, False)
+    tokens = torch.randint(0, VOCAB, (2, 17))
+    losses, biases = [], []
+    for _ in range(10):
+        logits = model(tokens[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        hook()
+        losses.append(loss.item())
+        biases.append(model.layers["0"].moe.router.expert_bias.clone())
+    assert losses[-1] < 0.7 * losses[0]
+    assert not torch.equal(biases[0], biases[-1]) and biases[-1].abs().sum() > 0
+    assert all(m.tokens_per_expert.sum() == 0 for m in model.modules() if isinstance(m, MoE))  # counted, reset
+
+    assert "layers.0.moe.router.expert_bias" in ModelState([model]).state_dict()
+    step = save_step(tmp_path / "ckpt", model, args)
+    fresh = Transformer(args)
+    fresh.init_weights()
+    CheckpointManager(str(tmp_path / "ckpt"), {"model": ModelState([fresh])}, 0).load_path(step, model_only=True)
+    for name in ("0", "3"):
+        assert torch.equal(fresh.layers[name].moe.router.expert_bias, model.layers[name].moe.router.expert_bias)
+
+
+def test_families_without_moe_have_no_hook_and_float8_scales_still_chain():
+    assert get_spec("llama3").after_optimizer_step is None and get_spec("qwen3").after_optimizer_step is None
+    calls = []
+    spec = dataclasses.replace(SPEC, after_optimizer_step=lambda parts, group: calls.append((parts, group)))
+    after_optimizer_step(spec, ["part"], "dp", False)()
+    assert calls == [(["part"], "dp")]
+
+
+# --------------------------------------------------------------------------- layouts
+
+
+def moe_config(**parallelism) -> JobConfig:
+    config = JobConfig()
+    config.model.name, config.model.flavor = "qwen3_moe", "debugmodel"
+    config.training.dataset = "synthetic"
+    for key, value in parallelism.items():
+        setattr(config.parallelism, key, value)
+    return config
+
+
+def test_only_data_parallel_layouts_are_accepted_before_launch():
+    with pytest.raises(ConfigError, match="does not support tensor parallel"):
+        plan_run(moe_config(tensor_parallel_degree=2), 2, resolve_data=False)
+    with pytest.raises(ConfigError, match="does not support context parallel"):
+        plan_run(moe_config(context_parallel_degree=2), 2, resolve_data=False)
+    with pytest.raises(ConfigError, match="'qwen3_moe' does not support pipeline parallel yet"):
+        plan_run(moe_config(pipeline_parallel_degree=2), 2, resolve_data=False)
+    assert plan_run(moe_config(), 2, resolve_data=False).dims.dp_shard == 2
+    hsdp = plan_run(moe_config(data_parallel_replicate_degree=2), 4, resolve_data=False).dims
+    assert (hsdp.dp_replicate, hsdp.dp_shard) == (2, 2)
