@@ -9,7 +9,12 @@ import pytest
 import torch
 import transformers  # test-only dependency (the dev extra): the reference Qwen3-MoE implementation
 
-from raytitan.components.checkpoint.convert import check_files, export_hf, import_hf, load_tensors
+from raytitan.components.checkpoint.convert import (
+    check_files,
+    export_hf,
+    import_hf,
+    load_tensors,
+)
 from raytitan.components.checkpoint.manager import CheckpointManager, ModelState
 from raytitan.components.data.tokenizer import ByteTokenizer
 from raytitan.config.job import ConfigError, JobConfig
@@ -155,6 +160,18 @@ def test_families_without_moe_have_no_hook_and_float8_scales_still_chain():
     spec = dataclasses.replace(SPEC, after_optimizer_step=lambda parts, group: calls.append((parts, group)))
     after_optimizer_step(spec, ["part"], "dp", False)()
     assert calls == [(["part"], "dp")]
+
+
+def test_float8_converts_the_attention_projections_only():
+    """Float8 swaps nn.Linear layers: the experts are stacked Parameters (never converted), and the
+    router's gate is kept out so experts are chosen by full-precision scores."""
+    from raytitan.config.job import Float8
+    from raytitan.distributed.float8 import convert_to_float8
+    from raytitan.models.qwen3_moe.parallelize import float8_settings
+
+    model = build_meta(SPEC, TINY)
+    converted = convert_to_float8(model, float8_settings(Float8(emulate=True)))
+    assert converted == sorted(f"layers.{i}.attention.{w}" for i in range(2) for w in ("wk", "wo", "wq", "wv"))
 
 
 # --------------------------------------------------------------------------- layouts

@@ -19,10 +19,13 @@ FLOAT8_KEEP = ("router.gate",)
 
 def parallelize_qwen3_moe(model: Transformer, dims, mesh: DeviceMesh, config) -> Transformer:
     """Float8 (attention projections only), activation checkpointing, compile, FSDP/HSDP."""
-    float8 = config.float8
-    config = dataclasses.replace(config, float8=dataclasses.replace(
-        float8, filter_fqns=[*float8.filter_fqns, *(n for n in FLOAT8_KEEP if n not in float8.filter_fqns)]))
-    return parallelize(model, dims, mesh, config)
+    return parallelize(model, dims, mesh, dataclasses.replace(config, float8=float8_settings(config.float8)))
+
+
+def float8_settings(settings):
+    """The run's Float8 settings with the routers kept out (a copy: the config is not changed)."""
+    keep = [n for n in FLOAT8_KEEP if n not in settings.filter_fqns]
+    return dataclasses.replace(settings, filter_fqns=[*settings.filter_fqns, *keep])
 
 
 def check_layout(args, dims) -> None:
