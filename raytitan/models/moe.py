@@ -177,8 +177,9 @@ class GroupedExperts(nn.Module):
 
 class MoE(nn.Module):
     """The MoE feed-forward: x [batch, seq, dim] -> shared(x) + sum over the chosen k of
-    weight_k * expert_k(x). Counts the tokens each expert receives (``tokens_per_expert``,
-    accumulated over microbatches until ``update_expert_bias``; a forward recomputed under
+    weight_k * expert_k(x). Counts the tokens each expert receives in training mode
+    (``tokens_per_expert``, accumulated over microbatches until ``update_expert_bias``; evaluation
+    forwards do not count; a forward recomputed under
     activation checkpointing counts again, which doubles every count and leaves the update,
     which reads only their signs against the mean, unchanged)."""
 
@@ -197,8 +198,9 @@ class MoE(nn.Module):
         bsz, seq_len, dim = x.shape
         flat = x.reshape(-1, dim)
         weights, ids, counts, scores = self.router(flat)
-        with torch.no_grad():
-            self.tokens_per_expert.add_(counts)
+        if self.training:  # validation and sampling must not steer the next bias update
+            with torch.no_grad():
+                self.tokens_per_expert.add_(counts)
         if self.training and self.args.aux_loss_alpha > 0:
             self.aux_loss = sequence_aux_loss(scores.view(bsz, seq_len, -1), ids.view(bsz, seq_len, -1),
                                               self.args.top_k, self.args.aux_loss_alpha)

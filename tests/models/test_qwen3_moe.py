@@ -122,7 +122,7 @@ def test_parameter_counts_total_and_activated_match_published(flavor, total, act
 def test_debug_model_trains_and_its_bias_moves_and_is_checkpointed(tmp_path):
     """The debug flavor, one process: loss falls over 10 AdamW steps on a repeated batch; the
     spec's after-optimizer-step hook (as the trainer chains it) moves every layer's expert bias;
-    the bias is in the checkpoint and comes back on load."""
+    evaluation forwards count no tokens; the bias is in the checkpoint and comes back on load."""
     args = FLAVORS["debugmodel"].with_vocab(VOCAB)
     args = dataclasses.replace(args, max_seq_len=16)
     torch.manual_seed(0)
@@ -144,6 +144,9 @@ def test_debug_model_trains_and_its_bias_moves_and_is_checkpointed(tmp_path):
     assert losses[-1] < 0.7 * losses[0]
     assert not torch.equal(biases[0], biases[-1]) and biases[-1].abs().sum() > 0
     assert all(m.tokens_per_expert.sum() == 0 for m in model.modules() if isinstance(m, MoE))  # counted, reset
+    with torch.no_grad():
+        model.eval()(tokens[:, :-1])  # validation and sampling leave the next update alone
+    assert all(m.tokens_per_expert.sum() == 0 for m in model.modules() if isinstance(m, MoE))
 
     assert "layers.0.moe.router.expert_bias" in ModelState([model]).state_dict()
     step = save_step(tmp_path / "ckpt", model, args)
