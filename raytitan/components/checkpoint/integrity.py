@@ -9,8 +9,8 @@ crc]`` per segment, written when the file is complete, before DCP's ``.metadata`
 marker; the marker records ``"checksums": "crc32"``. Nothing is read back, and the hashing runs in
 the thread that writes: in the background for async saves. ``torch.save`` also computes a CRC-32
 of every zip record it writes, which ``torch.load`` never checks; it costs as much as these
-checksums, so it is switched off while a data file is written (torch's public
-``set_crc32_options``; torch documents that such files load), and the checksums cost the save
+checksums, so it is switched off while a data file is written, in the thread that writes it (torch's
+public ``set_crc32_options``, a per-thread setting; torch documents that such files load), and the checksums cost the save
 almost nothing net.
 
 **Loading.** Each stored item's bytes are checked as DCP reads them (``storage.dcp_reader`` with a
@@ -53,26 +53,17 @@ class ChecksumError(CheckpointError):
 
 # --------------------------------------------------------------------------- saving
 
-_torch_crc = {"lock": threading.Lock(), "writers": 0, "saved": True}
-
-
 @contextmanager
 def _without_torch_record_crc():
-    """Skip torch.save's unchecked per-record CRC-32 while data files are written (DCP may write
-    several at once, from threads: the setting is process-wide, restored by the last one)."""
-    with _torch_crc["lock"]:
-        if _torch_crc["writers"] == 0:
-            _torch_crc["saved"] = torch.serialization.get_crc32_options()
-            torch.serialization.set_crc32_options(False)
-        _torch_crc["writers"] += 1
+    """Skip torch.save's unchecked per-record CRC-32 while a data file is written. torch keeps the
+    setting per thread, and DCP writes each file (stream and torch.save) from one thread: it is
+    switched off and restored there, so other threads' saves keep theirs."""
+    saved = torch.serialization.get_crc32_options()
+    torch.serialization.set_crc32_options(False)
     try:
         yield
     finally:
-        with _torch_crc["lock"]:
-            _torch_crc["writers"] -= 1
-            if _torch_crc["writers"] == 0:
-                torch.serialization.set_crc32_options(_torch_crc["saved"])
-
+        torch.serialization.set_crc32_options(saved)
 
 
 class _HashingStream:
