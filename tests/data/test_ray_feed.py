@@ -97,3 +97,33 @@ def test_a_dataset_without_a_window_reaches_the_ranks_as_a_data_source_error(ray
     with pytest.raises(DataSourceError, match="no window"):  # the rank's own loader
         RayFeedLoader(feeder, 8, 0, 1).next_batch()
     ray.kill(feeder)
+
+
+def test_simulated_readers_each_get_exactly_their_rows(ray_local, shards):
+    """benchmarks/data_scale.py's simulated ranks against one feeder: 4 ranks, then 8 ranks from where
+    they stopped (a dp change), each step's rows over the ranks in rank order are exactly the stream's
+    global batch, and every rank got exactly its share."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
+    import data_scale
+
+    steps, global_batch = 4, 8
+    expected = list(itertools.islice(global_batches(local_rows(shards, ByteTokenizer(), 63, 0, Cursor()),
+                                                    global_batch, Cursor()), 2 * steps))
+    feeder = data_scale.start_feeder(shards, 63, global_batch)
+    try:  # the ranks run in this process: no reader actor to start on the 2 shared cores
+        first = data_scale.measure(feeder, [], readers=4, steps=steps, step_rate=20, lead_s=0.2)
+        second = data_scale.measure(feeder, [], readers=8, steps=steps, step_rate=20, start=first["end"],
+                                    lead_s=0.2)
+    finally:
+        ray.kill(feeder)
+    assert first["end"] == expected[steps - 1].end and second["end"] == expected[-1].end
+    for result, batches, readers in ((first, expected[:steps], 4), (second, expected[steps:], 8)):
+        assert sorted(result["ranks"]) == list(range(readers))
+        for k, batch in enumerate(batches):
+            parts = [result["ranks"][r]["ids"][k] for r in range(readers)]
+            assert all(len(p) == global_batch // readers for p in parts)
+            np.testing.assert_array_equal(np.concatenate(parts), batch.ids)
+        assert data_scale.check_rows(result, batches, global_batch // readers) == steps * global_batch
