@@ -29,8 +29,9 @@ HOSTS = {"gpu-a01": "10.1.0.11", "gpu-a02": "10.1.0.12", "gpu-b07": "10.1.0.17"}
 NODELIST = "gpu-a[01-02],gpu-b07"
 JOB = "4242"
 
-# Each stand-in first appends "name arg arg ..." (shell-quoted) to $CALLS.
-RECORD = '{ printf %s "$(basename "$0")"; printf " %q" "$@"; echo; } >> "$CALLS"\n'
+# Each stand-in first appends "name arg arg ..." (shell-quoted) to $CALLS, as one write: stand-ins
+# run at once (Ray nodes in the background), and lines written in pieces could interleave.
+RECORD = 'line="$(printf %s "$(basename "$0")"; printf " %q" "$@")"; printf "%s\\n" "$line" >> "$CALLS"\n'
 STANDINS = {
     "scontrol": """
 case "$1" in
