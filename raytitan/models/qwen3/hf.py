@@ -48,11 +48,14 @@ class Qwen3HF(HFAdapter):
 
     def hf_config(self, args: ModelArgs, dtype: torch.dtype, bos_id: int | None = None,
                   eos_id: int | None = None) -> dict:
+        return {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "intermediate_size": args.hidden_dim,
+                "max_window_layers": args.n_layers, **self.common_config(args, dtype, bos_id, eos_id)}
+
+    @staticmethod
+    def common_config(args, dtype: torch.dtype, bos_id: int | None, eos_id: int | None) -> dict:
+        """The config.json keys Qwen3 and Qwen3-MoE share (everything but the feed-forward's)."""
         return {
-            "architectures": ["Qwen3ForCausalLM"],
-            "model_type": "qwen3",
             "hidden_size": args.dim,
-            "intermediate_size": args.hidden_dim,
             "num_hidden_layers": args.n_layers,
             "num_attention_heads": args.n_heads,
             "num_key_value_heads": args.kv_heads,
@@ -68,7 +71,6 @@ class Qwen3HF(HFAdapter):
             "attention_dropout": 0.0,
             "use_sliding_window": False,
             "sliding_window": None,
-            "max_window_layers": args.n_layers,
             "torch_dtype": str(dtype).removeprefix("torch."),
             "bos_token_id": bos_id,
             "eos_token_id": eos_id,
