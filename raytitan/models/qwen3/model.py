@@ -86,6 +86,8 @@ class Transformer(nn.Module):
     (``raytitan.models.tied``); ``init_weights``, which the contract calls after ``to_empty``,
     ties them again."""
 
+    block = TransformerBlock  # a family built on Qwen3's (Qwen3-MoE) swaps in its own block
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         if args.vocab_size is None:
@@ -93,7 +95,7 @@ class Transformer(nn.Module):
         self.args = args
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         # A ModuleDict keyed by layer id keeps names stable when pipeline stages drop layers.
-        self.layers = nn.ModuleDict({str(i): TransformerBlock(i, args) for i in range(args.n_layers)})
+        self.layers = nn.ModuleDict({str(i): self.block(i, args) for i in range(args.n_layers)})
         self.norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         tie_weights(self)

@@ -13,7 +13,6 @@ from raytitan.models.qwen3.model import Attention
 from raytitan.models.qwen3.model import Transformer as Qwen3Transformer
 from raytitan.models.qwen3_moe.args import ModelArgs
 from raytitan.models.spec import count_params
-from raytitan.models.tied import tie_weights
 
 
 class TransformerBlock(nn.Module):
@@ -37,21 +36,10 @@ class TransformerBlock(nn.Module):
 
 
 class Transformer(Qwen3Transformer):
-    """Qwen3's embedding, norm, output head, forward and init with MoE blocks. Its own
-    ``__init__`` (not Qwen3's) so that no dense feed-forward is ever built."""
+    """Qwen3's embedding, norm, output head, forward and init, with MoE blocks in place of the
+    dense ones (no dense feed-forward is ever built)."""
 
-    def __init__(self, args: ModelArgs):
-        nn.Module.__init__(self)
-        if args.vocab_size is None:
-            raise ValueError("ModelArgs.vocab_size is unset: call args.with_vocab(tokenizer.vocab_size)")
-        self.args = args
-        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
-        self.layers = nn.ModuleDict({str(i): TransformerBlock(i, args) for i in range(args.n_layers)})
-        self.norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
-        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
-        tie_weights(self)
-        self.positions: torch.Tensor | None = None
-        self.register_buffer("freqs_cis", self._rope(), persistent=False)
+    block = TransformerBlock
 
 
 def training_flops(args: ModelArgs, model: nn.Module, seq_len: int) -> int:
