@@ -205,3 +205,26 @@ def test_damage_on_an_object_store_is_found_and_skipped(s3_folder, warnings_seen
         f.write(bytes(data))
     assert load_into_fresh(s3_folder)[0] == 1
     assert f"'model.0.weight' in {step}/__0_0.distcp is damaged" in warnings_seen.text
+
+
+def test_overlapping_writes_restore_torchs_record_crc_in_each_thread():
+    """torch keeps its record-CRC setting per thread: a write on this thread that ends while a
+    background write is still going must leave this thread's setting on (a shared counter left it
+    off, restoring it later in the background thread instead)."""
+    import threading
+
+    inside, release = threading.Event(), threading.Event()
+
+    def background_write():
+        with integrity._without_torch_record_crc():
+            inside.set()
+            release.wait(10)
+
+    with integrity._without_torch_record_crc():
+        assert not torch.serialization.get_crc32_options()
+        writer = threading.Thread(target=background_write)
+        writer.start()
+        assert inside.wait(10)
+    assert torch.serialization.get_crc32_options()  # this write ended first, the other still runs
+    release.set()
+    writer.join(10)
