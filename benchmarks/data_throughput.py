@@ -18,6 +18,7 @@ import itertools
 import os
 import sys
 import tempfile
+import types
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -76,7 +77,8 @@ def training_tokens_per_s(seq_len: int, batch: int, steps: int) -> float:
     model.init_weights()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    trainer = Trainer(ModelRunner([model]), opt, sched, None, None, None, None, device=torch.device("cpu"),
+    no_saves = types.SimpleNamespace(wait_for_staging=lambda: None)  # the step waits for async saves; none here
+    trainer = Trainer(ModelRunner([model]), opt, sched, None, no_saves, None, None, device=torch.device("cpu"),
                       local_batch_size=batch, schedule=Schedule(steps, 1, 1, False, 0), max_norm=1.0, loss_group=None)
     tokens = torch.randint(0, 259, (batch, seq_len + 1))
     trainer.train_step(tokens)  # warm-up
