@@ -116,6 +116,9 @@ def logged_lrs(trainer, total_steps: int) -> list[float]:
     class Loader:
         global_batch_size, bad_records = 2, 0
 
+        def metrics(self):
+            return {}
+
         def next_batch(self):
             return RankBatch(torch.randint(0, 61, (2, 9)), None)
 
@@ -230,6 +233,9 @@ def test_the_loop_reads_losses_back_only_on_the_steps_it_logs(monkeypatch):
     class Loader:
         global_batch_size, bad_records = 4, 0
 
+        def metrics(self):
+            return {}
+
         def next_batch(self):
             return RankBatch(torch.randint(0, 61, (4, 17)), None)
 
@@ -273,6 +279,9 @@ class CountingLoader:
 
     def __init__(self):
         self.generator, self.consumed = torch.Generator().manual_seed(0), 0
+
+    def metrics(self):
+        return {"data/bad_records": 0}
 
     def next_batch(self):
         from raytitan.components.data.loader import RankBatch

@@ -225,6 +225,14 @@ class Checkpoint:
     last_save_model_only: bool = opt(False, "The last save of the run holds only the model weights")
     export_dtype: str = opt("float32", "Weight dtype of a model-only last save and of last_save_in_hf: float32, bfloat16, float16")
     last_save_in_hf: bool = opt(False, "Also export the last step as a Hugging Face model folder step-N-hf (safetensors + config.json)")
+    memory_interval: int = opt(
+        0, "Under Ray: also snapshot every rank's state into host memory every this many steps (0 = off), kept by a "
+        "store on each node and replicated to other nodes; a restarted group resumes from the newest complete "
+        "snapshot when it is newer than the newest disk checkpoint", NON_NEGATIVE)
+    memory_replicas: int = opt(1, "Copies of each rank's memory snapshot on other nodes, besides the one on its own node", NON_NEGATIVE)
+    memory_max_node_share: float = opt(
+        0.5, "Refuse memory snapshots (before launch) whose two newest snapshots with their replicas would need more "
+        "than this share of a node's memory", FRACTION)
     save_on_signal_timeout_s: float = opt(
         120.0, "On SIGTERM (or SIGINT to the Ray driver): seconds for the workers to finish the step in flight and the "
         "next, save and commit it, before the run is ended without it (exit code 1, not 75)", POSITIVE)
@@ -275,6 +283,7 @@ class Fault:
     kill_step: int = opt(-1, "Kill a worker (SIGKILL) at the start of this step, once per run (-1 = never)", FILL)
     kill_rank: int = opt(0, "Rank that kill_step kills; below the run's largest world size", NON_NEGATIVE)
     during_save: bool = opt(False, "Kill after the checkpoint of kill_step is written but before it commits")
+    during_snapshot: bool = opt(False, "Kill after the memory snapshot of kill_step is written but before it commits")
     seed: int = opt(-1, "Pick kill_step and kill_rank at random from this seed (-1 = use the keys above)", Range(0, special=(-1,)))
 
 

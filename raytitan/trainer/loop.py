@@ -294,7 +294,7 @@ class Trainer:
                 metrics = self.metrics.summarize(step, metrics["loss"], grad_norm.item(), lr)
                 metrics.update(tokens_seen=self.state.tokens_seen, **self.extra_metrics)
                 metrics["training/skipped_steps"] = self.guard.skipped
-                metrics["data/bad_records"] = self.loader.bad_records
+                metrics.update(self.loader.metrics())
                 self.metrics.log(metrics)
             if self.validator and self.schedule.validates(step):
                 validation = {"validation/loss": self.validator.evaluate()}

@@ -42,6 +42,10 @@ class BatchLoader:
         self.bad_records += bad
         return RankBatch(torch.from_numpy(tokens.astype(np.int64)), ids)
 
+    def metrics(self) -> dict[str, float]:
+        """What this loader reports in each logged step's metrics (``data/...``)."""
+        return {"data/bad_records": self.bad_records}
+
     def state_dict(self) -> dict:
         return {"cursor": self.cursor.as_list(), "consumed": self.consumed}
 
