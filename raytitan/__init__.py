@@ -6,8 +6,6 @@ from typing import Any
 
 from raytitan.config.job import JobConfig, apply_dict, check_torchtitan_keys, load_toml, set_key
 
-from raytitan.components.metrics import read_metrics
-
 __all__ = ["JobConfig", "fit", "generate", "load_config", "read_metrics"]
 
 
@@ -44,3 +42,10 @@ def generate(checkpoint: str, prompt: str, max_new_tokens: int = 32, temperature
     from raytitan.tools.sampling import generate as _generate
 
     return _generate(checkpoint, prompt, max_new_tokens, temperature, **kwargs)
+
+
+def read_metrics(run_dir: str) -> list[dict]:
+    """Every metrics line a run logged (its ``metrics.jsonl``), oldest first."""
+    from raytitan.components.metrics import read_metrics as _read
+
+    return _read(run_dir)

@@ -29,6 +29,16 @@ LOCAL = pafs.LocalFileSystem()
 _OBJECT_STORES = ("s3", "gs", "gcs")  # URIs whose host part is the bucket, part of the path
 _READ_WHOLE_BYTES = 64 << 20  # remote files up to this size are fetched in one request
 _filesystems: dict[tuple[str, str], pafs.FileSystem] = {}
+_mounted: dict[str, pafs.FileSystem] = {}  # URL scheme -> a filesystem of raytitan's own (memory snapshots)
+
+
+def mount(scheme: str, filesystem: pafs.FileSystem | None) -> None:
+    """Serve ``scheme://`` paths from ``filesystem`` in this process (None: stop serving them).
+    Its paths are given to it as ``host/path``, like an object store's."""
+    if filesystem is None:
+        _mounted.pop(scheme, None)
+    else:
+        _mounted[scheme] = filesystem
 
 
 def is_remote(path: str) -> bool:
@@ -48,6 +58,8 @@ def resolve(path: str) -> tuple[pafs.FileSystem, str]:
     if not is_remote(path):
         return LOCAL, os.path.abspath(path.removeprefix("file://"))
     u = urlsplit(path)
+    if u.scheme in _mounted:
+        return _mounted[u.scheme], (u.netloc + u.path).rstrip("/")
     key = (u.scheme, u.netloc)
     if key not in _filesystems:
         _filesystems[key] = pafs.FileSystem.from_uri(f"{u.scheme}://{u.netloc}{'?' + u.query if u.query else ''}")[0]

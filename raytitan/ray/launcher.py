@@ -27,10 +27,12 @@ from raytitan.ray import progress
 from raytitan.components import storage
 from raytitan.components.lease import RunLease
 from raytitan.config.plan import data_parallel_degree, plan_run
-from raytitan.models import source_root
+from raytitan.models import get_spec, source_root
+from raytitan.models.spec import build_meta, count_params
 from raytitan.trainer.elastic.history import PROGRESS_FILE, ProgressMarkerError, failures_in, read_progress
 from raytitan.ray.runtime import train_worker
 from raytitan.ray.signals import DriverStop, TrainingStopped
+from raytitan.ray.snapshots import SnapshotStores, check_memory
 from raytitan.trainer.runtime import setup_logging
 
 logger = logging.getLogger("raytitan")
@@ -178,6 +180,7 @@ def _launch(config: JobConfig, plan, lease: RunLease) -> ray.train.Result:
             config.training.seed, config.validation.local_batch_size * plan.dims.dp)
     if starts_at_the_beginning(config):
         feeders["train"].warm_start.remote()
+    stores = start_snapshot_stores(config, plan, launch_id)
     t0 = time.perf_counter()
     wanted = progress.wanted(config.metrics.progress_bar)
     bar = progress.ProgressBar(config.run_dir, config.training.steps) if wanted else None
@@ -191,9 +194,10 @@ def _launch(config: JobConfig, plan, lease: RunLease) -> ray.train.Result:
             _forget_ray_checkpoint_list(config)
             failures_left = config.ray.max_failures - failures_in(config.run_dir, attempts)
             attempts.add(attempt)
-            trainer = _trainer(config, feeders, resources, failures_left=failures_left, attempt=attempt)
+            trainer = _trainer(config, feeders, resources, failures_left=failures_left, attempt=attempt,
+                               snapshot_stores=stores and stores.launch)
             try:
-                with NodeWatch():  # a lost node refreshes the view Ray Train sizes the next group from
+                with NodeWatch(on_join=stores and stores.ensure):  # a lost node refreshes the view Ray Train sizes the next group from
                     result = stop.run(attempt, trainer.fit, end_if=lambda: lease.lost)
             except TrainingStopped:
                 raise
@@ -211,6 +215,8 @@ def _launch(config: JobConfig, plan, lease: RunLease) -> ray.train.Result:
             bar.close()
         for feeder in feeders.values():
             ray.kill(feeder)
+        if stores:
+            stores.close()
         if stop.aborted:
             ray.shutdown()  # ends this job's actors now: Ray Train's controller and the workers
     if stop.requested:
@@ -219,6 +225,23 @@ def _launch(config: JobConfig, plan, lease: RunLease) -> ray.train.Result:
         check_reached_steps(config)
     print(summary(config, result, time.perf_counter() - t0), flush=True)
     return result
+
+
+def start_snapshot_stores(config: JobConfig, plan, launch_id: str) -> SnapshotStores | None:
+    """A memory-snapshot store on every node (``checkpoint.memory_interval``), once the memory they
+    need fits (else a ``ConfigError`` with the numbers, before any worker starts)."""
+    c = config.checkpoint
+    if not (c.enable and c.memory_interval > 0):
+        return None
+    n_params, _ = count_params(build_meta(get_spec(config.model.name), plan.model_args))
+    memory = {n["NodeID"]: n.get("Resources", {}).get("memory", 0.0) for n in ray.nodes() if n.get("Alive")}
+    try:
+        print(check_memory(n_params, c.memory_replicas, memory, c.memory_max_node_share), flush=True)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    stores = SnapshotStores(launch_id)
+    stores.ensure(set(memory))
+    return stores
 
 
 FEEDER_PREFIX = "raytitan-feeder-"  # the feeder actors' names: FEEDER_PREFIX + purpose-launch id
@@ -328,8 +351,8 @@ class NodeWatch:
     coordinator otherwise refreshes only every 20 s: a group sized with the dead node's slots waits
     its whole start timeout for them before Ray Train decides again."""
 
-    def __init__(self, interval_s: float = 1.0):
-        self.interval_s = interval_s
+    def __init__(self, interval_s: float = 1.0, on_join=None):
+        self.interval_s, self.on_join = interval_s, on_join  # on_join(alive node ids): nodes joined
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._watch, name="raytitan-node-watch", daemon=True)
 
@@ -354,13 +377,15 @@ class NodeWatch:
                     logger.warning("node(s) %s left the cluster: refreshing Ray's view before the group restarts",
                                    ", ".join(sorted(n[:8] for n in lost)))
                     _refresh_ray_cluster_view()
+                if now - known and self.on_join:
+                    self.on_join(now)
                 known = now
         except Exception as e:  # never the run's failure: Ray Train decides again after its start timeout
             logger.warning("the node watch stopped (%s: %s)", type(e).__name__, e)
 
 
 def _trainer(config: JobConfig, feeders: dict, resources: dict, failures_left: int,
-             attempt: str | None = None) -> TorchTrainer:
+             attempt: str | None = None, snapshot_stores: str | None = None) -> TorchTrainer:
     lo, hi = config.ray.worker_range
     # Ray's experiment folder is the run folder; on an object store, through the same filesystem.
     filesystem, parent = storage.resolve(config.run_dir.rsplit("/", 1)[0])
@@ -370,7 +395,7 @@ def _trainer(config: JobConfig, feeders: dict, resources: dict, failures_left: i
     return TorchTrainer(
         train_worker,
         train_loop_config={"config": config.to_dict(), "feeders": feeders, "worker_bundle": bundle, "max_workers": hi,
-                           "attempt": attempt},
+                           "attempt": attempt, "snapshot_stores": snapshot_stores},
         torch_config=TorchConfig(backend="nccl" if config.ray.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=(lo, hi) if lo != hi else hi, use_gpu=config.ray.use_gpu, resources_per_worker=resources,

@@ -24,8 +24,9 @@ class RayRuntime(Runtime):
     reads_shards = False  # the DataFeeder reads them; 512 workers need not each list the source
 
     def __init__(self, feeders: dict, worker_bundle: dict, max_workers: int, attempt: str | None = None,
-                 run_dir: str | None = None):
+                 run_dir: str | None = None, snapshot_stores: str | None = None):
         self.feeders = feeders  # purpose -> DataFeeder actor
+        self.snapshot_stores = snapshot_stores  # the launch id naming its snapshot stores; None: none started
         self.worker_bundle, self.max_workers = worker_bundle, max_workers
         self.attempt, self.run_dir = attempt, run_dir
 
@@ -52,6 +53,13 @@ class RayRuntime(Runtime):
             checkpoint_dir_name=os.path.basename(checkpoint_dir) if checkpoint_dir else None,
             checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD,
         )
+
+    def snapshot_folder(self, replicas: int) -> str | None:
+        if self.snapshot_stores is None:
+            return None
+        from raytitan.ray.snapshots import mount
+
+        return mount(self.snapshot_stores, replicas)
 
     def max_world_size(self, world: int) -> int:
         return max(world, self.max_workers)
@@ -108,4 +116,4 @@ def train_worker(loop_config: dict) -> None:
     _quiet_report_echo()
     config = JobConfig.from_dict(loop_config["config"])
     run(config, RayRuntime(loop_config["feeders"], loop_config["worker_bundle"], loop_config["max_workers"],
-                           loop_config.get("attempt"), config.run_dir))
+                           loop_config.get("attempt"), config.run_dir, loop_config.get("snapshot_stores")))

@@ -87,6 +87,13 @@ def build(ctx) -> Trainer:
         last_save_model_only=c.last_save_model_only, export_dtype=DTYPES[c.export_dtype],
         last_save_in_hf=c.last_save_in_hf,
     )
+    snapshots = None
+    if ctx.snapshot_folder:  # the same states, into host memory: see raytitan.ray.snapshots
+        snapshots = CheckpointManager(
+            ctx.snapshot_folder, checkpoint.states, keep_latest_k=1, process_group=ctx.snapshot_group,
+            before_commit=fault.before_snapshot_commit, async_mode="async", model_keys=model_keys,
+            commit_info=checkpoint.commit_info,
+        )
     tb = os.path.join(config.local_dir, config.metrics.save_tb_folder) if config.metrics.enable_tensorboard else None
     metrics = MetricsLogger(device, spec.training_flops_per_token(plan.model_args, whole_model, config.training.seq_len),
                             ctx.active, config.metrics.peak_tflops, tb, ctx.rank,
@@ -100,7 +107,7 @@ def build(ctx) -> Trainer:
         after_optimizer_step=after_optimizer_step(spec, parts, loss_group, wants_scales),
         stop_at_boundary=ctx.growth, stop_requested=ctx.stop,
         guard=NonFiniteGuard(config.training.on_nonfinite, config.training.max_nonfinite_skips),
-        group=ctx.active_group,
+        group=ctx.active_group, snapshots=snapshots,
     )
 
 

@@ -153,6 +153,7 @@ class Schedule:
     checkpoint_interval: int  # 0: never (the last step still saves when checkpoints are on)
     checkpoint_enabled: bool
     validation_freq: int  # 0: never
+    snapshot_interval: int = 0  # memory snapshots (0: never)
 
     def logs(self, step: int, first_step: int) -> bool:
         return step % self.log_freq == 0 or step in (self.total_steps, first_step, 1)
@@ -162,6 +163,12 @@ class Schedule:
 
     def saves(self, step: int) -> bool:
         return self.checkpoint_enabled and (step % self.checkpoint_interval == 0 or step == self.total_steps)
+
+    def snapshots(self, step: int) -> bool:
+        """Steps that take a memory snapshot: every ``snapshot_interval``, except where a disk
+        checkpoint is saved (it holds the same state) and the last step."""
+        return self.snapshot_interval > 0 and step % self.snapshot_interval == 0 and not self.saves(step) \
+            and step < self.total_steps
 
     def boundary(self, step: int) -> bool:
         """A checkpoint step before the last: where the group may stop to come back larger."""
@@ -189,7 +196,8 @@ class Trainer:
                  stop_at_boundary: Callable[[int], bool] = lambda step: False,
                  stop_requested: Callable[[int], str | None] = lambda step: None,
                  profiler: Profiler | None = None, extra_metrics: dict[str, float] | None = None,
-                 guard: NonFiniteGuard | None = None, group: dist.ProcessGroup | None = None):
+                 guard: NonFiniteGuard | None = None, group: dist.ProcessGroup | None = None,
+                 snapshots: CheckpointManager | None = None):
         self.runner, self.optimizer, self.lr_scheduler = runner, optimizer, lr_scheduler
         self.loader, self.checkpoint, self.metrics, self.state = loader, checkpoint, metrics, state
         self.device, self.local_batch_size = device, local_batch_size
@@ -203,6 +211,7 @@ class Trainer:
         self.params = [p for part in runner.parts for p in part.parameters() if p.requires_grad]
         self.guard = guard or NonFiniteGuard()
         self.group = group  # every rank that trains (None: the default group), for the weights check
+        self.snapshots = snapshots  # memory snapshots (``checkpoint.memory_interval``), where the launcher keeps them
 
     def weights_finite(self) -> bool:
         """Whether every training rank's share of the weights is finite (one all-reduce)."""
@@ -235,6 +244,8 @@ class Trainer:
         applied = is_finite(loss, grad_norm)  # both global: every rank decides the same
         if applied:
             self.checkpoint.wait_for_staging()  # an async save may still be copying these weights
+            if self.snapshots is not None:
+                self.snapshots.wait_for_staging()
             self.optimizer.step()
             self.after_optimizer_step()  # e.g. Float8 scales for the next all-gather
         else:
@@ -255,6 +266,8 @@ class Trainer:
 
     def _close(self) -> None:
         self.checkpoint.close()
+        if self.snapshots is not None:
+            self.snapshots.close()
         self.metrics.close()
         if self.profiler is not None:
             self.profiler.close()
@@ -284,6 +297,8 @@ class Trainer:
             if self.profiler is not None:
                 self.profiler.step(step)
             self.checkpoint.poll()  # commits an async save whose write completed
+            if self.snapshots is not None:
+                self.snapshots.poll()
             # Every rank asks at every step: a signal or the launcher's request ends the run here, saved.
             stop = self.stop_requested(step)
 
@@ -306,6 +321,9 @@ class Trainer:
                     self.checkpoint.save_last(step)
                 else:
                     self.checkpoint.save(step)
+            elif self.snapshots is not None and self.schedule.snapshots(step):
+                self.guard.weights(step, self.weights_finite())
+                self.snapshots.save(step)  # copied now, written to the stores in the background
             if self.schedule.reports(step):
                 self.metrics.flush()
                 self.report(metrics, self.checkpoint.take_committed())

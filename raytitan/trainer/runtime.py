@@ -63,6 +63,11 @@ class Runtime:
     def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
         """Hand metrics (and a committed checkpoint) to the launcher; nothing to do without one."""
 
+    def snapshot_folder(self, replicas: int) -> str | None:
+        """Where this rank writes memory snapshots (``checkpoint.memory_interval``), kept with
+        ``replicas`` copies on other nodes; None: this launcher keeps none (only Ray's does)."""
+        return None
+
     def max_world_size(self, world: int) -> int:
         """The most workers this launcher could restart the group with (``world``: it cannot grow)."""
         return world

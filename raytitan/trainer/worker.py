@@ -18,7 +18,9 @@ import torch
 import torch.distributed as dist
 
 from raytitan.components import storage
-from raytitan.components.checkpoint.layout import final_export, newest_readable_step, step_dir
+from raytitan.components.checkpoint.layout import (
+    CheckpointError, committed_steps, final_export, newest_readable_step, step_dir,
+)
 from raytitan.components.profiling import Profiler
 from raytitan.config.job import ConfigError, JobConfig, parse_args
 from raytitan.config.plan import RunPlan, plan_run
@@ -55,6 +57,9 @@ class WorkerContext:
     started_at: float
     timings: dict[str, float] = field(default_factory=dict)
     active_group: dist.ProcessGroup | None = None  # the ranks that train; None: all of them
+    snapshot_folder: str | None = None  # where memory snapshots go (None: none are taken)
+    snapshot_group: dist.ProcessGroup | None = None  # the CPU group their background writes coordinate on
+    resumed_from: str | None = None  # "memory" or "disk": where ``restore`` found the state
 
     @property
     def active(self) -> int:
@@ -78,8 +83,14 @@ def start(config: JobConfig, runtime: Runtime) -> WorkerContext:
         torch.use_deterministic_algorithms(True)
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.manual_seed(config.training.seed)
-    schedule = Schedule(config.training.steps, config.metrics.log_freq, config.checkpoint.interval,
-                        config.checkpoint.enable, config.validation.freq if config.validation.enable else 0)
+    c = config.checkpoint
+    snapshot_folder = runtime.snapshot_folder(c.memory_replicas) if c.enable and c.memory_interval > 0 else None
+    if c.memory_interval > 0 and snapshot_folder is None and rank == 0:
+        logger.warning("checkpoint.memory_interval = %d: memory snapshots are kept by the Ray launcher's per-node "
+                       "stores; under %s this run takes disk checkpoints only", c.memory_interval, runtime.name)
+    schedule = Schedule(config.training.steps, config.metrics.log_freq, c.interval, c.enable,
+                        config.validation.freq if config.validation.enable else 0,
+                        c.memory_interval if snapshot_folder else 0)
     storage.use_root(config.ray.storage_path)
 
     mesh = plan.dims.build_mesh(device.type)
@@ -88,6 +99,7 @@ def start(config: JobConfig, runtime: Runtime) -> WorkerContext:
     # Async saves coordinate on a CPU group of their own, from a background thread.
     async_save = config.checkpoint.async_mode != "disabled"
     checkpoint_group = dist.new_group(list(range(active)), backend="gloo") if async_save else active_group
+    snapshot_group = dist.new_group(list(range(active)), backend="gloo") if snapshot_folder else None
     max_world = runtime.max_world_size(world)  # the same on every rank
     control = new_control_group()  # the stop decision at every step, the grow decision at checkpoints
     growth = GrowthCheck(control, world, max_world, config.ray.resize_check_interval_s, runtime.spare_workers,
@@ -95,7 +107,7 @@ def start(config: JobConfig, runtime: Runtime) -> WorkerContext:
     stop = StopCheck(control, runtime.stop_requested, config.checkpoint.save_on_signal_timeout_s,
                      storage.join(config.run_dir, config.checkpoint.folder))
     return WorkerContext(config, runtime, device, rank, world, plan, mesh, schedule, growth, stop, checkpoint_group,
-                         started_at, timings, active_group)
+                         started_at, timings, active_group, snapshot_folder, snapshot_group)
 
 
 def restore(ctx: WorkerContext, trainer: Trainer) -> int | None:
@@ -104,8 +116,16 @@ def restore(ctx: WorkerContext, trainer: Trainer) -> int | None:
     c = ctx.config.checkpoint
     checkpoint = trainer.checkpoint
     step = checkpoint.resolve_load_step(c.load_step) if c.enable else None
+    if trainer.snapshots is not None and c.load_step < 0:
+        resumed = restore_snapshot(trainer.snapshots, step)
+        if resumed is not None:
+            ctx.resumed_from = "memory"
+            logger.info("resumed from the memory snapshot of step %d (%d tokens seen, data cursor %s)", resumed,
+                        trainer.state.tokens_seen, trainer.loader.cursor.as_list())
+            return resumed
     if step is not None:
         step = checkpoint.load(step)  # an older step when the newest fails its checksums
+        ctx.resumed_from = "disk"
         logger.info("resumed from %s/step-%d (step %d, %d tokens seen, data cursor %s)", checkpoint.folder, step,
                     trainer.state.step, trainer.state.tokens_seen, trainer.loader.cursor.as_list())
     elif c.initial_load_path:
@@ -114,6 +134,30 @@ def restore(ctx: WorkerContext, trainer: Trainer) -> int | None:
         checkpoint.load_path(path, model_only=c.initial_load_model_only)
         logger.info("initial %s from %s", "weights" if c.initial_load_model_only else "state", c.initial_load_path)
     return step
+
+
+def restore_snapshot(snapshots, disk_step: int | None) -> int | None:
+    """Load the newest complete memory snapshot if it is newer than ``disk_step``; returns its
+    step, or None (with a warning saying what it costs when a newer snapshot is incomplete: both
+    holders of some rank's part are gone). Every rank reads the same stores, so all agree."""
+    committed = committed_steps(snapshots.folder)
+    disk = -1 if disk_step is None else disk_step
+    if not committed or committed[-1] <= disk:
+        return None
+    try:
+        step = snapshots.resolve_load_step()  # skips incomplete snapshots, with a warning naming the missing file
+        if step is not None and step > disk:
+            return snapshots.load(step)
+    except CheckpointError as e:
+        if disk_step is None:
+            raise CheckpointError(f"the memory snapshots cannot be loaded ({e}) and there is no disk checkpoint to "
+                                  "fall back to") from e
+        logger.warning("the memory snapshots cannot be loaded: %s", e)
+    where = f"disk checkpoint step {disk_step}" if disk_step is not None else "the start"
+    logger.warning("no complete memory snapshot newer than the disk checkpoints (the newest, step %d, lost a part "
+                   "with both its holders): resuming from %s costs %d steps", committed[-1], where, committed[-1] - disk
+                   if disk_step is not None else committed[-1])
+    return None
 
 
 def finished_step(ctx: WorkerContext) -> int | None:
@@ -197,7 +241,8 @@ def train(ctx: WorkerContext) -> Trainer | TrainState:
         record_start(config.run_dir, ctx.checkpoint_folder, started_at=ctx.started_at, world=ctx.world,
                      active=ctx.active, dp=trainer.loader.dp_size, local_batch=ctx.plan.local_batch_size,
                      accumulation=ctx.plan.accumulation_steps, resumed_step=resumed_step,
-                     target_steps=config.training.steps, timings=ctx.timings, attempt=ctx.runtime.attempt)
+                     target_steps=config.training.steps, timings=ctx.timings, attempt=ctx.runtime.attempt,
+                     resumed_from=ctx.resumed_from)
         trainer.extra_metrics = restart_metrics(config.run_dir)
         # On an object store every write is an upload: the progress marker then follows the log steps.
         every_step = not storage.is_remote(config.run_dir)

@@ -19,7 +19,8 @@ logger = logging.getLogger(__name__)
 
 class FaultInjector:
     def __init__(self, fault_config, run_dir: str, rank: int, world_size: int, total_steps: int):
-        self.step, self.rank, self.during_save = fault_config.kill_step, fault_config.kill_rank, fault_config.during_save
+        self.step, self.rank = fault_config.kill_step, fault_config.kill_rank
+        self.during_save, self.during_snapshot = fault_config.during_save, fault_config.during_snapshot
         if fault_config.seed >= 0 and total_steps > 1:
             rng = random.Random(fault_config.seed)
             self.step, self.rank = rng.randint(2, total_steps), rng.randrange(world_size)
@@ -31,12 +32,16 @@ class FaultInjector:
         return self.step > 0 and self.my_rank == self.rank and not storage.isfile(self.marker)
 
     def before_step(self, step: int) -> None:
-        if not self.during_save and step == self.step and self.armed:
+        if not (self.during_save or self.during_snapshot) and step == self.step and self.armed:
             self._kill(f"at the start of step {step}")
 
     def before_commit(self, step: int) -> None:
         if self.during_save and step == self.step and self.armed:
             self._kill(f"during the save of step {step}, before its commit")
+
+    def before_snapshot_commit(self, step: int) -> None:
+        if self.during_snapshot and step == self.step and self.armed:
+            self._kill(f"during the memory snapshot of step {step}, before its commit")
 
     def _kill(self, when: str) -> None:
         storage.makedirs(self.marker.rsplit("/", 1)[0])

@@ -72,7 +72,7 @@ def _grew_before(run_dir: str, previous: list[dict], attempt: str | None) -> dic
 
 def record_start(run_dir: str, checkpoint_folder: str, *, started_at: float, world: int, active: int, dp: int,
                  local_batch: int, accumulation: int, resumed_step: int | None, target_steps: int,
-                 timings: dict, attempt: str | None = None) -> dict:
+                 timings: dict, attempt: str | None = None, resumed_from: str | None = None) -> dict:
     """Append this start to the history and log it; returns the record. ``attempt``: the
     launcher's id for the attempt this start belongs to (None where no launcher gave one)."""
     previous = read_starts(run_dir)
@@ -111,7 +111,7 @@ def record_start(run_dir: str, checkpoint_folder: str, *, started_at: float, wor
         cause = "first start"
         failed_at = None
     old_world = previous[-1]["world"] if previous else (
-        read_commit(checkpoint_folder, resumed_step).get("world_size") if resumed_step else None)
+        read_commit(checkpoint_folder, resumed_step).get("world_size") if resumed_step and resumed_from != "memory" else None)
     record = {
         "time": started_at,
         "cause": cause,
@@ -122,6 +122,7 @@ def record_start(run_dir: str, checkpoint_folder: str, *, started_at: float, wor
         "local_batch": local_batch,
         "accumulation": accumulation,
         "resumed_step": resumed,
+        "resumed_from": resumed_from,  # "memory" (a memory snapshot), "disk", or None (nothing to resume)
         "target_steps": target_steps,
         # None: unknown (the progress marker could not be read), not zero.
         "lost_steps": (None if unreadable else max(0, (progress or {}).get("step", resumed) - resumed)) if counts_lost else 0,

@@ -1,0 +1,161 @@
+"""Memory snapshots (raytitan.ray.snapshots): real store actors on one local Ray instance, named as
+if on three nodes A, B and C, and the checkpoint manager writing through them as workers do.
+
+Drills (b), (c) and (d) of the two-tier design at the store level: a lost holder's part is read
+from its replica, a part whose holders are both gone makes the snapshot incomplete and the
+restore falls back to the disk checkpoint saying what it costs, and a snapshot killed before its
+commit leaves the previous one the newest. Drill (a) runs through Ray Train in tests/test_elastic.py.
+"""
+
+import logging
+
+import pyarrow.fs as pafs
+import pytest
+import torch
+
+pytest.importorskip("ray")
+pytestmark = pytest.mark.slow  # one local Ray instance for the module
+
+import ray  # noqa: E402
+
+from raytitan.components import storage  # noqa: E402
+from raytitan.components.checkpoint.layout import committed_steps  # noqa: E402
+from raytitan.components.checkpoint.manager import CheckpointManager, ModelState, OptimizerState  # noqa: E402
+from raytitan.ray.snapshots import (  # noqa: E402
+    SCHEME, SnapshotFileSystem, SnapshotStore, check_memory, is_rank_file, store_name,
+)
+from raytitan.trainer.worker import restore_snapshot  # noqa: E402
+
+NODES = ("A", "B", "C")
+
+
+def start_stores(launch: str) -> dict:
+    """Three stores of ``launch``, all on this machine, named as nodes A, B and C (starting an actor
+    takes about a second here: the tests share them where nothing is killed)."""
+    return {node: ray.remote(SnapshotStore).options(name=store_name(launch, node), num_cpus=0).remote()
+            for node in NODES}
+
+
+@pytest.fixture(scope="module")
+def shared_stores(ray_local):
+    actors = start_stores("shared")
+    yield "shared", actors
+    for actor in actors.values():
+        ray.kill(actor)
+    storage.mount(SCHEME, None)
+
+
+def as_rank_on(launch: str, node: str, folder: str, replicas: int = 1) -> str:
+    """Mount the stores as a worker on ``node`` sees them; returns the snapshot folder."""
+    storage.mount(SCHEME, pafs.PyFileSystem(SnapshotFileSystem(launch, replicas, node_id=node)))
+    return f"{SCHEME}://{launch}/{folder}"
+
+
+def model_and_optimizer(seed: int):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 4))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+    model(torch.randn(3, 8)).sum().backward()
+    optimizer.step()
+    return model, optimizer
+
+
+def manager(folder: str, model, optimizer, **kwargs) -> CheckpointManager:
+    states = {"model": ModelState([model]), "optimizer": OptimizerState([model], [optimizer])}
+    return CheckpointManager(folder, states, keep_latest_k=kwargs.pop("keep", 1), async_mode="async", **kwargs)
+
+
+def files_on(actors, node: str, folder: str) -> set[str]:
+    return set(ray.get(actors[node].sizes.remote(folder)))
+
+
+def assert_same(a, b):
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(p, q), name
+
+
+def test_a_snapshot_round_trips_bit_identically_with_each_part_on_its_node_and_one_replica(shared_stores):
+    launch, actors = shared_stores
+    folder = as_rank_on(launch, "B", "round-trip")
+    model, optimizer = model_and_optimizer(0)
+    m = manager(folder, model, optimizer)
+    m.save(1)
+    m.save(2)  # commits step 1 first (one write in flight)
+    m.close()
+    assert committed_steps(folder) == [2]  # the newest complete snapshot is kept; the older one is dropped
+
+    held = {node: files_on(actors, node, f"{launch}/round-trip") for node in NODES}
+    parts = {p for p in held["B"] if is_rank_file(p)}
+    assert parts and parts <= held["C"] and not parts & held["A"]  # its node and the next one, not A
+    assert all(p.endswith(("COMMITTED", ".metadata")) for p in held["A"])  # the small files are everywhere
+    assert not any("step-1" in p for node in NODES for p in held[node])
+
+    other, other_optimizer = model_and_optimizer(1)
+    restored = manager(folder, other, other_optimizer)
+    assert restored.load(restored.resolve_load_step()) == 2
+    assert_same(model, other)
+    assert torch.equal(optimizer.state[optimizer.param_groups[0]["params"][0]]["exp_avg"],
+                       other_optimizer.state[other_optimizer.param_groups[0]["params"][0]]["exp_avg"])
+
+
+def test_a_lost_node_s_part_is_read_from_its_replica_and_with_both_holders_gone_the_restore_falls_back_to_disk(
+        ray_local, tmp_path, caplog):
+    actors = start_stores("lost")
+    model, optimizer = model_and_optimizer(0)
+    disk = manager(str(tmp_path), model, optimizer)
+    disk.save(10, blocking=True)
+    memory = manager(as_rank_on("lost", "A", "run"), model, optimizer)
+    memory.save(14, blocking=True)
+
+    ray.kill(actors["A"])  # the rank's node is gone; its replica lives on B
+    other, other_optimizer = model_and_optimizer(1)
+    restored = manager(as_rank_on("lost", "C", "run"), other, other_optimizer)  # the rank restarted on C
+    assert restore_snapshot(restored, disk_step=10) == 14
+    assert_same(model, other)
+
+    ray.kill(actors["B"])  # now both holders: step 14's marker survives on C, its data does not
+    again, again_optimizer = model_and_optimizer(2)
+    restored = manager(as_rank_on("lost", "C", "run"), again, again_optimizer)
+    with caplog.at_level(logging.WARNING, logger="raytitan"):
+        assert restore_snapshot(restored, disk_step=10) is None
+    assert "is missing" in caplog.text  # the incomplete snapshot, named
+    assert "resuming from disk checkpoint step 10 costs 4 steps" in caplog.text
+    ray.kill(actors["C"])
+
+
+def test_a_snapshot_killed_before_its_commit_leaves_the_previous_one_newest(shared_stores):
+    launch, _ = shared_stores
+    model, optimizer = model_and_optimizer(0)
+    folder = as_rank_on(launch, "A", "killed")
+
+    def die_before_commit(step):
+        if step == 6:
+            raise SystemExit("killed")  # where the fault injection's SIGKILL lands: parts written, no commit
+
+    m = manager(folder, model, optimizer, before_commit=die_before_commit)
+    m.save(5, blocking=True)
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    m.save(6)
+    with pytest.raises(SystemExit):
+        m.wait()
+    assert committed_steps(folder) == [5]
+
+    other, other_optimizer = model_and_optimizer(1)
+    restored = manager(folder, other, other_optimizer)
+    assert restore_snapshot(restored, disk_step=None) == 5
+    for name, value in other.state_dict().items():
+        assert torch.equal(value, expected[name]), name
+
+
+def test_the_memory_needed_is_reported_and_refused_above_the_share():
+    gib = float(1 << 30)
+    line = check_memory(1_000_000_000, replicas=1, node_memory={"a": 256 * gib, "b": 256 * gib}, share=0.5)
+    # 12 GB per snapshot x 2 copies x 2 held, over 2 nodes
+    assert "11.18 GiB each, 2 copies, 2 held: 22.35 GiB per node over 2 node(s)" in line
+    with pytest.raises(ValueError, match="memory_max_node_share = 0.05 of the smallest node's 64.0 GiB"):
+        check_memory(1_000_000_000, replicas=1, node_memory={"a": 256 * gib, "b": 64 * gib}, share=0.05)
+    one_node = check_memory(1_000_000, replicas=3, node_memory={"a": 8 * gib}, share=0.5)
+    assert "1 copy" in one_node  # no other node to hold a replica
