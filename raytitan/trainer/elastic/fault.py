@@ -25,7 +25,9 @@ class FaultInjector:
             rng = random.Random(fault_config.seed)
             self.step, self.rank = rng.randint(2, total_steps), rng.randrange(world_size)
         self.my_rank = rank
-        self.marker = storage.join(run_dir, "faults", f"step-{self.step}-rank-{self.rank}.json")
+        # One marker per step, whichever rank: a seeded rank is drawn from this start's world size,
+        # so a smaller restarted group would draw another rank and kill it again without it.
+        self.marker = storage.join(run_dir, "faults", f"step-{self.step}.json")
 
     @property
     def armed(self) -> bool:
