@@ -1,9 +1,11 @@
 """Capacity arriving and nodes leaving on a simulated multi-node cluster (``ray.cluster_utils.Cluster``).
 
-Worker nodes have one training slot each. The run starts with capacity for 2 workers; 2 more
-nodes join and the run grows to 4 at its next checkpoint, redoing no step; then a node is
-removed and the group restarts on the 3 survivors (dp 3), resharding the checkpoint and
-re-deriving local batch x accumulation for the same global batch. Every step's loss equals an
+Worker nodes have one training slot each. The run takes a memory snapshot every step and a disk
+checkpoint every 10. It starts with capacity for 2 workers; 2 more nodes join and the run grows
+to 4 at its next checkpoint, redoing no step; then a node is removed and the group restarts on
+the 3 survivors (dp 3) from the newest memory snapshot, losing at most one step: the lost node's
+part of it is read from its replica on another node. The snapshot is resharded onto dp 3 and
+local batch x accumulation re-derived for the same global batch. Every step's loss equals an
 uninterrupted 4-worker run's, all starting from the same seed weights.
 """
 
@@ -34,13 +36,14 @@ def wait_for(condition, timeout: float, what: str):
 
 
 def fit(root, data_dir, **extra):
-    raytitan.fit(
-        None, job__dump_folder=str(root), ray__num_workers=4, ray__resources_per_worker="CPU=0.5,slot=1",
+    settings = dict(
+        job__dump_folder=str(root), ray__num_workers=4, ray__resources_per_worker="CPU=0.5,slot=1",
         ray__max_failures=3, training__steps=STEPS, training__seq_len=64, training__global_batch_size=12,
         training__local_batch_size=3, training__dataset="files", training__dataset_path=data_dir,
         training__deterministic=True, checkpoint__interval=2, metrics__log_freq=1,
-        metrics__enable_tensorboard=False, lr_scheduler__warmup_steps=2, **extra,
+        metrics__enable_tensorboard=False, lr_scheduler__warmup_steps=2,
     )
+    raytitan.fit(None, **{**settings, **extra})
     final = {}
     for line in raytitan.read_metrics(os.path.join(str(root), "llama3-debugmodel")):
         if "loss" in line:
@@ -77,7 +80,7 @@ def test_capacity_arrives_then_a_node_is_lost(tmp_path, data_dir):
         outcome = {}
         thread = threading.Thread(target=lambda: outcome.update(losses=fit(
             tmp_path / "elastic", data_dir, ray__min_workers=2, ray__max_workers=4, ray__resize_check_interval_s=1,
-            **seed)))
+            checkpoint__interval=10, checkpoint__memory_interval=1, **seed)))
         thread.start()
         wait_for(lambda: (read_progress(run_dir) or {}).get("step", 0) >= 3, 240, "step 3 on 2 workers")
         nodes += [cluster.add_node(num_cpus=1, resources={"slot": 1}) for _ in range(2)]
@@ -98,10 +101,13 @@ def test_capacity_arrives_then_a_node_is_lost(tmp_path, data_dir):
     assert worlds[0] == 2 and worlds[-1] == 3, starts
     # Growing waits for a checkpoint boundary: it resumes from the step it stopped at, losing none.
     assert grown["cause"].startswith("grew after the checkpoint of step"), grown
-    assert grown["lost_steps"] == 0 and grown["resumed_step"] % 2 == 0, grown
+    assert grown["lost_steps"] == 0 and grown["resumed_step"] % 10 == 0, grown
     print(f"grow: {grown['seconds_since_grow_stop']:.1f}s from the stop at step {grown['resumed_step']} to the "
           f"start on 4 workers; timings {grown['timings']}")
     shrunk = starts[-1]
+    # From memory: a complete snapshot needs every rank's part, the lost node's rank's too (its replica).
+    assert shrunk["resumed_from"] == "memory" and shrunk["lost_steps"] <= 1, shrunk
+    assert shrunk["resumed_step"] % 10, shrunk  # not a disk checkpoint's step
     assert (shrunk["dp"], shrunk["local_batch"] * shrunk["accumulation"]) == (3, 4)  # 12 = 3 x 4
     assert sorted(outcome["losses"]) == list(range(1, STEPS + 1))
     for step, loss in expected.items():
