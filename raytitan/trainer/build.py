@@ -91,7 +91,9 @@ def build(ctx) -> Trainer:
     if ctx.snapshot_folder:  # the same states, into host memory: see raytitan.ray.snapshots
         snapshots = CheckpointManager(
             ctx.snapshot_folder, checkpoint.states, keep_latest_k=1, process_group=ctx.snapshot_group,
-            before_commit=fault.before_snapshot_commit, async_mode="async", model_keys=model_keys,
+            before_commit=fault.before_snapshot_commit, model_keys=model_keys,
+            # On CUDA the copy to (pinned) host memory overlaps the next forward and backward.
+            async_mode="async_with_pinned_mem" if device.type == "cuda" else "async",
             commit_info=checkpoint.commit_info,
         )
     tb = os.path.join(config.local_dir, config.metrics.save_tb_folder) if config.metrics.enable_tensorboard else None
