@@ -62,7 +62,9 @@ def model_and_optimizer(seed: int):
 
 def manager(folder: str, model, optimizer, **kwargs) -> CheckpointManager:
     states = {"model": ModelState([model]), "optimizer": OptimizerState([model], [optimizer])}
-    return CheckpointManager(folder, states, keep_latest_k=kwargs.pop("keep", 1), async_mode="async", **kwargs)
+    raw_bytes = not folder.startswith("/")  # as the trainer writes snapshots (disk steps keep DCP's format)
+    return CheckpointManager(folder, states, keep_latest_k=kwargs.pop("keep", 1), async_mode="async",
+                             raw_bytes=raw_bytes, **kwargs)
 
 
 def files_on(actors, node: str, folder: str) -> set[str]:

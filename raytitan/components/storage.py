@@ -124,6 +124,24 @@ def read_text(path: str) -> str:
         return f.read().decode()
 
 
+def read_bytes(path: str) -> bytes:
+    fs, inner = resolve(path)
+    with fs.open_input_stream(inner) as f:
+        return f.read()
+
+
+def write_bytes(path: str, data) -> None:
+    """Write a whole file (not atomically: for files a commit marker vouches for). A mounted
+    filesystem whose handler has ``write_whole(path, data)`` takes the buffer as it is."""
+    fs, inner = resolve(path)
+    whole = getattr(getattr(fs, "handler", None), "write_whole", None)
+    if whole is not None:
+        whole(inner, data)
+        return
+    with fs.open_output_stream(inner) as f:
+        f.write(data)
+
+
 def write_text(path: str, text: str) -> None:
     """Replace ``path`` atomically: readers see the old or the new content, never a part."""
     if not is_remote(path):

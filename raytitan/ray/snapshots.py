@@ -25,6 +25,7 @@ import logging
 import posixpath
 import threading
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import ray
@@ -43,9 +44,10 @@ class SnapshotStore:
     def __init__(self):
         self.files: dict[str, bytes] = {}
 
-    def put(self, path: str, data: bytes) -> int:
-        self.files[path] = data
-        return len(data)
+    def put(self, path: str, data) -> int:
+        """Keep a copy of ``data`` (bytes, or a read-only array in Ray's object store)."""
+        self.files[path] = data if isinstance(data, bytes) else bytes(data)
+        return len(self.files[path])
 
     def get(self, path: str) -> bytes | None:
         return self.files.get(path)
@@ -156,9 +158,12 @@ class SnapshotFileSystem(pafs.FileSystemHandler):
                 self._warn_once(f"gone-{node}", f"the snapshot store on node {node[:8]} is gone: its copies are lost")
         return answers
 
-    def put(self, path: str, data: bytes) -> None:
+    def put(self, path: str, data) -> None:
+        """Write ``data`` (bytes or a uint8 array) to its holders: into Ray's object store once,
+        from where each holder copies it."""
         nodes = self.holders(path)
-        written = self._ask("put", path, data, nodes=nodes)
+        ref = ray.put(np.frombuffer(data, dtype=np.uint8) if isinstance(data, (bytes, bytearray)) else data)
+        written = self._ask("put", path, ref, nodes=nodes)
         if not written:
             raise OSError(f"no snapshot store took {path} (nodes {', '.join(n[:8] for n in nodes)} are gone)")
         if len(written) < len(nodes):  # a holder died while writing: the step must not count as replicated
@@ -247,6 +252,10 @@ class SnapshotFileSystem(pafs.FileSystemHandler):
     def open_output_stream(self, path, metadata):
         return pa.PythonFile(_Upload(self, path), mode="w")
 
+    def write_whole(self, path: str, data) -> None:
+        """A whole file at once (``storage.write_bytes``): no stream, no copy before the put."""
+        self.put(path, data)
+
     def open_append_stream(self, path, metadata):
         raise OSError(f"{SCHEME}:// files cannot be appended to")
 
@@ -267,7 +276,7 @@ class _Upload(io.BytesIO):
 def is_rank_file(path: str) -> bool:
     """A file one rank wrote (its part of the state): kept on its node and its replicas only."""
     name = posixpath.basename(path)
-    return name.startswith("__") and ".distcp" in name
+    return name.startswith("__") and (".distcp" in name or name.endswith(".raw"))
 
 
 def mount(launch: str, replicas: int) -> str:

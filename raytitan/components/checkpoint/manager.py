@@ -32,7 +32,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.checkpoint.stateful import Stateful
 
 from raytitan.components import storage
-from raytitan.components.checkpoint import integrity
+from raytitan.components.checkpoint import integrity, raw
 from raytitan.components.checkpoint.convert import export_hf
 from raytitan.components.checkpoint.layout import (
     COMMIT_MARKER, CheckpointError, check_files, committed_steps, is_intact_export, loadable_step, read_commit,
@@ -156,13 +156,14 @@ class CheckpointManager:
                  before_commit: Callable[[int], None] | None = None, async_mode: str = "disabled",
                  exclude_from_loading: tuple[str, ...] | list[str] = (), model_keys: set[str] | None = None,
                  commit_info: dict | None = None, last_save_model_only: bool = False,
-                 export_dtype: torch.dtype = torch.float32, last_save_in_hf: bool = False):
+                 export_dtype: torch.dtype = torch.float32, last_save_in_hf: bool = False, raw_bytes: bool = False):
         """``process_group``: the ranks that hold state (all by default; a gloo group for async
         saves); ``before_commit``: a hook each rank calls after writing its part of step N, before
         the commit (fault injection); ``model_keys``: the whole model's parameter names, to reject
         checkpoints of bigger models; ``commit_info``: extra facts for the commit marker (the
         model's shape, for exports); the ``last_*`` and ``export_dtype`` options shape the run's
-        last save (see ``save_last``)."""
+        last save (see ``save_last``); ``raw_bytes``: write tensors as their bytes, without
+        checksums (``raw``: memory snapshots)."""
         if async_mode not in ASYNC_MODES:
             raise ValueError(f"checkpoint.async_mode = {async_mode!r} is not one of {', '.join(ASYNC_MODES)}")
         self.folder, self.states = folder, states
@@ -171,6 +172,7 @@ class CheckpointManager:
         self.async_mode, self.exclude = async_mode, set(exclude_from_loading)
         self.model_keys, self.commit_info = model_keys, commit_info or {}
         self.last_save_model_only, self.export_dtype, self.last_save_in_hf = last_save_model_only, export_dtype, last_save_in_hf
+        self.raw_bytes = raw_bytes
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.last_save_seconds = 0.0  # how long the last save blocked training
         self.last_checksum_seconds = 0.0  # how long this rank hashed the last committed save's bytes
@@ -203,7 +205,8 @@ class CheckpointManager:
             storage.makedirs(path)
         self._barrier()
         states = self._states_to_save(model_only, dtype)
-        writer = integrity.writer(path)  # hashes what it writes: in the background for async saves
+        # Hashes what it writes (in the background for async saves), unless it writes raw bytes.
+        writer = raw.RawWriter(path) if self.raw_bytes else integrity.writer(path)
         if blocking is False or (blocking is None and self.async_mode != "disabled"):
             response = dcp.async_save(states, checkpoint_id=path, storage_writer=writer,
                                       process_group=self.group, async_stager=self._async_stager())
@@ -214,7 +217,7 @@ class CheckpointManager:
             logger.info("checkpoint step %d: staged in %.2fs, writing in the background", step, self.last_save_seconds)
             return None
         dcp.save(states, checkpoint_id=path, storage_writer=writer, process_group=self.group)
-        self.last_checksum_seconds = integrity.hashing_seconds(writer)
+        self.last_checksum_seconds = 0.0 if self.raw_bytes else integrity.hashing_seconds(writer)
         if self.before_commit:
             self.before_commit(step)
         self._barrier()  # every rank wrote its part: only now may rank 0 commit
@@ -289,7 +292,7 @@ class CheckpointManager:
         except (Exception, CheckpointException) as e:  # DCP's exception is a BaseException
             raise CheckpointError(f"writing checkpoint {pending.path} failed: {root_cause(e)}; the previous "
                                   "committed checkpoint stays the latest") from e
-        self.last_checksum_seconds = integrity.hashing_seconds(pending.writer)
+        self.last_checksum_seconds = 0.0 if self.raw_bytes else integrity.hashing_seconds(pending.writer)
         if self.before_commit:
             self.before_commit(pending.step)
         # DCP wrote the metadata after every rank's data: rank 0 may commit without a barrier.
@@ -302,8 +305,9 @@ class CheckpointManager:
 
     def _commit(self, step: int, path: str, model_only: bool) -> None:
         world = dist.get_world_size(self.group) if dist.is_initialized() else 1
+        stored = {"format": raw.FORMAT} if self.raw_bytes else {"checksums": integrity.ALGORITHM}
         write_commit(path, {"step": step, "world_size": world, "time": time.time(), "model_only": model_only,
-                            "checksums": integrity.ALGORITHM, **self.commit_info})
+                            **stored, **self.commit_info})
         self._committed = path
         self._purge_old()
 
@@ -377,7 +381,7 @@ class CheckpointManager:
         marker = read_commit_at(path)
         if "model" in states:
             check_tying(path, marker, self.commit_info.get("model_args"))
-        reader = integrity.reader(path, metadata, marker)
+        reader = raw.RawReader(path) if marker.get("format") == raw.FORMAT else integrity.reader(path, metadata, marker)
         try:
             dcp.load(states, checkpoint_id=path, storage_reader=reader, process_group=self.group)
             self.last_check_seconds = integrity.checking_seconds(reader)
