@@ -274,6 +274,21 @@ def test_failed_async_write_leaves_the_previous_checkpoint_latest(tmp_path, monk
     assert committed_steps(str(tmp_path)) == [1] and m.resolve_load_step() == 1
 
 
+def test_a_failed_write_that_need_not_end_the_run_is_logged_and_training_goes_on(tmp_path, monkeypatch, caplog):
+    """Memory snapshots: a store lost with its node fails that snapshot, not the run."""
+    model, optimizer = trained()
+    m = full_manager(tmp_path, model, optimizer, async_mode="async", failed_write_ends_run=False)
+    m.save(1)
+    m.wait()
+    blocked = BlockedWrites(monkeypatch, fail=True)
+    m.save(2)
+    blocked.release.set()
+    with caplog.at_level(logging.WARNING):
+        assert m.wait() is None
+    assert "writing checkpoint" in caplog.text and "step-2 failed" in caplog.text
+    assert committed_steps(str(tmp_path)) == [1]
+
+
 def test_crash_after_async_write_before_commit_keeps_previous_latest(tmp_path):
     model, optimizer = trained()
 

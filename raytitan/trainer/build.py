@@ -94,7 +94,7 @@ def build(ctx) -> Trainer:
             before_commit=fault.before_snapshot_commit, model_keys=model_keys,
             # On CUDA the copy to (pinned) host memory overlaps the next forward and backward.
             async_mode="async_with_pinned_mem" if device.type == "cuda" else "async",
-            commit_info=checkpoint.commit_info, raw_bytes=True,
+            commit_info=checkpoint.commit_info, raw_bytes=True, failed_write_ends_run=False,
         )
     tb = os.path.join(config.local_dir, config.metrics.save_tb_folder) if config.metrics.enable_tensorboard else None
     metrics = MetricsLogger(device, spec.training_flops_per_token(plan.model_args, whole_model, config.training.seq_len),

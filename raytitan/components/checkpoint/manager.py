@@ -156,14 +156,17 @@ class CheckpointManager:
                  before_commit: Callable[[int], None] | None = None, async_mode: str = "disabled",
                  exclude_from_loading: tuple[str, ...] | list[str] = (), model_keys: set[str] | None = None,
                  commit_info: dict | None = None, last_save_model_only: bool = False,
-                 export_dtype: torch.dtype = torch.float32, last_save_in_hf: bool = False, raw_bytes: bool = False):
+                 export_dtype: torch.dtype = torch.float32, last_save_in_hf: bool = False, raw_bytes: bool = False,
+                 failed_write_ends_run: bool = True):
         """``process_group``: the ranks that hold state (all by default; a gloo group for async
         saves); ``before_commit``: a hook each rank calls after writing its part of step N, before
         the commit (fault injection); ``model_keys``: the whole model's parameter names, to reject
         checkpoints of bigger models; ``commit_info``: extra facts for the commit marker (the
         model's shape, for exports); the ``last_*`` and ``export_dtype`` options shape the run's
         last save (see ``save_last``); ``raw_bytes``: write tensors as their bytes, without
-        checksums (``raw``: memory snapshots)."""
+        checksums (``raw``: memory snapshots); ``failed_write_ends_run=False``: a failed async write
+        is logged and training goes on, the previous step staying the newest (memory snapshots:
+        a store lost with its node)."""
         if async_mode not in ASYNC_MODES:
             raise ValueError(f"checkpoint.async_mode = {async_mode!r} is not one of {', '.join(ASYNC_MODES)}")
         self.folder, self.states = folder, states
@@ -172,7 +175,7 @@ class CheckpointManager:
         self.async_mode, self.exclude = async_mode, set(exclude_from_loading)
         self.model_keys, self.commit_info = model_keys, commit_info or {}
         self.last_save_model_only, self.export_dtype, self.last_save_in_hf = last_save_model_only, export_dtype, last_save_in_hf
-        self.raw_bytes = raw_bytes
+        self.raw_bytes, self.failed_write_ends_run = raw_bytes, failed_write_ends_run
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.last_save_seconds = 0.0  # how long the last save blocked training
         self.last_checksum_seconds = 0.0  # how long this rank hashed the last committed save's bytes
@@ -290,8 +293,12 @@ class CheckpointManager:
         try:
             pending.written.result()
         except (Exception, CheckpointException) as e:  # DCP's exception is a BaseException
-            raise CheckpointError(f"writing checkpoint {pending.path} failed: {root_cause(e)}; the previous "
-                                  "committed checkpoint stays the latest") from e
+            message = f"writing checkpoint {pending.path} failed: {root_cause(e)}; the previous committed " \
+                      "checkpoint stays the latest"
+            if self.failed_write_ends_run:
+                raise CheckpointError(message) from e
+            logger.warning(message)  # DCP fails the write on every rank alike: all go on together
+            return None
         self.last_checksum_seconds = 0.0 if self.raw_bytes else integrity.hashing_seconds(pending.writer)
         if self.before_commit:
             self.before_commit(pending.step)
