@@ -16,6 +16,7 @@ BUILTIN = {
     "llama3": "raytitan.models.llama3:spec",
     "qwen3": "raytitan.models.qwen3:spec",
     "qwen3_moe": "raytitan.models.qwen3_moe:spec",
+    "deepseek_v3": "raytitan.models.deepseek_v3:spec",
 }
 MODELS = tuple(BUILTIN)
 
