@@ -42,15 +42,22 @@ class SnapshotStore:
     """One node's snapshot files, in this actor's memory."""
 
     def __init__(self):
-        self.files: dict[str, bytes] = {}
+        self.files: dict[str, bytearray] = {}
+        self.free: dict[int, list[bytearray]] = {}  # dropped files' memory, by size: the next snapshot's
 
     def put(self, path: str, data) -> int:
-        """Keep a copy of ``data`` (bytes, or a read-only array in Ray's object store)."""
-        self.files[path] = data if isinstance(data, bytes) else bytes(data)
-        return len(self.files[path])
+        """Keep a copy of ``data`` (bytes, or a read-only array in Ray's object store), in the
+        memory of a dropped file of the same size if there is one (already mapped: no page faults)."""
+        view = memoryview(data).cast("B")
+        spare = self.free.get(len(view))
+        buffer = spare.pop() if spare else bytearray(len(view))
+        buffer[:] = view
+        self.files[path] = buffer
+        return len(buffer)
 
     def get(self, path: str) -> bytes | None:
-        return self.files.get(path)
+        data = self.files.get(path)
+        return None if data is None else bytes(data)
 
     def sizes(self, prefix: str) -> dict[str, int]:
         """Files at or under ``prefix`` and their sizes."""
@@ -60,7 +67,10 @@ class SnapshotStore:
     def delete(self, prefix: str) -> None:
         """Drop ``prefix`` and everything under it."""
         for path in list(self.sizes(prefix)):
-            del self.files[path]
+            buffer = self.files.pop(path)
+            spare = sum(len(b) for f in self.free.values() for b in f)
+            if len(buffer) >= 1 << 20 and spare < sum(map(len, self.files.values())):  # at most one snapshot's worth
+                self.free.setdefault(len(buffer), []).append(buffer)
 
     def move(self, src: str, dst: str) -> bool:
         if src not in self.files:
@@ -69,7 +79,8 @@ class SnapshotStore:
         return True
 
     def used(self) -> int:
-        return sum(len(d) for d in self.files.values())
+        """Bytes held: files and the spare memory kept for the next snapshot."""
+        return sum(len(d) for d in self.files.values()) + sum(len(b) for f in self.free.values() for b in f)
 
 
 def store_name(launch: str, node_id: str) -> str:

@@ -182,6 +182,7 @@ class CheckpointManager:
         self.last_check_seconds = 0.0  # how long this rank checked the bytes of its last load
         self._fall_back = False  # the step to load was picked by resolve_load_step: may fall back
         self._pending: _PendingSave | None = None
+        self._raw_writer: raw.RawWriter | None = None
         self._stager = None
         if async_mode == "async_with_pinned_mem" and not torch.cuda.is_available():
             logger.info("checkpoint.async_mode = async_with_pinned_mem: pinned memory needs CUDA; staging in "
@@ -209,7 +210,10 @@ class CheckpointManager:
         self._barrier()
         states = self._states_to_save(model_only, dtype)
         # Hashes what it writes (in the background for async saves), unless it writes raw bytes.
-        writer = raw.RawWriter(path) if self.raw_bytes else integrity.writer(path)
+        if self.raw_bytes:
+            self._raw_writer = self._raw_writer or raw.RawWriter(path)
+            self._raw_writer.reset(path)
+        writer = self._raw_writer if self.raw_bytes else integrity.writer(path)
         if blocking is False or (blocking is None and self.async_mode != "disabled"):
             response = dcp.async_save(states, checkpoint_id=path, storage_writer=writer,
                                       process_group=self.group, async_stager=self._async_stager())

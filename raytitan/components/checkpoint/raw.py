@@ -41,9 +41,13 @@ def _done(value) -> Future:
 
 
 class RawWriter(StorageWriter):
+    """Keep one for a run's saves (one at a time): its buffer is reused, so a save copies into
+    memory already mapped instead of faulting in fresh pages every time."""
+
     def __init__(self, path: str):
         super().__init__()
         self.path = path
+        self.buffer = torch.empty(0, dtype=torch.uint8)
 
     def reset(self, checkpoint_id=None) -> None:
         if checkpoint_id is not None:
@@ -67,14 +71,17 @@ class RawWriter(StorageWriter):
                 parts.append(torch.frombuffer(bytearray(data.getbuffer()), dtype=torch.uint8))
             else:
                 parts.append(data.detach().cpu().contiguous().reshape(-1).view(torch.uint8))
-        out = torch.empty(sum(p.numel() for p in parts), dtype=torch.uint8)
+        size = sum(p.numel() for p in parts)
+        if self.buffer.numel() != size:
+            self.buffer = torch.empty(size, dtype=torch.uint8)
+        out = self.buffer
         results, offset = [], 0
         for item, part in zip(plan.items, parts):
             out[offset:offset + part.numel()].copy_(part)
             results.append(WriteResult(index=item.index, size_in_bytes=part.numel(),
                                        storage_data=RawItem(name, offset, part.numel())))
             offset += part.numel()
-        storage.write_bytes(storage.join(self.path, name), out.numpy())
+        storage.write_bytes(storage.join(self.path, name), out.numpy())  # copies it: the buffer is free again
         return _done(results)
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
