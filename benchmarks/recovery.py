@@ -9,8 +9,9 @@ injected (SIGKILL of one worker at the start of --kill-step), then reads the run
   metrics.jsonl      when the first step after the restart completed, and its data wait
 and prints the breakdown and the steps of work lost (kill step - 1 - resumed step). Then it
 runs both modes again without a fault for --overhead-steps steps and reports the training
-rate (tokens/s over the steps after the first 5) with memory snapshots as a ratio to the rate
-without them: what snapshotting every --memory-interval steps costs.
+rate (tokens/s over the steps after the first 5; the median of --rate-repeats runs per mode,
+alternating) with memory snapshots as a ratio to the rate without them: what snapshotting every
+--memory-interval steps costs.
 
     python benchmarks/recovery.py [--workers 2] [--kill-step 15] [--interval 10] [--memory-interval 1]
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 
@@ -77,6 +79,7 @@ def main() -> None:
     parser.add_argument("--memory-interval", type=int, default=1, help="memory snapshot interval")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--overhead-steps", type=int, default=40)
+    parser.add_argument("--rate-repeats", type=int, default=3, help="runs per mode for the training rate")
     parser.add_argument("--flavor", default="debugmodel")
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--gpu", action="store_true")
@@ -87,8 +90,14 @@ def main() -> None:
     for mode, memory_interval in modes.items():
         run_dir = run(args, tempfile.mkdtemp(prefix="raytitan-recovery-"), memory_interval, args.steps, args.kill_step)
         rows.append({"mode": mode, **recovery(run_dir)})
-    rates = {mode: training_rate(run(args, tempfile.mkdtemp(prefix="raytitan-rate-"), memory_interval,
-                                     args.overhead_steps)) for mode, memory_interval in modes.items()}
+    # The rates alternate between the modes, --rate-repeats times each, and the median counts:
+    # a busy machine slows whichever run it meets, not one mode.
+    samples: dict[str, list[float]] = {mode: [] for mode in modes}
+    for _ in range(args.rate_repeats):
+        for mode, memory_interval in modes.items():
+            samples[mode].append(training_rate(run(args, tempfile.mkdtemp(prefix="raytitan-rate-"), memory_interval,
+                                                   args.overhead_steps)))
+    rates = {mode: statistics.median(values) for mode, values in samples.items()}
     baseline = rates["disk only"]
     for row in rows:
         row["tokens/s/device"] = rates[row["mode"]]
