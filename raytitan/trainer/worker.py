@@ -86,8 +86,10 @@ def start(config: JobConfig, runtime: Runtime) -> WorkerContext:
     c = config.checkpoint
     snapshot_folder = runtime.snapshot_folder(c.memory_replicas) if c.enable and c.memory_interval > 0 else None
     if c.memory_interval > 0 and snapshot_folder is None and rank == 0:
-        logger.warning("checkpoint.memory_interval = %d: memory snapshots are kept by the Ray launcher's per-node "
-                       "stores; under %s this run takes disk checkpoints only", c.memory_interval, runtime.name)
+        logger.warning("checkpoint.memory_interval = %d: %s", c.memory_interval,
+                       "checkpoint.enable is off, so no memory snapshots are taken either" if not c.enable else
+                       f"memory snapshots are kept by the Ray launcher's per-node stores; under {runtime.name} this "
+                       "run takes disk checkpoints only")
     schedule = Schedule(config.training.steps, config.metrics.log_freq, c.interval, c.enable,
                         config.validation.freq if config.validation.enable else 0,
                         c.memory_interval if snapshot_folder else 0)
