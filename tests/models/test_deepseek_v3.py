@@ -14,7 +14,7 @@ import transformers  # test-only dependency (the dev extra): the reference DeepS
 from raytitan.components.checkpoint.convert import check_files, export_hf, import_hf, load_tensors
 from raytitan.components.checkpoint.manager import CheckpointManager, ModelState
 from raytitan.components.data.tokenizer import ByteTokenizer
-from raytitan.config.job import ConfigError, JobConfig
+from raytitan.config.job import ConfigError, JobConfig, parse_args
 from raytitan.config.plan import plan_run
 from raytitan.models import get_spec
 from raytitan.models.hf import HFFormatError
@@ -281,3 +281,15 @@ def test_fsdp_on_two_ranks_trains_like_one_process(tmp_path, data_dir):
     step = os.path.join(str(tmp_path / "fsdp"), "run", "checkpoint", "step-3")
     bias = load_tensors(step, check_files(step), ["model.layers.1.moe.router.expert_bias"])
     assert bias["model.layers.1.moe.router.expert_bias"].abs().sum() > 0
+
+
+@pytest.mark.parametrize("name, world", [("deepseek_v3_debug.toml", 2), ("deepseek_v3_16b.toml", 8),
+                                         ("deepseek_v3_671b.toml", 512)])
+def test_shipped_configs_plan(name, world):
+    """The recipes plan at their world size as data parallel (tokenizer and data swapped for ones
+    present here)."""
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "configs", name)
+    config = parse_args(["--job.config_file", path, "--model.tokenizer", "byte"])
+    config.model.hf_assets_path = None
+    plan = plan_run(config, world, resolve_data=False)
+    assert (plan.dims.dp_shard, plan.dims.tp, plan.dims.pp) == (world, 1, 1)
