@@ -141,8 +141,8 @@ def test_transformers_weights_import_with_the_same_logits_and_export_unchanged(t
 
 
 def test_hf_config_refusals():
-    """A config.json of another shape, RoPE factor or the unsupported rope layout is refused; a
-    softmax-routed shape (the 16B flavor) has no DeepseekV3ForCausalLM counterpart."""
+    """A config.json of another shape, RoPE factor or the unsupported rope layout is refused, and so
+    are FP8-quantized weights (the release's; dequantized copies import); a softmax-routed shape (the 16B flavor) has no DeepseekV3ForCausalLM counterpart."""
     with pytest.raises(HFFormatError, match="kv_lora_rank"):
         SPEC.hf.check_matches(TINY, reference_config(kv_lora_rank=16).to_dict())
     with pytest.raises(HFFormatError, match="RoPE scaling factor"):
@@ -151,6 +151,8 @@ def test_hf_config_refusals():
     with pytest.raises(HFFormatError, match="rope_interleave"):
         SPEC.hf.from_hf("model.norm.weight", torch.ones(4), {"rope_interleave": False, "num_hidden_layers": 2})
     assert SPEC.hf.from_hf("model.layers.2.eh_proj.weight", torch.ones(4), {"num_hidden_layers": 2}) == {}  # MTP
+    with pytest.raises(HFFormatError, match="FP8"):
+        SPEC.hf.from_hf("model.layers.0.self_attn.o_proj.weight_scale_inv", torch.ones(4), {"num_hidden_layers": 2})
     with pytest.raises(HFFormatError, match="softmax"):
         SPEC.hf.hf_config(FLAVORS["16B"], torch.bfloat16)
 

@@ -80,6 +80,9 @@ class DeepseekV3HF(HFAdapter):
         if config.get("rope_interleave", True) is False:
             raise HFFormatError("config.json has rope_interleave = false (rope features rotated in halves): raytitan "
                                 "reads the releases' interleaved layout only")
+        if name.endswith("weight_scale_inv"):
+            raise HFFormatError(f"'{name}': the folder holds FP8 block-quantized weights (as the DeepSeek-V3 release "
+                                "does); dequantize them to bfloat16 first (DeepSeek's fp8_cast_bf16 conversion)")
         layer = _HF_LAYER.match(name)
         if layer and int(layer.group(1)) >= int(config["num_hidden_layers"]):
             return {}  # the multi-token-prediction module, not built here
