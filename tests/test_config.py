@@ -377,7 +377,9 @@ def test_torchtitan_keys_are_named_in_one_warning_from_toml_and_command_line(tmp
     ("[training]\nenable_cpu_offload = true\n", "training.enable_cpu_offload = true in .*only as false: FSDP CPU offload"),
     ('[training]\ndtype = "bfloat16"\n', 'training.dtype = "bfloat16" .*only as "float32".*mixed_precision_param'),
     ('[compile]\nbackend = "aot_eager"\n', 'compile.backend = "aot_eager" .*only as "inductor"'),
-    ("[parallelism]\nexpert_parallel_degree = 2\n", "parallelism.expert_parallel_degree = 2 .*no expert parallel"),
+    ("[parallelism]\nexpert_tensor_parallel_degree = 2\n",
+     "parallelism.expert_tensor_parallel_degree = 2 .*no expert tensor parallel"),
+    ('[parallelism]\nexpert_parallel_comm_backend = "deepep"\n', "expert_parallel_comm_backend .*no DeepEP"),
     ('[parallelism]\ncontext_parallel_load_balancer = "ptrr"\n', "only as \"headtail\": context parallel always"),
     ('[parallelism]\npipeline_parallel_schedule_csv = "s.csv"\n', 'only as "" or unset'),
     ("[checkpoint]\nload_only = true\n", "checkpoint.load_only = true .*no load-only mode"),
@@ -404,13 +406,13 @@ def test_torchtitan_keys_raytitan_does_not_implement_are_errors_unless_off(tmp_p
 def test_torchtitan_keys_at_the_values_raytitan_follows_are_accepted(tmp_path):
     path = write(tmp_path, '[training]\nenable_cpu_offload = false\ndtype = "float32"\nseq_len = 512\n'
                            '[validation]\nseq_len = 512\n[compile]\nbackend = "inductor"\n'
-                           '[parallelism]\ncontext_parallel_load_balancer = "headtail"\nexpert_parallel_degree = 1\n'
+                           '[parallelism]\ncontext_parallel_load_balancer = "headtail"\nexpert_tensor_parallel_degree = 1\n'
                            'pipeline_parallel_schedule_csv = ""\n[fault_tolerance]\nenable = false\ngroup_size = 0\n')
     c = parse_args(["--job.config_file", path, "--debug.deterministic"])
     assert c.training.deterministic and c.training.seq_len == 512
     assert list(c.torchtitan_ignored) == [
         "training.enable_cpu_offload", "training.dtype", "validation.seq_len", "compile.backend",
-        "parallelism.context_parallel_load_balancer", "parallelism.expert_parallel_degree",
+        "parallelism.context_parallel_load_balancer", "parallelism.expert_tensor_parallel_degree",
         "parallelism.pipeline_parallel_schedule_csv", "fault_tolerance.enable", "fault_tolerance.group_size"]
     # validation.seq_len is checked against the final training.seq_len, command line included
     with pytest.raises(ConfigError, match="validation.seq_len = 512 differs from training.seq_len = 1024"):

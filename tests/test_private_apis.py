@@ -27,6 +27,9 @@ torch 2.13
   snapshots): raytitan/components/profiling.py ``CudaMemoryHistory``.
 - ``torch._grouped_mm`` (grouped matmul of the MoE experts; tested in tests/models/test_moe.py):
   raytitan/models/moe.py ``grouped_mm``.
+- ``torch.distributed._functional_collectives.all_to_all_single`` (autograd-aware all-to-all of
+  the tokens under expert parallel; the public ``torch.distributed.nn.functional`` one is
+  deprecated in its favour): raytitan/distributed/expert_parallel.py ``exchange``.
 - ``torch._inductor.config._micro_pipeline_tp`` and
   ``torch.distributed._symmetric_memory.enable_symm_mem_for_group`` (async tensor parallel):
   raytitan/distributed/parallelize.py ``enable_async_tensor_parallel``.
@@ -88,6 +91,7 @@ USED = {
         "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention_for_cpu_backward",
         "_scaled_dot_product_flash_attention", "_scaled_dot_product_flash_attention_backward"},
     "distributed/dims.py": {"_flatten"},
+    "distributed/expert_parallel.py": {"torch.distributed._functional_collectives"},
     "distributed/float8.py": {"torchao.float8._auto_filter_for_recipe"},
     "models/moe.py": {"_grouped_mm"},
     "distributed/parallelize.py": {"torch._inductor.config", "_inductor", "_micro_pipeline_tp",
@@ -278,6 +282,16 @@ def test_device_mesh_flatten(one_rank_group):
         warnings.simplefilter("ignore")  # torch 2.13 warns that slicing a flattened dim from the root is deprecated
         flat = mesh["dp_shard_cp"]  # ParallelDims.submesh reads flattened dims this way
     assert flat.mesh_dim_names == ("dp_shard_cp",) and flat.size() == 1
+
+
+def test_functional_all_to_all_is_differentiable(one_rank_group):
+    from raytitan.distributed.expert_parallel import exchange
+
+    x = torch.arange(6.0).view(3, 2).requires_grad_()
+    y = exchange(x, [3], [3], one_rank_group)
+    assert torch.equal(y, x.detach())
+    (y * torch.tensor([1.0, 2.0])).sum().backward()  # the gradient comes back by the reverse exchange
+    assert torch.equal(x.grad, torch.tensor([[1.0, 2.0]] * 3))
 
 
 def test_ring_attention_internals():

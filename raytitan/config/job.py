@@ -143,6 +143,10 @@ class Parallelism:
     tensor_parallel_degree: int = opt(1, "Tensor parallel degree", COUNT)
     pipeline_parallel_degree: int = opt(1, "Pipeline parallel degree", COUNT)
     context_parallel_degree: int = opt(1, "Context parallel degree: each rank holds 1/cp of every sequence", COUNT)
+    expert_parallel_degree: int = opt(
+        1, "Expert parallel degree (MoE models): experts split over this many ranks borrowed from the data-parallel "
+        "shard ranks (it must divide data_parallel_shard_degree and the number of experts); tokens reach their "
+        "experts by all-to-all; expert weights are FSDP-sharded over the remaining shard ranks", COUNT)
     fsdp_reshard_after_forward: str = opt(
         "default", "Free gathered FSDP params after forward: default (yes, except with pipeline parallel), always, never")
     disable_loss_parallel: bool = opt(False, "With tensor parallel, gather the logits instead of a vocab-sharded loss")

@@ -302,6 +302,8 @@ def check_layout(config: JobConfig, dims: ParallelDims, args: Any, local_batch: 
         if degree > 1 and not supported:
             raise ConfigError(f"model.name = {config.model.name!r} does not support {what} parallel: set "
                               f"parallelism.{what}_parallel_degree = 1")
+    if dims.ep > 1:
+        check_expert_parallel(config, dims, args)
     if spec.check_layout is not None:
         try:
             spec.check_layout(args, dims)
@@ -336,6 +338,29 @@ def check_layout(config: JobConfig, dims: ParallelDims, args: Any, local_batch: 
             raise ConfigError(str(e)) from None
 
 
+def num_experts(args: Any) -> int | None:
+    """The routed experts per MoE layer of a model shape (its args' ``num_experts``); None for a
+    dense model."""
+    return getattr(args, "num_experts", None)
+
+
+def check_expert_parallel(config: JobConfig, dims: ParallelDims, args: Any) -> None:
+    """What expert parallel needs beyond the mesh (``ParallelDims`` checks that it divides the
+    shard degree and that tensor, context and pipeline parallel are off)."""
+    key = f"parallelism.expert_parallel_degree = {dims.ep}"
+    n = num_experts(args)
+    if not n:
+        raise ConfigError(f"{key} needs a Mixture-of-Experts model; model.name = {config.model.name!r} "
+                          f"({config.model.flavor}) has no experts: set parallelism.expert_parallel_degree = 1")
+    if n % dims.ep:
+        raise ConfigError(f"{key} does not divide the {n} experts of {config.model.name} {config.model.flavor}: "
+                          f"pick a divisor of {n} (that also divides the data-parallel shard degree {dims.dp_shard})")
+    if config.compile.enable and "model" in config.compile.components:
+        raise ConfigError(f"{key} does not combine with torch.compile of the model yet (the all-to-all splits are "
+                          "data-dependent and the blocks compile as whole graphs): set compile.enable = false, or "
+                          "remove 'model' from compile.components, or set parallelism.expert_parallel_degree = 1")
+
+
 def _largest_divisor_at_most(n: int, cap: int) -> int:
     return max(d for d in range(1, min(n, cap) + 1) if n % d == 0)
 
@@ -349,7 +374,11 @@ def data_parallel_degree(config: JobConfig, world_size: int) -> int:
 
 def elastic_layout(config: JobConfig, world_size: int, global_batch: int) -> tuple[ParallelDims, int]:
     """For an elastic world: the largest data-parallel degree that fits and divides the global
-    batch, and the local batch for it. Ranks beyond the layout idle until the next resize."""
+    batch, and the local batch for it. Ranks beyond the layout idle until the next resize.
+
+    Expert parallel is re-planned like data parallel: the largest degree up to the configured
+    one that divides both the shard degree chosen and the number of experts (said in a log line
+    when it differs from the configured degree)."""
     p = config.parallelism
     block = p.data_parallel_replicate_degree * p.context_parallel_degree * p.tensor_parallel_degree * \
         p.pipeline_parallel_degree
@@ -360,9 +389,34 @@ def elastic_layout(config: JobConfig, world_size: int, global_batch: int) -> tup
         )
     shard = max(d for d in range(1, world_size // block + 1)
                 if global_batch % (p.data_parallel_replicate_degree * d) == 0)
-    dims = ParallelDims(p.data_parallel_replicate_degree, shard, p.context_parallel_degree,
-                        p.tensor_parallel_degree, p.pipeline_parallel_degree, block * shard)
+    ep = elastic_expert_parallel(config, shard)
+    try:
+        dims = ParallelDims(p.data_parallel_replicate_degree, shard, p.context_parallel_degree,
+                            p.tensor_parallel_degree, p.pipeline_parallel_degree, block * shard, ep=ep)
+    except ParallelismError as e:
+        raise ConfigError(str(e)) from None
     return dims, _largest_divisor_at_most(global_batch // dims.dp, config.training.local_batch_size)
+
+
+def elastic_expert_parallel(config: JobConfig, shard: int) -> int:
+    """The expert-parallel degree for a data-parallel shard degree an elastic world allows: the
+    configured one if it still divides the shard degree, else the largest divisor of both the
+    shard degree and the number of experts below it (1 at worst: every rank all experts)."""
+    wanted = config.parallelism.expert_parallel_degree
+    if wanted == 1:
+        return 1
+    try:
+        n = num_experts(model_spec(config).flavor(config.model.flavor))
+    except ModelSpecError:
+        n = None
+    if not n:
+        return wanted  # a dense model: check_layout refuses the degree
+    ep = max(d for d in range(1, wanted + 1) if shard % d == 0 and n % d == 0)
+    if ep != wanted:
+        logger.info("elastic layout: parallelism.expert_parallel_degree %d does not fit %d data-parallel shard ranks "
+                    "(and %d experts); training with expert parallel %d (expert weights FSDP-sharded over %d ranks)",
+                    wanted, shard, n, ep, shard // ep)
+    return ep
 
 
 def check_fault_rank(config: JobConfig, world_size: int) -> None:

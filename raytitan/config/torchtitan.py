@@ -51,7 +51,7 @@ def _loader(section: str) -> dict[str, TorchtitanKey]:
             f"{section}.dataloader.pin_memory": TorchtitanKey(bool, _LOADER),
             f"{section}.dataloader.prefetch_factor": TorchtitanKey(int | None, _LOADER)}
 
-_MOE = "a setting for MoE models; the built-in models are dense"
+_MOE = "an MoE setting raytitan's MoE layer (raytitan/models/moe.py) does not have"
 _MEMORY_BUDGET = "only for activation_checkpoint.mode = memory_budget, which raytitan does not have"
 _FLIGHT_RECORDER = "no NCCL flight recorder"
 
@@ -93,9 +93,12 @@ KEYS: dict[str, TorchtitanKey] = {
     "parallelism.context_parallel_load_balancer": TorchtitanKey(
         str | None, "context parallel always uses the head-tail layout (torchtitan's headtail)",
         accepts=("headtail",)),
-    **_same("no expert parallel: " + _MOE, "parallelism.expert_parallel_degree",
-            "parallelism.expert_tensor_parallel_degree", type=int, accepts=(1,)),
-    "parallelism.expert_parallel_comm_backend": TorchtitanKey(str, _MOE),
+    "parallelism.expert_tensor_parallel_degree": TorchtitanKey(
+        int, "no expert tensor parallel: experts are split whole over parallelism.expert_parallel_degree ranks",
+        accepts=(1,)),
+    "parallelism.expert_parallel_comm_backend": TorchtitanKey(
+        str, "tokens reach their experts by torch.distributed all-to-all (torchtitan's 'standard'); no DeepEP",
+        accepts=("standard",)),
     "checkpoint.enable_ft_dataloader_checkpoints": TorchtitanKey(
         bool, "for torchft only; raytitan's checkpoints always hold the data position"),
     "checkpoint.initial_load_in_hf_quantized": TorchtitanKey(

@@ -1,6 +1,6 @@
 """Apply the parallelisms to a model (or one pipeline stage of it) on the meta device, in the
-order that composes: Float8 conversion, tensor parallel, context parallel, activation
-checkpointing, compile, then FSDP/HSDP. Families give their tensor-parallel plan; the rest works
+order that composes: Float8 conversion, tensor parallel, context parallel, expert parallel,
+activation checkpointing, compile, then FSDP/HSDP. Families give their tensor-parallel plan; the rest works
 on any model whose blocks sit in ``model.layers``."""
 
 from __future__ import annotations
@@ -11,12 +11,14 @@ import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import Shard
 
 from raytitan.distributed import float8
 from raytitan.distributed.activation_checkpoint import apply_activation_checkpointing
 from raytitan.distributed.compile import compile_blocks
 from raytitan.distributed.context import apply_context_parallel
 from raytitan.distributed.dims import ParallelDims
+from raytitan.distributed.expert_parallel import apply_expert_parallel, expert_modules
 from raytitan.distributed.precision import DTYPES, param_dtype, reshard_after_forward
 
 # (model, tp_mesh, loss_parallel) -> None: a family's tensor-parallel plan, applied in place.
@@ -39,6 +41,9 @@ def parallelize(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh, config,
     cp_mesh = ParallelDims.submesh(mesh, "cp")
     if cp_mesh is not None:
         apply_context_parallel(model, cp_mesh.get_group(), training.seq_len, parallelism.context_parallel_rotate_method)
+    ep_mesh = ParallelDims.submesh(mesh, "ep")
+    if ep_mesh is not None:
+        apply_expert_parallel(model, ep_mesh)
     ac = config.activation_checkpoint
     apply_activation_checkpointing(model, ac.mode, ac.selective_ac_option)
     if config.compile.enable and "model" in config.compile.components:
@@ -47,7 +52,8 @@ def parallelize(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh, config,
     if fsdp_mesh is not None:
         apply_fsdp(model, fsdp_mesh, param_dtype(training.mixed_precision_param, mesh.device_type),
                    DTYPES[training.mixed_precision_reduce],
-                   reshard_after_forward(parallelism.fsdp_reshard_after_forward, dims.pp))
+                   reshard_after_forward(parallelism.fsdp_reshard_after_forward, dims.pp),
+                   expert_mesh=ParallelDims.expert_fsdp_mesh(mesh))
     return model
 
 
@@ -72,20 +78,31 @@ def enable_async_tensor_parallel(tp_mesh: DeviceMesh) -> None:
 
 
 def apply_fsdp(model: nn.Module, mesh: DeviceMesh, param: torch.dtype, reduce: torch.dtype,
-               reshard_after_forward: bool = True) -> None:
+               reshard_after_forward: bool = True, expert_mesh: DeviceMesh | None = None) -> None:
     """FSDP2 per block and at the root; HSDP when the mesh is 2-D.
+
+    Under expert parallel (``expert_mesh``: the ranks that hold the same experts) each layer's
+    experts are FSDP-sharded over ``expert_mesh`` first, on their hidden dimension (dim 1: the
+    expert dim 0 is split by expert parallel already and may be smaller than the mesh), so the
+    block's FSDP over all data-parallel ranks leaves them out.
 
     The gradient divide factor is 1: the loss is already divided by the global token
     count, so gradients are summed over data-parallel ranks, not averaged.
     """
     policy = MixedPrecisionPolicy(param_dtype=param, reduce_dtype=reduce)
     blocks = list(model.layers.values())
+    experts = []
     for i, block in enumerate(blocks):
         # The last block's params are needed again first in backward: keep them gathered.
-        fully_shard(block, mesh=mesh, mp_policy=policy,
-                    reshard_after_forward=reshard_after_forward and i < len(blocks) - 1)
+        keep = reshard_after_forward and i < len(blocks) - 1
+        if expert_mesh is not None:
+            for module in expert_modules(block):
+                fully_shard(module, mesh=expert_mesh, mp_policy=policy, reshard_after_forward=keep,
+                            shard_placement_fn=lambda _: Shard(1))
+                experts.append(module)
+        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=keep)
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
-    for module in [*blocks, model]:
+    for module in [*experts, *blocks, model]:
         module.set_gradient_divide_factor(1.0)
         # Plain SUM collectives: gloo has no PREMUL_SUM, and a factor of 1 needs no scaling.
         module.set_force_sum_reduction_for_comms(True)

@@ -4,8 +4,10 @@ Token-choice top-k routing (softmax or sigmoid scores, optional group-limited ro
 normalization of the chosen scores and a routed scaling factor), routed SwiGLU experts stored as
 stacked weights and computed with one grouped matrix multiplication, shared experts, and load
 balancing without an auxiliary loss (a per-expert bias that only chooses experts), with an
-optional sequence-level auxiliary loss. No token is dropped. No expert parallelism yet: every
-rank holds every expert.
+optional sequence-level auxiliary loss. No token is dropped. On one rank every expert is local;
+expert parallel (``raytitan.distributed.expert_parallel``) splits the experts over ranks and moves
+tokens to them by all-to-all around ``GroupedExperts.forward``, leaving this module's code the
+single-rank reference.
 
 How a trainer uses it:
 - after each optimizer step, ``update_load_balance_bias(model)`` moves every layer's bias toward
@@ -25,6 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from raytitan.models.llama3.model import FeedForward
 
@@ -141,6 +144,9 @@ class GroupedExperts(nn.Module):
     """num_experts SwiGLU experts, w2(silu(w1 x) * w3 x), their weights stacked as
     [num_experts, out, in] (each expert's slice laid out as an nn.Linear weight)."""
 
+    # The weights expert parallel splits on their expert dim (raytitan.distributed.expert_parallel).
+    expert_parallel_weights = ("w1", "w2", "w3")
+
     def __init__(self, dim: int, hidden_dim: int, num_experts: int, use_grouped_mm: bool = True):
         super().__init__()
         self.use_grouped_mm = use_grouped_mm
@@ -155,17 +161,25 @@ class GroupedExperts(nn.Module):
             return self._grouped(x, counts)
         return self._for_loop(x, counts)
 
+    def weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(w1, w2, w3) of the experts this rank computes: all of them, or under expert parallel
+        (weights sharded on the expert dim, ``raytitan.distributed.expert_parallel``) the local
+        slice, to which ``forward``'s rows have already been sent."""
+        return tuple(w.to_local() if isinstance(w, DTensor) else w for w in (self.w1, self.w2, self.w3))
+
     def _grouped(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        w1, w2, w3 = self.weights()
         offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
-        h = F.silu(grouped_mm(x, self.w1.transpose(-2, -1), offsets)) * grouped_mm(x, self.w3.transpose(-2, -1), offsets)
-        return grouped_mm(h, self.w2.transpose(-2, -1), offsets)
+        h = F.silu(grouped_mm(x, w1.transpose(-2, -1), offsets)) * grouped_mm(x, w3.transpose(-2, -1), offsets)
+        return grouped_mm(h, w2.transpose(-2, -1), offsets)
 
     def _for_loop(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """One SwiGLU per expert over its rows: the reference the grouped path must equal."""
+        w1, w2, w3 = self.weights()
         outs = []
         for e, rows in enumerate(torch.split(x, counts.tolist())):
-            h = F.silu(F.linear(rows, self.w1[e])) * F.linear(rows, self.w3[e])
-            outs.append(F.linear(h, self.w2[e]))
+            h = F.silu(F.linear(rows, w1[e])) * F.linear(rows, w3[e])
+            outs.append(F.linear(h, w2[e]))
         return torch.cat(outs)
 
     def init_weights(self, init_std: float) -> None:

@@ -51,13 +51,21 @@ def clip_grad_norm_(params: list[torch.nn.Parameter], max_norm: float,
     """Total gradient norm over all ranks' shards (DTensor-aware) and pipeline stages, clipped in
     place if max_norm > 0. Computed also when clipping is off: the non-finite guard reads it."""
     grads = [p.grad for p in params if p.grad is not None]
-    total = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
-    if isinstance(total, DTensor):
-        total = total.full_tensor()  # reduce the partial norms of the shards
+    # DTensors on different meshes (expert weights under expert parallel live on their own)
+    # cannot be stacked together: one norm per mesh, each reduced, then summed as squares.
+    by_mesh: dict = {}
+    for g in grads:
+        by_mesh.setdefault(g.device_mesh if isinstance(g, DTensor) else None, []).append(g)
+    norms = []
+    for group in by_mesh.values():
+        norm = torch.nn.utils.get_total_norm(group, norm_type=2.0)
+        norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)  # reduce the shards' partial norms
+    total = norms[0] if len(norms) == 1 else torch.stack(norms).square().sum().sqrt()
     if pp_group is not None:  # each stage holds different parameters: add the squares
         total = all_reduce_sum(total**2, pp_group).sqrt()
     if max_norm > 0:
-        torch.nn.utils.clip_grads_with_norm_([p for p in params if p.grad is not None], max_norm, total)
+        for group in by_mesh.values():
+            torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
     return total
 
 

@@ -1,0 +1,117 @@
+"""Expert parallel (raytitan/distributed/expert_parallel.py) trains Qwen3-MoE like one process:
+EP 2 and EP 4 on 4 gloo ranks give one process's first 5 losses from the same seed weights, and
+expert weights saved under one expert-parallel degree load under another (DCP resharding on the
+expert dimension) and train on with the uninterrupted run's losses. Config errors and the
+elastic re-planning of the degree are checked before any worker starts (quick)."""
+
+import os
+
+import pytest
+
+from raytitan.config.job import ConfigError, JobConfig
+from raytitan.config.plan import elastic_layout, plan_run
+from tests.helpers import RaytitanLog, run_ranks, tiny_config
+
+STEPS = 5
+MOE = {"name": "qwen3_moe", "flavor": "debugmodel"}
+
+
+def plan_config(**parallelism) -> JobConfig:
+    config = JobConfig()
+    config.model.name, config.model.flavor = "qwen3_moe", "debugmodel"
+    config.training.dataset = "synthetic"
+    for key, value in parallelism.items():
+        setattr(config.parallelism, key, value)
+    return config
+
+
+# --------------------------------------------------------------------------- before launch (quick)
+
+
+def test_expert_parallel_plans_over_the_data_parallel_shard_ranks():
+    dims = plan_run(plan_config(expert_parallel_degree=2), 4, resolve_data=False).dims
+    assert (dims.dp_shard, dims.ep, dims.efsdp, dims.dp) == (4, 2, 2, 4)
+    hsdp = plan_run(plan_config(expert_parallel_degree=2, data_parallel_replicate_degree=2), 4,
+                    resolve_data=False).dims
+    assert (hsdp.dp_replicate, hsdp.dp_shard, hsdp.ep, hsdp.efsdp) == (2, 2, 2, 1)
+
+
+@pytest.mark.parametrize("world, parallelism, message", [
+    (4, {"expert_parallel_degree": 3}, r"expert_parallel_degree = 3 does not divide the data-parallel shard degree 4"),
+    (6, {"expert_parallel_degree": 3}, r"expert_parallel_degree = 3 does not divide the 8 experts"),
+    (4, {"expert_parallel_degree": 2, "tensor_parallel_degree": 2},
+     r"expert_parallel_degree = 2 does not combine with parallelism.tensor_parallel_degree"),
+    (4, {"expert_parallel_degree": 2, "context_parallel_degree": 2},
+     r"does not combine with parallelism.context_parallel_degree"),
+    (4, {"expert_parallel_degree": 2, "pipeline_parallel_degree": 2},
+     r"does not combine with parallelism.pipeline_parallel_degree"),
+])
+def test_layouts_expert_parallel_cannot_split_are_config_errors(world, parallelism, message):
+    with pytest.raises(ConfigError, match=message):
+        plan_run(plan_config(**parallelism), world, resolve_data=False)
+
+
+def test_expert_parallel_on_a_dense_model_or_with_compile_is_a_config_error():
+    dense = plan_config(expert_parallel_degree=2)
+    dense.model.name, dense.model.flavor = "llama3", "debugmodel"
+    with pytest.raises(ConfigError, match=r"needs a Mixture-of-Experts model; model.name = 'llama3'"):
+        plan_run(dense, 2, resolve_data=False)
+    compiled = plan_config(expert_parallel_degree=2)
+    compiled.compile.enable = True
+    with pytest.raises(ConfigError, match=r"does not combine with torch.compile"):
+        plan_run(compiled, 2, resolve_data=False)
+
+
+def test_elastic_worlds_re_plan_expert_parallel_like_data_parallel():
+    config = plan_config(expert_parallel_degree=4)
+    config.ray.min_workers, config.training.global_batch_size = 1, 12
+    dims, local = elastic_layout(config, 4, 12)
+    assert (dims.dp_shard, dims.ep, local) == (4, 4, 3)
+    with RaytitanLog() as log:
+        dims, local = elastic_layout(config, 3, 12)  # 3 ranks: no divisor of 8 experts but 1
+    assert (dims.dp_shard, dims.ep, dims.dp * local) == (3, 1, 12)
+    assert any("training with expert parallel 1" in m for m in log.messages("INFO"))
+    dims, _ = elastic_layout(config, 2, 12)
+    assert (dims.dp_shard, dims.ep) == (2, 2)
+
+
+# --------------------------------------------------------------------------- on 4 gloo ranks (slow)
+
+
+def config(root, data_dir, name, parallelism=None, local_batch=2, steps=STEPS, **checkpoint):
+    return tiny_config(str(root / name), data_dir, model=MOE, parallelism=parallelism or {},
+                       training={"global_batch_size": 8, "local_batch_size": local_batch, "steps": steps},
+                       checkpoint={"enable": False, **checkpoint})
+
+
+def step_folder(root, name, step):
+    return os.path.join(str(root / name), "run", "checkpoint", f"step-{step}")
+
+
+@pytest.mark.slow
+def test_expert_parallel_trains_like_one_process_and_reshards_its_experts(tmp_path, data_dir):
+    """From one seed checkpoint: one process (the reference, saving at step 3); on 4 ranks in one
+    spawn, EP 2 (saving at step 3) and EP 4 reproduce its 5 losses (1e-4 relative); EP 4 resumed
+    from EP 2's step 3, and EP 2 from the one process's, give the uninterrupted steps 4 and 5."""
+    seed = step_folder(tmp_path, "seed", 0)
+    saving = {"enable": True, "interval": 3, "initial_load_path": seed}
+    _, one = run_ranks([config(tmp_path, data_dir, "seed", create_seed_checkpoint=True),
+                        config(tmp_path, data_dir, "one", local_batch=8, **saving)], 1, str(tmp_path))
+    resume = {"enable": True, "interval": 1000, "initial_load_model_only": False}
+    ep2, ep4, ep2_to_ep4, one_to_ep2 = run_ranks([
+        config(tmp_path, data_dir, "ep2", {"expert_parallel_degree": 2}, **saving),
+        config(tmp_path, data_dir, "ep4", {"expert_parallel_degree": 4}, initial_load_path=seed),
+        config(tmp_path, data_dir, "ep2_to_ep4", {"expert_parallel_degree": 4},
+               initial_load_path=step_folder(tmp_path, "ep2", 3), **resume),
+        config(tmp_path, data_dir, "one_to_ep2", {"expert_parallel_degree": 2},
+               initial_load_path=step_folder(tmp_path, "one", 3), **resume),
+    ], 4, str(tmp_path))
+    reference = one["losses"]
+    assert len(reference) == STEPS
+    for run in (ep2, ep4):
+        assert run["losses"] == pytest.approx(reference, rel=1e-4)
+    for run in (ep2_to_ep4, one_to_ep2):
+        assert run["losses"] == pytest.approx(reference[3:], rel=1e-4)
+    # Each rank holds a quarter of the dense weights and (EP 4) a quarter of the experts.
+    print("max relative difference:", {name: max(abs(a - b) / abs(b) for a, b in zip(run["losses"], reference))
+                                       for name, run in (("ep2", ep2), ("ep4", ep4))})
