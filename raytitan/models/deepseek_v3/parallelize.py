@@ -1,7 +1,8 @@
 """DeepSeek-V3's layouts in this first version: data parallel (FSDP / HSDP), with activation
-checkpointing and compile, the shared steps of ``raytitan.distributed.parallelize``. No expert,
-tensor, context or pipeline parallel yet: the spec refuses tensor and context parallel and
-``check_layout`` pipeline parallel, before launch."""
+checkpointing and compile, the shared steps of ``raytitan.distributed.parallelize`` (which also
+apply expert parallel to the MoE layers' experts, generically). No tensor, context or pipeline
+parallel yet: the spec refuses tensor and context parallel and ``check_layout`` pipeline parallel,
+before launch."""
 
 from __future__ import annotations
 
