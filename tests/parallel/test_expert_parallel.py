@@ -78,10 +78,10 @@ def test_elastic_worlds_re_plan_expert_parallel_like_data_parallel():
 # --------------------------------------------------------------------------- on 4 gloo ranks (slow)
 
 
-def config(root, data_dir, name, parallelism=None, local_batch=2, steps=STEPS, **checkpoint):
+def config(root, data_dir, name, parallelism=None, local_batch=2, ac="none", **checkpoint):
     return tiny_config(str(root / name), data_dir, model=MOE, parallelism=parallelism or {},
-                       training={"global_batch_size": 8, "local_batch_size": local_batch, "steps": steps},
-                       checkpoint={"enable": False, **checkpoint})
+                       training={"global_batch_size": 8, "local_batch_size": local_batch, "steps": STEPS},
+                       checkpoint={"enable": False, **checkpoint}, activation_checkpoint={"mode": ac})
 
 
 def step_folder(root, name, step):
@@ -91,27 +91,30 @@ def step_folder(root, name, step):
 @pytest.mark.slow
 def test_expert_parallel_trains_like_one_process_and_reshards_its_experts(tmp_path, data_dir):
     """From one seed checkpoint: one process (the reference, saving at step 3); on 4 ranks in one
-    spawn, EP 2 (saving at step 3) and EP 4 reproduce its 5 losses (1e-4 relative); EP 4 resumed
-    from EP 2's step 3, and EP 2 from the one process's, give the uninterrupted steps 4 and 5."""
+    spawn, EP 2 (saving at step 3), EP 4 and HSDP 2 x 2 with EP 2 reproduce its 5 losses (1e-4
+    relative); EP 4 resumed from EP 2's step 3, and EP 2 (with full activation checkpointing: the
+    recomputed forward dispatches again) from the one process's, give the uninterrupted steps 4
+    and 5."""
     seed = step_folder(tmp_path, "seed", 0)
     saving = {"enable": True, "interval": 3, "initial_load_path": seed}
     _, one = run_ranks([config(tmp_path, data_dir, "seed", create_seed_checkpoint=True),
                         config(tmp_path, data_dir, "one", local_batch=8, **saving)], 1, str(tmp_path))
     resume = {"enable": True, "interval": 1000, "initial_load_model_only": False}
-    ep2, ep4, ep2_to_ep4, one_to_ep2 = run_ranks([
+    ep2, ep4, hsdp, ep2_to_ep4, one_to_ep2 = run_ranks([
         config(tmp_path, data_dir, "ep2", {"expert_parallel_degree": 2}, **saving),
         config(tmp_path, data_dir, "ep4", {"expert_parallel_degree": 4}, initial_load_path=seed),
+        config(tmp_path, data_dir, "hsdp", {"expert_parallel_degree": 2, "data_parallel_replicate_degree": 2},
+               initial_load_path=seed),
         config(tmp_path, data_dir, "ep2_to_ep4", {"expert_parallel_degree": 4},
                initial_load_path=step_folder(tmp_path, "ep2", 3), **resume),
-        config(tmp_path, data_dir, "one_to_ep2", {"expert_parallel_degree": 2},
+        config(tmp_path, data_dir, "one_to_ep2", {"expert_parallel_degree": 2}, ac="full",
                initial_load_path=step_folder(tmp_path, "one", 3), **resume),
     ], 4, str(tmp_path))
     reference = one["losses"]
     assert len(reference) == STEPS
-    for run in (ep2, ep4):
+    for run in (ep2, ep4, hsdp):
         assert run["losses"] == pytest.approx(reference, rel=1e-4)
     for run in (ep2_to_ep4, one_to_ep2):
         assert run["losses"] == pytest.approx(reference[3:], rel=1e-4)
-    # Each rank holds a quarter of the dense weights and (EP 4) a quarter of the experts.
     print("max relative difference:", {name: max(abs(a - b) / abs(b) for a, b in zip(run["losses"], reference))
-                                       for name, run in (("ep2", ep2), ("ep4", ep4))})
+                                       for name, run in (("ep2", ep2), ("ep4", ep4), ("hsdp", hsdp))})

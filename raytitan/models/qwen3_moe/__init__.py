@@ -1,6 +1,7 @@
 """Qwen3-MoE (Alibaba): Qwen3's attention with a Mixture-of-Experts feed-forward in every layer
 (128 experts, 8 active, softmax routing with renormalized top-k weights, no shared expert).
-First version: data parallel only (no expert, tensor, context or pipeline parallel)."""
+Data parallel (FSDP/HSDP) and expert parallel (parallelism.expert_parallel_degree); no tensor,
+context or pipeline parallel yet."""
 
 from raytitan.models.moe import update_load_balance_bias
 from raytitan.models.qwen3_moe.args import FLAVORS, ModelArgs
@@ -12,7 +13,8 @@ from raytitan.models.spec import ModelSpec
 
 def after_optimizer_step(parts, dp_group) -> None:
     """Move every MoE layer's load-balancing bias, the counts summed over the data-parallel
-    ranks so that every replica keeps the same bias."""
+    ranks so that every replica keeps the same bias. Under expert parallel the counts are still
+    those of each rank's own tokens over all experts (counted before dispatch): the sum is global."""
     for part in parts:
         update_load_balance_bias(part, dp_group)
 

@@ -1,6 +1,7 @@
-"""Qwen3-MoE's layouts in this first version: data parallel (FSDP / HSDP), with activation
-checkpointing and compile, the shared steps of ``raytitan.distributed.parallelize``. No expert,
-tensor, context or pipeline parallel yet: ``check_layout`` refuses them before launch."""
+"""Qwen3-MoE's layouts: data parallel (FSDP / HSDP) and expert parallel, with activation
+checkpointing and compile, the shared steps of ``raytitan.distributed.parallelize`` (which
+splits the experts over ``parallelism.expert_parallel_degree`` ranks). No tensor, context or
+pipeline parallel yet: the spec and ``check_layout`` refuse them before launch."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ FLOAT8_KEEP = ("router.gate",)
 
 
 def parallelize_qwen3_moe(model: Transformer, dims, mesh: DeviceMesh, config) -> Transformer:
-    """Float8 (attention projections only), activation checkpointing, compile, FSDP/HSDP."""
+    """Float8 (attention projections only), expert parallel, activation checkpointing, compile,
+    FSDP/HSDP."""
     return parallelize(model, dims, mesh, dataclasses.replace(config, float8=float8_settings(config.float8)))
 
 
@@ -29,7 +31,8 @@ def float8_settings(settings):
 
 
 def check_layout(args, dims) -> None:
-    """Data parallel only for now; then Qwen3's head checks."""
+    """Data and expert parallel only for now (the planner checks the expert-parallel degree);
+    then Qwen3's head checks."""
     if dims.pp > 1:
         raise ValueError("model.name = 'qwen3_moe' does not support pipeline parallel yet (data parallel only: "
                          "FSDP/HSDP): set parallelism.pipeline_parallel_degree = 1")
