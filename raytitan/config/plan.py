@@ -414,8 +414,8 @@ def elastic_expert_parallel(config: JobConfig, shard: int) -> int:
     ep = max(d for d in range(1, wanted + 1) if shard % d == 0 and n % d == 0)
     if ep != wanted:
         logger.info("elastic layout: parallelism.expert_parallel_degree %d does not fit %d data-parallel shard ranks "
-                    "(and %d experts); training with expert parallel %d (expert weights FSDP-sharded over %d ranks)",
-                    wanted, shard, n, ep, shard // ep)
+                    "(and %d experts); training with expert parallel %d (each expert's weights FSDP-sharded over %d of "
+                    "them)", wanted, shard, n, ep, shard // ep)
     return ep
 
 

@@ -4,7 +4,9 @@ expert weights saved under one expert-parallel degree load under another (DCP re
 expert dimension) and train on with the uninterrupted run's losses. Config errors and the
 elastic re-planning of the degree are checked before any worker starts (quick)."""
 
+import json
 import os
+import shutil
 
 import pytest
 
@@ -78,10 +80,10 @@ def test_elastic_worlds_re_plan_expert_parallel_like_data_parallel():
 # --------------------------------------------------------------------------- on 4 gloo ranks (slow)
 
 
-def config(root, data_dir, name, parallelism=None, local_batch=2, ac="none", **checkpoint):
+def config(root, data_dir, name, parallelism=None, local_batch=2, ac="none", ray=None, **checkpoint):
     return tiny_config(str(root / name), data_dir, model=MOE, parallelism=parallelism or {},
                        training={"global_batch_size": 8, "local_batch_size": local_batch, "steps": STEPS},
-                       checkpoint={"enable": False, **checkpoint}, activation_checkpoint={"mode": ac})
+                       checkpoint={"enable": False, **checkpoint}, activation_checkpoint={"mode": ac}, ray=ray or {})
 
 
 def step_folder(root, name, step):
@@ -90,31 +92,41 @@ def step_folder(root, name, step):
 
 @pytest.mark.slow
 def test_expert_parallel_trains_like_one_process_and_reshards_its_experts(tmp_path, data_dir):
-    """From one seed checkpoint: one process (the reference, saving at step 3); on 4 ranks in one
-    spawn, EP 2 (saving at step 3), EP 4 and HSDP 2 x 2 with EP 2 reproduce its 5 losses (1e-4
-    relative); EP 4 resumed from EP 2's step 3, and EP 2 (with full activation checkpointing: the
-    recomputed forward dispatches again) from the one process's, give the uninterrupted steps 4
-    and 5."""
+    """From one seed checkpoint: one process (the reference, saving at step 3). On 4 ranks in one
+    spawn, EP 2 (saving at step 3), EP 4 (an elastic run, saving at step 3) and HSDP 2 x 2 with
+    EP 2 reproduce its 5 losses (1e-4 relative), and EP 4 resumed from EP 2's step 3 gives the
+    uninterrupted steps 4 and 5. On 2 ranks: the elastic EP 4 run restarted after losing two
+    workers re-plans to EP 2 (local batch 2 x accumulation 2) and EP 2 with full activation
+    checkpointing (the recomputed forward dispatches again) resumes the one process's step 3;
+    both give the uninterrupted steps 4 and 5."""
     seed = step_folder(tmp_path, "seed", 0)
     saving = {"enable": True, "interval": 3, "initial_load_path": seed}
     _, one = run_ranks([config(tmp_path, data_dir, "seed", create_seed_checkpoint=True),
                         config(tmp_path, data_dir, "one", local_batch=8, **saving)], 1, str(tmp_path))
     resume = {"enable": True, "interval": 1000, "initial_load_model_only": False}
-    ep2, ep4, hsdp, ep2_to_ep4, one_to_ep2 = run_ranks([
+    elastic = config(tmp_path, data_dir, "elastic", {"expert_parallel_degree": 4},
+                     ray={"min_workers": 2, "max_workers": 4}, **saving)
+    ep2, ep4, hsdp, ep2_to_ep4 = run_ranks([
         config(tmp_path, data_dir, "ep2", {"expert_parallel_degree": 2}, **saving),
-        config(tmp_path, data_dir, "ep4", {"expert_parallel_degree": 4}, initial_load_path=seed),
+        elastic,
         config(tmp_path, data_dir, "hsdp", {"expert_parallel_degree": 2, "data_parallel_replicate_degree": 2},
                initial_load_path=seed),
         config(tmp_path, data_dir, "ep2_to_ep4", {"expert_parallel_degree": 4},
                initial_load_path=step_folder(tmp_path, "ep2", 3), **resume),
+    ], 4, str(tmp_path))
+    shutil.rmtree(step_folder(tmp_path, "elastic", 5))  # as if two workers died after step 3's save
+    shrunk, one_to_ep2 = run_ranks([
+        elastic,
         config(tmp_path, data_dir, "one_to_ep2", {"expert_parallel_degree": 2}, ac="full",
                initial_load_path=step_folder(tmp_path, "one", 3), **resume),
-    ], 4, str(tmp_path))
+    ], 2, str(tmp_path))
     reference = one["losses"]
     assert len(reference) == STEPS
     for run in (ep2, ep4, hsdp):
         assert run["losses"] == pytest.approx(reference, rel=1e-4)
-    for run in (ep2_to_ep4, one_to_ep2):
+    for run in (ep2_to_ep4, shrunk, one_to_ep2):
         assert run["losses"] == pytest.approx(reference[3:], rel=1e-4)
+    starts = [json.loads(line) for line in open(os.path.join(elastic.run_dir, "restarts.jsonl"))]
+    assert [(s["world"], s["dp"], s["local_batch"], s["accumulation"]) for s in starts] == [(4, 4, 2, 1), (2, 2, 2, 2)]
     print("max relative difference:", {name: max(abs(a - b) / abs(b) for a, b in zip(run["losses"], reference))
                                        for name, run in (("ep2", ep2), ("ep4", ep4), ("hsdp", hsdp))})
