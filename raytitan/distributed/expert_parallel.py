@@ -15,8 +15,9 @@ How a layer's tokens move (``TokenDispatcher``, around ``GroupedExperts.forward`
    on one rank.
 
 Both token exchanges go through ``exchange`` (torch's functional all-to-all, autograd-aware:
-its backward is the reverse exchange), so gradients of the tokens and of the
-expert weights come back the same way. Works on gloo (CPU) and NCCL. The router counts tokens
+its backward is the reverse exchange), so gradients of the tokens and of the expert weights
+come back the same way. Only collectives that gloo and NCCL both implement are used (tested on
+gloo, in float32 and bfloat16, including ranks that receive no rows). The router counts tokens
 per expert before dispatch, over all experts, so the load-balancing bias update (summed over the
 data-parallel ranks) sees global counts exactly as without expert parallel.
 
@@ -55,8 +56,9 @@ def exchange(x: torch.Tensor, output_splits: list[int], input_splits: list[int],
 
     The one call of a private torch API for expert parallel (torch 2.13; listed in
     tests/test_private_apis.py): ``torch.distributed._functional_collectives.all_to_all_single``,
-    autograd-aware in 2.13 (its ``all_to_all_single_autograd`` is now an alias). The public ``torch.distributed.nn.functional.all_to_all_single``
-    still works but is deprecated in its favour (a FutureWarning at every call)."""
+    autograd-aware in 2.13 (``all_to_all_single_autograd`` is now an alias of it). The public
+    ``torch.distributed.nn.functional.all_to_all_single`` works too but is deprecated in its
+    favour (a FutureWarning at every call)."""
     out = funcol.all_to_all_single(x.contiguous(), output_splits, input_splits, group)
     return out.wait() if isinstance(out, funcol.AsyncCollectiveTensor) else out
 
