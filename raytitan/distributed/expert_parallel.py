@@ -16,8 +16,8 @@ How a layer's tokens move (``TokenDispatcher``, around ``GroupedExperts.forward`
 
 Both token exchanges go through ``exchange`` (torch's functional all-to-all, autograd-aware:
 its backward is the reverse exchange), so gradients of the tokens and of the expert weights
-come back the same way. Only collectives that gloo and NCCL both implement are used (tested on
-gloo, in float32 and bfloat16, including ranks that receive no rows). The router counts tokens
+come back the same way. Only collectives that gloo and NCCL both implement are used (run on
+gloo here, in float32 and bfloat16, with ranks that receive no rows). The router counts tokens
 per expert before dispatch, over all experts, so the load-balancing bias update (summed over the
 data-parallel ranks) sees global counts exactly as without expert parallel.
 
