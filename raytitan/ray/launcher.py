@@ -197,7 +197,8 @@ def _launch(config: JobConfig, plan, lease: RunLease) -> ray.train.Result:
             trainer = _trainer(config, feeders, resources, failures_left=failures_left, attempt=attempt,
                                snapshot_stores=stores and stores.launch)
             try:
-                with NodeWatch(on_join=stores and stores.ensure):  # a lost node refreshes the view Ray Train sizes the next group from
+                # A lost node refreshes the view Ray Train sizes the next group from; a new one gets a store.
+                with NodeWatch(on_join=stores and stores.ensure):
                     result = stop.run(attempt, trainer.fit, end_if=lambda: lease.lost)
             except TrainingStopped:
                 raise
@@ -378,7 +379,11 @@ class NodeWatch:
                                    ", ".join(sorted(n[:8] for n in lost)))
                     _refresh_ray_cluster_view()
                 if now - known and self.on_join:
-                    self.on_join(now)
+                    try:
+                        self.on_join(now)
+                    except Exception as e:  # the node's ranks then keep their snapshot parts on other nodes
+                        logger.warning("could not start a snapshot store on the new node(s) (%s: %s)",
+                                       type(e).__name__, e)
                 known = now
         except Exception as e:  # never the run's failure: Ray Train decides again after its start timeout
             logger.warning("the node watch stopped (%s: %s)", type(e).__name__, e)
