@@ -92,39 +92,36 @@ def step_folder(root, name, step):
 
 @pytest.mark.slow
 def test_expert_parallel_trains_like_one_process_and_reshards_its_experts(tmp_path, data_dir):
-    """From one seed checkpoint: one process (the reference, saving at step 3). On 4 ranks in one
-    spawn, EP 2 (saving at step 3), EP 4 (an elastic run, saving at step 3) and HSDP 2 x 2 with
-    EP 2 reproduce its 5 losses (1e-4 relative), and EP 4 resumed from EP 2's step 3 gives the
-    uninterrupted steps 4 and 5. On 2 ranks: the elastic EP 4 run restarted after losing two
-    workers re-plans to EP 2 (local batch 2 x accumulation 2) and EP 2 with full activation
-    checkpointing (the recomputed forward dispatches again) resumes the one process's step 3;
-    both give the uninterrupted steps 4 and 5."""
+    """From one seed checkpoint (saved by one process, loaded under every layout): one process
+    gives the reference. On 4 ranks in one spawn, EP 2 and EP 4 (an elastic run; both save at
+    step 3) and HSDP 2 x 2 with EP 2 reproduce its 5 losses (1e-4 relative). On 2 ranks: the
+    elastic EP 4 run, restarted after losing two workers, re-plans to EP 2 (local batch 2 x
+    accumulation 2), and EP 2's step 3 from 4 ranks resumes with full activation checkpointing
+    (the recomputed forward dispatches again); both give the uninterrupted steps 4 and 5."""
     seed = step_folder(tmp_path, "seed", 0)
     saving = {"enable": True, "interval": 3, "initial_load_path": seed}
     _, one = run_ranks([config(tmp_path, data_dir, "seed", create_seed_checkpoint=True),
-                        config(tmp_path, data_dir, "one", local_batch=8, **saving)], 1, str(tmp_path))
-    resume = {"enable": True, "interval": 1000, "initial_load_model_only": False}
+                        config(tmp_path, data_dir, "one", local_batch=8, initial_load_path=seed)], 1, str(tmp_path))
     elastic = config(tmp_path, data_dir, "elastic", {"expert_parallel_degree": 4},
                      ray={"min_workers": 2, "max_workers": 4}, **saving)
-    ep2, ep4, hsdp, ep2_to_ep4 = run_ranks([
+    ep2, ep4, hsdp = run_ranks([
         config(tmp_path, data_dir, "ep2", {"expert_parallel_degree": 2}, **saving),
         elastic,
         config(tmp_path, data_dir, "hsdp", {"expert_parallel_degree": 2, "data_parallel_replicate_degree": 2},
                initial_load_path=seed),
-        config(tmp_path, data_dir, "ep2_to_ep4", {"expert_parallel_degree": 4},
-               initial_load_path=step_folder(tmp_path, "ep2", 3), **resume),
     ], 4, str(tmp_path))
     shutil.rmtree(step_folder(tmp_path, "elastic", 5))  # as if two workers died after step 3's save
-    shrunk, one_to_ep2 = run_ranks([
+    shrunk, ep2_on_two = run_ranks([
         elastic,
-        config(tmp_path, data_dir, "one_to_ep2", {"expert_parallel_degree": 2}, ac="full",
-               initial_load_path=step_folder(tmp_path, "one", 3), **resume),
+        config(tmp_path, data_dir, "ep2_on_two", {"expert_parallel_degree": 2}, ac="full",
+               initial_load_path=step_folder(tmp_path, "ep2", 3), initial_load_model_only=False,
+               enable=True, interval=1000),
     ], 2, str(tmp_path))
     reference = one["losses"]
     assert len(reference) == STEPS
     for run in (ep2, ep4, hsdp):
         assert run["losses"] == pytest.approx(reference, rel=1e-4)
-    for run in (ep2_to_ep4, shrunk, one_to_ep2):
+    for run in (shrunk, ep2_on_two):
         assert run["losses"] == pytest.approx(reference[3:], rel=1e-4)
     starts = [json.loads(line) for line in open(os.path.join(elastic.run_dir, "restarts.jsonl"))]
     assert [(s["world"], s["dp"], s["local_batch"], s["accumulation"]) for s in starts] == [(4, 4, 2, 1), (2, 2, 2, 2)]
