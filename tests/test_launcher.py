@@ -30,3 +30,19 @@ def test_no_refresh_while_every_node_stays(monkeypatch):
         for _ in range(5):
             assert polls.acquire(timeout=10)
     assert calls == []
+
+
+def test_a_node_that_joins_gets_a_snapshot_store(monkeypatch):
+    views = iter([[{"NodeID": "a", "Alive": True}]] * 2 + [[{"NodeID": "a", "Alive": True}, {"NodeID": "b", "Alive": True}]])
+    last = [{"NodeID": "a", "Alive": True}, {"NodeID": "b", "Alive": True}]
+    monkeypatch.setattr(launcher.ray, "nodes", lambda: next(views, last))
+    monkeypatch.setattr(launcher, "_refresh_ray_cluster_view", lambda: None)
+    joined, seen = threading.Event(), []
+
+    def on_join(alive):
+        seen.append(set(alive))
+        joined.set()
+
+    with launcher.NodeWatch(interval_s=0.01, on_join=on_join):
+        assert joined.wait(timeout=10)
+    assert seen == [{"a", "b"}]  # once, with every node alive (the store keeper skips those it has)
