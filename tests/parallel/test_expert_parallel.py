@@ -77,6 +77,25 @@ def test_elastic_worlds_re_plan_expert_parallel_like_data_parallel():
     assert (dims.dp_shard, dims.ep) == (2, 2)
 
 
+def test_moe_experts_declare_the_weights_expert_parallel_splits():
+    """Expert parallel finds what to split by the ``expert_parallel_weights`` a module declares
+    (raytitan.distributed knows no model family): every MoE layer's experts, nothing in a dense model."""
+    import dataclasses
+
+    from raytitan.distributed.expert_parallel import expert_modules
+    from raytitan.models import get_spec
+    from raytitan.models.spec import build_meta
+
+    def meta(name):
+        spec = get_spec(name)
+        return build_meta(spec, dataclasses.replace(spec.flavor("debugmodel"), vocab_size=256))
+
+    experts = expert_modules(meta("qwen3_moe"))
+    assert len(experts) == 4 and all(m.w1.shape[0] == 8 for m in experts)
+    assert type(experts[0]).expert_parallel_weights == ("w1", "w2", "w3")
+    assert expert_modules(meta("llama3")) == []
+
+
 # --------------------------------------------------------------------------- on 4 gloo ranks (slow)
 
 
