@@ -355,6 +355,12 @@ def check_expert_parallel(config: JobConfig, dims: ParallelDims, args: Any) -> N
     if n % dims.ep:
         raise ConfigError(f"{key} does not divide the {n} experts of {config.model.name} {config.model.flavor}: "
                           f"pick a divisor of {n} (that also divides the data-parallel shard degree {dims.dp_shard})")
+    ac = config.activation_checkpoint
+    if ac.mode == "selective" and str(ac.selective_ac_option) == "op":
+        raise ConfigError(f"{key} does not combine with per-op activation checkpointing yet (activation_checkpoint.mode "
+                          "= 'selective' with selective_ac_option = 'op': the recomputed all-to-all does not replay): "
+                          "set activation_checkpoint.mode = 'full', or selective_ac_option to a number N (every Nth "
+                          "block fully), or parallelism.expert_parallel_degree = 1")
     if config.compile.enable and "model" in config.compile.components:
         raise ConfigError(f"{key} does not combine with torch.compile of the model yet (the all-to-all splits are "
                           "data-dependent and the blocks compile as whole graphs): set compile.enable = false, or "

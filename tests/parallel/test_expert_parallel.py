@@ -53,7 +53,7 @@ def test_layouts_expert_parallel_cannot_split_are_config_errors(world, paralleli
         plan_run(plan_config(**parallelism), world, resolve_data=False)
 
 
-def test_expert_parallel_on_a_dense_model_or_with_compile_is_a_config_error():
+def test_expert_parallel_on_a_dense_model_with_compile_or_per_op_checkpointing_is_a_config_error():
     dense = plan_config(expert_parallel_degree=2)
     dense.model.name, dense.model.flavor = "llama3", "debugmodel"
     with pytest.raises(ConfigError, match=r"needs a Mixture-of-Experts model; model.name = 'llama3'"):
@@ -62,6 +62,12 @@ def test_expert_parallel_on_a_dense_model_or_with_compile_is_a_config_error():
     compiled.compile.enable = True
     with pytest.raises(ConfigError, match=r"does not combine with torch.compile"):
         plan_run(compiled, 2, resolve_data=False)
+    per_op = plan_config(expert_parallel_degree=2)
+    per_op.activation_checkpoint.mode = "selective"
+    with pytest.raises(ConfigError, match=r"does not combine with per-op activation checkpointing"):
+        plan_run(per_op, 2, resolve_data=False)
+    per_op.activation_checkpoint.selective_ac_option = "2"  # every 2nd block fully: works
+    assert plan_run(per_op, 2, resolve_data=False).dims.ep == 2
 
 
 def test_elastic_worlds_re_plan_expert_parallel_like_data_parallel():
