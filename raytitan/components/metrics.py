@@ -59,6 +59,22 @@ def memory_gib(device: torch.device) -> dict[str, float]:
     return {"memory/max_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
+def data_summary(metrics: dict[str, float]) -> str:
+    """The training data's line: tokens/s its pipeline produced, batches buffered ahead, packing
+    actors, and this rank's request latency, for the keys the loader reported (``data/...``)."""
+    parts = []
+    if "data/tokens_per_s" in metrics:
+        parts.append(f"{metrics['data/tokens_per_s']:,.0f} tok/s produced")
+    if "data/buffered_batches" in metrics:
+        parts.append(f"{metrics['data/buffered_batches']:.0f} batches ahead")
+    if "data/packers" in metrics:
+        parts.append(f"{metrics['data/packers']:.0f} packers")
+    if "data/request_latency_mean_s" in metrics:
+        parts.append(f"request {1e3 * metrics['data/request_latency_mean_s']:.1f} ms mean, "
+                     f"{1e3 * metrics['data/request_latency_max_s']:.1f} ms max")
+    return ", ".join(parts)
+
+
 class MetricsLogger:
     """Accumulates timing between log steps and turns it into per-device rates."""
 
@@ -113,10 +129,10 @@ class MetricsLogger:
         mfu = f"{metrics['mfu_pct']:.1f}%" if "mfu_pct" in metrics else "n/a"
         logger.info(
             "step %5d  loss %7.4f  grad_norm %6.3f  lr %.2e  tok/s/dev %8.0f  tflops %6.2f  mfu %s  "
-            "mem %.2fGiB  data_wait %4.1f%%",
+            "mem %.2fGiB  data_wait %4.1f%%%s",
             metrics["step"], metrics["loss"], metrics["grad_norm"], metrics["lr"],
             metrics["tokens_per_sec_per_device"], metrics["tflops_per_device"], mfu, mem,
-            100 * metrics["data_wait_share"],
+            100 * metrics["data_wait_share"], f" ({data})" if (data := data_summary(metrics)) else "",
         )
         self._write(int(metrics["step"]), metrics)
 
