@@ -50,15 +50,15 @@ def clip_grad_norm_(params: list[torch.nn.Parameter], max_norm: float,
                     pp_group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """Total gradient norm over all ranks' shards (DTensor-aware) and pipeline stages, clipped in
     place if max_norm > 0. Computed also when clipping is off: the non-finite guard reads it."""
-    grads = [p.grad for p in params if p.grad is not None]
     # DTensors on different meshes (expert weights under expert parallel live on their own)
     # cannot be stacked together: one norm per mesh, each reduced, then summed as squares.
     by_mesh: dict = {}
-    for g in grads:
-        by_mesh.setdefault(g.device_mesh if isinstance(g, DTensor) else None, []).append(g)
+    for p in params:
+        if p.grad is not None:
+            by_mesh.setdefault(p.grad.device_mesh if isinstance(p.grad, DTensor) else None, []).append(p)
     norms = []
     for group in by_mesh.values():
-        norm = torch.nn.utils.get_total_norm(group, norm_type=2.0)
+        norm = torch.nn.utils.get_total_norm([p.grad for p in group], norm_type=2.0)
         norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)  # reduce the shards' partial norms
     total = norms[0] if len(norms) == 1 else torch.stack(norms).square().sum().sqrt()
     if pp_group is not None:  # each stage holds different parameters: add the squares
