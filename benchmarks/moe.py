@@ -25,6 +25,7 @@ row): compare ratios from one run, never numbers from different runs.
 
     python benchmarks/moe.py                         # Qwen3-MoE debug, 4 gloo ranks, EP 1, 2, 4
     python benchmarks/moe.py --model deepseek_v3     # DeepSeek-V3 debug (1 dense + 3 MoE layers)
+    python benchmarks/moe.py --repeats 3             # 3 rounds, medians: steadier on a shared machine
     python benchmarks/moe.py --gpu                   # 4 GPUs, NCCL (--nproc 8 --ep 1 2 4 8 on 8)
 
 Results: one JSON line per run in benchmarks/results/moe.jsonl; see docs/performance.md.
@@ -54,8 +55,8 @@ GLOO_A2A = re.compile(r"^gloo:all_to_all$")
 NCCL_A2A = re.compile(r"SendRecv|AllToAll", re.IGNORECASE)
 STEP = re.compile(r"^ProfilerStep#\d+$")
 
-COLUMNS = ["ep", "tokens_per_s", "vs_ep1", "a2a_ms_per_step", "traced_step_ms", "a2a_share", "a2a_calls_per_step",
-           "first_loss", "last_loss", "load_1m", "wall_s"]
+COLUMNS = ["ep", "tokens_per_s", "vs_ep1", "a2a_ms_per_step", "traced_step_ms", "a2a_share", "a2a_share_max_rank",
+           "a2a_calls_per_step", "first_loss", "last_loss"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -70,6 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--local-batch", type=int, default=2)
     parser.add_argument("--gpu", action="store_true", help="one GPU per rank, NCCL, bf16 FSDP parameters")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="rounds over the degrees, each starting at the next one; medians over rounds")
     parser.add_argument("--timeout", type=int, default=900, help="seconds one degree may take")
     parser.add_argument("--results-dir", default=RESULTS_DIR, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -78,6 +81,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     bad = [ep for ep in args.ep if ep < 1 or args.nproc % ep]
     if bad:
         parser.error(f"--ep {' '.join(map(str, bad))}: every degree must divide --nproc {args.nproc}")
+    if args.repeats < 1:
+        parser.error("--repeats must be >= 1")
     if args.warmup >= args.steps:
         parser.error(f"--warmup ({args.warmup}) must be below --steps ({args.steps})")
     if not any(s > args.warmup for s in traced_steps(args)):
@@ -134,35 +139,46 @@ def trace_a2a(path: str, gpu: bool) -> dict:
     return {"step_ms": step["dur"] / 1000, "a2a_ms": union_ms(inside), "calls": len(inside)}
 
 
-def a2a_summary(run_dir: str, args: argparse.Namespace) -> dict:
-    """Means over every rank's traced steps after the warm-up."""
-    per_rank = []
+def a2a_traces(run_dir: str, args: argparse.Namespace) -> list[dict]:
+    """Every rank's traced steps after the warm-up."""
+    traces = []
     for step in (s for s in traced_steps(args) if s > args.warmup):
         files = sorted(glob.glob(os.path.join(run_dir, "profile_traces", f"iteration_{step}", "rank*_trace.json")))
         if not files:
             raise RuntimeError(f"no profiler traces of step {step} under {run_dir}")
-        per_rank += [trace_a2a(path, args.gpu) for path in files]
-    a2a = statistics.mean(r["a2a_ms"] for r in per_rank)
-    step_ms = statistics.mean(r["step_ms"] for r in per_rank)
-    return {"a2a_ms_per_step": a2a, "traced_step_ms": step_ms, "a2a_share": a2a / step_ms,
-            "a2a_share_max_rank": max(r["a2a_ms"] / r["step_ms"] for r in per_rank),
-            "a2a_calls_per_step": statistics.mean(r["calls"] for r in per_rank), "traces": len(per_rank)}
+        traces += [trace_a2a(path, args.gpu) for path in files]
+    return traces
 
 
-def measure(args: argparse.Namespace, ep: int, root: str) -> dict:
-    name = f"{args.model}-ep{ep}"
+def measure(args: argparse.Namespace, ep: int, root: str, name: str) -> dict:
+    """One training run at one degree: its tokens/s, its traces, its losses."""
     t0 = time.perf_counter()
     records = run_worker(overrides(args, ep), root, name, nproc=args.nproc, timeout=args.timeout)
     wall = time.perf_counter() - t0
     keep = set(untraced_steps(args))
     losses = [r["loss"] for r in records if "loss" in r]
-    row = {"ep": ep,
-           "tokens_per_s": args.nproc * steady([r for r in records if r.get("step") in keep],
-                                               "tokens_per_sec_per_device", args.warmup),
-           **a2a_summary(os.path.join(root, name), args),
-           "first_loss": losses[0], "last_loss": losses[-1],
-           "load_1m": os.getloadavg()[0], "wall_s": round(wall, 1)}
-    return row
+    return {"ep": ep,
+            "tokens_per_s": args.nproc * steady([r for r in records if r.get("step") in keep],
+                                                "tokens_per_sec_per_device", args.warmup),
+            "traces": a2a_traces(os.path.join(root, name), args), "first_loss": losses[0], "last_loss": losses[-1],
+            "load_1m": round(os.getloadavg()[0], 1), "wall_s": round(wall, 1)}
+
+
+def summarize(ep: int, runs: list[dict], base: list[dict]) -> dict:
+    """One degree over the rounds: median tokens/s, the median of its per-round ratios to EP 1
+    (each against the EP 1 run of the same round), all-to-all as the mean over every rank's
+    traced steps of every round."""
+    traces = [t for r in runs for t in r["traces"]]
+    ratios = [r["tokens_per_s"] / b["tokens_per_s"] for r, b in zip(runs, base)]
+    a2a = statistics.mean(t["a2a_ms"] for t in traces)
+    step_ms = statistics.mean(t["step_ms"] for t in traces)
+    return {"ep": ep, "tokens_per_s": statistics.median(r["tokens_per_s"] for r in runs),
+            "vs_ep1": statistics.median(ratios), "vs_ep1_rounds": ratios,
+            "a2a_ms_per_step": a2a, "traced_step_ms": step_ms, "a2a_share": a2a / step_ms,
+            "a2a_share_max_rank": max(t["a2a_ms"] / t["step_ms"] for t in traces),
+            "a2a_calls_per_step": statistics.mean(t["calls"] for t in traces), "traces": len(traces),
+            "first_loss": runs[0]["first_loss"], "last_loss": runs[0]["last_loss"],
+            "load_1m": [r["load_1m"] for r in runs], "wall_s": [r["wall_s"] for r in runs]}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -174,22 +190,27 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"--gpu with --nproc {args.nproc} needs {args.nproc} GPUs; "
                              f"{torch.cuda.device_count()} visible")
     root = tempfile.mkdtemp(prefix="raytitan-moe-")
-    print(f"{args.model} {args.flavor} on {args.nproc} {'NCCL' if args.gpu else 'gloo'} ranks, EP {args.ep}; "
-          f"tokens/s over steps {untraced_steps(args)}, all-to-all from the traces of steps "
-          f"{[s for s in traced_steps(args) if s > args.warmup]}; runs under {root}", flush=True)
-    rows = []
-    for ep in args.ep:
-        print(f"running EP {ep} (1-minute load {os.getloadavg()[0]:.1f}) ...", flush=True)
-        rows.append(measure(args, ep, root))
-    base = next(r for r in rows if r["ep"] == 1)
-    for r in rows:
-        r["vs_ep1"] = r["tokens_per_s"] / base["tokens_per_s"]
-    print(f"\n{args.model} {args.flavor}, seq {args.seq_len}, local batch {args.local_batch}, {args.nproc} ranks; "
-          f"tokens/s of all ranks together (median), all-to-all as the mean over ranks and traced steps\n")
+    print(f"{args.model} {args.flavor} on {args.nproc} {'NCCL' if args.gpu else 'gloo'} ranks, EP {args.ep}, "
+          f"{args.repeats} round(s); tokens/s over steps {untraced_steps(args)}, all-to-all from the traces of "
+          f"steps {[s for s in traced_steps(args) if s > args.warmup]}; runs under {root}", flush=True)
+    runs: dict[int, list[dict]] = {ep: [] for ep in args.ep}
+    for round_no in range(args.repeats):
+        # Each round starts at another degree, so a change in the machine's load is not always
+        # charged to the same one.
+        order = args.ep[round_no % len(args.ep):] + args.ep[:round_no % len(args.ep)]
+        for ep in order:
+            print(f"round {round_no + 1}: running EP {ep} (1-minute load {os.getloadavg()[0]:.1f}) ...", flush=True)
+            run = measure(args, ep, root, f"{args.model}-ep{ep}-r{round_no + 1}")
+            runs[ep].append(run)
+            print(f"  {run['tokens_per_s']:,.0f} tokens/s, {run['wall_s']} s", flush=True)
+    rows = [summarize(ep, runs[ep], runs[1]) for ep in args.ep]
+    print(f"\n{args.model} {args.flavor}, seq {args.seq_len}, local batch {args.local_batch}, {args.nproc} ranks, "
+          f"{args.repeats} round(s): tokens/s of all ranks together (median over rounds), vs_ep1 the median of "
+          f"each round's ratio, all-to-all the mean over ranks and traced steps\n")
     print_table(rows, COLUMNS)
     if not args.gpu:
         print("\nCPU: the ranks share the machine's cores and whatever else runs on it; these numbers are "
-              "noisy, compare the ratios of this run only.")
+              "noisy, compare the ratios of this run only (vs_ep1_rounds in the JSON line shows their spread).")
     record("moe", {**vars(args), "variants": {f"ep{ep}": overrides(args, ep) for ep in args.ep}}, rows,
            results_dir=args.results_dir)
 
