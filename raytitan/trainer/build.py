@@ -91,9 +91,8 @@ def build(ctx) -> Trainer:
     if ctx.snapshot_folder:  # the same states, into host memory: see raytitan.ray.snapshots
         snapshots = CheckpointManager(
             ctx.snapshot_folder, checkpoint.states, keep_latest_k=1, process_group=ctx.snapshot_group,
-            before_commit=fault.before_snapshot_commit, model_keys=model_keys,
-            # On CUDA the copy to (pinned) host memory overlaps the next forward and backward.
-            async_mode="async_with_pinned_mem" if device.type == "cuda" else "async",
+            before_commit=fault.before_snapshot_commit, model_keys=model_keys, async_mode="async",
+            # Packed into one reused (pinned, on CUDA) buffer, sent to the stores in the background.
             commit_info=checkpoint.commit_info, raw_bytes=True, failed_write_ends_run=False,
         )
     tb = os.path.join(config.local_dir, config.metrics.save_tb_folder) if config.metrics.enable_tensorboard else None

@@ -140,6 +140,7 @@ def check_tying(path: str, marker: dict, model_args: dict | None) -> None:
 
 
 LOADABLE = ("model", "optimizer", "lr_scheduler", "dataloader", "train_state")
+PARTS_TIMEOUT_S = 120.0  # raw background saves: how long rank 0 waits for the other ranks' parts
 ASYNC_MODES = ("disabled", "async", "async_with_pinned_mem")
 
 
@@ -211,9 +212,20 @@ class CheckpointManager:
         states = self._states_to_save(model_only, dtype)
         # Hashes what it writes (in the background for async saves), unless it writes raw bytes.
         if self.raw_bytes:
-            self._raw_writer = self._raw_writer or raw.RawWriter(path)
+            self._raw_writer = self._raw_writer or raw.RawWriter(path, background=self.async_mode != "disabled")
             self._raw_writer.reset(path)
         writer = self._raw_writer if self.raw_bytes else integrity.writer(path)
+        if self.raw_bytes and self._raw_writer.uploads is not None:
+            # Packed into the writer's buffer now (the stall: no separate staging copy), sent on in
+            # the background; the commit waits for every rank's part (``_parts_in_place``).
+            dcp.save(states, checkpoint_id=path, storage_writer=writer, process_group=self.group)
+            self._pending = _PendingSave(step, path, model_only, writer.uploaded, None, t0, writer)
+            self.last_save_seconds = time.perf_counter() - t0
+            logger.info("checkpoint step %d: packed in %.2fs, sending in the background", step, self.last_save_seconds)
+            if blocking:
+                self.wait()
+                return path
+            return None
         if blocking is False or (blocking is None and self.async_mode != "disabled"):
             response = dcp.async_save(states, checkpoint_id=path, storage_writer=writer,
                                       process_group=self.group, async_stager=self._async_stager())
@@ -277,6 +289,8 @@ class CheckpointManager:
         call on rank 0 (None elsewhere, or when nothing completed). Not collective."""
         if self._pending is None or not self._pending.written.done():
             return None
+        if self.raw_bytes and self.rank == 0 and not self._parts_in_place(self._pending.path):
+            return None  # another rank's part is still on its way
         return self._finish_pending()
 
     def wait(self) -> str | None:
@@ -291,17 +305,21 @@ class CheckpointManager:
         if self._stager is not None:
             self._stager.close()
             self._stager = None
+        if self._raw_writer is not None and self._raw_writer.uploads is not None:
+            self._raw_writer.uploads.shutdown()
 
     def _finish_pending(self) -> str | None:
         pending, self._pending = self._pending, None
         try:
             pending.written.result()
+            if self.raw_bytes and self.rank == 0 and not self._await_parts(pending.path):
+                raise CheckpointError(f"not every rank's part arrived within {PARTS_TIMEOUT_S:.0f}s")
         except (Exception, CheckpointException) as e:  # DCP's exception is a BaseException
             message = f"writing checkpoint {pending.path} failed: {root_cause(e)}; the previous committed " \
                       "checkpoint stays the latest"
             if self.failed_write_ends_run:
                 raise CheckpointError(message) from e
-            logger.warning(message)  # DCP fails the write on every rank alike: all go on together
+            logger.warning(message)  # the step is not committed; training goes on
             return None
         self.last_checksum_seconds = 0.0 if self.raw_bytes else integrity.hashing_seconds(pending.writer)
         if self.before_commit:
@@ -313,6 +331,24 @@ class CheckpointManager:
         logger.info("committed checkpoint step %d to %s (%.2fs after the save began)", pending.step, pending.path,
                     time.perf_counter() - pending.started)
         return pending.path
+
+    @staticmethod
+    def _parts_in_place(path: str) -> bool:
+        """Whether every data file the step's metadata names is there, whole (raw background saves:
+        each rank sends its own part; rank 0 commits once all are in)."""
+        try:
+            check_files(path)
+            return True
+        except (CheckpointError, OSError):
+            return False
+
+    def _await_parts(self, path: str) -> bool:
+        deadline = time.monotonic() + PARTS_TIMEOUT_S
+        while not self._parts_in_place(path):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)  # polling the store: the other ranks' sends complete on their own
+        return True
 
     def _commit(self, step: int, path: str, model_only: bool) -> None:
         world = dist.get_world_size(self.group) if dist.is_initialized() else 1

@@ -10,9 +10,11 @@ reshards like any DCP checkpoint. No checksums: the bytes never leave host memor
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import io
 import pickle
+from concurrent.futures import ThreadPoolExecutor
 import torch
 from torch.futures import Future
 from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, StorageMeta
@@ -42,12 +44,19 @@ def _done(value) -> Future:
 
 class RawWriter(StorageWriter):
     """Keep one for a run's saves (one at a time): its buffer is reused, so a save copies into
-    memory already mapped instead of faulting in fresh pages every time."""
+    memory already mapped instead of faulting in fresh pages every time.
 
-    def __init__(self, path: str):
+    ``background``: ``write_data`` packs this rank's items into the buffer (the only copy taken
+    while training waits: no separate staging copy) and sends the buffer to storage from a thread
+    of its own; ``uploaded`` completes when it is there. The commit must then wait for every
+    rank's file (``CheckpointManager`` checks them)."""
+
+    def __init__(self, path: str, background: bool = False):
         super().__init__()
         self.path = path
         self.buffer = torch.empty(0, dtype=torch.uint8)
+        self.uploads = ThreadPoolExecutor(1, thread_name_prefix="raytitan-raw-upload") if background else None
+        self.uploaded: concurrent.futures.Future | None = None
 
     def reset(self, checkpoint_id=None) -> None:
         if checkpoint_id is not None:
@@ -69,11 +78,13 @@ class RawWriter(StorageWriter):
             data = planner.resolve_data(item)
             if item.type == WriteItemType.BYTE_IO:
                 parts.append(torch.frombuffer(bytearray(data.getbuffer()), dtype=torch.uint8))
-            else:
-                parts.append(data.detach().cpu().contiguous().reshape(-1).view(torch.uint8))
+            else:  # on its device: the copy into the buffer is the one copy to host memory
+                parts.append(data.detach().contiguous().reshape(-1).view(torch.uint8))
+        if self.uploaded is not None:
+            concurrent.futures.wait([self.uploaded])  # the previous save's bytes have left the buffer
         size = sum(p.numel() for p in parts)
         if self.buffer.numel() != size:
-            self.buffer = torch.empty(size, dtype=torch.uint8)
+            self.buffer = torch.empty(size, dtype=torch.uint8, pin_memory=torch.cuda.is_available())
         out = self.buffer
         results, offset = [], 0
         for item, part in zip(plan.items, parts):
@@ -81,7 +92,11 @@ class RawWriter(StorageWriter):
             results.append(WriteResult(index=item.index, size_in_bytes=part.numel(),
                                        storage_data=RawItem(name, offset, part.numel())))
             offset += part.numel()
-        storage.write_bytes(storage.join(self.path, name), out.numpy())  # copies it: the buffer is free again
+        file = storage.join(self.path, name)
+        if self.uploads is None:
+            storage.write_bytes(file, out.numpy())  # copies it: the buffer is free again
+        else:
+            self.uploaded = self.uploads.submit(storage.write_bytes, file, out.numpy())
         return _done(results)
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
