@@ -19,12 +19,9 @@ import torch
 
 from raytitan.models.deepseek_v3.args import ModelArgs
 from raytitan.models.hf import HFAdapter, HFFormatError
+from raytitan.models.moe_hf import experts_from_hf, experts_to_hf, stack_experts
 
-EXPERT_NAMES = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
-_OURS_EXPERTS = re.compile(r"^layers\.(\d+)\.moe\.experts\.(w[123])$")
-_HF_EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 _HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
-_PART = "{}#{}"  # one expert's matrix on import, stacked by ``complete``
 
 
 def _rope_parameters(config: dict) -> dict | None:
@@ -69,12 +66,8 @@ class DeepseekV3HF(HFAdapter):
                      "first_k_dense_replace", "n_group", "topk_group", "norm_topk_prob", "routed_scaling_factor")
 
     def to_hf(self, name: str, tensor: torch.Tensor, args: ModelArgs) -> dict[str, torch.Tensor]:
-        m = _OURS_EXPERTS.match(name)
-        if m:
-            layer, w = m.groups()
-            return {f"model.layers.{layer}.mlp.experts.{e}.{EXPERT_NAMES[w]}.weight": tensor[e]
-                    for e in range(tensor.shape[0])}
-        return super().to_hf(name, tensor, args)
+        experts = experts_to_hf(name, tensor)
+        return experts if experts is not None else super().to_hf(name, tensor, args)
 
     def from_hf(self, name: str, tensor: torch.Tensor, config: dict) -> dict[str, torch.Tensor]:
         if config.get("rope_interleave", True) is False:
@@ -86,26 +79,14 @@ class DeepseekV3HF(HFAdapter):
         layer = _HF_LAYER.match(name)
         if layer and int(layer.group(1)) >= int(config["num_hidden_layers"]):
             return {}  # the multi-token-prediction module, not built here
-        m = _HF_EXPERT.match(name)
-        if m:
-            layer_id, expert, hf = m.groups()
-            w = next(k for k, v in EXPERT_NAMES.items() if v == hf)
-            return {_PART.format(f"layers.{layer_id}.moe.experts.{w}", expert): tensor}
-        if ".mlp.experts." in name:
-            raise HFFormatError(f"'{name}': raytitan reads the published per-expert layout "
-                                "(mlp.experts.<e>.gate_proj.weight), as transformers' save_pretrained writes it")
-        return super().from_hf(name, tensor, config)
+        experts = experts_from_hf(name, tensor)
+        return experts if experts is not None else super().from_hf(name, tensor, config)
 
     def complete(self, weights: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
         """Stack each MoE layer's per-expert matrices into [experts, out, in]; a folder without
         ``e_score_correction_bias`` starts the bias at zero."""
-        weights = super().complete(weights, config)
         n = int(config["n_routed_experts"])
-        for key in sorted({k.partition("#")[0] for k in weights if "#" in k}):
-            missing = [e for e in range(n) if _PART.format(key, e) not in weights]
-            if missing:
-                raise HFFormatError(f"{key}: experts {missing[:5]} missing from the folder ({n} expected)")
-            weights[key] = torch.stack([weights.pop(_PART.format(key, e)) for e in range(n)])
+        weights = stack_experts(super().complete(weights, config), n)
         for layer in range(int(config.get("first_k_dense_replace", 0)), int(config["num_hidden_layers"])):
             weights.setdefault(f"layers.{layer}.moe.router.expert_bias", torch.zeros(n, dtype=torch.float32))
         return weights

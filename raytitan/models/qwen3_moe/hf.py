@@ -12,16 +12,11 @@ import re
 import torch
 
 from raytitan.models.hf import HFFormatError
+from raytitan.models.moe_hf import experts_from_hf, experts_to_hf, stack_experts
 from raytitan.models.qwen3.hf import Qwen3HF
 from raytitan.models.qwen3_moe.args import ModelArgs
 
-# raytitan's stacked expert weight -> the per-expert Hugging Face matrix it holds.
-EXPERT_NAMES = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
-_OURS_EXPERTS = re.compile(r"^layers\.(\d+)\.moe\.experts\.(w[123])$")
-_HF_EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 _BIAS = re.compile(r"^layers\.(\d+)\.moe\.router\.expert_bias$")
-# Partial names of one expert's matrix on import, stacked by ``complete``.
-_PART = "{}#{}"
 
 
 def num_experts(config: dict) -> int:
@@ -42,35 +37,18 @@ class Qwen3MoeHF(Qwen3HF):
     def to_hf(self, name: str, tensor: torch.Tensor, args: ModelArgs) -> dict[str, torch.Tensor]:
         if _BIAS.match(name):
             return {}
-        m = _OURS_EXPERTS.match(name)
-        if m:
-            layer, w = m.groups()
-            return {f"model.layers.{layer}.mlp.experts.{e}.{EXPERT_NAMES[w]}.weight": tensor[e]
-                    for e in range(tensor.shape[0])}
-        return super().to_hf(name, tensor, args)
+        experts = experts_to_hf(name, tensor)
+        return experts if experts is not None else super().to_hf(name, tensor, args)
 
     def from_hf(self, name: str, tensor: torch.Tensor, config: dict) -> dict[str, torch.Tensor]:
-        m = _HF_EXPERT.match(name)
-        if m:
-            layer, expert, hf = m.groups()
-            w = next(k for k, v in EXPERT_NAMES.items() if v == hf)
-            return {_PART.format(f"layers.{layer}.moe.experts.{w}", expert): tensor}
-        if ".mlp.experts." in name:
-            raise HFFormatError(f"'{name}': raytitan reads the published per-expert layout "
-                                "(mlp.experts.<e>.gate_proj.weight), as transformers' save_pretrained writes it")
-        return super().from_hf(name, tensor, config)
+        experts = experts_from_hf(name, tensor)
+        return experts if experts is not None else super().from_hf(name, tensor, config)
 
     def complete(self, weights: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
         """Stack each layer's per-expert matrices into [num_experts, out, in] and start every
         layer's load-balancing bias at zero."""
-        weights = super().complete(weights, config)
         n = num_experts(config)
-        stacked = sorted({k.partition("#")[0] for k in weights if "#" in k})
-        for key in stacked:
-            missing = [e for e in range(n) if _PART.format(key, e) not in weights]
-            if missing:
-                raise HFFormatError(f"{key}: experts {missing[:5]} missing from the folder ({n} expected)")
-            weights[key] = torch.stack([weights.pop(_PART.format(key, e)) for e in range(n)])
+        weights = stack_experts(super().complete(weights, config), n)
         for layer in range(int(config["num_hidden_layers"])):
             weights.setdefault(f"layers.{layer}.moe.router.expert_bias", torch.zeros(n, dtype=torch.float32))
         return weights
