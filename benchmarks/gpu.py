@@ -13,6 +13,12 @@ checkpointing may not fit 80 GiB: such a variant becomes an "out of memory" row.
     python benchmarks/gpu.py --flavors 1B --seq-lens 8192 --features bf16 compile float8+compile
     python benchmarks/gpu.py --dry-run           # print the plan, run nothing (no GPU needed)
     python benchmarks/gpu.py --cpu --flavors debugmodel --seq-lens 256 --features bf16   # check the script on CPU
+    python benchmarks/gpu.py --model qwen3_moe --flavors debugmodel --seq-lens 2048   # an MoE family (not yet run)
+
+--model picks the family (default llama3; --flavors then names that family's flavors). On one
+GPU only small MoE shapes fit: the published ones (Qwen3 30B-A3B, DeepSeek-V3 16B and up) need
+their parameters, gradients and AdamW state spread over many GPUs, which this one-rank script
+does not do; benchmarks/moe.py measures MoE over ranks with expert parallel.
 
 Each finished variant is printed and appended at once to benchmarks/results/gpu_rows.jsonl
 (tagged with the sweep's id); the whole sweep is one line of benchmarks/results/gpu.jsonl at
@@ -36,6 +42,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import RESULTS_DIR, append_json, print_table, record, run_worker, steady  # noqa: E402
+
+from raytitan.models import MODELS, get_spec  # noqa: E402
 
 COMPILE = {"compile.enable": "true"}
 FLOAT8 = {"model.converters": ["float8"]}
@@ -63,6 +71,7 @@ COLUMNS = ["flavor", "seq_len", "feature", "tokens_per_s", "tflops", "mfu_pct", 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="llama3", choices=MODELS, help="model family (model.name)")
     parser.add_argument("--flavors", nargs="+", default=["1B", "3B"])
     parser.add_argument("--seq-lens", nargs="+", type=int, default=[2048, 8192])
     parser.add_argument("--features", nargs="+", help="variants to run (default: all; see --dry-run for names)")
@@ -85,6 +94,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--ac-every must be >= 1")
     if args.warmup >= args.steps:
         parser.error(f"--warmup ({args.warmup}) must be below --steps ({args.steps})")
+    flavors = get_spec(args.model).flavors
+    missing = [f for f in args.flavors if f not in flavors]
+    if missing:
+        parser.error(f"{args.model} has no flavor {', '.join(missing)}; choose from {', '.join(flavors)}")
     known = features(args.ac_every)
     unknown = [f for f in args.features or [] if f not in known]
     if unknown:
@@ -94,7 +107,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def base_overrides(args: argparse.Namespace) -> dict:
     """Keys every variant shares."""
-    base = {"training.local_batch_size": args.local_batch, "training.steps": args.steps,
+    base = {"model.name": args.model, "training.local_batch_size": args.local_batch, "training.steps": args.steps,
             "lr_scheduler.warmup_steps": 2, "metrics.peak_tflops": args.peak_tflops,
             "ray.use_gpu": "false" if args.cpu else "true", "training.mixed_precision_param": "bfloat16"}
     if args.cpu:
@@ -102,10 +115,9 @@ def base_overrides(args: argparse.Namespace) -> dict:
     return base
 
 
-def published_vocab(flavor: str) -> int | None:
-    from raytitan.models.llama3.args import FLAVORS
-
-    return FLAVORS[flavor].vocab_size if flavor in FLAVORS else None
+def published_vocab(model: str, flavor: str) -> int | None:
+    flavors = get_spec(model).flavors
+    return flavors[flavor].vocab_size if flavor in flavors else None
 
 
 def vocab_tokenizer(folder: str, size: int) -> str:
@@ -138,7 +150,7 @@ def plan(args: argparse.Namespace, tokenizers: dict[int, str] | None = None) -> 
     runs = []
     for flavor, seq_len, (feature, overrides) in itertools.product(args.flavors, args.seq_lens, chosen.items()):
         name = f"{flavor}-{seq_len}-{feature}".replace("+", "_and_")
-        vocab = published_vocab(flavor)
+        vocab = published_vocab(args.model, flavor)
         tokenizer = {"model.hf_assets_path": (tokenizers or {}).get(vocab, f"<a {vocab}-entry tokenizer>")} \
             if vocab else {}
         runs.append((name, flavor, seq_len, feature,
@@ -188,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("benchmarks/gpu.py needs a CUDA device (--dry-run prints the plan without one)")
     sweep = datetime.datetime.now().strftime("%Y%m%dT%H%M%S")
     root = tempfile.mkdtemp(prefix="raytitan-gpu-")
-    vocabs = {published_vocab(flavor) for flavor in args.flavors} - {None}
+    vocabs = {published_vocab(args.model, flavor) for flavor in args.flavors} - {None}
     runs = plan(args, {v: vocab_tokenizer(os.path.join(root, f"tokenizer-{v}"), v) for v in vocabs})
     rows_path = os.path.join(args.results_dir, "gpu_rows.jsonl")
     rows = []
