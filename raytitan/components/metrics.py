@@ -75,6 +75,15 @@ def data_summary(metrics: dict[str, float]) -> str:
     return ", ".join(parts)
 
 
+def moe_summary(metrics: dict[str, float]) -> str:
+    """The MoE layers' part of the log line: the worst layer's max/mean tokens per expert and the
+    highest busiest-expert share (``moe/...``; every layer's keys go to metrics.jsonl and TensorBoard)."""
+    if "moe/max_over_mean" not in metrics:
+        return ""
+    return (f"  moe max/mean {metrics['moe/max_over_mean']:.2f} (layer {metrics['moe/worst_layer']:.0f}) "
+            f"busiest {100 * metrics['moe/busiest_share']:.0f}%")
+
+
 class MetricsLogger:
     """Accumulates timing between log steps and turns it into per-device rates."""
 
@@ -129,10 +138,11 @@ class MetricsLogger:
         mfu = f"{metrics['mfu_pct']:.1f}%" if "mfu_pct" in metrics else "n/a"
         logger.info(
             "step %5d  loss %7.4f  grad_norm %6.3f  lr %.2e  tok/s/dev %8.0f  tflops %6.2f  mfu %s  "
-            "mem %.2fGiB  data_wait %4.1f%%%s",
+            "mem %.2fGiB  data_wait %4.1f%%%s%s",
             metrics["step"], metrics["loss"], metrics["grad_norm"], metrics["lr"],
             metrics["tokens_per_sec_per_device"], metrics["tflops_per_device"], mfu, mem,
             100 * metrics["data_wait_share"], f" ({data})" if (data := data_summary(metrics)) else "",
+            moe_summary(metrics),
         )
         self._write(int(metrics["step"]), metrics)
 

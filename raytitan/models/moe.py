@@ -14,6 +14,9 @@ How a trainer uses it:
   balance from the tokens its experts received since the last update (all microbatches), then
   resets the counts. Under data parallel pass the data-parallel group so that every rank counts
   the same tokens and keeps the same bias.
+- at each logged step, ``moe_metrics(parts)`` (a family spec's ``metrics`` hook) turns the global
+  counts those updates saw since the last log into per-layer load metrics, and warns once per
+  layer when routing collapses onto one expert (``collapse_threshold``).
 - with ``aux_loss_alpha > 0`` each ``MoE`` keeps the auxiliary loss of its last training forward
   in ``aux_loss``; ``aux_loss(model)`` sums them, to be added to the training loss of that
   microbatch before ``backward`` (scaled as the loss is).
@@ -21,6 +24,8 @@ How a trainer uses it:
 
 from __future__ import annotations
 
+import logging
+import re
 from dataclasses import dataclass
 
 import torch
@@ -31,7 +36,11 @@ from torch.distributed.tensor import DTensor
 
 from raytitan.models.llama3.model import FeedForward
 
+logger = logging.getLogger("raytitan")
+
 SCORE_FUNCS = ("softmax", "sigmoid")
+# Routing collapse is warned about after this many logged steps in a row above the threshold.
+COLLAPSE_LOGGED_STEPS = 3
 
 
 @dataclass(frozen=True)
@@ -207,6 +216,10 @@ class MoE(nn.Module):
         # Transient (reset every step), so not saved: a checkpoint is taken after the update.
         self.register_buffer("tokens_per_expert", torch.zeros(args.num_experts, dtype=torch.float32), persistent=False)
         self.aux_loss: torch.Tensor | None = None
+        # Global counts (as the bias update saw them) since the last ``moe_metrics``, and the
+        # routing-collapse watch: logged steps in a row above the threshold, warned yet.
+        self.load_since_log: torch.Tensor | None = None
+        self.collapse_streak, self.collapse_warned = 0, False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bsz, seq_len, dim = x.shape
@@ -234,6 +247,8 @@ class MoE(nn.Module):
         mean load and lower it above, by ``load_balance_coeff``, then reset the counts. The
         change is centred (a common shift chooses the same experts); no gradient reaches it."""
         counts = self.tokens_per_expert if counts is None else counts
+        load = counts.detach().float()
+        self.load_since_log = load.clone() if self.load_since_log is None else self.load_since_log + load
         bias = self.router.expert_bias
         if bias is not None and counts.sum() > 0:
             delta = self.args.load_balance_coeff * torch.sign(counts.mean() - counts)
@@ -248,6 +263,7 @@ class MoE(nn.Module):
             self.shared_experts.init_weights(init_std)
         self.tokens_per_expert.zero_()
         self.aux_loss = None
+        self.load_since_log = None
 
     def param_counts(self) -> tuple[int, int]:
         """(total, activated per token) parameters of this layer; activated = router + shared
@@ -285,6 +301,95 @@ def update_load_balance_bias(model: nn.Module, group: dist.ProcessGroup | None =
         dist.all_reduce(counts, group=group)
     for layer, c in zip(layers, counts):
         layer.update_expert_bias(c)
+
+
+def collapse_threshold(top_k: int, num_experts: int) -> float | None:
+    """The share of a layer's tokens above which one expert counts as collapsed onto: halfway
+    between a balanced expert's share (``top_k / num_experts``: each token chooses ``top_k``
+    distinct experts) and every token. 0.625 for 2 of 8 experts, 0.53 for 8 of 128. None when
+    every token chooses every expert (no expert can take more than its share)."""
+    if top_k >= num_experts:
+        return None
+    return (1 + top_k / num_experts) / 2
+
+
+def _layer_index(name: str, fallback: int) -> int:
+    """The block index in ``model.layers`` from a module name (wrappers may sit in between)."""
+    match = re.search(r"(?:^|\.)layers\.(\d+)\.", name)
+    return int(match.group(1)) if match else fallback
+
+
+def _is_rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+@torch.no_grad()
+def moe_metrics(parts: list[nn.Module]) -> dict[str, float]:
+    """Expert load of every MoE layer of ``parts`` over the tokens routed since the last call,
+    from the global counts ``update_load_balance_bias`` summed over the data-parallel ranks (no
+    collective of its own; one host sync). Per layer ``moe/layer_<i>/...``: ``max_over_mean``
+    (the busiest expert's tokens over the mean per expert; 1 is balanced), ``busiest_share`` (the
+    share of the layer's tokens that chose its busiest expert; ``top_k / num_experts`` is
+    balanced, 1 is every token), ``bias_min`` / ``bias_max`` (``expert_bias`` now; layers with a
+    bias only). Over layers: ``moe/max_over_mean``, ``moe/busiest_share`` and ``moe/worst_layer``
+    (the layer with the highest max_over_mean), ``moe/bias_min``, ``moe/bias_max``. Layers that
+    counted no tokens since the last call (no applied step) report nothing.
+
+    Routing collapse: a layer whose busiest expert's share is above ``collapse_threshold`` at
+    ``COLLAPSE_LOGGED_STEPS`` calls in a row gets one warning on rank 0, naming the expert."""
+    layers = []
+    for part in parts:
+        for name, m in part.named_modules():
+            if isinstance(m, MoE) and m.load_since_log is not None:
+                layers.append((_layer_index(name, len(layers)), m))
+    if not layers:
+        return {}
+    rows = []
+    for _, m in layers:
+        load = m.load_since_log
+        bias = m.router.expert_bias
+        bias = torch.zeros(2, device=load.device) if bias is None else torch.stack([bias.min(), bias.max()])
+        rows.append(torch.stack([load.max(), load.mean(), load.argmax().float(), load.sum(), *bias.float()]))
+        m.load_since_log = None
+    out: dict[str, float] = {}
+    summary: dict[str, float] = {}  # after the per-layer keys
+    for (i, m), (top, mean, busiest, total, bias_min, bias_max) in zip(layers, torch.stack(rows).tolist()):
+        if total <= 0:
+            continue
+        a = m.args
+        ratio, share = top / mean, top * a.top_k / total  # total counts top_k choices per token
+        out[f"moe/layer_{i}/max_over_mean"] = ratio
+        out[f"moe/layer_{i}/busiest_share"] = share
+        if m.router.expert_bias is not None:
+            out[f"moe/layer_{i}/bias_min"], out[f"moe/layer_{i}/bias_max"] = bias_min, bias_max
+            summary["moe/bias_min"] = min(summary.get("moe/bias_min", bias_min), bias_min)
+            summary["moe/bias_max"] = max(summary.get("moe/bias_max", bias_max), bias_max)
+        if ratio > summary.get("moe/max_over_mean", 0.0):
+            summary["moe/max_over_mean"], summary["moe/worst_layer"] = ratio, float(i)
+        summary["moe/busiest_share"] = max(summary.get("moe/busiest_share", share), share)
+        _watch_collapse(m, i, int(busiest), share)
+    return {**out, **summary}
+
+
+def _watch_collapse(layer: MoE, index: int, expert: int, share: float) -> None:
+    a = layer.args
+    threshold = collapse_threshold(a.top_k, a.num_experts)
+    if threshold is None or share <= threshold:
+        layer.collapse_streak = 0
+        return
+    layer.collapse_streak += 1
+    if layer.collapse_streak >= COLLAPSE_LOGGED_STEPS and not layer.collapse_warned:
+        layer.collapse_warned = True
+        if _is_rank0():
+            coeff = a.load_balance_coeff
+            advice = (f"raise load_balance_coeff in the model's args (now {coeff:g}; e.g. ten times that)"
+                      if coeff is not None else "set load_balance_coeff in the model's args (now None: no bias; e.g. 1e-3)")
+            logger.warning(
+                "MoE routing collapse in layer %d: expert %d took %.0f%% of the layer's tokens for %d logged steps "
+                "in a row (balanced: %.0f%%, warned above %.0f%%); the load-balancing bias is not keeping up: %s. "
+                "Warned once per layer.",
+                index, expert, 100 * share, layer.collapse_streak, 100 * a.top_k / a.num_experts, 100 * threshold,
+                advice)
 
 
 def aux_loss(model: nn.Module) -> torch.Tensor | None:

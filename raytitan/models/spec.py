@@ -65,6 +65,9 @@ class ModelSpec:
     # the model keeps outside its gradients (an MoE layer's load-balancing bias), updated alike on
     # every data-parallel rank. None: nothing to do.
     after_optimizer_step: Callable[[list[nn.Module], Any], None] | None = None
+    # (model parts) -> {name: value}, merged into every logged step's metrics (log line, metrics.jsonl,
+    # TensorBoard), called on every rank at the same steps (an MoE family's expert load). None: nothing.
+    metrics: Callable[[list[nn.Module]], dict[str, float]] | None = None
 
     def flavor(self, name: str) -> Any:
         if name not in self.flavors:

@@ -109,6 +109,7 @@ def build(ctx) -> Trainer:
         stop_at_boundary=ctx.growth, stop_requested=ctx.stop,
         guard=NonFiniteGuard(config.training.on_nonfinite, config.training.max_nonfinite_skips),
         group=ctx.active_group, snapshots=snapshots,
+        model_metrics=(lambda: spec.metrics(parts)) if spec.metrics else (lambda: {}),
     )
 
 

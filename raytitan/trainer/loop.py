@@ -205,7 +205,8 @@ class Trainer:
                  stop_requested: Callable[[int], str | None] = lambda step: None,
                  profiler: Profiler | None = None, extra_metrics: dict[str, float] | None = None,
                  guard: NonFiniteGuard | None = None, group: dist.ProcessGroup | None = None,
-                 snapshots: CheckpointManager | None = None):
+                 snapshots: CheckpointManager | None = None,
+                 model_metrics: Callable[[], dict[str, float]] = lambda: {}):
         self.runner, self.optimizer, self.lr_scheduler = runner, optimizer, lr_scheduler
         self.loader, self.checkpoint, self.metrics, self.state = loader, checkpoint, metrics, state
         self.device, self.local_batch_size = device, local_batch_size
@@ -216,6 +217,7 @@ class Trainer:
         self.stop_at_boundary, self.stop_requested, self.profiler = stop_at_boundary, stop_requested, profiler
         self.stopped: str | None = None  # why the run stopped short of total_steps on request
         self.extra_metrics = extra_metrics or {}
+        self.model_metrics = model_metrics  # the family's own, at every logged step (MoE expert load)
         self.params = [p for part in runner.parts for p in part.parameters() if p.requires_grad]
         self.guard = guard or NonFiniteGuard()
         self.group = group  # every rank that trains (None: the default group), for the weights check
@@ -318,6 +320,7 @@ class Trainer:
                 metrics.update(tokens_seen=self.state.tokens_seen, **self.extra_metrics)
                 metrics["training/skipped_steps"] = self.guard.skipped
                 metrics.update(self.loader.metrics())
+                metrics.update(self.model_metrics())
                 self.metrics.log(metrics)
             if self.validator and self.schedule.validates(step):
                 validation = {"validation/loss": self.validator.evaluate()}

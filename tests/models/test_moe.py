@@ -1,15 +1,17 @@
 """The MoE layer: grouped matmul equals the per-expert loop, routing equals a naive reference,
 the load-balancing bias chooses experts without weighting them and moves load toward uniform,
-shared experts, a tiny MoE that learns, and parameter counts (total and activated)."""
+shared experts, a tiny MoE that learns, parameter counts (total and activated), and the expert-load
+metrics with their routing-collapse warning."""
 
 import dataclasses
+import logging
 
 import pytest
 import torch
 
 from raytitan.models.moe import (
-    GroupedExperts, MoE, MoEArgs, TokenChoiceRouter, activated_params, aux_loss, grouped_mm, moe_param_counts,
-    update_load_balance_bias,
+    COLLAPSE_LOGGED_STEPS, GroupedExperts, MoE, MoEArgs, TokenChoiceRouter, activated_params, aux_loss,
+    collapse_threshold, grouped_mm, moe_metrics, moe_param_counts, update_load_balance_bias,
 )
 
 ARGS = MoEArgs(dim=8, moe_inter_dim=16, num_experts=4, top_k=2, num_shared_experts=1)
@@ -284,3 +286,76 @@ def test_grouped_experts_accept_bfloat16():
     out = experts(x, counts)
     experts.use_grouped_mm = False
     torch.testing.assert_close(out, experts(x, counts), rtol=2e-2, atol=5e-2)
+
+
+def in_block(moe: MoE, index: int) -> torch.nn.Module:
+    """``moe`` where a family keeps it: ``layers.<index>.moe``."""
+    model = torch.nn.Module()
+    model.layers = torch.nn.ModuleDict({str(index): torch.nn.ModuleDict({"moe": moe})})
+    return model
+
+
+def test_expert_load_metrics_of_a_skewed_router():
+    moe = build()  # 4 experts, top 2
+    model = in_block(moe, 5)
+    with torch.no_grad():
+        moe.router.expert_bias[3] = 10.0  # every token chooses expert 3, and one other
+    assert moe_metrics([model]) == {}  # nothing counted yet
+    x = torch.randn(2, 6, 8)
+    for _ in range(2):  # two optimizer steps between logs: both counted
+        moe(x), moe(x)
+        update_load_balance_bias(model)
+    m = moe_metrics([model])
+    # expert 3 has all 48 tokens, the others 48 together: mean 24 per expert
+    assert m["moe/layer_5/max_over_mean"] == pytest.approx(2.0)
+    assert m["moe/layer_5/busiest_share"] == pytest.approx(1.0)
+    bias = moe.router.expert_bias
+    assert (m["moe/layer_5/bias_min"], m["moe/layer_5/bias_max"]) == (bias.min().item(), bias.max().item())
+    assert 9.99 < bias.max() < 10  # the updates lowered the favourite's bias (after the counts it saw)
+    assert {k: m[k] for k in ("moe/max_over_mean", "moe/busiest_share", "moe/worst_layer", "moe/bias_max")} == {
+        "moe/max_over_mean": m["moe/layer_5/max_over_mean"], "moe/busiest_share": 1.0, "moe/worst_layer": 5.0,
+        "moe/bias_max": bias.max().item()}
+    assert moe_metrics([model]) == {}  # counted since the last log only
+    # a balanced layer: max/mean 1, the busiest expert has top_k / num_experts of the tokens
+    moe.update_expert_bias(torch.full((4,), 6.0))
+    m = moe_metrics([model])
+    assert m["moe/layer_5/max_over_mean"] == 1.0 and m["moe/layer_5/busiest_share"] == 0.5
+    # the log line shows the summary only
+    from raytitan.components.metrics import moe_summary
+
+    assert moe_summary(m) == "  moe max/mean 1.00 (layer 5) busiest 50%" and moe_summary({}) == ""
+
+
+def test_routing_collapse_is_warned_once_after_consecutive_logged_steps(caplog):
+    assert collapse_threshold(2, 4) == 0.75 and collapse_threshold(2, 8) == 0.625
+    assert collapse_threshold(8, 128) == pytest.approx(0.53125) and collapse_threshold(4, 4) is None
+    moe = build()  # 4 experts, top 2: warned above 75% of the tokens on one expert
+    model = in_block(moe, 2)
+    collapsed, fine = torch.tensor([2.0, 9.0, 4.0, 5.0]), torch.tensor([2.0, 7.0, 4.0, 7.0])  # 90%, 70%
+
+    def log_step(counts):
+        moe.update_expert_bias(counts)
+        return moe_metrics([model])
+
+    with caplog.at_level(logging.WARNING, logger="raytitan"):
+        for counts in [collapsed] * (COLLAPSE_LOGGED_STEPS - 1) + [fine] + [collapsed] * (COLLAPSE_LOGGED_STEPS - 1):
+            assert log_step(counts)["moe/layer_2/busiest_share"] in (pytest.approx(0.9), pytest.approx(0.7))
+        assert not caplog.records  # a step below the threshold restarted the count
+        log_step(collapsed)
+        (record,) = caplog.records
+        message = record.getMessage()
+        assert record.levelno == logging.WARNING
+        assert "layer 2" in message and "expert 1" in message and "90%" in message and "load_balance_coeff" in message
+        for _ in range(COLLAPSE_LOGGED_STEPS + 1):
+            log_step(collapsed)
+        assert len(caplog.records) == 1  # once per layer
+
+
+def test_a_dense_model_has_no_moe_metrics():
+    from raytitan.models import get_spec
+
+    llama = get_spec("llama3")
+    assert llama.metrics is None  # the trainer merges nothing
+    args = dataclasses.replace(llama.flavor("debugmodel").with_vocab(256), n_layers=2, max_seq_len=64)
+    assert moe_metrics([llama.build(args)]) == {}
+    assert get_spec("qwen3_moe").metrics is moe_metrics and get_spec("deepseek_v3").metrics is moe_metrics

@@ -1,12 +1,14 @@
 """DeepSeek-V3 (DeepSeek-AI): multi-head latent attention, the first layers dense, then
 Mixture-of-Experts layers (shared experts, sigmoid group-limited routing with a routed scaling
 factor, auxiliary-loss-free balancing). No multi-token prediction module.
-First version: data parallel only (no expert, tensor, context or pipeline parallel)."""
+Data parallel (FSDP/HSDP) and expert parallel (from the generic parallelize step; checked by hand,
+not in a test); no tensor, context or pipeline parallel yet."""
 
 from raytitan.models.deepseek_v3.args import FLAVORS, ModelArgs
 from raytitan.models.deepseek_v3.hf import DeepseekV3HF
 from raytitan.models.deepseek_v3.model import Transformer, training_flops
 from raytitan.models.deepseek_v3.parallelize import check_layout, parallelize_deepseek_v3
+from raytitan.models.moe import moe_metrics
 from raytitan.models.qwen3_moe import after_optimizer_step
 from raytitan.models.spec import ModelSpec
 
@@ -21,4 +23,5 @@ spec = ModelSpec(
     hf=DeepseekV3HF(),
     supports_block_causal=True,
     after_optimizer_step=after_optimizer_step,
+    metrics=moe_metrics,
 )

@@ -3,7 +3,7 @@
 Data parallel (FSDP/HSDP) and expert parallel (parallelism.expert_parallel_degree); no tensor,
 context or pipeline parallel yet."""
 
-from raytitan.models.moe import update_load_balance_bias
+from raytitan.models.moe import moe_metrics, update_load_balance_bias
 from raytitan.models.qwen3_moe.args import FLAVORS, ModelArgs
 from raytitan.models.qwen3_moe.hf import Qwen3MoeHF
 from raytitan.models.qwen3_moe.model import Transformer, training_flops
@@ -30,4 +30,5 @@ spec = ModelSpec(
     hf=Qwen3MoeHF(),
     supports_block_causal=True,
     after_optimizer_step=after_optimizer_step,
+    metrics=moe_metrics,
 )
