@@ -545,7 +545,8 @@ def test_doc_commands_name_real_entry_points_and_configs_that_plan(page, capsys)
 C4_MIRRORS = ["/mnt/shared/c4", "/lustre/me/c4", "/mnt/data/c4"]  # clusters.md and cluster/, slurm.md, configs/
 TOKENIZER_FOLDERS = ["/mnt/shared/assets/Llama-3.1-8B", "/lustre/me/assets/Llama-3.1-8B",
                      *(f"./assets/hf/{name}" for name in ("Llama-3.1-8B", "Llama-3.1-70B", "Llama-3.1-405B",
-                                                          "Qwen3-8B", "Qwen3-32B"))]
+                                                          "Qwen3-8B", "Qwen3-32B", "deepseek-moe-16b-base",
+                                                          "DeepSeek-V3"))]
 PATH_VALUE = re.compile(r"\b(dataset_path|hf_assets_path)(?:\s*=\s*|\s+)[\"']?((?:/|\./|~/|[a-z0-9]+://)[^\s\"'`\\]*)")
 
 

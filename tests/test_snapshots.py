@@ -1,13 +1,12 @@
 """Memory snapshots (raytitan.ray.snapshots): real store actors on one local Ray instance, named as
 if on three nodes A, B and C, and the checkpoint manager writing through them as workers do.
 
+
 Drills (b), (c) and (d) of the two-tier design at the store level: a lost holder's part is read
 from its replica, a part whose holders are both gone makes the snapshot incomplete and the
 restore falls back to the disk checkpoint saying what it costs, and a snapshot killed before its
 commit leaves the previous one the newest. Drill (a) runs through Ray Train in tests/test_elastic.py.
 """
-
-import logging
 
 import pyarrow.fs as pafs
 import pytest
@@ -25,6 +24,7 @@ from raytitan.ray.snapshots import (  # noqa: E402
     SCHEME, SnapshotFileSystem, SnapshotStore, check_memory, is_rank_file, store_name,
 )
 from raytitan.trainer.worker import restore_snapshot  # noqa: E402
+from tests.helpers import RaytitanLog  # noqa: E402
 
 NODES = ("A", "B", "C")
 
@@ -101,7 +101,7 @@ def test_a_snapshot_round_trips_bit_identically_with_each_part_on_its_node_and_o
 
 
 def test_a_lost_node_s_part_is_read_from_its_replica_and_with_both_holders_gone_the_restore_falls_back_to_disk(
-        ray_local, tmp_path, caplog):
+        ray_local, tmp_path):
     actors = start_stores("lost")
     model, optimizer = model_and_optimizer(0)
     disk = manager(str(tmp_path), model, optimizer)
@@ -118,10 +118,11 @@ def test_a_lost_node_s_part_is_read_from_its_replica_and_with_both_holders_gone_
     ray.kill(actors["B"])  # now both holders: step 14's marker survives on C, its data does not
     again, again_optimizer = model_and_optimizer(2)
     restored = manager(as_rank_on("lost", "C", "run"), again, again_optimizer)
-    with caplog.at_level(logging.WARNING, logger="raytitan"):
+    with RaytitanLog() as log:  # raytitan's logger does not propagate once a test set up its logging
         assert restore_snapshot(restored, disk_step=10) is None
-    assert "is missing" in caplog.text  # the incomplete snapshot, named
-    assert "resuming from disk checkpoint step 10 costs 4 steps" in caplog.text
+    warned = "\n".join(log.messages("WARNING"))
+    assert "is missing" in warned  # the incomplete snapshot, named
+    assert "resuming from disk checkpoint step 10 costs 4 steps" in warned
     ray.kill(actors["C"])
 
 
