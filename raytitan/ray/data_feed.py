@@ -66,9 +66,7 @@ class _Gate:
     takes; with small shards, a run of 64 items was many epochs read ahead of training. Each
     packer asks here before reading item ``k`` and waits until the consumer has reached item
     ``k - ahead``; ``ahead`` covers the rows the consumer may hold ahead (``read_ahead_rows``,
-    measured in rows per item as items finish) plus two items per packer (with one, a packer could
-    wait at the gate for its next item while Ray Data still held its previous item's output: seen
-    with a single packer)."""
+    measured in rows per item as items finish) and at least one item per packer."""
 
     def __init__(self, read_ahead_rows: int, packers: int, first_item: int = 0):
         import asyncio
@@ -85,7 +83,7 @@ class _Gate:
     def ahead(self) -> int:
         per_item = self.rows / self.items if self.items else 0
         extra = math.ceil(self.read_ahead_rows / per_item) if per_item else 0
-        return 2 * self.packers + min(extra, 4 * self.packers + 4)
+        return max(1, self.packers + min(extra, 4 * self.packers + 4))
 
     async def admit(self, item: int) -> bool:
         async with self._changed:
@@ -195,7 +193,7 @@ def ray_rows(shards: list[str], model_config, seq_len: int, seed: int, start: Cu
     each, with a pool of packing actors sized by ``pool_size`` from the CPUs Ray has free and
     ``demand()`` (``(tokens/s the trainers consume or None, starving)``). A run ends early, at an
     item boundary, when the demand wants another size (checked every ``resize_every_s``). A gate
-    keeps the packers at most about ``read_ahead_rows`` rows (and two items per packer) ahead of
+    keeps the packers at most about ``read_ahead_rows`` rows (and one item per packer) ahead of
     what this generator has yielded. ``packers`` fixes the pool's size (a benchmark's)."""
     import ray
     import ray.data

@@ -34,8 +34,8 @@ def test_pool_size_follows_demand_within_the_free_cpus():
 
 def test_the_gate_admits_items_no_further_than_the_rows_ahead_allow():
     async def run():
-        gate = _Gate(read_ahead_rows=10, packers=1, first_item=5)
-        assert gate.ahead() == 2  # two items per packer before any item's size is known
+        gate = _Gate(read_ahead_rows=10, packers=2, first_item=5)
+        assert gate.ahead() == 2  # one item per packer before any item's size is known
         assert await gate.admit(5) and await gate.admit(6)
         waiting = asyncio.ensure_future(gate.admit(8))
         await asyncio.sleep(0.01)
