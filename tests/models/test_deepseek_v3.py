@@ -25,6 +25,7 @@ from raytitan.models.deepseek_v3.args import FLAVORS, ModelArgs  # noqa: E402  (
 from raytitan.models.deepseek_v3.model import Transformer  # noqa: E402
 from raytitan.models.spec import build_meta, count_params  # noqa: E402
 from raytitan.trainer.build import after_optimizer_step  # noqa: E402
+from tests.models.family import one_thread, relative_difference, save_step  # noqa: F401 (one_thread: autouse)
 
 VOCAB = ByteTokenizer.vocab_size
 # Every MLA and routing feature at a tiny size: query compression, 2 layers (1 dense), 8 experts
@@ -36,23 +37,10 @@ TINY = ModelArgs(dim=64, n_layers=2, n_dense_layers=1, n_heads=4, q_lora_rank=32
                  rope_original_max_seq_len=16, mscale=1.0, max_seq_len=64)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Shapes this small gain nothing from threads (as tests/models/test_moe.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
-def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
-def save_step(folder, model, args, step=1) -> str:
-    info = {"model": "deepseek_v3", "flavor": "debugmodel", "model_args": dataclasses.asdict(args),
-            "tokenizer": "byte", "bos_id": 256, "eos_id": 257}
-    return CheckpointManager(str(folder), {"model": ModelState([model])}, 0, commit_info=info).save(step)
 
 
 # --------------------------------------------------------------------------- the model
@@ -129,7 +117,8 @@ def test_transformers_weights_import_with_the_same_logits_and_export_unchanged(t
         imported_error = relative_difference(ours.eval()(tokens), reference)
     assert imported_error <= 1e-5
 
-    out = export_hf(save_step(tmp_path / "ckpt", ours, TINY), str(tmp_path / "ours"), dtype=torch.float32)
+    out = export_hf(save_step(tmp_path / "ckpt", ours, TINY, "deepseek_v3"), str(tmp_path / "ours"),
+                    dtype=torch.float32)
     saved, exported = load_file(tmp_path / "theirs" / "model.safetensors"), load_file(os.path.join(out, "model.safetensors"))
     assert exported.keys() == saved.keys()
     assert all(torch.equal(exported[k], saved[k]) for k in saved)
@@ -229,7 +218,7 @@ def test_debug_model_trains_and_its_bias_moves_and_is_checkpointed(tmp_path):
     assert not torch.equal(biases[0], biases[-1]) and biases[-1].abs().sum() > 0
     assert all(m.tokens_per_expert.sum() == 0 for m in model.modules() if isinstance(m, MoE))
 
-    step = save_step(tmp_path / "ckpt", model, args)
+    step = save_step(tmp_path / "ckpt", model, args, "deepseek_v3")
     fresh = Transformer(args)
     fresh.init_weights()
     CheckpointManager(str(tmp_path / "ckpt"), {"model": ModelState([fresh])}, 0).load_path(step, model_only=True)

@@ -25,6 +25,7 @@ from raytitan.models.qwen3_moe.args import FLAVORS, ModelArgs
 from raytitan.models.qwen3_moe.model import Transformer
 from raytitan.models.spec import build_meta, count_params
 from raytitan.trainer.build import after_optimizer_step
+from tests.models.family import one_thread, relative_difference, save_step  # noqa: F401 (one_thread: autouse)
 
 SPEC = get_spec("qwen3_moe")
 VOCAB = ByteTokenizer.vocab_size
@@ -32,23 +33,10 @@ TINY = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, moe_i
                  vocab_size=VOCAB, max_seq_len=64)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Shapes this small gain nothing from threads (as tests/models/test_moe.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
-def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
-def save_step(folder, model, args, step=1) -> str:
-    info = {"model": "qwen3_moe", "flavor": "debugmodel", "model_args": dataclasses.asdict(args),
-            "tokenizer": "byte", "bos_id": 256, "eos_id": 257}
-    return CheckpointManager(str(folder), {"model": ModelState([model])}, 0, commit_info=info).save(step)
 
 
 # --------------------------------------------------------------------------- Hugging Face
@@ -81,7 +69,8 @@ def test_transformers_weights_import_with_the_same_logits_and_export_unchanged(t
         reference = theirs(tokens).logits
         assert relative_difference(ours.eval()(tokens), reference) <= 1e-5
 
-    out = export_hf(save_step(tmp_path / "ckpt", ours, TINY), str(tmp_path / "ours"), dtype=torch.float32)
+    out = export_hf(save_step(tmp_path / "ckpt", ours, TINY, "qwen3_moe"), str(tmp_path / "ours"),
+                    dtype=torch.float32)
     saved, exported = load_file(tmp_path / "theirs" / "model.safetensors"), load_file(os.path.join(out, "model.safetensors"))
     assert exported.keys() == saved.keys()
     assert all(torch.equal(exported[k], saved[k]) for k in saved)
@@ -149,7 +138,7 @@ def test_debug_model_trains_and_its_bias_moves_and_is_checkpointed(tmp_path):
     assert all(m.tokens_per_expert.sum() == 0 for m in model.modules() if isinstance(m, MoE))
 
     assert "layers.0.moe.router.expert_bias" in ModelState([model]).state_dict()
-    step = save_step(tmp_path / "ckpt", model, args)
+    step = save_step(tmp_path / "ckpt", model, args, "qwen3_moe")
     fresh = Transformer(args)
     fresh.init_weights()
     CheckpointManager(str(tmp_path / "ckpt"), {"model": ModelState([fresh])}, 0).load_path(step, model_only=True)
