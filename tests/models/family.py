@@ -29,3 +29,24 @@ def save_step(folder, model, args, family: str, flavor: str = "debugmodel", step
     info = {"model": family, "flavor": flavor, "model_args": dataclasses.asdict(args), "tokenizer": "byte",
             "bos_id": 256, "eos_id": 257}
     return CheckpointManager(str(folder), {"model": ModelState([model])}, 0, commit_info=info).save(step)
+
+
+def train_repeated_batch(model, spec, vocab: int, watched_layer: str, steps: int = 10):
+    """``steps`` AdamW steps on one repeated batch, running the spec's after-optimizer-step hook
+    as the trainer chains it; returns the losses and ``watched_layer``'s expert bias after each."""
+    from raytitan.trainer.build import after_optimizer_step
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    hook = after_optimizer_step(spec, [model], None, False)
+    tokens = torch.randint(0, vocab, (2, 17))
+    losses, biases = [], []
+    for _ in range(steps):
+        logits = model(tokens[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        hook()
+        losses.append(loss.item())
+        biases.append(model.layers[watched_layer].moe.router.expert_bias.clone())
+    return losses, biases, tokens

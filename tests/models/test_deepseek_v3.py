@@ -24,8 +24,7 @@ SPEC = get_spec("deepseek_v3")
 from raytitan.models.deepseek_v3.args import FLAVORS, ModelArgs  # noqa: E402  (after the spec: import order)
 from raytitan.models.deepseek_v3.model import Transformer  # noqa: E402
 from raytitan.models.spec import build_meta, count_params  # noqa: E402
-from raytitan.trainer.build import after_optimizer_step  # noqa: E402
-from tests.models.family import one_thread, relative_difference, save_step  # noqa: F401 (one_thread: autouse)
+from tests.models.family import one_thread, relative_difference, save_step, train_repeated_batch  # noqa: F401 (one_thread: autouse)
 
 VOCAB = ByteTokenizer.vocab_size
 # Every MLA and routing feature at a tiny size: query compression, 2 layers (1 dense), 8 experts
@@ -200,19 +199,7 @@ def test_debug_model_trains_and_its_bias_moves_and_is_checkpointed(tmp_path):
     torch.manual_seed(0)
     model = Transformer(args)
     model.init_weights()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    hook = after_optimizer_step(SPEC, [model], None, False)
-    tokens = torch.randint(0, VOCAB, (2, 17))
-    losses, biases = [], []
-    for _ in range(10):
-        logits = model(tokens[:, :-1])
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        hook()
-        losses.append(loss.item())
-        biases.append(model.layers["1"].moe.router.expert_bias.clone())
+    losses, biases, tokens = train_repeated_batch(model, SPEC, VOCAB, watched_layer="1")
     print(f"losses: first {losses[0]:.4f}, last {losses[-1]:.4f}")
     assert losses[-1] < 0.7 * losses[0]
     assert not torch.equal(biases[0], biases[-1]) and biases[-1].abs().sum() > 0

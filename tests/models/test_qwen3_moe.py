@@ -25,7 +25,7 @@ from raytitan.models.qwen3_moe.args import FLAVORS, ModelArgs
 from raytitan.models.qwen3_moe.model import Transformer
 from raytitan.models.spec import build_meta, count_params
 from raytitan.trainer.build import after_optimizer_step
-from tests.models.family import one_thread, relative_difference, save_step  # noqa: F401 (one_thread: autouse)
+from tests.models.family import one_thread, relative_difference, save_step, train_repeated_batch  # noqa: F401 (one_thread: autouse)
 
 SPEC = get_spec("qwen3_moe")
 VOCAB = ByteTokenizer.vocab_size
@@ -117,19 +117,7 @@ def test_debug_model_trains_and_its_bias_moves_and_is_checkpointed(tmp_path):
     torch.manual_seed(0)
     model = Transformer(args)
     model.init_weights()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    hook = after_optimizer_step(SPEC, [model], None, False)
-    tokens = torch.randint(0, VOCAB, (2, 17))
-    losses, biases = [], []
-    for _ in range(10):
-        logits = model(tokens[:, :-1])
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        hook()
-        losses.append(loss.item())
-        biases.append(model.layers["0"].moe.router.expert_bias.clone())
+    losses, biases, tokens = train_repeated_batch(model, SPEC, VOCAB, watched_layer="0")
     assert losses[-1] < 0.7 * losses[0]
     assert not torch.equal(biases[0], biases[-1]) and biases[-1].abs().sum() > 0
     assert all(m.tokens_per_expert.sum() == 0 for m in model.modules() if isinstance(m, MoE))  # counted, reset
