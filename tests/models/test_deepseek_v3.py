@@ -11,7 +11,7 @@ import pytest
 import torch
 import transformers  # test-only dependency (the dev extra): the reference DeepSeek-V3 implementation
 
-from raytitan.components.checkpoint.convert import check_files, export_hf, import_hf, load_tensors
+from raytitan.components.checkpoint.convert import export_hf, import_hf
 from raytitan.components.checkpoint.manager import CheckpointManager, ModelState
 from raytitan.components.data.tokenizer import ByteTokenizer
 from raytitan.config.job import ConfigError, JobConfig, parse_args
@@ -24,7 +24,7 @@ SPEC = get_spec("deepseek_v3")
 from raytitan.models.deepseek_v3.args import FLAVORS, ModelArgs  # noqa: E402  (after the spec: import order)
 from raytitan.models.deepseek_v3.model import Transformer  # noqa: E402
 from raytitan.models.spec import build_meta, count_params  # noqa: E402
-from tests.models.family import one_thread, relative_difference, save_step, train_repeated_batch  # noqa: F401 (one_thread: autouse)
+from tests.models.family import one_thread, relative_difference, check_fsdp_matches_one_process, save_step, train_repeated_batch  # noqa: F401 (one_thread: autouse)
 
 VOCAB = ByteTokenizer.vocab_size
 # Every MLA and routing feature at a tiny size: query compression, 2 layers (1 dense), 8 experts
@@ -239,26 +239,8 @@ def test_only_data_parallel_layouts_are_accepted_before_launch():
 
 @pytest.mark.slow
 def test_fsdp_on_two_ranks_trains_like_one_process(tmp_path, data_dir):
-    """From the same seed weights, FSDP over 2 ranks (the bias update summed over both) gives one
-    process's first 3 losses within 1e-4, and the hook runs in the real trainer: the saved bias
-    has moved off zero."""
-    from tests.helpers import run_ranks, tiny_config
-
-    def config(name, **sections):
-        return tiny_config(str(tmp_path / name), data_dir, model={"name": "deepseek_v3", "flavor": "debugmodel"},
-                           training={"steps": 3, "local_batch_size": 8 if name != "fsdp" else 4}, **sections)
-
-    seed = os.path.join(str(tmp_path / "seed"), "run", "checkpoint", "step-0")
-    start = {"enable": True, "interval": 3, "initial_load_path": seed}
-    _, one = run_ranks([config("seed", checkpoint={"create_seed_checkpoint": True}),
-                        config("one", checkpoint=start)], 1, str(tmp_path))
-    two = run_ranks(config("fsdp", checkpoint=start), 2, str(tmp_path))
-    assert len(one["losses"]) == 3
-    assert two["losses"] == pytest.approx(one["losses"], abs=1e-4)
-
-    step = os.path.join(str(tmp_path / "fsdp"), "run", "checkpoint", "step-3")
-    bias = load_tensors(step, check_files(step), ["model.layers.1.moe.router.expert_bias"])
-    assert bias["model.layers.1.moe.router.expert_bias"].abs().sum() > 0
+    """FSDP over 2 ranks gives one process's losses and moves the bias (``check_fsdp_matches_one_process``)."""
+    check_fsdp_matches_one_process(tmp_path, data_dir, "deepseek_v3", moe_layer="1")
 
 
 @pytest.mark.parametrize("name, world", [("deepseek_v3_debug.toml", 2), ("deepseek_v3_16b.toml", 8),

@@ -9,12 +9,7 @@ import pytest
 import torch
 import transformers  # test-only dependency (the dev extra): the reference Qwen3-MoE implementation
 
-from raytitan.components.checkpoint.convert import (
-    check_files,
-    export_hf,
-    import_hf,
-    load_tensors,
-)
+from raytitan.components.checkpoint.convert import export_hf, import_hf
 from raytitan.components.checkpoint.manager import CheckpointManager, ModelState
 from raytitan.components.data.tokenizer import ByteTokenizer
 from raytitan.config.job import ConfigError, JobConfig
@@ -25,7 +20,7 @@ from raytitan.models.qwen3_moe.args import FLAVORS, ModelArgs
 from raytitan.models.qwen3_moe.model import Transformer
 from raytitan.models.spec import build_meta, count_params
 from raytitan.trainer.build import after_optimizer_step
-from tests.models.family import one_thread, relative_difference, save_step, train_repeated_batch  # noqa: F401 (one_thread: autouse)
+from tests.models.family import one_thread, relative_difference, check_fsdp_matches_one_process, save_step, train_repeated_batch  # noqa: F401 (one_thread: autouse)
 
 SPEC = get_spec("qwen3_moe")
 VOCAB = ByteTokenizer.vocab_size
@@ -183,23 +178,5 @@ def test_only_data_parallel_layouts_are_accepted_before_launch():
 
 @pytest.mark.slow
 def test_fsdp_on_two_ranks_trains_like_one_process(tmp_path, data_dir):
-    """From the same seed weights, FSDP over 2 ranks (each counting its own tokens, the bias
-    update summed over both) gives one process's first 3 losses within 1e-4, and the
-    optimizer-step hook runs in the real trainer: the saved bias has moved off zero."""
-    from tests.helpers import run_ranks, tiny_config
-
-    def config(name, **sections):
-        return tiny_config(str(tmp_path / name), data_dir, model={"name": "qwen3_moe", "flavor": "debugmodel"},
-                           training={"steps": 3, "local_batch_size": 8 if name != "fsdp" else 4}, **sections)
-
-    seed = os.path.join(str(tmp_path / "seed"), "run", "checkpoint", "step-0")
-    start = {"enable": True, "interval": 3, "initial_load_path": seed}
-    _, one = run_ranks([config("seed", checkpoint={"create_seed_checkpoint": True}),
-                               config("one", checkpoint=start)], 1, str(tmp_path))
-    two = run_ranks(config("fsdp", checkpoint=start), 2, str(tmp_path))
-    assert len(one["losses"]) == 3
-    assert two["losses"] == pytest.approx(one["losses"], abs=1e-4)
-
-    step = os.path.join(str(tmp_path / "fsdp"), "run", "checkpoint", "step-3")
-    bias = load_tensors(step, check_files(step), ["model.layers.0.moe.router.expert_bias"])
-    assert bias["model.layers.0.moe.router.expert_bias"].abs().sum() > 0
+    """FSDP over 2 ranks gives one process's losses and moves the bias (``check_fsdp_matches_one_process``)."""
+    check_fsdp_matches_one_process(tmp_path, data_dir, "qwen3_moe", moe_layer="0")
