@@ -8,9 +8,12 @@ restore falls back to the disk checkpoint saying what it costs, and a snapshot k
 commit leaves the previous one the newest. Drill (a) runs through Ray Train in tests/test_elastic.py.
 """
 
+import threading
+
 import pyarrow.fs as pafs
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 
 pytest.importorskip("ray")
 pytestmark = pytest.mark.slow  # one local Ray instance for the module
@@ -60,8 +63,24 @@ def model_and_optimizer(seed: int):
     return model, optimizer
 
 
-def manager(folder: str, model, optimizer, **kwargs) -> CheckpointManager:
-    states = {"model": ModelState([model]), "optimizer": OptimizerState([model], [optimizer])}
+class Progress:
+    """A state that is not a tensor (as the schedule, data cursor and step are): pickled anew by
+    every snapshot, so a later one holds the newer value."""
+
+    def __init__(self, step: int = 0):
+        self.step = step
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "seen": list(range(self.step))}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = state["step"]
+        assert state["seen"] == list(range(self.step))
+
+
+def manager(folder: str, model, optimizer, progress: Progress | None = None, **kwargs) -> CheckpointManager:
+    states = {"model": ModelState([model]), "optimizer": OptimizerState([model], [optimizer]),
+              "train_state": progress or Progress()}
     raw_bytes = not folder.startswith("/")  # as the trainer writes snapshots (disk steps keep DCP's format)
     return CheckpointManager(folder, states, keep_latest_k=kwargs.pop("keep", 1), async_mode="async",
                              raw_bytes=raw_bytes, **kwargs)
@@ -76,14 +95,23 @@ def assert_same(a, b):
         assert torch.equal(p, q), name
 
 
-def test_a_snapshot_round_trips_bit_identically_with_each_part_on_its_node_and_one_replica(shared_stores):
+def test_a_snapshot_round_trips_bit_identically_with_each_part_on_its_node_and_one_replica(shared_stores, monkeypatch):
     launch, actors = shared_stores
     folder = as_rank_on(launch, "B", "round-trip")
     model, optimizer = model_and_optimizer(0)
-    m = manager(folder, model, optimizer)
+    progress = Progress(1)
+    m = manager(folder, model, optimizer, progress)
+    plans = []
+    monkeypatch.setattr(dcp, "save", lambda *a, _save=dcp.save, **k: plans.append(1) or _save(*a, **k))
     m.save(1)
-    m.save(2)  # commits step 1 first (one write in flight)
+    m.wait()
+    with torch.no_grad():  # the second snapshot copies the new values into the places the first one planned
+        for p in model.parameters():
+            p.mul_(-2.0)
+    progress.step = 2
+    m.save(2)
     m.close()
+    assert plans == [1]  # planned once (DCP's collectives), then copied without DCP
     assert committed_steps(folder) == [2]  # the newest complete snapshot is kept; the older one is dropped
 
     held = {node: files_on(actors, node, f"{launch}/round-trip") for node in NODES}
@@ -93,11 +121,38 @@ def test_a_snapshot_round_trips_bit_identically_with_each_part_on_its_node_and_o
     assert not any("step-1" in p for node in NODES for p in held[node])
 
     other, other_optimizer = model_and_optimizer(1)
-    restored = manager(folder, other, other_optimizer)
+    other_progress = Progress()
+    restored = manager(folder, other, other_optimizer, other_progress)
     assert restored.load(restored.resolve_load_step()) == 2
     assert_same(model, other)
+    assert other_progress.step == 2
     assert torch.equal(optimizer.state[optimizer.param_groups[0]["params"][0]]["exp_avg"],
                        other_optimizer.state[other_optimizer.param_groups[0]["params"][0]]["exp_avg"])
+
+
+def test_a_snapshot_due_while_the_previous_one_is_still_being_sent_is_skipped_and_counted(shared_stores):
+    launch, _ = shared_stores
+    folder = as_rank_on(launch, "A", "skipped")
+    model, optimizer = model_and_optimizer(0)
+    sending, release = threading.Event(), threading.Event()
+
+    def slow_link(step):  # on the upload thread: step 3's part is written, its seal held back
+        if step == 3:
+            sending.set()
+            release.wait()
+
+    m = manager(folder, model, optimizer, before_commit=slow_link)
+    m.save(3)
+    assert sending.wait(timeout=60)
+    assert m.save(4) is None  # does not wait for step 3: skipped
+    assert m.snapshots_skipped == 1
+    assert committed_steps(folder) == []  # step 3 counts only once sealed
+    release.set()
+    m.wait()
+    assert committed_steps(folder) == [3]
+    m.save(5, blocking=True)
+    m.close()
+    assert committed_steps(folder) == [5] and m.snapshots_skipped == 1
 
 
 def test_a_lost_node_s_part_is_read_from_its_replica_and_with_both_holders_gone_the_restore_falls_back_to_disk(

@@ -124,6 +124,13 @@ def read_text(path: str) -> str:
         return f.read().decode()
 
 
+def handler(path: str) -> tuple[object | None, str]:
+    """The Python handler of a mounted filesystem serving ``path`` (None for any other), with the
+    path within it: for what only that filesystem does (memory snapshots' parts and seals)."""
+    fs, inner = resolve(path)
+    return getattr(fs, "handler", None), inner
+
+
 def read_bytes(path: str) -> bytes:
     fs, inner = resolve(path)
     with fs.open_input_stream(inner) as f:

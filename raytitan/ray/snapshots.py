@@ -2,28 +2,32 @@
 
 One ``SnapshotStore`` actor per node keeps files (path -> bytes) in its memory. The workers see
 the stores as one filesystem (``SnapshotFileSystem``, mounted as ``raysnap://``), so a memory
-snapshot is an ordinary raytitan checkpoint: the same ``CheckpointManager`` writes it through DCP
-with its checksums and commit marker, and loads it resharded onto whatever layout the restarted
-group has. Where the bytes go is this module's:
+snapshot loads like an ordinary raytitan checkpoint: DCP reads it resharded onto whatever layout
+the restarted group has. Writing is by parts (``raw.RawWriter``):
 
-- a rank's data files (DCP's ``__R_I.distcp`` and their checksums) go to the store on its own
-  node and to ``replicas`` stores on other nodes (the next ones in node-id order);
-- everything else (DCP's metadata, the commit marker) is small and goes to every store;
-- a read takes the file from the store on the reader's node if it has it, else from any other.
+- a rank's part goes to the store on its own node and to ``replicas`` stores on other nodes (the
+  next ones in node-id order): ``write_part``, one call per holder;
+- once every holder has it, the rank seals it: a small call to every store;
+- a group's DCP metadata is the same for all its snapshots: its rank 0 registers it with every
+  store once (``register_layout``).
 
-A file counts only once every copy is written (the write returns after the puts), and a step
-only once its commit marker is, so a snapshot is complete when its marker is readable. If both
-holders of some rank's part die, the step's files are missing and the checkpoint layer skips it
-as incomplete. The stores belong to the launch (the driver), so they outlive every restart of
+A store counts a snapshot complete when every rank of its group sealed its part; it then shows
+the step's ``.metadata`` and commit marker (``COMMITTED``) as files, and drops older snapshots.
+No rank waits for another, and no rank 0 polls: completeness is decided where the seals arrive.
+A read takes the file from the store on the reader's node if it has it, else from any other. If
+both holders of some rank's part die, the step's part is missing and the checkpoint layer skips
+it as incomplete. The stores belong to the launch (the driver), so they outlive every restart of
 the worker group, and go with the launch: disk checkpoints are for durability.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import logging
 import posixpath
 import threading
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -36,16 +40,24 @@ logger = logging.getLogger(__name__)
 SCHEME = "raysnap"  # worker paths: raysnap://<launch id>/...
 STORE_PREFIX = "raytitan-snapshots-"  # store actor names: STORE_PREFIX + launch id + "-" + node id
 QUERY_TIMEOUT_S = 30.0  # a store that does not answer a small query in this time counts as gone
+PENDING_KEPT = 2  # snapshots newer than the newest complete one a store keeps (being written; older ones dropped)
 
 
 class SnapshotStore:
-    """One node's snapshot files, in this actor's memory."""
+    """One node's snapshot files, in this actor's memory, and what it knows of which snapshots
+    are complete (see ``seal``)."""
 
     def __init__(self):
         self.files: dict[str, bytearray] = {}
         self.free: dict[int, list[bytearray]] = {}  # dropped files' memory, by size: the next snapshot's
+        self.lock = threading.Lock()  # calls run on the actor's threads
+        # folder -> layout id -> (world size, DCP metadata, commit facts, arrival order)
+        self.layouts: dict[str, dict[str, tuple[int, bytes, dict, int]]] = {}
+        self.sealed: dict[tuple[str, str, int], dict[int, float]] = {}  # (folder, layout, step) -> rank -> time
+        self.parts: dict[str, tuple[str, str, int]] = {}  # part file -> (folder, layout, step)
+        self.arrivals = 0
 
-    def put(self, path: str, data) -> int:
+    def _keep(self, path: str, data) -> int:
         """Keep a copy of ``data`` (bytes, or a read-only array in Ray's object store), in the
         memory of a dropped file of the same size if there is one (already mapped: no page faults)."""
         view = memoryview(data).cast("B")
@@ -55,32 +67,128 @@ class SnapshotStore:
         self.files[path] = buffer
         return len(buffer)
 
+    def put(self, path: str, data) -> int:
+        with self.lock:
+            return self._keep(path, data)
+
+    # ------------------------------------------------------------------ snapshots, part by part
+
+    def register_layout(self, folder: str, layout: str, world: int, metadata: bytes, facts: dict) -> None:
+        """A worker group's snapshot layout (sent by its rank 0 at its first snapshot): DCP's
+        metadata, the same for every snapshot of the group, and the facts its commit marker holds."""
+        with self.lock:
+            self.arrivals += 1
+            self.layouts.setdefault(folder, {})[layout] = (world, bytes(metadata), dict(facts), self.arrivals)
+            self._retire(folder)
+
+    def put_part(self, path: str, body, tail: bytes, folder: str, layout: str, step: int) -> int:
+        """One rank's part of a snapshot: its packed tensors (``body``) then ``tail`` (the rest)."""
+        with self.lock:
+            size = len(memoryview(body).cast("B")) + len(tail)
+            spare = self.free.get(size)
+            buffer = spare.pop() if spare else bytearray(size)
+            split = size - len(tail)
+            buffer[:split] = memoryview(body).cast("B")
+            buffer[split:] = tail
+            self.files[path] = buffer
+            self.parts[path] = (folder, layout, step)
+            return size
+
+    def seal(self, folder: str, layout: str, step: int, rank: int) -> None:
+        """Rank ``rank``'s part of ``step`` is in place on all its holders (they answered its writer)."""
+        with self.lock:
+            self.sealed.setdefault((folder, layout, step), {})[rank] = time.time()
+            self._retire(folder)
+
+    def _complete(self, folder: str) -> list[tuple[int, int, str]]:
+        """(step, layout arrival, layout) of every snapshot in ``folder`` that every rank sealed."""
+        layouts = self.layouts.get(folder, {})
+        return sorted((step, layouts[layout][3], layout) for (f, layout, step), ranks in self.sealed.items()
+                      if f == folder and layout in layouts and len(ranks) == layouts[layout][0])
+
+    def _retire(self, folder: str) -> None:
+        """Once a snapshot is complete, everything older goes (and the same step of other groups);
+        newer ones still being written stay, the oldest dropped beyond ``PENDING_KEPT``."""
+        complete = self._complete(folder)
+        newest = complete[-1] if complete else None
+        keys = {key[1:] for key in self.sealed if key[0] == folder} | {(l, s) for f, l, s in self.parts.values() if f == folder}
+        gone = {(l, s) for l, s in keys if newest and (s, self.layouts[folder].get(l, (0, b"", {}, 0))[3]) < newest[:2]}
+        pending = sorted(s for l, s in keys - gone if not newest or s > newest[0])
+        gone |= {(l, s) for l, s in keys - gone if s in pending[:-PENDING_KEPT]}
+        for layout, step in gone:
+            self.sealed.pop((folder, layout, step), None)
+        for path in [p for p, (f, l, s) in self.parts.items() if f == folder and (l, s) in gone]:
+            del self.parts[path]
+            self._drop(path)
+        used = {l for f, l, s in self.parts.values() if f == folder} | {k[1] for k in self.sealed if k[0] == folder}
+        layouts = self.layouts.get(folder, {})
+        latest = max(layouts, key=lambda l: layouts[l][3], default=None)
+        for layout in [l for l in layouts if l not in used and l != latest]:
+            del layouts[layout]
+
+    def _virtual(self, prefix: str) -> dict[str, bytes]:
+        """The step files a complete snapshot implies, where this store knows it is complete:
+        ``step-N/.metadata`` (its group's layout) and ``step-N/COMMITTED``."""
+        files = {}
+        for folder, layouts in self.layouts.items():
+            done: dict[int, tuple[int, str]] = {}
+            for step, arrival, layout in self._complete(folder):
+                done[step] = max(done.get(step, (0, "")), (arrival, layout))
+            for step, (_, layout) in done.items():
+                world, metadata, facts, _ = layouts[layout]
+                base = f"{folder}/step-{step}"
+                if not _under(base, prefix) and not _under(prefix, base):
+                    continue
+                marker = {"step": step, "world_size": world, "time": max(self.sealed[(folder, layout, step)].values()),
+                          "model_only": False, "format": "raw", "layout": layout, **facts}
+                files[f"{base}/.metadata"] = metadata
+                files[f"{base}/COMMITTED"] = json.dumps(marker).encode()
+        return {p: d for p, d in files.items() if _under(p, prefix)}
+
+    # ------------------------------------------------------------------ files
+
     def get(self, path: str) -> bytes | None:
-        data = self.files.get(path)
-        return None if data is None else bytes(data)
+        with self.lock:
+            data = self.files.get(path)
+            if data is None:
+                return self._virtual(path).get(path)
+            return bytes(data)
 
     def sizes(self, prefix: str) -> dict[str, int]:
         """Files at or under ``prefix`` and their sizes."""
-        below = prefix.rstrip("/") + "/"
-        return {p: len(d) for p, d in self.files.items() if p == prefix or p.startswith(below) or not prefix}
+        with self.lock:
+            found = {p: len(d) for p, d in self.files.items() if _under(p, prefix)}
+            found.update({p: len(d) for p, d in self._virtual(prefix).items()})
+            return found
 
     def delete(self, prefix: str) -> None:
         """Drop ``prefix`` and everything under it."""
-        for path in list(self.sizes(prefix)):
-            buffer = self.files.pop(path)
-            spare = sum(len(b) for f in self.free.values() for b in f)
-            if len(buffer) >= 1 << 20 and spare < sum(map(len, self.files.values())):  # at most one snapshot's worth
-                self.free.setdefault(len(buffer), []).append(buffer)
+        with self.lock:
+            for path in [p for p in self.files if _under(p, prefix)]:
+                self.parts.pop(path, None)
+                self._drop(path)
+
+    def _drop(self, path: str) -> None:
+        buffer = self.files.pop(path)
+        spare = sum(len(b) for f in self.free.values() for b in f)
+        if len(buffer) >= 1 << 20 and spare < sum(map(len, self.files.values())):  # at most one snapshot's worth
+            self.free.setdefault(len(buffer), []).append(buffer)
 
     def move(self, src: str, dst: str) -> bool:
-        if src not in self.files:
-            return False
-        self.files[dst] = self.files.pop(src)
-        return True
+        with self.lock:
+            if src not in self.files:
+                return False
+            self.files[dst] = self.files.pop(src)
+            return True
 
     def used(self) -> int:
         """Bytes held: files and the spare memory kept for the next snapshot."""
-        return sum(len(d) for d in self.files.values()) + sum(len(b) for f in self.free.values() for b in f)
+        with self.lock:
+            return sum(len(d) for d in self.files.values()) + sum(len(b) for f in self.free.values() for b in f)
+
+
+def _under(path: str, prefix: str) -> bool:
+    return not prefix or path == prefix or path.startswith(prefix.rstrip("/") + "/")
 
 
 def store_name(launch: str, node_id: str) -> str:
@@ -134,9 +242,10 @@ class SnapshotFileSystem(pafs.FileSystemHandler):
                         pass
             return dict(self._stores)
 
-    def holders(self, path: str) -> list[str]:
-        """The nodes whose stores a new file at ``path`` goes to."""
-        nodes = sorted(self.stores(refresh=True))
+    def holders(self, path: str, refresh: bool = True) -> list[str]:
+        """The nodes whose stores a new file at ``path`` goes to (``refresh``: ask Ray which
+        stores there are now, a lookup by name each; else the ones found last time)."""
+        nodes = sorted(self.stores(refresh=refresh))
         if not is_rank_file(path):
             return nodes
         if self.node_id not in nodes:
@@ -179,6 +288,32 @@ class SnapshotFileSystem(pafs.FileSystemHandler):
             raise OSError(f"no snapshot store took {path} (nodes {', '.join(n[:8] for n in nodes)} are gone)")
         if len(written) < len(nodes):  # a holder died while writing: the step must not count as replicated
             raise OSError(f"{path}: {len(nodes) - len(written)} of its {len(nodes)} snapshot stores are gone")
+
+    # ------------------------------------------------------------------ snapshots, part by part
+
+    def register_layout(self, folder: str, layout: str, world: int, metadata: bytes, facts: dict) -> None:
+        """A group's snapshot layout, to every store (rank 0, once per worker group)."""
+        if not self._ask("register_layout", folder, layout, world, metadata, facts):
+            raise OSError("no snapshot store is left")
+
+    def write_part(self, path: str, body, tail: bytes, folder: str, layout: str, step: int) -> None:
+        """One rank's part to its holders: into Ray's object store once, from where each holder
+        copies it; returns once every holder has it. The holders are the ones found at the last
+        write, found again only if one of them is gone."""
+        for refresh in (False, True):
+            nodes = self.holders(path, refresh=refresh)
+            ref = ray.put(body)
+            written = self._ask("put_part", path, ref, tail, folder, layout, step, nodes=nodes)
+            if len(written) == len(nodes):
+                return
+        if not written:
+            raise OSError(f"no snapshot store took {path} (nodes {', '.join(n[:8] for n in nodes)} are gone)")
+        raise OSError(f"{path}: {len(nodes) - len(written)} of its {len(nodes)} snapshot stores are gone")
+
+    def seal(self, folder: str, layout: str, step: int, rank: int) -> None:
+        """Tell every store that ``rank``'s part of ``step`` is on all its holders."""
+        if not self._ask("seal", folder, layout, step, rank):
+            raise OSError("no snapshot store is left")
 
     def _sizes(self, prefix: str) -> dict[str, int]:
         merged: dict[str, int] = {}

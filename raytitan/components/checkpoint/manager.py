@@ -8,6 +8,7 @@ against them (``integrity``).
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -19,6 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict_saver import AsyncSaveResponse
@@ -140,7 +142,6 @@ def check_tying(path: str, marker: dict, model_args: dict | None) -> None:
 
 
 LOADABLE = ("model", "optimizer", "lr_scheduler", "dataloader", "train_state")
-PARTS_TIMEOUT_S = 120.0  # raw background saves: how long rank 0 waits for the other ranks' parts
 ASYNC_MODES = ("disabled", "async", "async_with_pinned_mem")
 
 
@@ -184,6 +185,8 @@ class CheckpointManager:
         self._fall_back = False  # the step to load was picked by resolve_load_step: may fall back
         self._pending: _PendingSave | None = None
         self._raw_writer: raw.RawWriter | None = None
+        self._sink = None  # where raw snapshots go (the snapshot stores' filesystem)
+        self.snapshots_skipped = 0  # raw snapshots skipped: the previous one was still being sent
         self._stager = None
         if async_mode == "async_with_pinned_mem" and not torch.cuda.is_available():
             logger.info("checkpoint.async_mode = async_with_pinned_mem: pinned memory needs CUDA; staging in "
@@ -198,6 +201,8 @@ class CheckpointManager:
         or None while an async write is still in flight. ``dtype`` converts a model-only save's
         weights (an export); ``blocking`` overrides the async mode (the last save of a run)."""
         t0 = time.perf_counter()
+        if self.raw_bytes:
+            return self._snapshot(step, t0, blocking)
         self.wait()  # at most one save in flight
         path = step_dir(self.folder, step)
         if self.rank == 0:
@@ -210,22 +215,7 @@ class CheckpointManager:
             storage.makedirs(path)
         self._barrier()
         states = self._states_to_save(model_only, dtype)
-        # Hashes what it writes (in the background for async saves), unless it writes raw bytes.
-        if self.raw_bytes:
-            self._raw_writer = self._raw_writer or raw.RawWriter(path, background=self.async_mode != "disabled")
-            self._raw_writer.reset(path)
-        writer = self._raw_writer if self.raw_bytes else integrity.writer(path)
-        if self.raw_bytes and self._raw_writer.uploads is not None:
-            # Packed into the writer's buffer now (the stall: no separate staging copy), sent on in
-            # the background; the commit waits for every rank's part (``_parts_in_place``).
-            dcp.save(states, checkpoint_id=path, storage_writer=writer, process_group=self.group)
-            self._pending = _PendingSave(step, path, model_only, writer.uploaded, None, t0, writer)
-            self.last_save_seconds = time.perf_counter() - t0
-            logger.info("checkpoint step %d: packed in %.2fs, sending in the background", step, self.last_save_seconds)
-            if blocking:
-                self.wait()
-                return path
-            return None
+        writer = integrity.writer(path)  # hashes what it writes (in the background for async saves)
         if blocking is False or (blocking is None and self.async_mode != "disabled"):
             response = dcp.async_save(states, checkpoint_id=path, storage_writer=writer,
                                       process_group=self.group, async_stager=self._async_stager())
@@ -236,7 +226,7 @@ class CheckpointManager:
             logger.info("checkpoint step %d: staged in %.2fs, writing in the background", step, self.last_save_seconds)
             return None
         dcp.save(states, checkpoint_id=path, storage_writer=writer, process_group=self.group)
-        self.last_checksum_seconds = 0.0 if self.raw_bytes else integrity.hashing_seconds(writer)
+        self.last_checksum_seconds = integrity.hashing_seconds(writer)
         if self.before_commit:
             self.before_commit(step)
         self._barrier()  # every rank wrote its part: only now may rank 0 commit
@@ -247,6 +237,76 @@ class CheckpointManager:
         logger.info("saved checkpoint step %d to %s in %.2fs (checksums %.3fs)", step, path, self.last_save_seconds,
                     self.last_checksum_seconds)
         return path
+
+    def _snapshot(self, step: int, t0: float, blocking: bool | None) -> str | None:
+        """A memory snapshot (``raw_bytes``; see ``raw.RawWriter``): this rank's part is packed
+        now and sent on by a thread, which seals it once its holders have it; the stores count a
+        snapshot complete when every rank's part is sealed. No collective and no wait on another
+        rank, except at a group's first snapshot (or when the state's keys change), which DCP
+        plans. While the previous part is still being sent, the snapshot is skipped (counted in
+        ``snapshots_skipped``) rather than stalling the step; ``blocking`` waits for it instead."""
+        path = step_dir(self.folder, step)
+        if self._raw_writer is None:
+            sink, _ = storage.handler(self.folder)
+            if not hasattr(sink, "write_part"):
+                raise CheckpointError(f"raw snapshots go to a snapshot store (raysnap://), not {self.folder}")
+            self._raw_writer, self._sink = raw.RawWriter(path), sink
+        writer = self._raw_writer
+        self._finish_snapshot(wait=bool(blocking))
+        if writer.busy():
+            self.snapshots_skipped += 1
+            logger.info("memory snapshot of step %d skipped: the previous one is still being sent (%d skipped)",
+                        step, self.snapshots_skipped)
+            return None
+        planner = DefaultSavePlanner()
+        planner.set_up_planner({k: v.state_dict() if isinstance(v, Stateful) else v for k, v in self.states.items()},
+                               None, self.rank == 0)
+        writer.reset(path)
+        if writer.planned_for(planner):
+            writer.pack(planner)
+        else:  # a new group (or new state keys): DCP plans who writes what, once
+            dcp.save(self.states, checkpoint_id=path, storage_writer=writer, process_group=self.group)
+        group_rank = dist.get_rank(self.group) if dist.is_initialized() else 0
+        world = dist.get_world_size(self.group) if dist.is_initialized() else 1
+        writer.send(step, functools.partial(self._deliver, group_rank, world, writer.name.rsplit("-", 1)[-1][:-4]))
+        self._pending = _PendingSave(step, path, False, writer.uploaded, None, t0, writer)
+        self.last_save_seconds = time.perf_counter() - t0
+        if blocking:
+            self._finish_snapshot(wait=True)
+            return path
+        return None
+
+    def _deliver(self, rank: int, world: int, layout: str, step: int, part: str, body, tail: bytes,
+                 metadata: bytes | None) -> None:
+        """On the upload thread: the group's layout (rank 0, first time), the part to its holders,
+        then the seal that makes it count."""
+        _, folder = storage.resolve(self.folder)
+        if metadata is not None:
+            self._sink.register_layout(folder, layout, world, metadata, self.commit_info)
+        _, inner = storage.resolve(part)
+        self._sink.write_part(inner, body, tail, folder, layout, step)
+        if self.before_commit:
+            self.before_commit(step)  # fault injection: the part is written, not sealed
+        self._sink.seal(folder, layout, step, rank)
+
+    def _finish_snapshot(self, wait: bool) -> str | None:
+        """The in-flight snapshot's outcome, once its part is sealed (``wait``: block for it). A
+        failed write is logged (``failed_write_ends_run=False``): that snapshot just never counts."""
+        pending = self._pending
+        if pending is None or not (wait or pending.written.done()):
+            return None
+        self._pending = None
+        try:
+            pending.written.result()
+        except (Exception, CheckpointException) as e:
+            message = f"writing memory snapshot {pending.path} failed: {root_cause(e)}; the previous complete " \
+                      "snapshot stays the latest"
+            if self.failed_write_ends_run:
+                raise CheckpointError(message) from e
+            logger.warning(message)
+            return None
+        self._committed = pending.path
+        return pending.path
 
     def save_last(self, step: int) -> str:
         """The run's last save: blocking, optionally weights only in ``export_dtype``, and
@@ -287,14 +347,16 @@ class CheckpointManager:
     def poll(self) -> str | None:
         """Commit the in-flight save if its write completed; returns the folder committed by this
         call on rank 0 (None elsewhere, or when nothing completed). Not collective."""
+        if self.raw_bytes:
+            return self._finish_snapshot(wait=False)
         if self._pending is None or not self._pending.written.done():
             return None
-        if self.raw_bytes and self.rank == 0 and not self._parts_in_place(self._pending.path):
-            return None  # another rank's part is still on its way
         return self._finish_pending()
 
     def wait(self) -> str | None:
         """Finish the in-flight save, if any (collective: every rank calls it at the same point)."""
+        if self.raw_bytes:
+            return self._finish_snapshot(wait=True)
         if self._pending is None:
             return None
         return self._finish_pending()  # blocks until the write completes
@@ -305,15 +367,13 @@ class CheckpointManager:
         if self._stager is not None:
             self._stager.close()
             self._stager = None
-        if self._raw_writer is not None and self._raw_writer.uploads is not None:
-            self._raw_writer.uploads.shutdown()
+        if self._raw_writer is not None:
+            self._raw_writer.close()
 
     def _finish_pending(self) -> str | None:
         pending, self._pending = self._pending, None
         try:
             pending.written.result()
-            if self.raw_bytes and self.rank == 0 and not self._await_parts(pending.path):
-                raise CheckpointError(f"not every rank's part arrived within {PARTS_TIMEOUT_S:.0f}s")
         except (Exception, CheckpointException) as e:  # DCP's exception is a BaseException
             message = f"writing checkpoint {pending.path} failed: {root_cause(e)}; the previous committed " \
                       "checkpoint stays the latest"
@@ -321,7 +381,7 @@ class CheckpointManager:
                 raise CheckpointError(message) from e
             logger.warning(message)  # the step is not committed; training goes on
             return None
-        self.last_checksum_seconds = 0.0 if self.raw_bytes else integrity.hashing_seconds(pending.writer)
+        self.last_checksum_seconds = integrity.hashing_seconds(pending.writer)
         if self.before_commit:
             self.before_commit(pending.step)
         # DCP wrote the metadata after every rank's data: rank 0 may commit without a barrier.
@@ -332,29 +392,10 @@ class CheckpointManager:
                     time.perf_counter() - pending.started)
         return pending.path
 
-    @staticmethod
-    def _parts_in_place(path: str) -> bool:
-        """Whether every data file the step's metadata names is there, whole (raw background saves:
-        each rank sends its own part; rank 0 commits once all are in)."""
-        try:
-            check_files(path)
-            return True
-        except (CheckpointError, OSError):
-            return False
-
-    def _await_parts(self, path: str) -> bool:
-        deadline = time.monotonic() + PARTS_TIMEOUT_S
-        while not self._parts_in_place(path):
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.01)  # polling the store: the other ranks' sends complete on their own
-        return True
-
     def _commit(self, step: int, path: str, model_only: bool) -> None:
         world = dist.get_world_size(self.group) if dist.is_initialized() else 1
-        stored = {"format": raw.FORMAT} if self.raw_bytes else {"checksums": integrity.ALGORITHM}
         write_commit(path, {"step": step, "world_size": world, "time": time.time(), "model_only": model_only,
-                            **stored, **self.commit_info})
+                            "checksums": integrity.ALGORITHM, **self.commit_info})
         self._committed = path
         self._purge_old()
 

@@ -5,7 +5,8 @@ costs about as much CPU as the copy itself; a snapshot taken every step pays it 
 each rank's items are laid end to end as their bytes in one file, the global metadata records
 each item's file, offset and length (DCP's planner decides, as always, who holds what), and the
 reader rebuilds each chunk from its bytes with the dtype and shape the metadata gives. Loading
-reshards like any DCP checkpoint. No checksums: the bytes never leave host memory.
+reshards like any DCP checkpoint. No checksums: the bytes never leave host memory. The shapes do
+not change between the snapshots of one worker group, so the plan is made once (``RawWriter``).
 """
 
 from __future__ import annotations
@@ -13,7 +14,10 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import io
+import math
 import pickle
+import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 import torch
 from torch.futures import Future
@@ -42,21 +46,36 @@ def _done(value) -> Future:
     return future
 
 
+ALIGN = 16  # each tensor's offset in a part: a multiple of any element size, so the buffer views as its dtype
+
+
 class RawWriter(StorageWriter):
-    """Keep one for a run's saves (one at a time): its buffer is reused, so a save copies into
-    memory already mapped instead of faulting in fresh pages every time.
+    """Memory snapshots, planned once and copied many times.
 
-    ``background``: ``write_data`` packs this rank's items into the buffer (the only copy taken
-    while training waits: no separate staging copy) and sends the buffer to storage from a thread
-    of its own; ``uploaded`` completes when it is there. The commit must then wait for every
-    rank's file (``CheckpointManager`` checks them)."""
+    The first snapshot of a worker group goes through ``dcp.save`` (its planning collectives
+    decide which rank writes which item, and name the group's layout), which keeps this rank's
+    items with their offsets in a buffer of its own, and DCP's metadata on the coordinator. Every
+    later snapshot with the same state keys skips DCP: ``pack`` copies the same items into the
+    same places (one copy of each tensor, no collective) and ``send`` hands the part to a thread
+    that writes it to its holders and then seals it (``SnapshotFileSystem``: one write per
+    holder, one small seal per store). Items that are not tensors (the schedule, the data
+    cursor, the step) are pickled anew each time and go after the tensors, with a table of
+    where each one is (``tail``); the metadata marks them ``offset = -1``."""
 
-    def __init__(self, path: str, background: bool = False):
+    def __init__(self, path: str):
         super().__init__()
         self.path = path
         self.buffer = torch.empty(0, dtype=torch.uint8)
-        self.uploads = ThreadPoolExecutor(1, thread_name_prefix="raytitan-raw-upload") if background else None
+        self.uploads = ThreadPoolExecutor(1, thread_name_prefix="raytitan-raw-upload")
         self.uploaded: concurrent.futures.Future | None = None
+        self.items: list = []  # this rank's write items, as the group's plan gave them
+        self.offsets: dict[str, tuple[int, int]] = {}  # tensor fqn+offset key -> (offset, length) in the buffer
+        self.keys: frozenset[str] = frozenset()  # the flattened state keys the plan was made for
+        self.name = ""  # this rank's part file in a step folder (names the layout)
+        self.metadata: bytes | None = None  # the coordinator's, until it is registered with the stores
+        self.tail = b""
+
+    # ------------------------------------------------------------------ DCP's interface (the planned snapshot)
 
     def reset(self, checkpoint_id=None) -> None:
         if checkpoint_id is not None:
@@ -69,39 +88,31 @@ class RawWriter(StorageWriter):
         return plan
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
-        return [dataclasses.replace(plan, storage_data=f"__{rank}.raw") for rank, plan in enumerate(plans)]
+        layout = uuid.uuid4().hex[:12]  # this group's: its parts never take the name of another group's
+        return [dataclasses.replace(plan, storage_data=f"__{rank}-{layout}.raw") for rank, plan in enumerate(plans)]
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
-        """This rank's items, end to end in one buffer sized up front: one copy of each."""
-        name, parts = plan.storage_data, []
-        for item in plan.items:
-            data = planner.resolve_data(item)
-            if item.type == WriteItemType.BYTE_IO:
-                parts.append(torch.frombuffer(bytearray(data.getbuffer()), dtype=torch.uint8))
-            else:  # on its device: the copy into the buffer is the one copy to host memory
-                parts.append(data.detach().contiguous().reshape(-1).view(torch.uint8))
-        if self.uploaded is not None:
-            concurrent.futures.wait([self.uploaded])  # the previous save's bytes have left the buffer
-        size = sum(p.numel() for p in parts)
-        if self.buffer.numel() != size:
-            self.buffer = torch.empty(size, dtype=torch.uint8, pin_memory=torch.cuda.is_available())
-        out = self.buffer
-        results, offset = [], 0
-        for item, part in zip(plan.items, parts):
-            out[offset:offset + part.numel()].copy_(part)
-            results.append(WriteResult(index=item.index, size_in_bytes=part.numel(),
-                                       storage_data=RawItem(name, offset, part.numel())))
-            offset += part.numel()
-        file = storage.join(self.path, name)
-        if self.uploads is None:
-            storage.write_bytes(file, out.numpy())  # copies it: the buffer is free again
-        else:
-            self.uploaded = self.uploads.submit(storage.write_bytes, file, out.numpy())
+        """Keep the plan (this rank's items and where each goes) and pack them."""
+        self.name, self.items, self.offsets, offset = plan.storage_data, list(plan.items), {}, 0
+        for item in self.items:
+            if item.type != WriteItemType.BYTE_IO:
+                length = _nbytes(item)
+                self.offsets[_key(item)] = (offset, length)
+                offset += -(-length // ALIGN) * ALIGN
+        if self.buffer.numel() != offset:
+            self.buffer = torch.empty(offset, dtype=torch.uint8, pin_memory=torch.cuda.is_available())
+        self.keys = frozenset(planner.state_dict)  # DefaultSavePlanner's flattened state
+        self.pack(planner)
+        results = []
+        for item in self.items:
+            where = self.offsets.get(_key(item), (-1, 0))
+            results.append(WriteResult(index=item.index, size_in_bytes=where[1],
+                                       storage_data=RawItem(self.name, *where)))
         return _done(results)
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         metadata.storage_data = {r.index: r.storage_data for rank in results for r in rank}
-        storage.write_bytes(storage.join(self.path, METADATA_FILE), pickle.dumps(metadata))
+        self.metadata = pickle.dumps(metadata)  # registered with the stores before this rank's first seal
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id) -> bool:
@@ -109,6 +120,61 @@ class RawWriter(StorageWriter):
 
     def storage_meta(self) -> StorageMeta | None:
         return StorageMeta(checkpoint_id=self.path)
+
+    # ------------------------------------------------------------------ every snapshot
+
+    def planned_for(self, planner: SavePlanner) -> bool:
+        """Whether the kept plan fits this state (same keys): then ``pack`` may skip DCP."""
+        return bool(self.name) and frozenset(planner.state_dict) == self.keys
+
+    def busy(self) -> bool:
+        """The previous snapshot is still being sent (its part is still leaving the buffer)."""
+        return self.uploaded is not None and not self.uploaded.done()
+
+    def pack(self, planner: SavePlanner) -> None:
+        """This rank's items into the buffer at their planned places (one copy of each tensor,
+        from its device), and the other items after them into ``tail``."""
+        extra, table = [], {}
+        at = self.buffer.numel()
+        for item in self.items:
+            data = planner.resolve_data(item)
+            if item.type == WriteItemType.BYTE_IO:
+                value = data.getvalue()
+                table[item.index.fqn] = (at, len(value))
+                extra.append(value)
+                at += len(value)
+                continue
+            offset, length = self.offsets[_key(item)]
+            if data.numel() * data.element_size() != length:
+                raise ValueError(f"{item.index.fqn}: {data.numel() * data.element_size()} bytes, but the snapshot "
+                                 f"plan has {length}")
+            self.buffer[offset:offset + length].view(data.dtype).view(data.shape).copy_(data.detach())
+        trailer = pickle.dumps(table)
+        self.tail = b"".join(extra) + trailer + len(trailer).to_bytes(8, "little")
+
+    def send(self, step: int, deliver: Callable[[int, str, "torch.Tensor", bytes, bytes | None], None]) -> None:
+        """``deliver(step, part path, buffer, tail, metadata to register or None)`` on the upload thread."""
+        metadata, self.metadata = self.metadata, None
+        part = storage.join(self.path, self.name)
+        self.uploaded = self.uploads.submit(deliver, step, part, self.buffer.numpy(), self.tail, metadata)
+
+    def close(self) -> None:
+        self.uploads.shutdown()
+
+
+def _key(item) -> str:
+    return f"{item.index.fqn}@{tuple(item.index.offset or ())}"
+
+
+def _nbytes(item) -> int:
+    chunk = item.tensor_data.chunk
+    return math.prod(chunk.sizes) * torch.empty((), dtype=item.tensor_data.properties.dtype).element_size()
+
+
+def read_tail(data) -> dict[str, tuple[int, int]]:
+    """A part's table of its non-tensor items: fqn -> (offset, length)."""
+    size = int.from_bytes(bytes(data[-8:]), "little")
+    return pickle.loads(bytes(data[-8 - size:-8]))
 
 
 class RawReader(StorageReader):
@@ -139,9 +205,14 @@ class RawReader(StorageReader):
             by_file.setdefault(self.metadata.storage_data[item.storage_index].relative_path, []).append(item)
         for name, items in by_file.items():
             data = bytearray(storage.read_bytes(storage.join(self.path, name)))  # writable: tensors view it
+            table = None
             for item in items:
                 where = self.metadata.storage_data[item.storage_index]
-                view = memoryview(data)[where.offset:where.offset + where.length]
+                offset, length = where.offset, where.length
+                if offset < 0:  # packed after the tensors, where the part's own table says
+                    table = table if table is not None else read_tail(data)
+                    offset, length = table[item.storage_index.fqn]
+                view = memoryview(data)[offset:offset + length]
                 if item.type == LoadItemType.BYTE_IO:
                     planner.load_bytes(item, io.BytesIO(view))
                     continue
