@@ -123,7 +123,12 @@ def test_a_snapshot_round_trips_bit_identically_with_each_part_on_its_node_and_o
     other, other_optimizer = model_and_optimizer(1)
     other_progress = Progress()
     restored = manager(folder, other, other_optimizer, other_progress)
+    stores, inner = storage.handler(folder)
+    stores.prefetch(inner, rank=0)  # as a restarted rank does while it builds its model
+    stores._reading.result()
+    assert sorted(p.split("/")[-1].split("-")[0] for p in stores._ahead) == [".metadata", "__0"]
     assert restored.load(restored.resolve_load_step()) == 2
+    assert not stores._ahead  # the metadata and the part read ahead were the ones the load took
     assert_same(model, other)
     assert other_progress.step == 2
     assert torch.equal(optimizer.state[optimizer.param_groups[0]["params"][0]]["exp_avg"],

@@ -22,10 +22,12 @@ the worker group, and go with the launch: disk checkpoints are for durability.
 
 from __future__ import annotations
 
+import concurrent.futures
 import io
 import json
 import logging
 import posixpath
+import re
 import threading
 import time
 
@@ -225,6 +227,8 @@ class SnapshotFileSystem(pafs.FileSystemHandler):
         self._stores: dict[str, ray.actor.ActorHandle] | None = None
         self._lock = threading.Lock()
         self._warned: set[str] = set()
+        self._ahead: dict[str, bytes] = {}  # files read ahead (``prefetch``), each handed out once
+        self._reading: concurrent.futures.Future | None = None
 
     # ------------------------------------------------------------------ the stores
 
@@ -380,7 +384,46 @@ class SnapshotFileSystem(pafs.FileSystemHandler):
     def copy_file(self, src, dest):
         self.put(dest, self._read(src))
 
+    def prefetch(self, folder: str, rank: int) -> None:
+        """Read the newest complete snapshot's metadata and this rank's own part (where the
+        group's size did not change, all it needs) in a thread, while the restarted rank builds
+        its model; a later read of those files takes them from here."""
+
+        def read() -> None:
+            files = self._sizes(folder)
+            steps = [int(m.group(1)) for p in files if (m := re.search(r"/step-(\d+)/COMMITTED$", p))]
+            if not steps:
+                return
+            base = f"{folder.rstrip('/')}/step-{max(steps)}/"
+            for path in files:
+                name = path[len(base):] if path.startswith(base) else None
+                if name == ".metadata" or (name and name.startswith(f"__{rank}-") and is_rank_file(name)):
+                    try:
+                        self._ahead[path] = self._fetch(path)
+                    except FileNotFoundError:
+                        pass
+
+        self._reading = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="raytitan-snapshot-read") \
+            .submit(read)
+
+    def drop_prefetched(self) -> None:
+        """Free what ``prefetch`` read and nothing took (the group resumed from elsewhere)."""
+        if self._reading is not None:
+            self._reading.result()
+            self._reading = None
+        self._ahead.clear()
+
     def _read(self, path: str) -> bytes:
+        if self._reading is not None:
+            try:
+                self._reading.result()
+            except Exception as e:  # only a head start: the read below says what is wrong
+                logger.info("reading the snapshot ahead failed: %s", e)
+            self._reading = None
+        data = self._ahead.pop(path, None)
+        return data if data is not None else self._fetch(path)
+
+    def _fetch(self, path: str) -> bytes:
         stores = self.stores()
         order = sorted(stores, key=lambda node: node != self.node_id)  # this node's store first
         for node in order:

@@ -224,6 +224,9 @@ def train(ctx: WorkerContext) -> Trainer | TrainState:
         return idle(ctx)
 
     t0 = time.perf_counter()
+    if ctx.snapshot_folder and c.load_step < 0:  # the newest snapshot streams in while the model is built
+        stores, folder = storage.handler(ctx.snapshot_folder)
+        stores.prefetch(folder, ctx.rank)
     trainer = build(ctx)
     ctx.timings["build"] = time.perf_counter() - t0
     if c.create_seed_checkpoint:
@@ -235,6 +238,8 @@ def train(ctx: WorkerContext) -> Trainer | TrainState:
 
     t0 = time.perf_counter()
     resumed_step = restore(ctx, trainer)
+    if ctx.snapshot_folder and c.load_step < 0:
+        storage.handler(ctx.snapshot_folder)[0].drop_prefetched()
     ctx.timings["checkpoint_load"] = time.perf_counter() - t0
     agree_on_first_step(trainer.state.step + 1)  # ranks that idle report in step with the others
 

@@ -187,6 +187,7 @@ class CheckpointManager:
         self._raw_writer: raw.RawWriter | None = None
         self._sink = None  # where raw snapshots go (the snapshot stores' filesystem)
         self.snapshots_skipped = 0  # raw snapshots skipped: the previous one was still being sent
+        self.snapshot_stalls: list[float] = []  # seconds each raw snapshot held the training thread
         self._stager = None
         if async_mode == "async_with_pinned_mem" and not torch.cuda.is_available():
             logger.info("checkpoint.async_mode = async_with_pinned_mem: pinned memory needs CUDA; staging in "
@@ -271,6 +272,7 @@ class CheckpointManager:
         writer.send(step, functools.partial(self._deliver, group_rank, world, writer.name.rsplit("-", 1)[-1][:-4]))
         self._pending = _PendingSave(step, path, False, writer.uploaded, None, t0, writer)
         self.last_save_seconds = time.perf_counter() - t0
+        self.snapshot_stalls.append(self.last_save_seconds)
         if blocking:
             self._finish_snapshot(wait=True)
             return path
@@ -369,6 +371,12 @@ class CheckpointManager:
             self._stager = None
         if self._raw_writer is not None:
             self._raw_writer.close()
+        if self.snapshot_stalls:
+            stalls = sorted(self.snapshot_stalls)
+            logger.info("memory snapshots: %d taken, %d skipped (the previous one still being sent); the training "
+                        "thread waited %.3fs per snapshot (median; first, planned: %.3fs)", len(stalls),
+                        self.snapshots_skipped, stalls[len(stalls) // 2], self.snapshot_stalls[0])
+            self.snapshot_stalls.clear()
 
     def _finish_pending(self) -> str | None:
         pending, self._pending = self._pending, None
