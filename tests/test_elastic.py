@@ -9,8 +9,9 @@ import ray
 
 import raytitan
 from raytitan.components.checkpoint.manager import CheckpointManager, ModelState
-from raytitan.components.checkpoint.layout import committed_steps
+from raytitan.components.checkpoint.layout import committed_steps, read_commit
 from raytitan.ray.launcher import TrainingFailed
+from raytitan.trainer.elastic.fault import injected_faults
 from raytitan.trainer.elastic.history import read_starts
 
 from tests.helpers import run_ranks, tiny_config
@@ -55,7 +56,7 @@ def uninterrupted(tmp_path_factory, data_dir, seed_weights):
 
 
 def assert_same_losses(got, expected):
-    assert sorted(got) == sorted(expected) == list(range(1, 9))
+    assert sorted(got) == sorted(expected) == list(range(1, len(expected) + 1))
     for step in expected:
         assert abs(got[step] - expected[step]) / expected[step] < 1e-4, (step, got, expected)
 
@@ -116,6 +117,101 @@ def test_worker_killed_mid_run_resumes_with_the_same_math(ray_local, tmp_path, d
     assert starts[1]["seconds_since_failure"] > 0
     assert all(s["active"] == 2 * s["dp"] for s in starts)  # every active rank is in a TP pair
     assert result.checkpoint.path.endswith("step-8")  # Ray registered the final committed checkpoint
+
+
+MOE = {"name": "qwen3_moe", "flavor": "debugmodel"}
+MOE_STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def moe_uninterrupted(tmp_path_factory, data_dir):
+    """Qwen3-MoE debug seed weights from one process, then the same process training 4 steps from
+    them with the whole global batch of 12 in one microbatch: the math every expert-parallel
+    layout must reproduce (one spawn for both)."""
+    root = str(tmp_path_factory.mktemp("moe"))
+    seed = os.path.join(root, "seed", "run", "checkpoint", "step-0")
+    _, one = run_ranks([
+        tiny_config(os.path.join(root, "seed"), data_dir, model=MOE, checkpoint={"create_seed_checkpoint": True}),
+        tiny_config(os.path.join(root, "one"), data_dir, model=MOE,
+                    training={"steps": MOE_STEPS, "global_batch_size": 12, "local_batch_size": 12},
+                    checkpoint={"initial_load_path": seed, "enable": False}),
+    ], 1, root)
+    return seed, dict(enumerate(one["losses"], start=1))
+
+
+class CapacityClaim(threading.Thread):
+    """Another job on the node: it registers with Ray's autoscaling coordinator (which Ray Train
+    sizes elastic groups by) before the run, at Ray Train's priority, so it is served first; once
+    the run completed ``after_step`` it claims all of the node's CPUs but ``keep``. The next
+    worker group fits only what is left, as after losing a node."""
+
+    REQUESTER = "another-job"
+
+    def __init__(self, run_dir: str, after_step: int, keep: float):
+        from raytitan.ray.launcher import autoscaling_coordinator
+
+        super().__init__(daemon=True)
+        self.run_dir, self.after_step, self.keep = run_dir, after_step, keep
+        self.claimed_at: float | None = None
+        self.done = threading.Event()
+        self.coordinator = autoscaling_coordinator()
+        self.request(resources=[])
+
+    def request(self, resources: list[dict]) -> None:
+        from ray.data._internal.cluster_autoscaler.base_autoscaling_coordinator import ResourceRequestPriority
+
+        ray.get(self.coordinator.request_resources.remote(
+            requester_id=self.REQUESTER, resources=resources, expire_after_s=600,
+            priority=ResourceRequestPriority.HIGH))
+
+    def run(self) -> None:
+        from raytitan.trainer.elastic.history import read_progress
+
+        while not self.done.wait(0.05):
+            if (read_progress(self.run_dir) or {}).get("step", 0) >= self.after_step:
+                self.request([{"CPU": ray.cluster_resources()["CPU"] - self.keep}])
+                self.claimed_at = time.time()
+                return
+
+    def release(self) -> None:
+        self.done.set()
+        self.join()
+        ray.get(self.coordinator.cancel_request.remote(self.REQUESTER))
+
+
+def test_an_expert_parallel_run_loses_a_worker_and_re_plans_its_experts(ray_local, tmp_path, data_dir,
+                                                                       moe_uninterrupted):
+    """Qwen3-MoE on 4 Ray workers with expert parallel 2 (each rank 4 of the 8 experts of every
+    layer, FSDP-sharded over 2 ranks), global batch 12: after step 1 another job takes all but 3
+    workers' room; rank 1 is killed at the start of step 3. The restarted group has 3 workers;
+    2 does not divide 3 shard ranks, so expert parallel is re-planned to 1 (every rank all 8
+    experts, FSDP-sharded over 3), and step 2's checkpoint, saved with 4 experts a rank, reshards
+    through DCP. Every step's loss is one process's from the same seed weights (1e-4)."""
+    seed, reference = moe_uninterrupted
+    claim = CapacityClaim(str(tmp_path / "qwen3_moe-debugmodel"), after_step=1, keep=3 * 0.25)
+    claim.start()
+    try:
+        result, run_dir, losses = train(
+            tmp_path, data_dir, model__name=MOE["name"], model__flavor=MOE["flavor"], ray__min_workers=2,
+            ray__max_workers=4, parallelism__expert_parallel_degree=2, training__steps=MOE_STEPS,
+            training__global_batch_size=12, training__local_batch_size=3, checkpoint__initial_load_path=seed,
+            fault__kill_step=3, fault__kill_rank=1)
+    finally:
+        claim.release()
+    assert_same_losses(losses, reference)
+    [fault] = injected_faults(run_dir)
+    assert claim.claimed_at is not None and claim.claimed_at < fault["time"], "the capacity was claimed too late"
+    starts = read_starts(run_dir)
+    assert len(starts) == 2 and starts[1]["cause"] == "injected fault: rank 1 killed at the start of step 3"
+    assert [(s["world"], s["active"], s["dp"], s["local_batch"] * s["accumulation"]) for s in starts] == \
+        [(4, 4, 4, 3), (3, 3, 3, 4)]  # the global batch stays 12
+    assert (starts[1]["resumed_step"], starts[1]["resumed_from"], starts[1]["lost_steps"]) == (2, "disk", 0)
+    folder = os.path.join(run_dir, "checkpoint")
+    assert committed_steps(folder) == [2, 4]
+    saved_under = {step: read_commit(folder, step) for step in (2, 4)}
+    assert (saved_under[2]["world_size"], saved_under[2]["parallelism"]["ep"]) == (4, 2)
+    assert (saved_under[4]["world_size"], saved_under[4]["parallelism"]["ep"]) == (3, 1)
+    assert result.checkpoint.path.endswith("step-4")
 
 
 def test_too_many_failures_end_the_run_with_checkpoints_intact(ray_local, tmp_path, data_dir):

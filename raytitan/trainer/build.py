@@ -83,7 +83,8 @@ def build(ctx) -> Trainer:
          "lr_scheduler": LRSchedulerState(lr_scheduler), "dataloader": loader, "train_state": state},
         keep_latest_k=c.keep_latest_k, process_group=ctx.checkpoint_group,
         before_commit=fault.before_commit, async_mode=c.async_mode, exclude_from_loading=c.exclude_from_loading,
-        model_keys=model_keys, commit_info=model_facts(config, plan, tokenizer),
+        model_keys=model_keys,
+        commit_info={**model_facts(config, plan, tokenizer), "parallelism": parallel_degrees(plan.dims)},
         last_save_model_only=c.last_save_model_only, export_dtype=DTYPES[c.export_dtype],
         last_save_in_hf=c.last_save_in_hf,
     )
@@ -198,6 +199,12 @@ def model_facts(config: JobConfig, plan, tokenizer) -> dict:
     return {"model": config.model.name, "flavor": config.model.flavor, "model_args": dataclasses.asdict(args),
             "tokenizer": tokenizer.name,
             "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id, "hf_assets_path": tokenizer.folder}
+
+
+def parallel_degrees(dims: ParallelDims) -> dict:
+    """The degrees a checkpoint was saved under, for its commit marker: DCP loads it under any
+    other, and the marker tells which (e.g. the expert-parallel degree before an elastic re-plan)."""
+    return {name: getattr(dims, name) for name in ("dp_replicate", "dp_shard", "cp", "tp", "pp", "ep")}
 
 
 def is_torch_file(path: str) -> bool:

@@ -12,7 +12,7 @@ import transformers  # test-only dependency (the dev extra): the reference Qwen3
 from raytitan.components.checkpoint.convert import export_hf, import_hf
 from raytitan.components.checkpoint.manager import CheckpointManager, ModelState
 from raytitan.components.data.tokenizer import ByteTokenizer
-from raytitan.config.job import ConfigError, JobConfig
+from raytitan.config.job import ConfigError, JobConfig, parse_args
 from raytitan.config.plan import plan_run
 from raytitan.models import get_spec
 from raytitan.models.moe import MoE
@@ -171,6 +171,20 @@ def test_only_data_parallel_layouts_are_accepted_before_launch():
     assert plan_run(moe_config(), 2, resolve_data=False).dims.dp_shard == 2
     hsdp = plan_run(moe_config(data_parallel_replicate_degree=2), 4, resolve_data=False).dims
     assert (hsdp.dp_replicate, hsdp.dp_shard) == (2, 2)
+
+
+@pytest.mark.parametrize("name, world, ep", [("qwen3_moe_debug.toml", 2, 2), ("qwen3_moe_30b_a3b.toml", 16, 8),
+                                             ("qwen3_moe_235b_a22b.toml", 256, 16)])
+def test_shipped_configs_plan(name, world, ep):
+    """The recipes plan at their world size as FSDP with expert parallel (tokenizer and data
+    swapped for ones present here), each on its published flavor."""
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "configs", name)
+    config = parse_args(["--job.config_file", path, "--model.tokenizer", "byte"])
+    config.model.hf_assets_path = None
+    plan = plan_run(config, world, resolve_data=False)
+    assert (plan.dims.dp_shard, plan.dims.ep, plan.dims.efsdp, plan.dims.tp, plan.dims.pp) == (world, ep, world // ep, 1, 1)
+    assert plan.global_batch_size == config.training.global_batch_size
+    assert FLAVORS[config.model.flavor].num_experts % ep == 0
 
 
 # --------------------------------------------------------------------------- FSDP
