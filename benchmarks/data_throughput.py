@@ -9,6 +9,12 @@ Measures, in one run on this machine:
      for data, at the first step (pipeline start-up) and in steady state.
 
     python benchmarks/data_throughput.py [--batches 1500] [--steps 30] [--tokenizer DIR]
+
+With --scaling, instead: tokens/s of the Ray packing pool alone with 1 and then 2 packers, each
+one single-threaded process (one CPU), in one run; the rate per CPU and the CPUs a pipeline needs
+for --target tokens/s (3M: 512 GPUs at about 5.8k tokens/s each).
+
+    python benchmarks/data_throughput.py --scaling [--packers 1 2] [--scaling-batches 200]
 """
 
 from __future__ import annotations
@@ -88,6 +94,42 @@ def training_tokens_per_s(seq_len: int, batch: int, steps: int) -> float:
     return steps * batch * seq_len / (time.perf_counter() - t0)
 
 
+def scaling(args) -> None:
+    """Tokenization throughput against the CPUs given to it: pools of ``--packers`` single-threaded
+    packers (tokenizers' own thread pool off), one Ray instance, byte and BPE tokenizers."""
+    import math
+
+    import ray
+
+    from raytitan.ray.data_feed import ray_rows
+
+    work = tempfile.mkdtemp(prefix="raytitan-bench-")
+    shards = ensure_synthetic_shards(os.path.join(work, "c4"), seed=0, num_shards=16, docs_per_shard=1000)
+    bpe = args.tokenizer or train_bpe(shards, work)
+    one_thread = {"RAYON_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    ray.init(include_dashboard=False, log_to_driver=False, num_cpus=max(args.packers),
+             runtime_env={"env_vars": one_thread})
+    rows = []
+    try:
+        for name, model_config in {"byte": Model(), "bpe": Model(tokenizer="hf", hf_assets_path=bpe)}.items():
+            rates = {}
+            for n in args.packers:
+                stream = ray_rows(shards, model_config, args.seq_len, 0, Cursor(), packers=n,
+                                  read_ahead_rows=4 * args.scaling_batch)
+                rates[n] = pipeline_tokens_per_s(stream, args.scaling_batches, args.scaling_batch, args.seq_len)
+                stream.close()
+                per_cpu = rates[n] / n
+                rows.append({"measure": f"{name}: {n} packer(s), 1 CPU each", "cpus": n, "tokens_per_s": rates[n],
+                             "tokens_per_s_per_cpu": per_cpu,
+                             "cpus_for_target": math.ceil(args.target / per_cpu)})
+            lo, hi = min(args.packers), max(args.packers)
+            rows.append({"measure": f"{name}: speed-up {hi} vs {lo} CPU(s)", "ratio": rates[hi] / rates[lo]})
+    finally:
+        ray.shutdown()
+    print_table(rows, ["measure", "cpus", "tokens_per_s", "tokens_per_s_per_cpu", "cpus_for_target", "ratio"])
+    record("data_throughput", {"mode": "scaling", **vars(args)}, rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batches", type=int, default=1500, help="global batches timed per pipeline (several shards)")
@@ -96,7 +138,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30, help="training steps of the fit() run")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--tokenizer", default=None, help="folder with tokenizer.json (default: train a BPE here)")
+    parser.add_argument("--scaling", action="store_true", help="measure the packing pool with 1 and 2 CPUs instead")
+    parser.add_argument("--packers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--scaling-batches", type=int, default=200, help="global batches timed per pool")
+    parser.add_argument("--scaling-batch", type=int, default=32, help="rows per global batch in --scaling")
+    parser.add_argument("--target", type=float, default=3e6, help="tokens/s to size for in --scaling")
     args = parser.parse_args()
+    if args.scaling:
+        return scaling(args)
 
     import ray
 

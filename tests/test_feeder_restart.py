@@ -26,7 +26,7 @@ def test_a_restarted_feeder_serves_ranks_one_batch_apart(shards, monkeypatch, fi
     # held until both requests are in, as a pipeline starting up is.
     both_in = threading.Event()
 
-    def rows(shards, model, seq_len, seed, start, shuffle_block=0):
+    def rows(shards, model, seq_len, seed, start, shuffle_block=0, **pipeline):
         both_in.wait(30)
         yield from local_rows(shards, ByteTokenizer(), seq_len, seed, start)
 
@@ -60,7 +60,7 @@ def test_a_group_restarted_from_a_recent_step_is_served_again_without_a_pipeline
     """Batches the ranks moved past stay (``replay``): a group restarted from a recent checkpoint
     asks for them again with the same rows, and the pipeline goes on; a cursor further back than
     the window restarts it, also with the same rows."""
-    monkeypatch.setattr(data_feed, "ray_rows", lambda shards, model, seq_len, seed, start, shuffle_block=0:
+    monkeypatch.setattr(data_feed, "ray_rows", lambda shards, model, seq_len, seed, start, shuffle_block=0, **pipeline:
                         local_rows(shards, ByteTokenizer(), seq_len, seed, start))
     expected = list(itertools.islice(global_batches(local_rows(shards, ByteTokenizer(), 63, 0, Cursor()), 4,
                                                     Cursor()), 12))

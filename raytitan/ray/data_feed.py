@@ -12,8 +12,11 @@ the ranks' cursors restart the pipeline where they are.
 from __future__ import annotations
 
 import logging
+import math
 import threading
-from collections import OrderedDict
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -27,41 +30,235 @@ logger = logging.getLogger(__name__)
 STALL_WARNING_S = 60.0  # warn when one batch takes longer than this to arrive
 
 
+# The CPUs the launcher leaves free for the data pipeline on a CPU cluster
+# (``raytitan.ray.launcher.DATA_CPUS``; tests/data/test_ray_feed.py checks they agree): the pool's
+# size before any demand is known. Growing past it takes only CPUs free at that moment.
+RESERVED_CPUS = 1.0
+CPUS_PER_PACKER = 0.5
+MAX_PACKERS = 256  # one feeder's pipeline; more would want a feeder per group of ranks (issue #20 item 2)
+HEADROOM = 1.25  # size the pool for this much more than the trainers consume
+
+
+def pool_size(current: int, free_cpus: float, demand_tokens_per_s: float | None = None,
+              packer_tokens_per_s: float | None = None, starving: bool = False,
+              cpus_per_packer: float = CPUS_PER_PACKER, most: int = MAX_PACKERS) -> int:
+    """How many packing actors the next run of the pipeline gets.
+
+    ``current``: the run now (0 before the first). ``free_cpus``: CPUs Ray has free on any node,
+    with the current pool's own counted as free. Without a measured demand, the reserved share.
+    With one (tokens/s the trainers consume, and one packer's measured rate), enough for it with
+    ``HEADROOM``; a pipeline that starves the ranks gets at least double what it has. It never
+    shrinks below the reserved share and never takes more CPUs than are free."""
+    base = max(1, int(RESERVED_CPUS / cpus_per_packer + 1e-9))
+    want = max(base, current)
+    if demand_tokens_per_s and packer_tokens_per_s:
+        want = max(base, math.ceil(HEADROOM * demand_tokens_per_s / packer_tokens_per_s))
+    if starving:
+        want = max(want, 2 * max(current, 1))
+    affordable = max(base, int(free_cpus / cpus_per_packer + 1e-9))
+    return max(1, min(want, most, affordable))
+
+
+class _Gate:
+    """Admits shard items to the packers no further than ``ahead`` items past the consumer.
+
+    Ray Data runs every item of a dataset as fast as its actors allow, whatever the consumer
+    takes; with small shards, a run of 64 items was many epochs read ahead of training. Each
+    packer asks here before reading item ``k`` and waits until the consumer has reached item
+    ``k - ahead``; ``ahead`` covers the rows the consumer may hold ahead (``read_ahead_rows``,
+    measured in rows per item as items finish) plus two items per packer (with one, a packer could
+    wait at the gate for its next item while Ray Data still held its previous item's output: seen
+    with a single packer)."""
+
+    def __init__(self, read_ahead_rows: int, packers: int, first_item: int = 0):
+        import asyncio
+
+        self.read_ahead_rows, self.packers = max(1, read_ahead_rows), packers
+        self.progress = first_item - 1  # every item up to here is consumed (or finished with no rows)
+        self.finished: dict[int, int] = {}  # item -> rows, for items past progress
+        self.cut = None  # items after this are not admitted: the run ends there
+        self.admitted = first_item - 1
+        self.items = self.rows = self.tokens = 0
+        self.busy_s = 0.0
+        self._changed = asyncio.Condition()
+
+    def ahead(self) -> int:
+        per_item = self.rows / self.items if self.items else 0
+        extra = math.ceil(self.read_ahead_rows / per_item) if per_item else 0
+        return 2 * self.packers + min(extra, 4 * self.packers + 4)
+
+    async def admit(self, item: int) -> bool:
+        async with self._changed:
+            await self._changed.wait_for(lambda: item <= self.progress + self.ahead()
+                                         or (self.cut is not None and item > self.cut))
+            if self.cut is not None and item > self.cut:
+                return False
+            self.admitted = max(self.admitted, item)
+            return True
+
+    async def done(self, item: int, rows: int, tokens: int, busy_s: float) -> None:
+        async with self._changed:
+            self.items, self.rows, self.tokens, self.busy_s = (self.items + 1, self.rows + rows,
+                                                               self.tokens + tokens, self.busy_s + busy_s)
+            if item > self.progress:
+                self.finished[item] = rows
+            self._advance()
+
+    async def consumed(self, item: int) -> None:
+        async with self._changed:
+            if item > self.progress:
+                self.progress = item - 1  # items before it are done; it itself still streams
+                self._advance()
+
+    def _advance(self) -> None:
+        for k in [k for k in self.finished if k <= self.progress]:
+            del self.finished[k]
+        while self.finished.get(self.progress + 1) == 0:  # an item with no rows never reaches the consumer
+            del self.finished[self.progress + 1]
+            self.progress += 1
+        self._changed.notify_all()
+
+    async def end_run(self) -> int:
+        """Admit nothing more in this run; the last item admitted (the run ends after it)."""
+        async with self._changed:
+            self.cut = self.admitted
+            self._changed.notify_all()
+            return self.cut
+
+    def packer_tokens_per_s(self) -> float | None:
+        return self.tokens / self.busy_s if self.busy_s > 0 and self.items else None
+
+    def last_admitted(self) -> int:
+        return self.admitted
+
+    def report(self) -> tuple[int, float | None]:
+        return self.admitted, self.packer_tokens_per_s()
+
+
 class _PackShards:
     """Ray Data UDF: work items (one shard each) -> packed windows with their ids."""
 
-    def __init__(self, shards: list[str], model_config, seq_len: int, seed: int, shuffle_block: int):
+    def __init__(self, shards: list[str], model_config, seq_len: int, seed: int, shuffle_block: int, gate=None):
         from raytitan.components.data.tokenizer import build_tokenizer
 
         self.shards, self.seq_len, self.seed, self.shuffle_block = shards, seq_len, seed, shuffle_block
         self.tokenizer = build_tokenizer(model_config)
+        self.gate = gate
+
+    def _admitted(self, item: int) -> bool:
+        import ray
+
+        if self.gate is None:
+            return True
+        try:
+            return ray.get(self.gate.admit.remote(item))
+        except ray.exceptions.RayActorError:  # the consumer is gone: so is this run
+            return False
 
     def __call__(self, items: dict):
-        for epoch, pos, shard, skip in zip(items["epoch"], items["shard_pos"], items["shard"], items["skip"]):
-            yield from shard_rows(self.shards[int(shard)], int(shard), int(epoch), int(pos), self.tokenizer,
-                                  self.seq_len, int(skip), self.seed, self.shuffle_block, shards=self.shards)
+        import time
+
+        for k, epoch, pos, shard, skip in zip(items["item"], items["epoch"], items["shard_pos"], items["shard"],
+                                              items["skip"]):
+            if not self._admitted(int(k)):
+                continue
+            rows = tokens = 0
+            busy, t0 = 0.0, time.perf_counter()
+            for batch in shard_rows(self.shards[int(shard)], int(shard), int(epoch), int(pos), self.tokenizer,
+                                    self.seq_len, int(skip), self.seed, self.shuffle_block, shards=self.shards):
+                n = len(batch["tokens"])
+                rows, tokens = rows + n, tokens + n * (batch["tokens"].shape[1] - 1)  # training tokens
+                busy += time.perf_counter() - t0
+                yield {**batch, "item": np.full(len(batch["tokens"]), k, dtype=np.int64)}
+                t0 = time.perf_counter()
+            busy += time.perf_counter() - t0
+            if self.gate is not None:
+                self.gate.done.remote(int(k), rows, tokens, busy)
+
+
+@dataclass
+class PipelineState:
+    """What the pipeline tells its feeder (and the metrics): the pool it runs and how fast a packer is."""
+
+    packers: int = 0
+    packer_tokens_per_s: float | None = None
+    items_admitted: int = 0  # shard items read, over the runs of this pipeline
+    runs: int = 0
 
 
 def ray_rows(shards: list[str], model_config, seq_len: int, seed: int, start: Cursor, shuffle_block: int = 0,
-             shards_per_read: int = 64):
-    """The stream through Ray Data, ordered: identical to ``stream.local_rows``."""
+             shards_per_read: int = 64, read_ahead_rows: int = 256, demand=None, state: PipelineState | None = None,
+             resize_every_s: float = 30.0, packers: int | None = None, cpus_per_packer: float = CPUS_PER_PACKER):
+    """The stream through Ray Data, ordered: identical to ``stream.local_rows``.
+
+    The plan is cut into runs of at most ``shards_per_read`` shard items, one Ray Data dataset
+    each, with a pool of packing actors sized by ``pool_size`` from the CPUs Ray has free and
+    ``demand()`` (``(tokens/s the trainers consume or None, starving)``). A run ends early, at an
+    item boundary, when the demand wants another size (checked every ``resize_every_s``). A gate
+    keeps the packers at most about ``read_ahead_rows`` rows (and two items per packer) ahead of
+    what this generator has yielded. ``packers`` fixes the pool's size (a benchmark's, or the
+    validation stream's); ``cpus_per_packer`` is the Ray CPUs each packing actor reserves."""
+    import ray
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
     ctx.enable_progress_bars = False
+    state = state if state is not None else PipelineState()
     plan = shard_plan(len(shards), seed, start)
+    index = 0  # of the next item in the plan
+    pending: list[dict] = []  # items planned for a run that ended before admitting them
     while True:
-        # Plan a bounded run of shards at a time: the plan itself is infinite.
-        items = [next(plan) for _ in range(shards_per_read)]
+        items = pending + [next(plan) for _ in range(max(0, shards_per_read - len(pending)))]
+        items = [{**item, "item": index + i} for i, item in enumerate(items)]
+        wanted, starving = demand() if demand else (None, False)
+        free = ray.available_resources().get("CPU", 0.0) + state.packers * cpus_per_packer
+        size = packers or pool_size(state.packers, free, wanted, state.packer_tokens_per_s, starving)
+        state.packers, state.runs = size, state.runs + 1
+        gate = ray.remote(_Gate).options(num_cpus=0).remote(read_ahead_rows, size, index)
         ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
             _PackShards,
-            fn_constructor_args=(shards, model_config, seq_len, seed, shuffle_block),
+            fn_constructor_args=(shards, model_config, seq_len, seed, shuffle_block, gate),
             batch_size=1,
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=2),
-            num_cpus=0.5,
+            # The reserved share starts at once; the rest as Ray Data's autoscaler finds them busy.
+            compute=ray.data.ActorPoolStrategy(min_size=size if packers else min(size, pool_size(0, 0.0)),
+                                               max_size=size),
+            num_cpus=cpus_per_packer,
         )
-        yield from ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2)
+        last_seen, cut, checked = -1, None, time.monotonic()
+        read_before = state.items_admitted
+        try:
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1):
+                item = int(batch["item"][-1])
+                if item != last_seen:
+                    gate.consumed.remote(int(batch["item"][0]))
+                    last_seen = item
+                    admitted, rate = ray.get(gate.report.remote())
+                    state.items_admitted = read_before + admitted - index + 1
+                    state.packer_tokens_per_s = rate or state.packer_tokens_per_s
+                yield {k: v for k, v in batch.items() if k != "item"}
+                if demand and not packers and cut is None and time.monotonic() - checked > resize_every_s:
+                    checked = time.monotonic()
+                    rate = ray.get(gate.packer_tokens_per_s.remote())
+                    state.packer_tokens_per_s = rate or state.packer_tokens_per_s
+                    wanted, starving = demand()
+                    free = ray.available_resources().get("CPU", 0.0) + size * cpus_per_packer
+                    if pool_size(size, free, wanted, state.packer_tokens_per_s, starving) != size:
+                        cut = ray.get(gate.end_run.remote())  # the rest of this run goes to the next, resized
+            rate = ray.get(gate.packer_tokens_per_s.remote())
+            state.packer_tokens_per_s = rate or state.packer_tokens_per_s
+        finally:
+            try:
+                state.items_admitted = read_before + ray.get(gate.last_admitted.remote(), timeout=10) - index + 1
+            except Exception:  # a gate that is gone admits nothing more
+                pass
+            try:
+                ray.kill(gate)
+            except Exception:  # Ray itself is shutting down: the gate goes with it
+                pass
+        done = cut if cut is not None else items[-1]["item"]
+        pending = [{k: v for k, v in item.items() if k != "item"} for item in items if item["item"] > done]
+        index = done + 1
 
 
 def data_source_error(error: BaseException | None) -> DataSourceError | None:
@@ -100,10 +297,18 @@ class DataFeeder:
     """
 
     def __init__(self, shards: list[str], model_config, seq_len: int, seed: int,
-                 global_batch_size: int, shuffle_block: int = 0, prefetch: int = 4, replay: int = 0):
+                 global_batch_size: int, shuffle_block: int = 0, prefetch: int = 4, replay: int = 0,
+                 packers: int | None = None, cpus_per_packer: float = CPUS_PER_PACKER):
         # Only what the tokenizer needs: a small immutable value Ray Data can hash and ship.
         self._source = (shards, TokenizerSpec.of(model_config), seq_len, seed, shuffle_block)
         self.global_batch_size, self.prefetch = global_batch_size, max(prefetch, 3)
+        self.seq_len = seq_len
+        self.packers, self.cpus_per_packer = packers, cpus_per_packer  # see ``ray_rows``
+        self.pipeline = PipelineState()  # the packing pool's size and rate, across pipeline restarts
+        self._asked: deque[float] = deque(maxlen=32)  # when each new batch was first asked for
+        self._starving = False  # a rank asked while no batch was ready ahead of the pipeline's start-up
+        self._produced_in_generation = 0
+        self._last_stats = (time.monotonic(), 0)
         self._cond = threading.Condition()
         self._buffer: OrderedDict[Cursor, GlobalBatch] = OrderedDict()
         # The newest ``replay`` batches every rank has moved past: a group restarted from a recent
@@ -120,7 +325,9 @@ class DataFeeder:
 
     def _produce(self, start: Cursor, generation: int) -> None:
         try:
-            rows = ray_rows(*self._source[:4], start, shuffle_block=self._source[4])
+            rows = ray_rows(*self._source[:4], start, shuffle_block=self._source[4],
+                            read_ahead_rows=self.prefetch * self.global_batch_size, demand=self.demand,
+                            state=self.pipeline, packers=self.packers, cpus_per_packer=self.cpus_per_packer)
             for batch in global_batches(rows, self.global_batch_size, start):
                 with self._cond:
                     self._cond.wait_for(lambda: len(self._buffer) < self.prefetch or self._generation != generation)
@@ -129,6 +336,7 @@ class DataFeeder:
                     self._buffer[batch.start] = batch
                     self._next_start = batch.end
                     self.rows_produced += len(batch.tokens)
+                    self._produced_in_generation += 1
                     self._cond.notify_all()
         except BaseException as e:  # surfaced to the ranks waiting on a batch
             with self._cond:
@@ -142,6 +350,8 @@ class DataFeeder:
         self._buffer.clear()
         self._served.clear()
         self._next_start, self._error = start, None
+        self._produced_in_generation = 0
+        self._asked.clear()
         threading.Thread(target=self._produce, args=(start, self._generation), daemon=True).start()
 
     def _evict(self, readers: int) -> None:
@@ -192,6 +402,10 @@ class DataFeeder:
             ahead = not reset and self._next_start is not None and self._next_start < cursor
             if cursor not in self._buffer and cursor != self._next_start and not ahead:
                 self._restart(cursor)
+            elif cursor not in self._buffer and not reset and self._produced_in_generation >= self.prefetch:
+                self._starving = True  # past its start-up, the pipeline has nothing ready for this rank
+            if reader == 0 and (not self._positions or self._positions.get(0) != cursor):
+                self._asked.append(time.monotonic())
             self._positions[reader] = cursor
             self._evict(readers)
             self._cond.wait_for(lambda: cursor in self._buffer or self._error is not None)
@@ -210,10 +424,29 @@ class DataFeeder:
             if self._next_start is None:
                 self._restart(Cursor())
 
-    def stats(self) -> dict:
+    def demand(self) -> tuple[float | None, bool]:
+        """(tokens/s the ranks consume, measured over the last batches reader 0 asked for, or None;
+        whether the pipeline starved a rank since the last call)."""
         with self._cond:
+            starving, self._starving = self._starving, False
+            asked = list(self._asked)
+        if len(asked) < 4 or asked[-1] <= asked[0]:
+            return None, starving
+        return (len(asked) - 1) / (asked[-1] - asked[0]) * self.global_batch_size * self.seq_len, starving
+
+    def stats(self, rate: bool = False) -> dict:
+        """Counters; with ``rate``, also ``tokens_per_s``: training tokens (rows x seq_len) the pipeline
+        produced per second since the previous call with ``rate`` (one caller: rank 0's metrics)."""
+        with self._cond:
+            now, tokens = time.monotonic(), self.rows_produced * self.seq_len
+            then, before = self._last_stats
+            if rate:
+                self._last_stats = (now, tokens)
             return {"buffered_batches": len(self._buffer), "replayable_batches": len(self._served),
-                    "rows_produced": self.rows_produced, "pipeline_restarts": self.restarts}
+                    "rows_produced": self.rows_produced, "pipeline_restarts": self.restarts,
+                    "tokens_per_s": (tokens - before) / max(now - then, 1e-9),
+                    "packers": self.pipeline.packers, "packer_tokens_per_s": self.pipeline.packer_tokens_per_s,
+                    "shard_items_read": self.pipeline.items_admitted}
 
 
 class RayFeedLoader(BatchLoader):
@@ -224,9 +457,14 @@ class RayFeedLoader(BatchLoader):
         super().__init__(global_batch_size, dp_rank, dp_size)
         self._feeder, self._reader, self._readers = feeder, reader, readers
         self._inflight: tuple[Cursor, object] | None = None
+        self._latencies: list[float] = []  # seconds from sending each request to its answer, since the last log
 
     def _request(self, start: Cursor, reset: bool = False):
-        return self._feeder.get.remote(start.as_list(), self.dp_rank, self.dp_size, reset, self._reader, self._readers)
+        ref = self._feeder.get.remote(start.as_list(), self.dp_rank, self.dp_size, reset, self._reader, self._readers)
+        sent = time.perf_counter()
+        # Timed when the answer arrives, not when the step asks for it (one request is always ahead).
+        ref.future().add_done_callback(lambda _: self._latencies.append(time.perf_counter() - sent))
+        return ref
 
     def _fetch(self, start: Cursor) -> tuple[np.ndarray, np.ndarray, Cursor, int]:
         import ray
@@ -245,3 +483,27 @@ class RayFeedLoader(BatchLoader):
         end = Cursor(*end)
         self._inflight = (end, self._request(end))
         return tokens, ids, end, bad
+
+    def metrics(self) -> dict[str, float]:
+        """Besides the base counters: this rank's request latency (mean and max since the last call);
+        on the first reader (rank 0, which logs), the feeder's tokens/s produced, batches buffered
+        ahead, packing actors and one packer's rate. A feeder that does not answer in 5 s is left out."""
+        import ray
+
+        out = super().metrics()
+        latencies, self._latencies = self._latencies, []
+        if latencies:
+            out["data/request_latency_mean_s"] = sum(latencies) / len(latencies)
+            out["data/request_latency_max_s"] = max(latencies)
+        if (self._reader if self._reader is not None else self.dp_rank) == 0:
+            try:
+                stats = ray.get(self._feeder.stats.remote(True), timeout=5)
+            except Exception as e:  # restarting or gone: the next log has it
+                logger.debug("no feeder stats this time: %r", e)
+                return out
+            out["data/tokens_per_s"] = stats["tokens_per_s"]
+            out["data/buffered_batches"] = stats["buffered_batches"]
+            out["data/packers"] = stats["packers"]
+            if stats.get("packer_tokens_per_s"):
+                out["data/packer_tokens_per_s"] = stats["packer_tokens_per_s"]
+        return out

@@ -177,7 +177,8 @@ def _launch(config: JobConfig, plan, lease: RunLease) -> ray.train.Result:
     if config.validation.enable:
         feeders["validation"] = start_feeder(
             f"validation-{launch_id}", plan.validation_shards, config.model, config.training.seq_len,
-            config.training.seed, config.validation.local_batch_size * plan.dims.dp)
+            config.training.seed, config.validation.local_batch_size * plan.dims.dp, 0, 4, 0,
+            VALIDATION_PACKERS, 0.0)
     if starts_at_the_beginning(config):
         feeders["train"].warm_start.remote()
     stores = start_snapshot_stores(config, plan, launch_id)
@@ -245,6 +246,10 @@ def start_snapshot_stores(config: JobConfig, plan, launch_id: str) -> SnapshotSt
     return stores
 
 
+# Validation reads while training waits for it: its one packing actor reserves no CPU and uses
+# what the training pipeline's packers leave idle then (they stop at their read-ahead gate). With
+# CPUs reserved it could find none: the training pool may hold all of the data share.
+VALIDATION_PACKERS = 1
 FEEDER_PREFIX = "raytitan-feeder-"  # the feeder actors' names: FEEDER_PREFIX + purpose-launch id
 
 

@@ -63,18 +63,30 @@ def test_feeder_serves_ranks_and_resumes_on_another_dp(ray_local, shards):
 
 
 def test_feeder_memory_stays_bounded_while_streaming(ray_local, tmp_path):
-    """Stream far more than the prefetch window: the feeder never holds or produces more than it may."""
+    """Stream far more than the prefetch window through a rank's loader: the feeder never holds or
+    produces more than it may, its packers read shards only about a window ahead (not a fixed run of
+    64 shard-epochs), and the rank's metrics report the pipeline's rate, buffer and latency."""
+    from raytitan.ray.data_feed import RayFeedLoader
+
     corpus = ensure_synthetic_shards(str(tmp_path), seed=1, num_shards=4, docs_per_shard=60)
     prefetch, global_batch = 3, 8
     feeder = ray.remote(DataFeeder).options(max_concurrency=4).remote(corpus, Model(), 63, 0, global_batch, 0, prefetch)
-    cursor, high_water = Cursor(), 0
+    loader, high_water, most_ahead = RayFeedLoader(feeder, global_batch, 0, 1), 0, 0
     for k in range(60):  # 60 x 8 windows: several times the 3-batch window, across shards
-        _, ids, end, _ = ray.get(feeder.get.remote(cursor.as_list(), 0, 1, k == 0))
+        loader.next_batch()
         stats = ray.get(feeder.stats.remote())
         high_water = max(high_water, stats["buffered_batches"])
-        assert stats["rows_produced"] <= (k + 1 + prefetch + 1) * global_batch
-        cursor = Cursor(*end)
+        assert stats["rows_produced"] <= (k + 1 + prefetch + 2) * global_batch
+        consumed = loader.cursor.epoch * len(corpus) + loader.cursor.shard_pos + 1  # shard items reached
+        most_ahead = max(most_ahead, stats["shard_items_read"] - consumed)
     assert high_water <= prefetch
+    packers = stats["packers"]
+    assert packers == 2 and 0 <= most_ahead <= 6 * packers + 4, most_ahead  # the gate's bound; 64 before
+    metrics = loader.metrics()
+    assert metrics["data/tokens_per_s"] > 0 and 0 <= metrics["data/buffered_batches"] <= prefetch
+    assert metrics["data/packers"] == 2 and metrics["data/packer_tokens_per_s"] > 0
+    assert 0 < metrics["data/request_latency_mean_s"] <= metrics["data/request_latency_max_s"] < 60
+    print(f"shard items read ahead of the consumer: at most {most_ahead}; metrics {metrics}")
     ray.kill(feeder)
 
 

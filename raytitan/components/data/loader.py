@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -63,12 +64,31 @@ class LocalLoader(BatchLoader):
         self._source = (shards, tokenizer, seq_len, seed, shuffle_block)
         self._it: Iterator[GlobalBatch] | None = None
         self._next_start: Cursor | None = None
+        self._latencies: list[float] = []
+        self._tokens, self._since = 0, time.perf_counter()
 
     def _fetch(self, start: Cursor) -> tuple[np.ndarray, np.ndarray, Cursor, int]:
+        t0 = time.perf_counter()
         if self._it is None or self._next_start != start:
             self._it = global_batches(local_rows(*self._source[:4], start, self._source[4]),
                                       self.global_batch_size, start)
         batch = next(self._it)
         self._next_start = batch.end
+        self._latencies.append(time.perf_counter() - t0)
+        self._tokens += len(batch.tokens) * (batch.tokens.shape[1] - 1)
         tokens, ids = batch.rows_for(self.dp_rank, self.dp_size)
         return tokens, ids, batch.end, batch.bad_records
+
+    def metrics(self) -> dict[str, float]:
+        """Besides the base counters: tokens/s this rank's own pipeline produced (every rank computes
+        the whole global batch), over the wall time since the last call, and the time each batch
+        took to compute (the request latency: it is computed when the step asks for it). Nothing
+        is computed ahead, so there are no buffered batches to report."""
+        out = super().metrics()
+        now = time.perf_counter()
+        if self._latencies:
+            out["data/tokens_per_s"] = self._tokens / max(now - self._since, 1e-9)
+            out["data/request_latency_mean_s"] = sum(self._latencies) / len(self._latencies)
+            out["data/request_latency_max_s"] = max(self._latencies)
+        self._latencies, self._tokens, self._since = [], 0, now
+        return out
