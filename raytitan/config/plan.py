@@ -361,10 +361,6 @@ def check_expert_parallel(config: JobConfig, dims: ParallelDims, args: Any) -> N
                           "= 'selective' with selective_ac_option = 'op': the recomputed all-to-all does not replay): "
                           "set activation_checkpoint.mode = 'full', or selective_ac_option to a number N (every Nth "
                           "block fully), or parallelism.expert_parallel_degree = 1")
-    if config.compile.enable and "model" in config.compile.components:
-        raise ConfigError(f"{key} does not combine with torch.compile of the model yet (the all-to-all splits are "
-                          "data-dependent and the blocks compile as whole graphs): set compile.enable = false, or "
-                          "remove 'model' from compile.components, or set parallelism.expert_parallel_degree = 1")
 
 
 def _largest_divisor_at_most(n: int, cap: int) -> int:

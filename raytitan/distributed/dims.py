@@ -23,6 +23,10 @@ FLATTENED = {
     "dp": ("dp_replicate", "dp_shard"),
     "dp_shard_cp": ("dp_shard", "cp"),
     "dp_cp": ("dp_replicate", "dp_shard", "cp"),
+    # Only with tensor parallel: the FSDP mesh of the modules that run on each tensor-parallel
+    # rank's own sequence shard (an MoE layer's router and shared experts), whose gradients sum
+    # over the tp ranks as well.
+    "dp_shard_tp": ("dp_shard", "tp"),
 }
 
 
@@ -69,12 +73,11 @@ class ParallelDims:
                 "set parallelism.data_parallel_shard_degree = -1 to fill, or change ray.num_workers"
             )
         if self.ep > 1:
-            others = [self._key(n) for n in ("cp", "tp", "pp") if getattr(self, n) > 1]
-            if others:
+            if self.cp > 1:
                 raise ParallelismError(
-                    f"{self._key('ep')} = {self.ep} does not combine with {' or '.join(others)} yet (expert parallel "
-                    f"borrows data-parallel shard ranks only): set {self._key('ep')} = 1, or "
-                    f"{' and '.join(k + ' = 1' for k in others)}")
+                    f"{self._key('ep')} = {self.ep} does not combine with {self._key('cp')} = {self.cp} (the MoE "
+                    "layers would route each rank's share of a sequence, and ring attention reorders the sequence "
+                    f"over the context-parallel ranks; not built): set {self._key('ep')} = 1, or {self._key('cp')} = 1")
             if self.dp_shard % self.ep:
                 raise ParallelismError(
                     f"{self._key('ep')} = {self.ep} does not divide the data-parallel shard degree {self.dp_shard} "
@@ -165,6 +168,22 @@ class ParallelDims:
         if "ep" not in names:
             return None
         return mesh["dp_replicate", "efsdp"] if "dp_replicate" in names else mesh["efsdp"]
+
+    @staticmethod
+    def sequence_local_mesh(mesh: DeviceMesh) -> DeviceMesh | None:
+        """Under tensor parallel, where the modules that run on each tp rank's own sequence shard
+        (an MoE layer: ``raytitan.distributed.parallelize.mark_sequence_local``) are FSDP-sharded:
+        over the data-parallel shard ranks and the tp ranks together (('dp_replicate', that) under
+        HSDP). Every rank of it saw distinct tokens, so FSDP's reduce-scatter sums their gradients
+        as one process's would be. None without tensor parallel. (Their experts under expert
+        parallel are DTensors over ('ep', 'tp') instead: ``raytitan.distributed.expert_parallel``.)"""
+        names = mesh.mesh_dim_names or ()
+        if "tp" not in names or mesh["tp"].size() == 1:
+            return None
+        shard = ParallelDims.submesh(mesh, "dp_shard_tp")  # never None: it covers tp
+        if "dp_replicate" in names:
+            return mesh["dp_replicate", shard.mesh_dim_names[0]]
+        return shard
 
     @staticmethod
     def fsdp_mesh(mesh: DeviceMesh) -> DeviceMesh | None:

@@ -36,7 +36,7 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import Shard, distribute_module, distribute_tensor
+from torch.distributed.tensor import Replicate, Shard, distribute_module, distribute_tensor
 
 # What a module declares to be split by expert parallel: the names of its Parameters stacked
 # over experts on dim 0 (``raytitan.models.moe.GroupedExperts`` declares w1, w2, w3). Its forward
@@ -100,15 +100,21 @@ class TokenDispatcher:
 def shard_experts(experts: nn.Module, ep_mesh: DeviceMesh) -> TokenDispatcher:
     """Shard ``experts``' stacked weights on the expert dimension over ``ep_mesh`` and route its
     inputs and outputs through a ``TokenDispatcher`` (forward hooks, public
-    ``distribute_module``). Works on the meta device, before FSDP and materialization."""
-    dispatcher = TokenDispatcher(ep_mesh.get_group(), ep_mesh.size())
+    ``distribute_module``). Works on the meta device, before FSDP and materialization.
+
+    ``ep_mesh`` may be 2-D, ('ep', 'tp') under tensor parallel: the weights are then replicated
+    over 'tp', where each rank computes the tokens of its own sequence shard, and their gradients
+    are partial sums over it (``raytitan.models.moe.GroupedExperts.weights`` says so to autograd;
+    FSDP adds them up before its reduce-scatter). Tokens travel over 'ep' only."""
+    dispatcher = TokenDispatcher(ep_mesh.get_group(0), ep_mesh.size(0))
     names = getattr(type(experts), EXPERT_WEIGHTS)
+    placements = [Shard(0)] + [Replicate()] * (ep_mesh.ndim - 1)
 
     def partition(name: str, module: nn.Module, mesh: DeviceMesh) -> None:
         if module is experts:
             for pname in names:
                 param = getattr(module, pname)
-                module.register_parameter(pname, nn.Parameter(distribute_tensor(param, mesh, [Shard(0)])))
+                module.register_parameter(pname, nn.Parameter(distribute_tensor(param, mesh, placements)))
 
     def dispatch(module, inputs, mesh):
         return dispatcher.dispatch(*inputs)
@@ -123,12 +129,14 @@ def shard_experts(experts: nn.Module, ep_mesh: DeviceMesh) -> TokenDispatcher:
     return dispatcher
 
 
-def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh) -> None:
-    """Split the experts of every expert module of ``model`` (a whole model or a pipeline stage)
-    over ``ep_mesh``. A model without expert modules is an error: the degree would be ignored."""
-    ep = ep_mesh.size()
+def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh, stage: bool = False) -> None:
+    """Split the experts of every expert module of ``model`` (a whole model, or with ``stage`` a
+    pipeline stage) over ``ep_mesh`` (('ep', 'tp') under tensor parallel: ``shard_experts``). A
+    whole model without expert modules is an error: the degree would be ignored; a stage may have
+    none (its blocks are dense) while other stages do."""
+    ep = ep_mesh.size(0)
     modules = expert_modules(model)
-    if not modules:
+    if not modules and not stage:
         raise ValueError(f"parallelism.expert_parallel_degree = {ep}, but {type(model).__name__} has no experts to "
                          "split (no module declares expert_parallel_weights): set parallelism.expert_parallel_degree = 1")
     for experts in modules:

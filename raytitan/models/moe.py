@@ -25,6 +25,7 @@ How a trainer uses it:
 from __future__ import annotations
 
 import logging
+import math
 import re
 from dataclasses import dataclass
 
@@ -32,7 +33,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Partial
 
 from raytitan.models.llama3.model import FeedForward
 
@@ -149,6 +150,16 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch
     return torch._grouped_mm(x, w, offs=offsets)
 
 
+def local_weight(w: torch.Tensor) -> torch.Tensor:
+    """This rank's part of an expert weight: ``w`` itself, or a DTensor's local tensor. A DTensor
+    replicated over a mesh dimension (tensor parallel's, under expert parallel: each tp rank
+    computes the tokens of its own shard of the sequence) gets a gradient that is a partial sum
+    over it (``Partial``), which FSDP adds up over those ranks before its reduce-scatter."""
+    if not isinstance(w, DTensor):
+        return w
+    return w.to_local(grad_placements=[Partial() if p.is_replicate() else p for p in w.placements])
+
+
 class GroupedExperts(nn.Module):
     """num_experts SwiGLU experts, w2(silu(w1 x) * w3 x), their weights stacked as
     [num_experts, out, in] (each expert's slice laid out as an nn.Linear weight)."""
@@ -173,8 +184,8 @@ class GroupedExperts(nn.Module):
     def weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(w1, w2, w3) of the experts this rank computes: all of them, or under expert parallel
         (weights sharded on the expert dim, ``raytitan.distributed.expert_parallel``) the local
-        slice, to which ``forward``'s rows have already been sent."""
-        return tuple(w.to_local() if isinstance(w, DTensor) else w for w in (self.w1, self.w2, self.w3))
+        slice, to which ``forward``'s rows have already been sent (``local_weight``)."""
+        return tuple(local_weight(w) for w in (self.w1, self.w2, self.w3))
 
     def _grouped(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         w1, w2, w3 = self.weights()
@@ -216,6 +227,9 @@ class MoE(nn.Module):
         # Transient (reset every step), so not saved: a checkpoint is taken after the update.
         self.register_buffer("tokens_per_expert", torch.zeros(args.num_experts, dtype=torch.float32), persistent=False)
         self.aux_loss: torch.Tensor | None = None
+        # Under tensor parallel (set by the family's plan): the ranks whose shards of the same
+        # sequences this layer routes separately, over which the counts are summed as well.
+        self.token_group: dist.ProcessGroup | None = None
         # Global counts (as the bias update saw them) since the last ``moe_metrics``, and the
         # routing-collapse watch: logged steps in a row above the threshold, warned yet.
         self.load_since_log: torch.Tensor | None = None
@@ -292,13 +306,18 @@ def moe_layers(model: nn.Module) -> list[MoE]:
 def update_load_balance_bias(model: nn.Module, group: dist.ProcessGroup | None = None) -> None:
     """Every MoE layer's bias update, after the optimizer step. With ``group`` (the ranks that
     see different tokens: data parallel) the counts are summed over it first, in one all-reduce,
-    so every rank moves its bias the same way."""
+    so every rank moves its bias the same way; under tensor parallel also over the layers'
+    ``token_group`` (each tp rank routed its own shard of the sequences)."""
     layers = moe_layers(model)
     if not layers:
         return
     counts = torch.stack([m.tokens_per_expert for m in layers])
     if group is not None:
         dist.all_reduce(counts, group=group)
+    # Under tensor parallel each tp rank routed its own shard of the sequences: add theirs too.
+    token_groups = {id(m.token_group): m.token_group for m in layers if m.token_group is not None}
+    for token_group in token_groups.values():
+        dist.all_reduce(counts, group=token_group)
     for layer, c in zip(layers, counts):
         layer.update_expert_bias(c)
 
@@ -323,11 +342,20 @@ def _is_rank0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
+def pipeline_group(parts: list[nn.Module]) -> dist.ProcessGroup | None:
+    """The group of the ranks that hold the other pipeline stages of these parts' model
+    (``pipeline_group``, set on each stage by ``raytitan.distributed.parallelize``); None
+    without pipeline parallel."""
+    return next((g for g in (getattr(p, "pipeline_group", None) for p in parts) if g is not None), None)
+
+
 @torch.no_grad()
 def moe_metrics(parts: list[nn.Module]) -> dict[str, float]:
     """Expert load of every MoE layer of ``parts`` over the tokens routed since the last call,
-    from the global counts ``update_load_balance_bias`` summed over the data-parallel ranks (no
-    collective of its own; one host sync). Per layer ``moe/layer_<i>/...``: ``max_over_mean``
+    from the global counts ``update_load_balance_bias`` summed over the data-parallel ranks (one
+    host sync; under pipeline parallel one gather of a few numbers per layer over the pipeline
+    ranks, so that every rank, rank 0 the one that logs, reports the layers of every stage). Per layer
+    ``moe/layer_<i>/...``: ``max_over_mean``
     (the busiest expert's tokens over the mean per expert; 1 is balanced), ``busiest_share`` (the
     share of the layer's tokens that chose its busiest expert; ``top_k / num_experts`` is
     balanced, 1 is every token), ``bias_min`` / ``bias_max`` (``expert_bias`` now; layers with a
@@ -342,38 +370,58 @@ def moe_metrics(parts: list[nn.Module]) -> dict[str, float]:
         for name, m in part.named_modules():
             if isinstance(m, MoE) and m.load_since_log is not None:
                 layers.append((_layer_index(name, len(layers)), m))
-    if not layers:
+    group = pipeline_group(parts)
+    if not layers and group is None:
         return {}
-    rows = []
-    for _, m in layers:
+    rows, local = [], {}
+    for i, m in layers:
         load = m.load_since_log
         bias = m.router.expert_bias
         bias = torch.zeros(2, device=load.device) if bias is None else torch.stack([bias.min(), bias.max()])
         rows.append(torch.stack([load.max(), load.mean(), load.argmax().float(), load.sum(), *bias.float()]))
         m.load_since_log = None
+        local[i] = m
+    # (index, top, mean, busiest, total, bias min, bias max, has bias, top_k, num_experts, coeff)
+    table = [[float(i), *values, float(m.router.expert_bias is not None), float(m.args.top_k),
+              float(m.args.num_experts), float("nan") if m.args.load_balance_coeff is None else m.args.load_balance_coeff]
+             for (i, m), values in zip(layers, torch.stack(rows).tolist() if rows else [])]
+    if group is not None:
+        gathered: list = [None] * dist.get_world_size(group)
+        dist.all_gather_object(gathered, table, group=group)
+        table = sorted((row for stage in gathered for row in stage), key=lambda row: row[0])
     out: dict[str, float] = {}
     summary: dict[str, float] = {}  # after the per-layer keys
-    for (i, m), (top, mean, busiest, total, bias_min, bias_max) in zip(layers, torch.stack(rows).tolist()):
+    remote = parts[0].__dict__.setdefault("moe_collapse_watch", {}) if parts else {}
+    for i, top, mean, busiest, total, bias_min, bias_max, has_bias, top_k, n, coeff in table:
+        i = int(i)
         if total <= 0:
             continue
-        a = m.args
-        ratio, share = top / mean, top * a.top_k / total  # total counts top_k choices per token
+        ratio, share = top / mean, top * top_k / total  # total counts top_k choices per token
         out[f"moe/layer_{i}/max_over_mean"] = ratio
         out[f"moe/layer_{i}/busiest_share"] = share
-        if m.router.expert_bias is not None:
+        if has_bias:
             out[f"moe/layer_{i}/bias_min"], out[f"moe/layer_{i}/bias_max"] = bias_min, bias_max
             summary["moe/bias_min"] = min(summary.get("moe/bias_min", bias_min), bias_min)
             summary["moe/bias_max"] = max(summary.get("moe/bias_max", bias_max), bias_max)
         if ratio > summary.get("moe/max_over_mean", 0.0):
             summary["moe/max_over_mean"], summary["moe/worst_layer"] = ratio, float(i)
         summary["moe/busiest_share"] = max(summary.get("moe/busiest_share", share), share)
-        _watch_collapse(m, i, int(busiest), share)
+        # The watch of a layer of another pipeline stage is kept on this rank's first part.
+        watch = local[i] if i in local else remote.setdefault(i, _Watch())
+        _watch_collapse(watch, i, int(busiest), share, int(top_k), int(n), None if math.isnan(coeff) else coeff)
     return {**out, **summary}
 
 
-def _watch_collapse(layer: MoE, index: int, expert: int, share: float) -> None:
-    a = layer.args
-    threshold = collapse_threshold(a.top_k, a.num_experts)
+class _Watch:
+    """The routing-collapse watch of a layer held by another pipeline stage (an ``MoE`` keeps its own)."""
+
+    def __init__(self):
+        self.collapse_streak, self.collapse_warned = 0, False
+
+
+def _watch_collapse(layer, index: int, expert: int, share: float, top_k: int, num_experts: int,
+                    coeff: float | None) -> None:
+    threshold = collapse_threshold(top_k, num_experts)
     if threshold is None or share <= threshold:
         layer.collapse_streak = 0
         return
@@ -381,14 +429,13 @@ def _watch_collapse(layer: MoE, index: int, expert: int, share: float) -> None:
     if layer.collapse_streak >= COLLAPSE_LOGGED_STEPS and not layer.collapse_warned:
         layer.collapse_warned = True
         if _is_rank0():
-            coeff = a.load_balance_coeff
             advice = (f"raise load_balance_coeff in the model's args (now {coeff:g}; e.g. ten times that)"
                       if coeff is not None else "set load_balance_coeff in the model's args (now None: no bias; e.g. 1e-3)")
             logger.warning(
                 "MoE routing collapse in layer %d: expert %d took %.0f%% of the layer's tokens for %d logged steps "
                 "in a row (balanced: %.0f%%, warned above %.0f%%); the load-balancing bias is not keeping up: %s. "
                 "Warned once per layer.",
-                index, expert, 100 * share, layer.collapse_streak, 100 * a.top_k / a.num_experts, 100 * threshold,
+                index, expert, 100 * share, layer.collapse_streak, 100 * top_k / num_experts, 100 * threshold,
                 advice)
 
 

@@ -161,13 +161,13 @@ def moe_config(**parallelism) -> JobConfig:
     return config
 
 
-def test_only_data_parallel_layouts_are_accepted_before_launch():
-    with pytest.raises(ConfigError, match="does not support tensor parallel"):
-        plan_run(moe_config(tensor_parallel_degree=2), 2, resolve_data=False)
+def test_data_tensor_and_pipeline_parallel_layouts_are_accepted_before_launch():
+    """Context parallel is refused; tensor parallel (attention split, the MoE layers on each
+    rank's sequence shard) and pipeline parallel plan (parity: tests/parallel/test_expert_parallel.py)."""
     with pytest.raises(ConfigError, match="does not support context parallel"):
         plan_run(moe_config(context_parallel_degree=2), 2, resolve_data=False)
-    with pytest.raises(ConfigError, match="'qwen3_moe' does not support pipeline parallel yet"):
-        plan_run(moe_config(pipeline_parallel_degree=2), 2, resolve_data=False)
+    assert plan_run(moe_config(tensor_parallel_degree=2), 2, resolve_data=False).dims.tp == 2
+    assert plan_run(moe_config(pipeline_parallel_degree=2), 2, resolve_data=False).dims.pp == 2
     assert plan_run(moe_config(), 2, resolve_data=False).dims.dp_shard == 2
     hsdp = plan_run(moe_config(data_parallel_replicate_degree=2), 4, resolve_data=False).dims
     assert (hsdp.dp_replicate, hsdp.dp_shard) == (2, 2)

@@ -1,6 +1,7 @@
 """Expert parallel (raytitan/distributed/expert_parallel.py) trains Qwen3-MoE like one process:
 EP 2 and EP 4 on 4 gloo ranks give one process's first 5 losses from the same seed weights, and
-expert weights saved under one expert-parallel degree load under another (DCP resharding on the
+so do its compositions with HSDP, pipeline parallel, tensor parallel and torch.compile; expert
+weights saved under one expert-parallel degree load under another (DCP resharding on the
 expert dimension) and train on with the uninterrupted run's losses. Config errors and the
 elastic re-planning of the degree are checked before any worker starts (quick)."""
 
@@ -10,6 +11,7 @@ import shutil
 
 import pytest
 
+from raytitan.components.metrics import read_metrics
 from raytitan.config.job import ConfigError, JobConfig
 from raytitan.config.plan import elastic_layout, plan_run
 from tests.helpers import RaytitanLog, run_ranks, tiny_config
@@ -36,38 +38,53 @@ def test_expert_parallel_plans_over_the_data_parallel_shard_ranks():
     hsdp = plan_run(plan_config(expert_parallel_degree=2, data_parallel_replicate_degree=2), 4,
                     resolve_data=False).dims
     assert (hsdp.dp_replicate, hsdp.dp_shard, hsdp.ep, hsdp.efsdp) == (2, 2, 2, 1)
+    # Pipeline and tensor parallel take their ranks first; expert parallel borrows from what is left.
+    pp = plan_run(plan_config(expert_parallel_degree=2, pipeline_parallel_degree=2), 4, resolve_data=False).dims
+    assert (pp.pp, pp.dp_shard, pp.ep, pp.efsdp) == (2, 2, 2, 1)
+    tp = plan_run(plan_config(expert_parallel_degree=2, tensor_parallel_degree=2), 8, resolve_data=False).dims
+    assert (tp.tp, tp.dp_shard, tp.ep, tp.efsdp) == (2, 4, 2, 2)
 
 
 @pytest.mark.parametrize("world, parallelism, message", [
     (4, {"expert_parallel_degree": 3}, r"expert_parallel_degree = 3 does not divide the data-parallel shard degree 4"),
     (6, {"expert_parallel_degree": 3}, r"expert_parallel_degree = 3 does not divide the 8 experts"),
-    (4, {"expert_parallel_degree": 2, "tensor_parallel_degree": 2},
-     r"expert_parallel_degree = 2 does not combine with parallelism.tensor_parallel_degree"),
+    (4, {"expert_parallel_degree": 2, "tensor_parallel_degree": 2, "pipeline_parallel_degree": 2},
+     r"expert_parallel_degree = 2 does not divide the data-parallel shard degree 1"),
     (4, {"expert_parallel_degree": 2, "context_parallel_degree": 2},
-     r"does not combine with parallelism.context_parallel_degree"),
-    (4, {"expert_parallel_degree": 2, "pipeline_parallel_degree": 2},
-     r"does not combine with parallelism.pipeline_parallel_degree"),
+     r"expert_parallel_degree = 2 does not combine with parallelism.context_parallel_degree = 2 .*set "
+     r"parallelism.expert_parallel_degree = 1, or parallelism.context_parallel_degree = 1"),
 ])
 def test_layouts_expert_parallel_cannot_split_are_config_errors(world, parallelism, message):
     with pytest.raises(ConfigError, match=message):
         plan_run(plan_config(**parallelism), world, resolve_data=False)
 
 
-def test_expert_parallel_on_a_dense_model_with_compile_or_per_op_checkpointing_is_a_config_error():
+def test_expert_parallel_on_a_dense_model_or_with_per_op_checkpointing_is_a_config_error():
     dense = plan_config(expert_parallel_degree=2)
     dense.model.name, dense.model.flavor = "llama3", "debugmodel"
     with pytest.raises(ConfigError, match=r"needs a Mixture-of-Experts model; model.name = 'llama3'"):
         plan_run(dense, 2, resolve_data=False)
     compiled = plan_config(expert_parallel_degree=2)
-    compiled.compile.enable = True
-    with pytest.raises(ConfigError, match=r"does not combine with torch.compile"):
-        plan_run(compiled, 2, resolve_data=False)
+    compiled.compile.enable = True  # the experts and the all-to-all stay eager: plans
+    assert plan_run(compiled, 2, resolve_data=False).dims.ep == 2
     per_op = plan_config(expert_parallel_degree=2)
     per_op.activation_checkpoint.mode = "selective"
     with pytest.raises(ConfigError, match=r"does not combine with per-op activation checkpointing"):
         plan_run(per_op, 2, resolve_data=False)
     per_op.activation_checkpoint.selective_ac_option = "2"  # every 2nd block fully: works
     assert plan_run(per_op, 2, resolve_data=False).dims.ep == 2
+
+
+def test_deepseek_v3_has_no_tensor_parallel_plan_with_or_without_expert_parallel():
+    """Qwen3-MoE has a tensor-parallel plan (attention split, the MoE layers on each rank's
+    sequence shard); DeepSeek-V3's latent attention has none yet: refused before launch."""
+    config = plan_config(expert_parallel_degree=2, tensor_parallel_degree=2)
+    config.model.name = "deepseek_v3"
+    with pytest.raises(ConfigError, match=r"model.name = 'deepseek_v3' does not support tensor parallel: set "
+                                          r"parallelism.tensor_parallel_degree = 1"):
+        plan_run(config, 4, resolve_data=False)
+    config.parallelism.tensor_parallel_degree, config.parallelism.pipeline_parallel_degree = 1, 2
+    assert plan_run(config, 4, resolve_data=False).dims.pp == 2  # pipeline parallel: plans
 
 
 def test_elastic_worlds_re_plan_expert_parallel_like_data_parallel():
@@ -115,40 +132,72 @@ def step_folder(root, name, step):
     return os.path.join(str(root / name), "run", "checkpoint", f"step-{step}")
 
 
+# Expert parallel with pipeline parallel: 2 stages of 2 layers, 4 microbatches of 1 per step.
+PIPELINE = {"pipeline_parallel_degree": 2, "pipeline_parallel_microbatch_size": 1,
+            "pipeline_parallel_first_stage_less_layers": 0, "pipeline_parallel_last_stage_less_layers": 0}
+
+
+def moe_metrics_logged(run_dir: str) -> list[dict]:
+    """Per logged step, the expert-load metrics rank 0 logged (every layer's, from global counts)."""
+    return [{k: v for k, v in m.items() if k.startswith("moe/")} for m in read_metrics(run_dir) if "loss" in m]
+
+
 @pytest.mark.slow
 def test_expert_parallel_trains_like_one_process_and_reshards_its_experts(tmp_path, data_dir):
     """From one seed checkpoint (saved by one process, loaded under every layout): one process
     gives the reference. On 4 ranks in one spawn, EP 2 and EP 4 (an elastic run; both save at
-    step 3) and HSDP 2 x 2 with EP 2 reproduce its 5 losses (1e-4 relative). On 2 ranks: the
-    elastic EP 4 run, restarted after losing two workers, re-plans to EP 2 (local batch 2 x
-    accumulation 2), and EP 2's step 3 from 4 ranks resumes with full activation checkpointing
-    (the recomputed forward dispatches again); both give the uninterrupted steps 4 and 5."""
+    step 3), HSDP 2 x 2 with EP 2, EP 2 x PP 2 and EP 2 x TP 2 reproduce its 5 losses (1e-4
+    relative). On 2 ranks: the elastic EP 4 run, restarted after losing two workers, re-plans to
+    EP 2 (local batch 2 x accumulation 2), and EP 2's step 3 from 4 ranks resumes with full
+    activation checkpointing (the recomputed forward dispatches again); both give the
+    uninterrupted steps 4 and 5. And EP 2 with compiled blocks (the experts eager) gives the 5
+    reference losses.
+
+    Under pipeline and tensor parallel the expert-load metrics rank 0 logs (every layer's, from
+    the counts the bias update summed) are those of plain EP 2: every stage's layers reported, the
+    counts of both tp ranks' sequence shards included (so the bias moved as one process's did)."""
     seed = step_folder(tmp_path, "seed", 0)
     saving = {"enable": True, "interval": 3, "initial_load_path": seed}
     _, one = run_ranks([config(tmp_path, data_dir, "seed", create_seed_checkpoint=True),
                         config(tmp_path, data_dir, "one", local_batch=8, initial_load_path=seed)], 1, str(tmp_path))
     elastic = config(tmp_path, data_dir, "elastic", {"expert_parallel_degree": 4},
                      ray={"min_workers": 2, "max_workers": 4}, **saving)
-    ep2, ep4, hsdp = run_ranks([
-        config(tmp_path, data_dir, "ep2", {"expert_parallel_degree": 2}, **saving),
-        elastic,
-        config(tmp_path, data_dir, "hsdp", {"expert_parallel_degree": 2, "data_parallel_replicate_degree": 2},
-               initial_load_path=seed),
-    ], 4, str(tmp_path))
+    layouts = {
+        "ep2": config(tmp_path, data_dir, "ep2", {"expert_parallel_degree": 2}, **saving),
+        "ep4": elastic,
+        "hsdp": config(tmp_path, data_dir, "hsdp", {"expert_parallel_degree": 2, "data_parallel_replicate_degree": 2},
+                       initial_load_path=seed),
+        "ep2_pp2": config(tmp_path, data_dir, "ep2_pp2", {"expert_parallel_degree": 2, **PIPELINE}, local_batch=4,
+                          initial_load_path=seed),
+        "ep2_tp2": config(tmp_path, data_dir, "ep2_tp2", {"expert_parallel_degree": 2, "tensor_parallel_degree": 2},
+                          local_batch=4, initial_load_path=seed),
+    }
+    four = dict(zip(layouts, run_ranks(list(layouts.values()), 4, str(tmp_path))))
     shutil.rmtree(step_folder(tmp_path, "elastic", 5))  # as if two workers died after step 3's save
-    shrunk, ep2_on_two = run_ranks([
+    compiled = config(tmp_path, data_dir, "ep2_compiled", {"expert_parallel_degree": 2}, local_batch=4,
+                      initial_load_path=seed)
+    compiled.compile.enable, compiled.compile.components = True, ["model"]
+    shrunk, ep2_on_two, ep2_compiled = run_ranks([
         elastic,
         config(tmp_path, data_dir, "ep2_on_two", {"expert_parallel_degree": 2}, ac="full",
                initial_load_path=step_folder(tmp_path, "ep2", 3), initial_load_model_only=False,
                enable=True, interval=1000),
+        compiled,
     ], 2, str(tmp_path))
     reference = one["losses"]
     assert len(reference) == STEPS
-    for run in (ep2, ep4, hsdp):
+    for run in [*four.values(), ep2_compiled]:
         assert run["losses"] == pytest.approx(reference, rel=1e-4)
     for run in (shrunk, ep2_on_two):
         assert run["losses"] == pytest.approx(reference[3:], rel=1e-4)
     starts = [json.loads(line) for line in open(os.path.join(elastic.run_dir, "restarts.jsonl"))]
     assert [(s["world"], s["dp"], s["local_batch"], s["accumulation"]) for s in starts] == [(4, 4, 2, 1), (2, 2, 2, 2)]
+    plain = moe_metrics_logged(layouts["ep2"].run_dir)
+    assert len(plain) == STEPS and all(f"moe/layer_{i}/max_over_mean" in m for m in plain for i in range(4))
+    for name in ("ep2_pp2", "ep2_tp2"):
+        logged = moe_metrics_logged(layouts[name].run_dir)
+        assert [sorted(m) for m in logged] == [sorted(m) for m in plain], name
+        for m, p in zip(logged, plain):
+            assert m == pytest.approx(p, rel=1e-6), name
     print("max relative difference:", {name: max(abs(a - b) / abs(b) for a, b in zip(run["losses"], reference))
-                                       for name, run in (("ep2", ep2), ("ep4", ep4), ("hsdp", hsdp))})
+                                       for name, run in [*four.items(), ("ep2_compiled", ep2_compiled)]})

@@ -23,6 +23,3 @@ def parallelize_deepseek_v3(model: Transformer, dims, mesh: DeviceMesh, config) 
 
 def check_layout(args, dims) -> None:
     """Data parallel only for now."""
-    if dims.pp > 1:
-        raise ValueError("model.name = 'deepseek_v3' does not support pipeline parallel yet (data parallel only: "
-                         "FSDP/HSDP): set parallelism.pipeline_parallel_degree = 1")

@@ -25,10 +25,14 @@ def apply_tensor_parallel(model: Transformer, tp_mesh: DeviceMesh, loss_parallel
     is replicated; the weight's gradient is summed over the tensor-parallel ranks.
 
     The embedding and a tied head stay one Parameter as in Llama's plan."""
-    plan = {**block_plan(),
+    apply_llama_tensor_parallel(model, tp_mesh, loss_parallel, block=qwen3_block_plan())
+
+
+def qwen3_block_plan() -> dict:
+    """Llama's block plan with the QK-norms (Qwen3-MoE replaces its feed-forward entries)."""
+    return {**block_plan(),
             "attention.q_norm": SequenceParallel(sequence_dim=2, use_local_output=True),
             "attention.k_norm": SequenceParallel(sequence_dim=2, use_local_output=True)}
-    apply_llama_tensor_parallel(model, tp_mesh, loss_parallel, block=plan)
 
 
 def check_layout(args, dims) -> None:

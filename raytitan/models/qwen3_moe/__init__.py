@@ -1,7 +1,8 @@
 """Qwen3-MoE (Alibaba): Qwen3's attention with a Mixture-of-Experts feed-forward in every layer
 (128 experts, 8 active, softmax routing with renormalized top-k weights, no shared expert).
-Data parallel (FSDP/HSDP) and expert parallel (parallelism.expert_parallel_degree); no tensor,
-context or pipeline parallel yet."""
+Data parallel (FSDP/HSDP), expert parallel (parallelism.expert_parallel_degree), tensor parallel
+(attention; the MoE layers on each rank's sequence shard) and pipeline parallel; no context
+parallel."""
 
 from raytitan.models.moe import moe_metrics, update_load_balance_bias
 from raytitan.models.qwen3_moe.args import FLAVORS, ModelArgs
@@ -29,6 +30,7 @@ spec = ModelSpec(
     flops_per_token=training_flops,
     hf=Qwen3MoeHF(),
     supports_block_causal=True,
+    supports_tensor_parallel=True,
     after_optimizer_step=after_optimizer_step,
     metrics=moe_metrics,
 )
