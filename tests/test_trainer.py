@@ -488,3 +488,86 @@ def test_the_driver_names_a_repeating_cause_instead_of_the_restarts_spent(tmp_pa
         with open(os.path.join(folder, f"step-{step}", "COMMITTED"), "w") as f:
             f.write(marker)
     assert f"newest committed checkpoint: {os.path.join(folder, 'step-2')};" in failure_message(config, other)
+
+
+# --------------------------------------------------------------------------- MoE auxiliary loss
+
+
+def moe_twins(alpha: float):
+    """A tiny Qwen3-MoE (no routing bias, so only the scores choose) and an identical copy."""
+    from raytitan.models.qwen3_moe.args import ModelArgs as MoEModelArgs
+    from raytitan.models.qwen3_moe.model import Transformer as MoETransformer
+
+    torch.manual_seed(0)
+    model = MoETransformer(MoEModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, moe_inter_dim=16,
+                                        num_experts=4, top_k=2, vocab_size=61, max_seq_len=16,
+                                        load_balance_coeff=None, aux_loss_alpha=alpha))
+    model.init_weights()
+    return model, copy.deepcopy(model)
+
+
+def gradients_of_a_step(model, tokens, local_batch_size):
+    """The gradients one train_step leaves (lr 0, no clipping), its loss, and its auxiliary loss."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    trainer = Trainer(ModelRunner([model]), optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0),
+                      loader=None, checkpoint=CheckpointManager("unused", {}, keep_latest_k=0), metrics=None,
+                      state=None, device=torch.device("cpu"), local_batch_size=local_batch_size,
+                      schedule=Schedule(1, 1, 1, False, 0), max_norm=0.0, loss_group=None)
+    loss, _, applied = trainer.train_step(tokens)
+    assert applied
+    return {n: p.grad.clone() for n, p in model.named_parameters()}, loss, trainer.aux_loss
+
+
+@pytest.mark.parametrize("alpha", [0.05, 0.0])
+def test_the_moe_auxiliary_loss_is_in_the_gradient_as_one_big_batchs(alpha):
+    """training.load_balance_loss_weight > 0: 4 microbatches of 2 sequences give the gradients
+    autograd gives for (token-mean cross entropy + the auxiliary loss averaged over all 8
+    sequences) in one pass, the logged loss stays the cross entropy alone and moe/aux_loss is
+    the auxiliary loss; the router's gradient differs from the cross entropy's alone. At 0
+    nothing is added: the gradients are the cross entropy's and no auxiliary loss is kept."""
+    from raytitan.models.moe import aux_loss
+
+    model, twin = moe_twins(alpha)
+    tokens = torch.randint(0, 61, (8, 17))
+    grads, loss, aux = gradients_of_a_step(model, tokens, local_batch_size=2)
+
+    lm = torch.nn.functional.cross_entropy(twin(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten())
+    expected_aux = aux_loss(twin)
+    total = lm if expected_aux is None else lm + expected_aux
+    expected = dict(zip([n for n, _ in twin.named_parameters()], torch.autograd.grad(total, list(twin.parameters()))))
+    for name, g in grads.items():
+        torch.testing.assert_close(g, expected[name], rtol=1e-4, atol=1e-7, msg=name)
+    assert abs(loss.item() - lm.item()) < 1e-5
+    router = next(n for n in grads if n.endswith("router.gate.weight"))
+    lm_only = torch.autograd.grad(
+        torch.nn.functional.cross_entropy(twin(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten()),
+        dict(twin.named_parameters())[router])[0]
+    if alpha > 0:
+        assert aux is not None and abs(aux.item() - expected_aux.item()) < 1e-6 and expected_aux.item() > 0
+        assert not torch.allclose(grads[router], lm_only, rtol=1e-3, atol=0)
+    else:
+        assert aux is None and expected_aux is None
+        torch.testing.assert_close(grads[router], lm_only, rtol=1e-4, atol=1e-7)
+
+
+def test_the_auxiliary_loss_weight_needs_an_moe_model_and_whole_sequences_on_each_rank():
+    """training.load_balance_loss_weight reaches the MoE layers' args; a dense model, or a layout
+    that splits sequences (tensor, context parallel) or owns the backward (pipeline), is refused
+    naming the key."""
+    from raytitan.config.job import ConfigError, JobConfig
+    from raytitan.distributed.dims import ParallelDims
+    from raytitan.models.qwen3_moe.args import FLAVORS
+    from raytitan.trainer.build import with_aux_loss
+
+    config = JobConfig()
+    flat = ParallelDims(1, 2, 1, 1, 1, 2)
+    assert with_aux_loss(FLAVORS["debugmodel"], flat, config) is FLAVORS["debugmodel"]  # 0: unchanged
+    config.training.load_balance_loss_weight = 1e-3
+    assert with_aux_loss(FLAVORS["debugmodel"], flat, config).moe.aux_loss_alpha == 1e-3
+    with pytest.raises(ConfigError, match=r"training.load_balance_loss_weight = 0.001 needs a Mixture-of-Experts"):
+        with_aux_loss(ARGS, flat, config)
+    for layout, name in (((1, 1, 1, 2, 1, 2), "tensor"), ((1, 1, 2, 1, 1, 2), "context"),
+                         ((1, 1, 1, 1, 2, 2), "pipeline")):
+        with pytest.raises(ConfigError, match=rf"does not combine with {name} parallel yet.*"
+                                              rf"parallelism.{name}_parallel_degree = 1"):
+            with_aux_loss(FLAVORS["debugmodel"], ParallelDims(*layout), config)

@@ -105,6 +105,10 @@ class Training:
                             "allow_seq_len_above_model_max", COUNT)
     steps: int = opt(40, "Optimizer steps to train for", COUNT)
     max_norm: float = opt(1.0, "Gradient clipping max total norm; 0 disables clipping", NON_NEGATIVE)
+    load_balance_loss_weight: float = opt(
+        0.0, "MoE models: weight (DeepSeek-V3's alpha, e.g. 1e-4) of the sequence-wise auxiliary balance loss added "
+        "to the training loss and logged as moe/aux_loss; 0 = off (balancing by the routing bias alone). Not with "
+        "tensor, context or pipeline parallel", NON_NEGATIVE)
     dataset: str = opt("synthetic", "Dataset: synthetic (seeded C4-format shards), c4_test (2,000 generated C4-format "
                        "documents, torchtitan's name for its small test set), c4, c4_validation, or files")
     dataset_path: str | None = opt(None, "c4: a mirror's root, its en/ folder or any folder of c4-train shards (default the hub); "

@@ -24,7 +24,7 @@ from raytitan.components.data.tokenizer import build_tokenizer
 from raytitan.components.loss import build_loss
 from raytitan.components.metrics import METRICS_FILE, MetricsLogger
 from raytitan.components.optimizer import LRSchedulerState, build_lr_scheduler, build_optimizer
-from raytitan.config.job import JobConfig
+from raytitan.config.job import ConfigError, JobConfig
 from raytitan.distributed import float8
 from raytitan.distributed.context import load_balanced_positions
 from raytitan.distributed.dims import ParallelDims
@@ -134,7 +134,7 @@ def build_model_parts(plan, mesh, config: JobConfig, device: torch.device) -> tu
     """This rank's model parts: the whole model, or its pipeline stages. Each is built on the meta
     device, parallelized, materialized on ``device`` and initialized. Returns (parts, their stage
     indices, number of stages)."""
-    args, p, spec = plan.model_args, config.parallelism, get_spec(config.model.name)
+    args, p, spec = with_aux_loss(plan.model_args, plan.dims, config), config.parallelism, get_spec(config.model.name)
     pp_mesh = ParallelDims.submesh(mesh, "pp")
     if pp_mesh is None:
         stage_ids, stages, layers = [0], 1, [list(range(args.n_layers))]
@@ -189,6 +189,25 @@ def build_runner(parts: list[torch.nn.Module], stage_ids: list[int], stages: int
                        autocast_dtype=autocast, pipeline=schedule(plan.local_batch_size),
                        eval_pipeline=schedule(config.validation.local_batch_size) if config.validation.enable else None,
                        pipeline_loss=loss, is_last_stage=stages - 1 in stage_ids, document_start=document_start)
+
+
+def with_aux_loss(args, dims: ParallelDims, config: JobConfig):
+    """The model args with ``training.load_balance_loss_weight`` as the MoE layers' auxiliary loss
+    weight. The loss is a per-sequence statistic of the routing, so every rank must route whole
+    sequences and add it to its own loss: not under tensor parallel (sequence shards), context
+    parallel (sequence shards) or pipeline parallel (the schedule owns the backward)."""
+    weight = config.training.load_balance_loss_weight
+    if weight == 0:
+        return args
+    key = f"training.load_balance_loss_weight = {weight}"
+    if not hasattr(args, "aux_loss_alpha"):
+        raise ConfigError(f"{key} needs a Mixture-of-Experts model; model.name = {config.model.name!r} has no "
+                          "auxiliary loss: set it to 0")
+    for degree, name in ((dims.tp, "tensor"), (dims.cp, "context"), (dims.pp, "pipeline")):
+        if degree > 1:
+            raise ConfigError(f"{key} does not combine with {name} parallel yet: set it to 0 (balancing by the "
+                              f"routing bias alone) or parallelism.{name}_parallel_degree = 1")
+    return dataclasses.replace(args, aux_loss_alpha=weight)
 
 
 def model_facts(config: JobConfig, plan, tokenizer) -> dict:

@@ -222,6 +222,7 @@ class Trainer:
         self.guard = guard or NonFiniteGuard()
         self.group = group  # every rank that trains (None: the default group), for the weights check
         self.snapshots = snapshots  # memory snapshots (``checkpoint.memory_interval``), where the launcher keeps them
+        self.aux_loss: torch.Tensor | None = None  # the last step's auxiliary loss (MoE balance), if the model has one
 
     def weights_finite(self) -> bool:
         """Whether every training rank's share of the weights is finite (one all-reduce)."""
@@ -238,18 +239,23 @@ class Trainer:
         mean loss and the gradient norm as tensors (read them only where they are logged), and
         whether the update was applied: not when the loss or gradient norm is not finite.
 
-        Each microbatch's summed loss is divided by the *global* target-token count, and
-        gradients are summed over ranks, so the update is the same however the global
-        batch is split across ranks and microbatches.
+        Each microbatch's summed loss is divided by the *global* target-token count (an
+        auxiliary loss, a mean over sequences, is weighed by the microbatch's share of the global
+        batch's sequences), and gradients are summed over ranks, so the update is the same however
+        the global batch is split across ranks and microbatches. The auxiliary loss of the step
+        (global, not in the returned loss) is kept in ``aux_loss`` for the log.
         """
         inputs, labels = tokens[:, :-1], tokens[:, 1:]
-        global_tokens = all_reduce_sum(self.runner.target_tokens(labels), self.loss_group)
+        counts = torch.stack([self.runner.target_tokens(labels), torch.tensor(float(len(tokens)), device=self.device)])
+        global_tokens, global_sequences = all_reduce_sum(counts, self.loss_group)
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), device=self.device)
         for mb_inputs, mb_labels in zip(inputs.split(self.local_batch_size), labels.split(self.local_batch_size)):
-            loss_sum += self.runner.forward_backward(mb_inputs, mb_labels, global_tokens)
+            loss_sum += self.runner.forward_backward(mb_inputs, mb_labels, global_tokens, global_sequences)
+        aux = self.runner.take_aux_loss()  # MoE balance loss, already in the backward (None: none)
         # Summed over data/context ranks; over pipeline stages, of which only the last has a loss.
-        loss = all_reduce_sum(loss_sum, self.loss_group, self.pp_group)
+        sums = all_reduce_sum(loss_sum if aux is None else torch.stack([loss_sum, aux]), self.loss_group, self.pp_group)
+        loss, self.aux_loss = (sums, None) if aux is None else (sums[0], sums[1])
         grad_norm = clip_grad_norm_(self.params, self.max_norm, self.pp_group)
         applied = is_finite(loss, grad_norm)  # both global: every rank decides the same
         if applied:
@@ -321,6 +327,8 @@ class Trainer:
                 metrics["training/skipped_steps"] = self.guard.skipped
                 metrics.update(self.loader.metrics())
                 metrics.update(self.model_metrics())
+                if self.aux_loss is not None:
+                    metrics["moe/aux_loss"] = self.aux_loss.item()
                 self.metrics.log(metrics)
             if self.validator and self.schedule.validates(step):
                 validation = {"validation/loss": self.validator.evaluate()}

@@ -4,7 +4,8 @@ Plain and FSDP/TP models run forward and backward directly; pipelined ones hand 
 their schedule. Context parallel ranks score only the positions they hold, and a vocab-sharded
 output is scored under ``loss_parallel``. With block-causal attention every model part (every
 pipeline stage, through the schedule's keyword arguments, split per microbatch like the inputs)
-also gets the rows' ``document_ids``. The trainer's loop stays the same for all of them.
+also gets the rows' ``document_ids``. A model with an auxiliary loss (MoE balance) adds it to
+the loss before backward. The trainer's loop stays the same for all of them.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 from raytitan.components.loss import IGNORE_INDEX, cross_entropy_sum
 from raytitan.distributed.attention import document_ids
 from raytitan.distributed.context import shard_sequence
+from raytitan.models.moe import aux_loss
 
 
 def _plain(t: torch.Tensor) -> torch.Tensor:
@@ -51,6 +53,12 @@ class ModelRunner:
         self.autocast_dtype = autocast_dtype
         self.loss_parallel, self.pipeline, self.eval_pipeline = loss_parallel, pipeline, eval_pipeline
         self.pipeline_loss, self.is_last_stage = pipeline_loss, is_last_stage
+        self.aux_loss_sum: torch.Tensor | None = None  # since the loop last took it (``take_aux_loss``)
+
+    def take_aux_loss(self) -> torch.Tensor | None:
+        """The auxiliary loss summed over the microbatches since the last call (None: none)."""
+        aux, self.aux_loss_sum = self.aux_loss_sum, None
+        return aux
 
     def _loss_context(self):
         return loss_parallel() if self.loss_parallel else contextlib.nullcontext()
@@ -74,14 +82,25 @@ class ModelRunner:
         """How many of the labels this rank scores."""
         return (self.local(labels) != IGNORE_INDEX).sum().to(torch.float32)
 
-    def forward_backward(self, inputs: torch.Tensor, labels: torch.Tensor, scale: float) -> torch.Tensor:
-        """Backward of (summed loss / scale); returns that loss, detached (zero off the last stage)."""
+    def forward_backward(self, inputs: torch.Tensor, labels: torch.Tensor, scale: float,
+                         sequences: float | None = None) -> torch.Tensor:
+        """Backward of (summed loss / scale) plus the model's auxiliary loss, if it has one (MoE
+        layers with ``aux_loss_alpha > 0``): a mean over this microbatch's rows, weighed by their
+        share of the ``sequences`` of the global batch, so that the microbatches' terms add up to
+        the mean over the global batch. Returns the summed loss / scale, detached (zero off the
+        last stage); the weighed auxiliary loss is added to ``aux_loss_sum``."""
         (inputs, extra), labels = self.model_inputs(inputs), self.local(labels)
         with self._loss_context():
             if self.pipeline is None:
                 with self._autocast(inputs.device):
                     loss = self.loss_fn(self.parts[0](inputs, **extra), labels) / scale
-                loss.backward()
+                aux = aux_loss(self.parts[0])
+                if aux is None:
+                    loss.backward()
+                else:
+                    aux = aux * (inputs.shape[0] / (sequences or inputs.shape[0]))
+                    (loss + aux).backward()
+                    self.aux_loss_sum = aux.detach() if self.aux_loss_sum is None else self.aux_loss_sum + aux.detach()
                 return _plain(loss.detach())
             with self._autocast(inputs.device):
                 return self._pipelined(functools.partial(self.pipeline.step, return_outputs=False), inputs, labels,

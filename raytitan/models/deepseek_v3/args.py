@@ -41,6 +41,8 @@ class ModelArgs:
     n_expert_groups: int = 1  # n_group (1: no group-limited routing)
     n_limited_groups: int = 1  # topk_group
     load_balance_coeff: float | None = 1e-3
+    # Sequence-wise auxiliary balance loss weight (0: off); set from training.load_balance_loss_weight.
+    aux_loss_alpha: float = 0.0
     vocab_size: int | None = None  # None: sized to the tokenizer
     norm_eps: float = 1e-6
     rope_theta: float = 10000.0
@@ -84,6 +86,7 @@ class ModelArgs:
                        score_func=self.score_func, route_norm=self.route_norm, route_scale=self.route_scale,
                        num_shared_experts=self.num_shared_experts, n_expert_groups=self.n_expert_groups,
                        n_limited_groups=self.n_limited_groups, load_balance_coeff=self.load_balance_coeff,
+                       aux_loss_alpha=self.aux_loss_alpha,
                        use_grouped_mm=self.use_grouped_mm)
 
     def with_vocab(self, tokenizer_vocab_size: int) -> ModelArgs:

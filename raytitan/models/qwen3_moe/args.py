@@ -26,6 +26,8 @@ class ModelArgs:
     route_norm: bool = True  # norm_topk_prob
     # Auxiliary-loss-free balancing (raytitan's training choice; the releases carry no bias).
     load_balance_coeff: float | None = 1e-3
+    # Sequence-wise auxiliary balance loss weight (0: off); set from training.load_balance_loss_weight.
+    aux_loss_alpha: float = 0.0
     vocab_size: int | None = None  # None: sized to the tokenizer
     norm_eps: float = 1e-6
     rope_theta: float = 1000000.0
@@ -41,6 +43,7 @@ class ModelArgs:
     def moe(self) -> MoEArgs:
         return MoEArgs(dim=self.dim, moe_inter_dim=self.moe_inter_dim, num_experts=self.num_experts, top_k=self.top_k,
                        score_func="softmax", route_norm=self.route_norm, load_balance_coeff=self.load_balance_coeff,
+                       aux_loss_alpha=self.aux_loss_alpha,
                        use_grouped_mm=self.use_grouped_mm)
 
     def with_vocab(self, tokenizer_vocab_size: int) -> ModelArgs:
