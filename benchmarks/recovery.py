@@ -102,6 +102,7 @@ def main() -> None:
     for row in rows:
         row["tokens/s/device"] = rates[row["mode"]]
         row["rate vs disk only"] = rates[row["mode"]] / baseline
+        row["rate runs"] = [round(r) for r in samples[row["mode"]]]  # the spread behind the median
     print_table(rows, list(rows[0]))
     record("recovery", vars(args), rows)
 
