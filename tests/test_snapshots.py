@@ -8,6 +8,7 @@ restore falls back to the disk checkpoint saying what it costs, and a snapshot k
 commit leaves the previous one the newest. Drill (a) runs through Ray Train in tests/test_elastic.py.
 """
 
+import json
 import threading
 
 import pyarrow.fs as pafs
@@ -216,9 +217,26 @@ def test_a_snapshot_killed_before_its_commit_leaves_the_previous_one_newest(shar
 def test_the_memory_needed_is_reported_and_refused_above_the_share():
     gib = float(1 << 30)
     line = check_memory(1_000_000_000, replicas=1, node_memory={"a": 256 * gib, "b": 256 * gib}, share=0.5)
-    # 12 GB per snapshot x 2 copies x 2 held, over 2 nodes
-    assert "11.18 GiB each, 2 copies, 2 held: 22.35 GiB per node over 2 node(s)" in line
+    # 12 GB per snapshot x 2 copies x 3 held (the newest complete one, two being written), over 2 nodes
+    assert "11.18 GiB each, 2 copies, 3 held: 33.53 GiB per node over 2 node(s)" in line
     with pytest.raises(ValueError, match="memory_max_node_share = 0.05 of the smallest node's 64.0 GiB"):
         check_memory(1_000_000_000, replicas=1, node_memory={"a": 256 * gib, "b": 64 * gib}, share=0.05)
     one_node = check_memory(1_000_000, replicas=3, node_memory={"a": 8 * gib}, share=0.5)
     assert "1 copy" in one_node  # no other node to hold a replica
+
+
+def test_a_store_counts_a_snapshot_once_every_rank_sealed_it_and_keeps_at_most_two_being_written():
+    store = SnapshotStore()  # the actor's class, called in this process
+    store.register_layout("run", "L", 2, b"metadata", {"model": "tiny"})
+    for step in (1, 2, 3, 4):  # rank 0 is ahead; rank 1's parts have not come
+        store.put_part(f"run/step-{step}/__0-L.raw", b"\x01" * 8, b"t", "run", "L", step)
+        store.seal("run", "L", step, 0)
+    assert sorted(store.sizes("run")) == ["run/step-3/__0-L.raw", "run/step-4/__0-L.raw"]  # no COMMITTED
+    store.put_part("run/step-4/__1-L.raw", b"\x02" * 8, b"t", "run", "L", 4)
+    assert "run/step-4/COMMITTED" not in store.sizes("run")  # written, not yet sealed
+    store.seal("run", "L", 4, 1)
+    assert sorted(store.sizes("run")) == ["run/step-4/.metadata", "run/step-4/COMMITTED", "run/step-4/__0-L.raw",
+                                          "run/step-4/__1-L.raw"]
+    marker = json.loads(store.get("run/step-4/COMMITTED"))
+    assert (marker["step"], marker["world_size"], marker["format"], marker["model"]) == (4, 2, "raw", "tiny")
+    assert store.get("run/step-4/.metadata") == b"metadata" and store.get("run/step-4/__1-L.raw") == b"\x02" * 8 + b"t"

@@ -479,7 +479,7 @@ def mount(launch: str, replicas: int) -> str:
 # What a snapshot holds per parameter: fp32 weights and Adam's two fp32 moments (the rest of the
 # state, schedule and data cursor, is a few bytes).
 BYTES_PER_PARAMETER = 12
-SNAPSHOTS_HELD = 2  # the newest complete one, and the one being written
+SNAPSHOTS_HELD = 1 + PENDING_KEPT  # the newest complete one, and the newer ones being written
 
 
 def check_memory(n_params: int, replicas: int, node_memory: dict[str, float], share: float) -> str:
