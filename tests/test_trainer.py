@@ -571,3 +571,22 @@ def test_the_auxiliary_loss_weight_needs_an_moe_model_and_whole_sequences_on_eac
         with pytest.raises(ConfigError, match=rf"does not combine with {name} parallel yet.*"
                                               rf"parallelism.{name}_parallel_degree = 1"):
             with_aux_loss(FLAVORS["debugmodel"], ParallelDims(*layout), config)
+
+
+def test_the_auxiliary_loss_gradient_is_the_same_under_full_activation_checkpointing():
+    """The recomputed forward routes again; the auxiliary loss kept from the first forward still
+    reaches the router through the recomputation, with the same gradients as without it."""
+    from raytitan.distributed.activation_checkpoint import apply_activation_checkpointing
+
+    model, twin = moe_twins(0.05)
+    apply_activation_checkpointing(twin, "full")
+    tokens = torch.randint(0, 61, (4, 17))
+    grads = []
+    for m in (model, twin):
+        runner = ModelRunner([m])
+        runner.forward_backward(tokens[:, :-1], tokens[:, 1:], float(tokens[:, 1:].numel()), 4.0)
+        assert runner.take_aux_loss() > 0
+        grads.append({n.replace("_checkpoint_wrapped_module.", ""): p.grad for n, p in m.named_parameters()})
+    assert grads[0].keys() == grads[1].keys()
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, rtol=1e-5, atol=1e-7, msg=name)
