@@ -346,7 +346,9 @@ def num_experts(args: Any) -> int | None:
 
 def check_expert_parallel(config: JobConfig, dims: ParallelDims, args: Any) -> None:
     """What expert parallel needs beyond the mesh (``ParallelDims`` checks that it divides the
-    shard degree and that tensor, context and pipeline parallel are off)."""
+    shard degree left by tensor, pipeline and context parallel, and that context parallel is off):
+    an MoE model whose experts it divides, and no per-op activation checkpointing. Tensor and
+    pipeline parallel, compile and Float8 compose with it (docs/parallelism.md)."""
     key = f"parallelism.expert_parallel_degree = {dims.ep}"
     n = num_experts(args)
     if not n:

@@ -5,7 +5,10 @@ mesh has no ``dp_shard`` dimension of its own but two, ``efsdp`` x ``ep`` (ep in
 ``dp_shard`` is their flattened view, so everything that asks for ``dp_shard`` (FSDP of the
 dense weights, data rows, loss reduction) sees the same ranks as without expert parallel. Experts
 are split over ``ep`` and their weights FSDP-sharded over ``efsdp`` (and replicated over
-``dp_replicate`` under HSDP)."""
+``dp_replicate`` under HSDP). Pipeline and tensor parallel take their ranks first (the mesh is
+``pp, dp_replicate, efsdp, ep, cp, tp``); context parallel does not combine with expert parallel.
+Under tensor parallel a flattened ``dp_shard_tp`` view is added: the FSDP mesh of the modules that
+run on each tp rank's own sequence shard (``sequence_local_mesh``)."""
 
 from __future__ import annotations
 

@@ -5,6 +5,13 @@ layers (and, with ``enable_fsdp_float8_all_gather``, all-gathers them in float8)
 names do not change, so checkpoints load with float8 on or off. ``emulate`` runs the float8
 casts with high-precision matmuls: the numerics can be checked on machines (and CPUs) without
 float8 hardware.
+
+Mixture-of-Experts models: only ``nn.Linear`` layers are converted (attention projections, dense
+feed-forwards, shared experts). The grouped experts (``raytitan.models.moe.GroupedExperts``:
+stacked weights and one grouped matmul, not nn.Linear) always compute in the training precision;
+the MoE families add ``router.gate`` to ``filter_fqns`` (their ``parallelize``), so experts are
+chosen from high-precision scores. This holds with and without expert, tensor and pipeline
+parallel (tests/parallel/test_expert_parallel.py checks what is converted).
 """
 
 from __future__ import annotations

@@ -119,6 +119,42 @@ def test_moe_experts_declare_the_weights_expert_parallel_splits():
     assert expert_modules(meta("llama3")) == []
 
 
+@pytest.mark.parametrize("name", ["qwen3_moe", "deepseek_v3"])
+def test_float8_converts_no_router_and_no_grouped_experts(name):
+    """Float8 (torchao's Float8Linear) swaps nn.Linear layers only: an MoE family's conversion
+    settings (its ``parallelize``'s ``float8_settings``) keep every router gate in high precision,
+    and the grouped experts (stacked Parameters, not nn.Linear) are never converted; attention,
+    dense feed-forwards and DeepSeek-V3's shared experts are. On the meta device, as a run
+    converts before parallelizing."""
+    import dataclasses
+
+    import torch
+    from torchao.float8.float8_linear import Float8Linear
+
+    from raytitan.config.job import Float8
+    from raytitan.distributed.float8 import convert_to_float8
+    from raytitan.models import get_spec
+    from raytitan.models.moe import GroupedExperts
+    from raytitan.models.qwen3_moe.parallelize import float8_settings
+    from raytitan.models.spec import build_meta
+
+    spec = get_spec(name)
+    model = build_meta(spec, dataclasses.replace(spec.flavor("debugmodel"), vocab_size=256))
+    linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    settings = float8_settings(Float8(emulate=True))
+    assert settings.filter_fqns == ["output", "router.gate"]
+    converted = convert_to_float8(model, settings)
+    gates = {n for n in linears if n.endswith("router.gate")}
+    assert len(gates) == sum(1 for m in model.modules() if isinstance(m, GroupedExperts)) > 0
+    assert set(converted) == linears - gates - {"output"}
+    assert all(isinstance(dict(model.named_modules())[n], Float8Linear) for n in converted)
+    assert not any(isinstance(m, Float8Linear) for n, m in model.named_modules() if "router" in n)
+    assert all(type(m) is GroupedExperts and type(m.w1) is torch.nn.Parameter
+               for m in model.modules() if isinstance(m, GroupedExperts))
+    if name == "deepseek_v3":
+        assert any("shared_experts" in n for n in converted) and any("feed_forward" in n for n in converted)
+
+
 # --------------------------------------------------------------------------- on 4 gloo ranks (slow)
 
 
@@ -150,8 +186,8 @@ def test_expert_parallel_trains_like_one_process_and_reshards_its_experts(tmp_pa
     relative). On 2 ranks: the elastic EP 4 run, restarted after losing two workers, re-plans to
     EP 2 (local batch 2 x accumulation 2), and EP 2's step 3 from 4 ranks resumes with full
     activation checkpointing (the recomputed forward dispatches again); both give the
-    uninterrupted steps 4 and 5. And EP 2 with compiled blocks (the experts eager) gives the 5
-    reference losses.
+    uninterrupted steps 4 and 5. And EP 2 with compiled blocks (the experts eager) and TP 2
+    without data parallel give the 5 reference losses.
 
     Under pipeline and tensor parallel the expert-load metrics rank 0 logs (every layer's, from
     the counts the bias update summed) are those of plain EP 2: every stage's layers reported, the
@@ -177,16 +213,18 @@ def test_expert_parallel_trains_like_one_process_and_reshards_its_experts(tmp_pa
     compiled = config(tmp_path, data_dir, "ep2_compiled", {"expert_parallel_degree": 2}, local_batch=4,
                       initial_load_path=seed)
     compiled.compile.enable, compiled.compile.components = True, ["model"]
-    shrunk, ep2_on_two, ep2_compiled = run_ranks([
+    shrunk, ep2_on_two, ep2_compiled, tp2 = run_ranks([
         elastic,
         config(tmp_path, data_dir, "ep2_on_two", {"expert_parallel_degree": 2}, ac="full",
                initial_load_path=step_folder(tmp_path, "ep2", 3), initial_load_model_only=False,
                enable=True, interval=1000),
         compiled,
+        # TP alone (no data parallel): the MoE layers are FSDP-sharded over the tp ranks only.
+        config(tmp_path, data_dir, "tp2", {"tensor_parallel_degree": 2}, local_batch=8, initial_load_path=seed),
     ], 2, str(tmp_path))
     reference = one["losses"]
     assert len(reference) == STEPS
-    for run in [*four.values(), ep2_compiled]:
+    for run in [*four.values(), ep2_compiled, tp2]:
         assert run["losses"] == pytest.approx(reference, rel=1e-4)
     for run in (shrunk, ep2_on_two):
         assert run["losses"] == pytest.approx(reference[3:], rel=1e-4)
@@ -200,4 +238,4 @@ def test_expert_parallel_trains_like_one_process_and_reshards_its_experts(tmp_pa
         for m, p in zip(logged, plain):
             assert m == pytest.approx(p, rel=1e-6), name
     print("max relative difference:", {name: max(abs(a - b) / abs(b) for a, b in zip(run["losses"], reference))
-                                       for name, run in [*four.items(), ("ep2_compiled", ep2_compiled)]})
+                                       for name, run in [*four.items(), ("ep2_compiled", ep2_compiled), ("tp2", tp2)]})

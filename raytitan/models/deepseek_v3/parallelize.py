@@ -1,8 +1,8 @@
-"""DeepSeek-V3's layouts in this first version: data parallel (FSDP / HSDP), with activation
+"""DeepSeek-V3's layouts: data parallel (FSDP / HSDP) and pipeline parallel, with activation
 checkpointing and compile, the shared steps of ``raytitan.distributed.parallelize`` (which also
-apply expert parallel to the MoE layers' experts, generically). No tensor, context or pipeline
-parallel yet: the spec refuses tensor and context parallel and ``check_layout`` pipeline parallel,
-before launch."""
+apply expert parallel to the MoE layers' experts, generically; a stage of dense layers only has
+none to split). No tensor parallel (latent attention has no plan yet) and no context parallel:
+the spec refuses them before launch."""
 
 from __future__ import annotations
 
@@ -22,4 +22,4 @@ def parallelize_deepseek_v3(model: Transformer, dims, mesh: DeviceMesh, config) 
 
 
 def check_layout(args, dims) -> None:
-    """Data parallel only for now."""
+    """Nothing beyond the shared checks (the spec refuses tensor and context parallel)."""
