@@ -7,10 +7,16 @@ a bounded number of them ahead. It outlives worker-group restarts; a request for
 it does not hold (a resume) restarts the pipeline there. When the feeder itself dies, Ray
 starts it again and resends the requests in flight (``raytitan.ray.launcher.start_feeder``):
 the ranks' cursors restart the pipeline where they are.
+
+Ranks ask their node's ``DataRelay`` (one per node and launch, started by the launcher), which
+fetches each global batch once from the feeder and cuts every rank's slice, so the feeder's
+work per step grows with the nodes, not the ranks; a rank on a node without a relay asks the
+feeder itself.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import threading
@@ -276,6 +282,7 @@ def data_source_error(error: BaseException | None) -> DataSourceError | None:
     return None
 
 
+INLINE_BYTES = 100 * 1024  # Ray returns results up to this size inline (ray_config max_direct_call_object_size)
 REPLAY_BYTES = 512 * 2**20  # what a feeder may hold of batches already served, for restarts
 
 
@@ -322,6 +329,9 @@ class DataFeeder:
         self._error: BaseException | None = None
         self.rows_produced = 0
         self.restarts = 0  # of the pipeline: at the first request, then when a cursor is not at hand
+        self.requests = 0  # calls answered: ranks' requests, relays' fetches and position reports
+        self._newest_asked: Cursor | None = None  # the newest cursor a relay fetched (demand)
+        self._refs: dict = {}  # cursor -> the batch put in the object store for relays (large batches)
 
     def _produce(self, start: Cursor, generation: int) -> None:
         try:
@@ -352,6 +362,8 @@ class DataFeeder:
         self._next_start, self._error = start, None
         self._produced_in_generation = 0
         self._asked.clear()
+        self._newest_asked = None
+        self._refs.clear()
         threading.Thread(target=self._produce, args=(start, self._generation), daemon=True).start()
 
     def _evict(self, readers: int) -> None:
@@ -380,6 +392,33 @@ class DataFeeder:
         self._buffer = OrderedDict([*((b.start, b) for b in chain), *self._buffer.items()])
         return True
 
+    def _take(self, cursor: Cursor, reset: bool, readers: int, place) -> GlobalBatch:
+        """The global batch at ``cursor``, once the pipeline has it; ``place()`` records the asker's
+        position (under the lock, before the buffer is trimmed)."""
+        with self._cond:
+            self.requests += 1
+            if reset:
+                self._positions.clear()
+                self._newest_asked = None
+                self._replay_from(cursor)
+                while self._buffer and next(iter(self._buffer)) < cursor:
+                    self._buffer.popitem(last=False)
+            # A rank's request one batch ahead of the pipeline (its next request, sent to a feeder
+            # that Ray restarted after the one before it) waits: the pipeline gets there.
+            ahead = not reset and self._next_start is not None and self._next_start < cursor
+            if cursor not in self._buffer and cursor != self._next_start and not ahead:
+                self._restart(cursor)
+            elif cursor not in self._buffer and not reset and self._produced_in_generation >= self.prefetch:
+                self._starving = True  # past its start-up, the pipeline has nothing ready for this rank
+            place()
+            self._evict(readers)
+            self._cond.wait_for(lambda: cursor in self._buffer or self._error is not None)
+            if self._error is not None:
+                if (data_error := data_source_error(self._error)) is not None:
+                    raise data_error from None  # the data's own message, not Ray Data's wrapping of it
+                raise RuntimeError(f"data pipeline failed: {self._error!r}") from self._error
+            return self._buffer[cursor]
+
     def get(self, start: list[int], dp_rank: int, dp_size: int, reset: bool = False,
             reader: int | None = None, readers: int | None = None):
         """This rank's rows of the global batch starting at ``start``, where the next one starts,
@@ -391,31 +430,53 @@ class DataFeeder:
         reader = dp_rank if reader is None else reader
         readers = dp_size if readers is None else readers
         cursor = Cursor(*start)
-        with self._cond:
-            if reset:
-                self._positions.clear()
-                self._replay_from(cursor)
-                while self._buffer and next(iter(self._buffer)) < cursor:
-                    self._buffer.popitem(last=False)
-            # A rank's request one batch ahead of the pipeline (its next request, sent to a feeder
-            # that Ray restarted after the one before it) waits: the pipeline gets there.
-            ahead = not reset and self._next_start is not None and self._next_start < cursor
-            if cursor not in self._buffer and cursor != self._next_start and not ahead:
-                self._restart(cursor)
-            elif cursor not in self._buffer and not reset and self._produced_in_generation >= self.prefetch:
-                self._starving = True  # past its start-up, the pipeline has nothing ready for this rank
+
+        def place():
             if reader == 0 and (not self._positions or self._positions.get(0) != cursor):
                 self._asked.append(time.monotonic())
             self._positions[reader] = cursor
-            self._evict(readers)
-            self._cond.wait_for(lambda: cursor in self._buffer or self._error is not None)
-            if self._error is not None:
-                if (data_error := data_source_error(self._error)) is not None:
-                    raise data_error from None  # the data's own message, not Ray Data's wrapping of it
-                raise RuntimeError(f"data pipeline failed: {self._error!r}") from self._error
-            batch = self._buffer[cursor]
+
+        batch = self._take(cursor, reset, readers, place)
         tokens, ids = batch.rows_for(dp_rank, dp_size)
         return tokens, ids, batch.end.as_list(), batch.bad_records
+
+    def fetch(self, start: list[int], reset: bool, covered: list[int], position: list[int], readers: int):
+        """The whole global batch at ``start``, for a relay (``DataRelay``): ``(tokens, ids, end,
+        bad_records)``, or, when larger than Ray sends inline, a reference to it, put in the object
+        store once however many relays ask. ``covered``: the readers the relay serves, every one at
+        ``position`` or later (their slowest); batches before it may be dropped for them."""
+        cursor, position = Cursor(*start), Cursor(*position)
+
+        def place():
+            if self._newest_asked is None or cursor > self._newest_asked:  # demand: each batch's first ask
+                self._asked.append(time.monotonic())
+                self._newest_asked = cursor
+            self._place_covered(covered, position)
+
+        batch = self._take(cursor, reset, readers, place)
+        with self._cond:
+            for key in [k for k in self._refs if k not in self._buffer]:
+                del self._refs[key]
+            value = (batch.tokens, batch.ids, batch.end.as_list(), batch.bad_records)
+            if batch.tokens.nbytes + batch.ids.nbytes <= INLINE_BYTES:
+                return value
+            if cursor not in self._refs:
+                import ray
+
+                self._refs[cursor] = ray.put(value)
+            return self._refs[cursor]
+
+    def advance(self, covered: list[int], position: list[int], readers: int) -> None:
+        """A relay's readers all moved to ``position`` or later (sent when their slowest moves on):
+        batches before it may be dropped for them."""
+        with self._cond:
+            self.requests += 1
+            self._place_covered(covered, Cursor(*position))
+            self._evict(readers)
+
+    def _place_covered(self, covered: list[int], position: Cursor) -> None:
+        for reader in covered:
+            self._positions[reader] = position
 
     def warm_start(self) -> None:
         """Start the stream at its beginning before any rank asks: a fresh run's pipeline then
@@ -444,23 +505,205 @@ class DataFeeder:
                 self._last_stats = (now, tokens)
             return {"buffered_batches": len(self._buffer), "replayable_batches": len(self._served),
                     "rows_produced": self.rows_produced, "pipeline_restarts": self.restarts,
+                    "requests": self.requests,
                     "tokens_per_s": (tokens - before) / max(now - then, 1e-9),
                     "packers": self.pipeline.packers, "packer_tokens_per_s": self.pipeline.packer_tokens_per_s,
                     "shard_items_read": self.pipeline.items_admitted}
 
 
+RELAY_PREFIX = "raytitan-relay-"  # relay actor names: RELAY_PREFIX + launch id + "-" + node id
+RELAY_KEEP = 8  # global batches a relay holds per feed at most (its ranks need one or two)
+FETCH_ATTEMPTS = 5  # a batch's object lost with a restarted feeder: fetched again this many times
+
+
+def relay_name(launch: str, node_id: str) -> str:
+    return f"{RELAY_PREFIX}{launch}-{node_id}"
+
+
+@dataclass
+class _RelayFeed:
+    """What a relay knows of one feeder's stream: batches held, fetches under way, its ranks' cursors."""
+
+    producer: object
+    cache: OrderedDict = None  # cursor -> (tokens, ids, end, bad_records)
+    fetching: dict = None  # cursor -> the task fetching it from the feeder
+    positions: dict = None  # reader -> newest cursor it asked this relay for
+    readers: int = 1
+    reported: Cursor | None = None  # the slowest position the feeder was last told
+    reset_at: Cursor | None = None  # a restart at this cursor was passed on to the feeder
+
+    def __post_init__(self):
+        self.cache, self.fetching, self.positions = OrderedDict(), {}, {}
+
+
+class DataRelay:
+    """Serves one node's ranks their slices of the feeders' global batches; an async Ray actor.
+
+    One feeder answering every rank does work per step in proportion to the ranks (about 0.6-0.9 ms
+    of CPU a request, answered one after another: docs/performance.md). A relay fetches each global
+    batch once from its feeder, by cursor (``DataFeeder.fetch``), and cuts every rank's slice
+    itself; the feeder answers one fetch and one position report per relay and step. Every batch
+    still comes by cursor from the one stream, so the order, each rank's rows and resume on any
+    data-parallel degree are the feeder's. A relay holds nothing that a restart could lose: a
+    restarted one (Ray's ``max_restarts``) fetches what its ranks ask for again."""
+
+    def __init__(self, producers: dict[str, str]):
+        """``producers``: feed purpose -> the feeder actor's name (handles among a restartable actor's
+        arguments would be kept in the object store, and a restart could find them gone)."""
+        import ray
+
+        self._feeds = {purpose: _RelayFeed(ray.get_actor(name)) for purpose, name in producers.items()}
+        self.requests = 0
+
+    def _feed(self, purpose: str) -> _RelayFeed:
+        if purpose not in self._feeds:
+            raise KeyError(f"this relay serves the feeds {sorted(self._feeds)}, not {purpose!r}")
+        return self._feeds[purpose]
+
+    async def get(self, purpose: str, start: list[int], dp_rank: int, dp_size: int, reset: bool = False,
+                  reader: int | None = None, readers: int | None = None):
+        """``DataFeeder.get``, answered from the batch this relay fetched once for all its ranks."""
+        self.requests += 1
+        feed = self._feed(purpose)
+        reader = dp_rank if reader is None else reader
+        feed.readers = dp_size if readers is None else readers
+        cursor = Cursor(*start)
+        forward_reset = False
+        if reset:  # this rank (re)starts here: the cursors asked before belong to a group that is gone
+            feed.positions.clear()
+            for key in [k for k in feed.cache if k < cursor]:
+                del feed.cache[key]
+            forward_reset = feed.reset_at != cursor  # the feeder hears of a restart once per relay
+        feed.positions[reader] = cursor
+        batch = None if forward_reset else feed.cache.get(cursor)
+        if batch is None:
+            task = None if forward_reset else feed.fetching.get(cursor)
+            if task is None:
+                if forward_reset:
+                    feed.reset_at = cursor
+                task = feed.fetching[cursor] = asyncio.ensure_future(self._fetch(feed, cursor, forward_reset))
+            batch = await asyncio.shield(task)
+        self._trim(feed)
+        tokens, ids, end, bad = batch
+        per_rank = len(tokens) // dp_size
+        rows = slice(dp_rank * per_rank, (dp_rank + 1) * per_rank)
+        return tokens[rows], ids[rows], end, bad
+
+    async def _fetch(self, feed: _RelayFeed, cursor: Cursor, reset: bool):
+        import ray
+
+        try:
+            for attempt in range(FETCH_ATTEMPTS):
+                covered, slowest = sorted(feed.positions), min(feed.positions.values())
+                try:
+                    value = await feed.producer.fetch.remote(cursor.as_list(), reset, covered, slowest.as_list(),
+                                                             feed.readers)
+                    if isinstance(value, ray.ObjectRef):
+                        value = await value
+                except (ray.exceptions.OwnerDiedError, ray.exceptions.ObjectLostError):
+                    if attempt + 1 == FETCH_ATTEMPTS:
+                        raise
+                    continue  # the feeder that put it restarted: ask the new one
+                except Exception as e:
+                    if (data_error := data_source_error(e)) is not None:
+                        raise data_error from None
+                    raise
+                feed.reported = slowest
+                if not reset and feed.reset_at is not None and cursor > feed.reset_at:
+                    feed.reset_at = None  # moved on: a later restart at that cursor is a new one
+                tokens, ids, end, bad = value
+                feed.cache[cursor] = (tokens, ids, end, bad)
+                return feed.cache[cursor]
+        finally:
+            if feed.fetching.get(cursor) is asyncio.current_task():
+                del feed.fetching[cursor]
+
+    def _trim(self, feed: _RelayFeed) -> None:
+        """Drop the batches every rank here moved past; tell the feeder when the slowest moved."""
+        slowest = min(feed.positions.values())
+        for key in [k for k in feed.cache if k < slowest]:
+            del feed.cache[key]
+        while len(feed.cache) > RELAY_KEEP:
+            feed.cache.popitem(last=False)
+        if slowest != feed.reported:
+            feed.reported = slowest
+            feed.producer.advance.remote(sorted(feed.positions), slowest.as_list(), feed.readers)
+
+    def stats(self) -> dict:
+        return {"requests": self.requests,
+                "held_batches": {purpose: len(feed.cache) for purpose, feed in self._feeds.items()}}
+
+
+class Relays:
+    """The driver's side: a ``DataRelay`` on every alive node for one launch, as the snapshot stores
+    (``raytitan.ray.snapshots.SnapshotStores``) are placed; ``ensure`` again for nodes that join."""
+
+    def __init__(self, launch: str, producers: dict[str, str], relay_class=DataRelay):
+        """``producers``: feed purpose -> feeder actor name."""
+        self.launch, self.producers, self.relay_class = launch, producers, relay_class
+        self.actors: dict[str, object] = {}
+
+    def ensure(self, node_ids: set[str]) -> None:
+        """A relay on each of ``node_ids`` that has none yet."""
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        for node in sorted(node_ids - set(self.actors)):
+            # One request in flight per rank on the node; a restarted relay gets them again.
+            self.actors[node] = ray.remote(self.relay_class).options(
+                name=relay_name(self.launch, node), num_cpus=0, max_concurrency=4096, max_restarts=-1,
+                max_task_retries=-1, scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
+            ).remote(self.producers)
+
+    def close(self) -> None:
+        import ray
+
+        for actor in self.actors.values():
+            ray.kill(actor)
+        self.actors.clear()
+
+
+def node_relay(launch: str | None):
+    """This process's node's relay for ``launch``, or None (no relays, or none on this node: the
+    rank then asks the feeder itself, as before relays)."""
+    if launch is None:
+        return None
+    import ray
+
+    node = ray.get_runtime_context().get_node_id()
+    try:
+        return ray.get_actor(relay_name(launch, node))
+    except ValueError:
+        logger.warning("no data relay on this node (%s): this rank asks the data feeder directly", node[:8])
+        return None
+
+
+def ask(feeder, relay, purpose: str, start: Cursor, dp_rank: int, dp_size: int, reset: bool = False,
+        reader: int | None = None, readers: int | None = None):
+    """A rank's request for its rows of the batch at ``start``: to its node's relay, if it has one,
+    else to the feeder. Returns the call's ObjectRef."""
+    if relay is not None:
+        return relay.get.remote(purpose, start.as_list(), dp_rank, dp_size, reset, reader, readers)
+    return feeder.get.remote(start.as_list(), dp_rank, dp_size, reset, reader, readers)
+
+
 class RayFeedLoader(BatchLoader):
-    """Worker-side client of the DataFeeder; keeps one request in flight to hide latency."""
+    """Worker-side client of the DataFeeder; keeps one request in flight to hide latency.
+
+    With ``relays`` (the launch's id) it asks its node's ``DataRelay`` for the feed ``purpose``,
+    or the feeder itself where the node has none."""
 
     def __init__(self, feeder, global_batch_size: int, dp_rank: int, dp_size: int, reader: int | None = None,
-                 readers: int | None = None):
+                 readers: int | None = None, relays: str | None = None, purpose: str = "train"):
         super().__init__(global_batch_size, dp_rank, dp_size)
         self._feeder, self._reader, self._readers = feeder, reader, readers
+        self._relay, self._purpose = node_relay(relays), purpose
         self._inflight: tuple[Cursor, object] | None = None
         self._latencies: list[float] = []  # seconds from sending each request to its answer, since the last log
 
     def _request(self, start: Cursor, reset: bool = False):
-        ref = self._feeder.get.remote(start.as_list(), self.dp_rank, self.dp_size, reset, self._reader, self._readers)
+        ref = ask(self._feeder, self._relay, self._purpose, start, self.dp_rank, self.dp_size, reset, self._reader,
+                  self._readers)
         sent = time.perf_counter()
         # Timed when the answer arrives, not when the step asks for it (one request is always ahead).
         ref.future().add_done_callback(lambda _: self._latencies.append(time.perf_counter() - sent))

@@ -20,7 +20,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from raytitan.components.checkpoint.layout import committed_steps, newest_readable_step, step_dir
 from raytitan.config.job import ConfigError, JobConfig, to_toml
-from raytitan.ray.data_feed import DataFeeder, replay_batches
+from raytitan.ray.data_feed import DataFeeder, Relays, replay_batches
 from raytitan.trainer.elastic.growth import GrowRequestError, read_grow_request
 from raytitan.components.metrics import METRICS_FILE, read_metrics
 from raytitan.ray import progress
@@ -181,7 +181,16 @@ def _launch(config: JobConfig, plan, lease: RunLease) -> ray.train.Result:
             VALIDATION_PACKERS, 0.0)
     if starts_at_the_beginning(config):
         feeders["train"].warm_start.remote()
+    # A relay per node: the feeders answer nodes, not ranks.
+    relays = Relays(launch_id, {purpose: f"{FEEDER_PREFIX}{purpose}-{launch_id}" for purpose in feeders})
+    relays.ensure(NodeWatch.alive())
     stores = start_snapshot_stores(config, plan, launch_id)
+
+    def joined(nodes: set[str]) -> None:  # a node that joins gets a relay and, with snapshots, a store
+        relays.ensure(nodes)
+        if stores:
+            stores.ensure(nodes)
+
     t0 = time.perf_counter()
     wanted = progress.wanted(config.metrics.progress_bar)
     bar = progress.ProgressBar(config.run_dir, config.training.steps) if wanted else None
@@ -196,10 +205,10 @@ def _launch(config: JobConfig, plan, lease: RunLease) -> ray.train.Result:
             failures_left = config.ray.max_failures - failures_in(config.run_dir, attempts)
             attempts.add(attempt)
             trainer = _trainer(config, feeders, resources, failures_left=failures_left, attempt=attempt,
-                               snapshot_stores=stores and stores.launch)
+                               snapshot_stores=stores and stores.launch, relays=relays.launch)
             try:
-                # A lost node refreshes the view Ray Train sizes the next group from; a new one gets a store.
-                with NodeWatch(on_join=stores and stores.ensure):
+                # A lost node refreshes the view Ray Train sizes the next group from; a new one gets a relay (a store).
+                with NodeWatch(on_join=joined):
                     result = stop.run(attempt, trainer.fit, end_if=lambda: lease.lost)
             except TrainingStopped:
                 raise
@@ -215,6 +224,7 @@ def _launch(config: JobConfig, plan, lease: RunLease) -> ray.train.Result:
         stop.restore()
         if bar:
             bar.close()
+        relays.close()
         for feeder in feeders.values():
             ray.kill(feeder)
         if stores:
@@ -386,8 +396,8 @@ class NodeWatch:
                 if now - known and self.on_join:
                     try:
                         self.on_join(now)
-                    except Exception as e:  # the node's ranks then keep their snapshot parts on other nodes
-                        logger.warning("could not start a snapshot store on the new node(s) (%s: %s)",
+                    except Exception as e:  # its ranks then ask the feeder itself, keep snapshot parts elsewhere
+                        logger.warning("could not start a data relay or snapshot store on the new node(s) (%s: %s)",
                                        type(e).__name__, e)
                 known = now
         except Exception as e:  # never the run's failure: Ray Train decides again after its start timeout
@@ -395,7 +405,7 @@ class NodeWatch:
 
 
 def _trainer(config: JobConfig, feeders: dict, resources: dict, failures_left: int,
-             attempt: str | None = None, snapshot_stores: str | None = None) -> TorchTrainer:
+             attempt: str | None = None, snapshot_stores: str | None = None, relays: str | None = None) -> TorchTrainer:
     lo, hi = config.ray.worker_range
     # Ray's experiment folder is the run folder; on an object store, through the same filesystem.
     filesystem, parent = storage.resolve(config.run_dir.rsplit("/", 1)[0])
@@ -405,7 +415,7 @@ def _trainer(config: JobConfig, feeders: dict, resources: dict, failures_left: i
     return TorchTrainer(
         train_worker,
         train_loop_config={"config": config.to_dict(), "feeders": feeders, "worker_bundle": bundle, "max_workers": hi,
-                           "attempt": attempt, "snapshot_stores": snapshot_stores},
+                           "attempt": attempt, "snapshot_stores": snapshot_stores, "relays": relays},
         torch_config=TorchConfig(backend="nccl" if config.ray.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=(lo, hi) if lo != hi else hi, use_gpu=config.ray.use_gpu, resources_per_worker=resources,

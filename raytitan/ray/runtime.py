@@ -24,8 +24,9 @@ class RayRuntime(Runtime):
     reads_shards = False  # the DataFeeder reads them; 512 workers need not each list the source
 
     def __init__(self, feeders: dict, worker_bundle: dict, max_workers: int, attempt: str | None = None,
-                 run_dir: str | None = None, snapshot_stores: str | None = None):
+                 run_dir: str | None = None, snapshot_stores: str | None = None, relays: str | None = None):
         self.feeders = feeders  # purpose -> DataFeeder actor
+        self.relays = relays  # the launch id naming its per-node data relays; None: ranks ask the feeders
         self.snapshot_stores = snapshot_stores  # the launch id naming its snapshot stores; None: none started
         self.worker_bundle, self.max_workers = worker_bundle, max_workers
         self.attempt, self.run_dir = attempt, run_dir
@@ -39,7 +40,8 @@ class RayRuntime(Runtime):
 
     def build_loader(self, purpose, shards, model_config, tokenizer, seq_len, seed, global_batch_size, dp_rank,
                      dp_size, shuffle_block, reader=None, readers=None):
-        return RayFeedLoader(self.feeders[purpose], global_batch_size, dp_rank, dp_size, reader, readers)
+        return RayFeedLoader(self.feeders[purpose], global_batch_size, dp_rank, dp_size, reader, readers,
+                             relays=self.relays, purpose=purpose)
 
     def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
         # The checkpoint is already committed in the run folder (= Ray's experiment folder).
@@ -116,4 +118,5 @@ def train_worker(loop_config: dict) -> None:
     _quiet_report_echo()
     config = JobConfig.from_dict(loop_config["config"])
     run(config, RayRuntime(loop_config["feeders"], loop_config["worker_bundle"], loop_config["max_workers"],
-                           loop_config.get("attempt"), config.run_dir, loop_config.get("snapshot_stores")))
+                           loop_config.get("attempt"), config.run_dir, loop_config.get("snapshot_stores"),
+                           loop_config.get("relays")))

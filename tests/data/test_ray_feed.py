@@ -92,15 +92,15 @@ def test_feeder_memory_stays_bounded_while_streaming(ray_local, tmp_path):
 
 def test_a_dataset_without_a_window_reaches_the_ranks_as_a_data_source_error(ray_local, tmp_path):
     """Every record bad: the pipeline's error reaches the ranks as the DataSourceError it is (it used to
-    loop forever, the ranks warning that the pipeline may be starved)."""
+    loop forever, the ranks warning that the pipeline may be starved), asked directly or through a relay."""
     from raytitan.components.data.sources import DataSourceError
-    from raytitan.ray.data_feed import RayFeedLoader
+    from raytitan.ray.data_feed import RayFeedLoader, Relays
 
     bad = [str(tmp_path / f"s{i}.jsonl") for i in range(2)]
     for path in bad:
         with open(path, "w") as f:
             f.write("not json\n" * 3)
-    feeder = ray.remote(DataFeeder).options(max_concurrency=4).remote(bad, Model(), 63, 0, 8)
+    feeder = ray.remote(DataFeeder).options(max_concurrency=4, name="test-bad-data").remote(bad, Model(), 63, 0, 8)
     with pytest.raises(DataSourceError) as error:
         ray.get(feeder.get.remote([0, 0, 0], 0, 1, True), timeout=120)  # a GetTimeoutError if it hangs again
     message = str(error.value.cause if hasattr(error.value, "cause") else error.value)
@@ -108,13 +108,24 @@ def test_a_dataset_without_a_window_reaches_the_ranks_as_a_data_source_error(ray
     assert "6 records, 6 skipped" in message and "retry" not in message  # Ray Data's retry advice is dropped
     with pytest.raises(DataSourceError, match="no window"):  # the rank's own loader
         RayFeedLoader(feeder, 8, 0, 1).next_batch()
+    # Through this node's relay, found as a rank finds it (the launcher starts one on every node).
+    relays = Relays("test-bad-data", {"train": "test-bad-data"})
+    relays.ensure({ray.get_runtime_context().get_node_id()})
+    loader = RayFeedLoader(feeder, 8, 0, 1, relays="test-bad-data")
+    with pytest.raises(DataSourceError, match="no window") as error:
+        loader.next_batch()
+    assert "retry" not in str(error.value)
+    assert ray.get(relays.actors[ray.get_runtime_context().get_node_id()].stats.remote())["requests"] == 1
+    relays.close()
     ray.kill(feeder)
 
 
 def test_simulated_readers_each_get_exactly_their_rows(ray_local, shards):
-    """benchmarks/data_scale.py's simulated ranks against one feeder: 4 ranks, then 8 ranks from where
-    they stopped (a dp change), each step's rows over the ranks in rank order are exactly the stream's
-    global batch, and every rank got exactly its share."""
+    """benchmarks/data_scale.py's simulated ranks: 4 ranks asking the feeder, then 8 ranks from where they
+    stopped (a dp change) through two relays (as on two nodes), then 8 more steps through them after
+    Ray restarted the killed feeder. Each step's rows over the ranks in rank order are exactly the
+    stream's global batch, every rank got exactly its share, and through relays the feeder answered
+    per relay, not per rank."""
     import os
     import sys
 
@@ -123,19 +134,30 @@ def test_simulated_readers_each_get_exactly_their_rows(ray_local, shards):
 
     steps, global_batch = 4, 8
     expected = list(itertools.islice(global_batches(local_rows(shards, ByteTokenizer(), 63, 0, Cursor()),
-                                                    global_batch, Cursor()), 2 * steps))
-    feeder = data_scale.start_feeder(shards, 63, global_batch)
+                                                    global_batch, Cursor()), 3 * steps))
+    feeder = data_scale.start_feeder(shards, 63, global_batch, name="test-simulated-readers")
+    relays = [ray.remote(data_scale.MeasuredRelay).options(num_cpus=0).remote({"train": "test-simulated-readers"})
+              for _ in range(2)]
     try:  # the ranks run in this process: no reader actor to start on the 2 shared cores
         first = data_scale.measure(feeder, [], readers=4, steps=steps, step_rate=20, lead_s=0.2)
         second = data_scale.measure(feeder, [], readers=8, steps=steps, step_rate=20, start=first["end"],
-                                    lead_s=0.2)
+                                    lead_s=0.5, relays=relays)
+        ray.kill(feeder, no_restart=False)  # Ray starts it again; the relays' next fetches go to the new one
+        third = data_scale.measure(feeder, [], readers=8, steps=steps, step_rate=20, start=second["end"],
+                                   lead_s=0.2, relays=relays)
     finally:
-        ray.kill(feeder)
-    assert first["end"] == expected[steps - 1].end and second["end"] == expected[-1].end
-    for result, batches, readers in ((first, expected[:steps], 4), (second, expected[steps:], 8)):
+        for actor in [*relays, feeder]:
+            ray.kill(actor)
+    assert first["end"] == expected[steps - 1].end and second["end"] == expected[2 * steps - 1].end
+    assert third["end"] == expected[-1].end
+    runs = ((first, expected[:steps], 4), (second, expected[steps:2 * steps], 8), (third, expected[2 * steps:], 8))
+    for result, batches, readers in runs:
         assert sorted(result["ranks"]) == list(range(readers))
         for k, batch in enumerate(batches):
             parts = [result["ranks"][r]["ids"][k] for r in range(readers)]
             assert all(len(p) == global_batch // readers for p in parts)
             np.testing.assert_array_equal(np.concatenate(parts), batch.ids)
         assert data_scale.check_rows(result, batches, global_batch // readers) == steps * global_batch
+    assert first["feeder_calls"] >= 4 * steps  # asked directly: one call per rank and step
+    # Through 2 relays: at most a fetch and a position report per relay and step (8 x 4 = 32 direct).
+    assert second["feeder_calls"] <= 2 * 2 * steps + 2, second["feeder_calls"]
