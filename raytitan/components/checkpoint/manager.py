@@ -240,10 +240,9 @@ class CheckpointManager:
         return path
 
     def _snapshot(self, step: int, t0: float, blocking: bool | None) -> str | None:
-        """A memory snapshot (``raw_bytes``; see ``raw.RawWriter``): a thread copies this rank's
-        tensors (``wait_for_staging`` holds the next optimizer step until it has), sends the part
-        and seals it once its holders have it; the stores count a snapshot complete when every
-        rank's part is sealed. No collective and no wait on another
+        """A memory snapshot (``raw_bytes``; see ``raw.RawWriter``): this rank's part is copied
+        now and sent on by a thread, which seals it once its holders have it; the stores count a
+        snapshot complete when every rank's part is sealed. No collective and no wait on another
         rank, except at a group's first snapshot (or when the state's keys change), which DCP
         plans. While the previous part is still being sent, the snapshot is skipped (counted in
         ``snapshots_skipped``) rather than stalling the step; ``blocking`` waits for it instead."""
@@ -271,7 +270,7 @@ class CheckpointManager:
         group_rank = dist.get_rank(self.group) if dist.is_initialized() else 0
         world = dist.get_world_size(self.group) if dist.is_initialized() else 1
         writer.send(step, functools.partial(self._deliver, group_rank, world, writer.name.rsplit("-", 1)[-1][:-4]))
-        self._pending = _PendingSave(step, path, False, writer.uploaded, writer.staged, t0, writer)
+        self._pending = _PendingSave(step, path, False, writer.uploaded, None, t0, writer)
         self.last_save_seconds = time.perf_counter() - t0
         self.snapshot_stalls.append(self.last_save_seconds)
         if blocking:

@@ -56,9 +56,8 @@ class RawWriter(StorageWriter):
     decide which rank writes which item, and name the group's layout), which keeps this rank's
     items with their offsets in a buffer of its own, and DCP's metadata on the coordinator. Every
     later snapshot with the same state keys skips DCP: ``pack`` copies the same items into the
-    same places (no collective) and ``send`` hands the part to a thread that copies each tensor
-    into the buffer (the training thread waits for that copy only before the weights change
-    again), writes the part to its holders and then seals it (``SnapshotFileSystem``: one write per
+    same places (one copy of each tensor, no collective) and ``send`` hands the part to a thread
+    that writes it to its holders and then seals it (``SnapshotFileSystem``: one write per
     holder, one small seal per store). Items that are not tensors (the schedule, the data
     cursor, the step) are pickled anew each time and go after the tensors, with a table of
     where each one is (``tail``); the metadata marks them ``offset = -1``."""
@@ -75,8 +74,6 @@ class RawWriter(StorageWriter):
         self.name = ""  # this rank's part file in a step folder (names the layout)
         self.metadata: bytes | None = None  # the coordinator's, until it is registered with the stores
         self.tail = b""
-        self.copies: list[tuple[torch.Tensor, torch.Tensor]] = []  # (place in the buffer, tensor) to copy
-        self.staged: concurrent.futures.Future | None = None  # done once the tensors are copied
 
     # ------------------------------------------------------------------ DCP's interface (the planned snapshot)
 
@@ -135,9 +132,9 @@ class RawWriter(StorageWriter):
         return self.uploaded is not None and not self.uploaded.done()
 
     def pack(self, planner: SavePlanner) -> None:
-        """Take this snapshot's items: the non-tensor ones pickled now into ``tail`` (after the
-        tensors, with a table of where each is), the tensors noted with their planned places, to
-        be copied by ``send``'s thread (``staged`` says when: before the weights change again)."""
+        """This snapshot's items: the tensors copied into the buffer at their planned places (one
+        copy of each, from its device), the other items pickled into ``tail`` (after the tensors,
+        with a table of where each is)."""
         extra, table, copies = [], {}, []
         at = self.buffer.numel()
         for item in self.items:
@@ -155,27 +152,17 @@ class RawWriter(StorageWriter):
             copies.append((self.buffer[offset:offset + length].view(data.dtype).view(data.shape), data.detach()))
         trailer = pickle.dumps(table)
         self.tail = b"".join(extra) + trailer + len(trailer).to_bytes(8, "little")
-        self.copies = copies
+        # The copies run here, on the training thread. From the upload thread (hundreds of small
+        # copies taking the GIL back and forth, and intra-op threads of their own) the training rate
+        # on CPU fell to 0.51 of disk-only's in benchmarks/recovery.py.
+        for target, source in copies:
+            target.copy_(source)
 
     def send(self, step: int, deliver: Callable[[int, str, "torch.Tensor", bytes, bytes | None], None]) -> None:
-        """On the upload thread: copy the tensors into the buffer (one copy of each, from its
-        device), then ``deliver(step, part path, buffer, tail, metadata to register or None)``."""
+        """``deliver(step, part path, buffer, tail, metadata to register or None)`` on the upload thread."""
         metadata, self.metadata = self.metadata, None
-        part, tail, copies = storage.join(self.path, self.name), self.tail, self.copies
-        self.copies, staged = [], concurrent.futures.Future()
-
-        def job() -> None:
-            try:
-                for target, source in copies:
-                    target.copy_(source)
-            except BaseException as e:
-                staged.set_exception(e)
-                raise
-            staged.set_result(None)
-            deliver(step, part, self.buffer.numpy(), tail, metadata)
-
-        self.staged = staged
-        self.uploaded = self.uploads.submit(job)
+        part, tail = storage.join(self.path, self.name), self.tail
+        self.uploaded = self.uploads.submit(deliver, step, part, self.buffer.numpy(), tail, metadata)
 
     def close(self) -> None:
         self.uploads.shutdown()
