@@ -23,6 +23,10 @@ torch 2.13
   and for each item's checksum check: raytitan/components/storage.py ``_ArrowReader`` and
   ``_CheckedLocalReader`` (a torch that stopped calling it fails the damaged-bytes tests in
   tests/test_checkpoint_integrity.py).
+- ``PipelineStage._forward_metadata_inference``, overridden so that the shape-inference forward
+  of a pipeline stage leaves its buffers (an MoE layer's token counts) as they were:
+  raytitan/distributed/pipeline.py ``Stage`` (checked in tests/parallel/test_pipeline.py; a
+  torch that stopped calling it fails the EP x PP parity in tests/parallel/test_expert_parallel.py).
 - ``torch.cuda.memory._record_memory_history`` and ``torch.cuda.memory._snapshot`` (CUDA memory
   snapshots): raytitan/components/profiling.py ``CudaMemoryHistory``.
 - ``torch._grouped_mm`` (grouped matmul of the MoE experts; tested in tests/models/test_moe.py):
@@ -102,7 +106,8 @@ USED = {
     "ray/runtime.py": {"ray.train.v2._internal.execution.context"},
 }
 # Per file: private methods of other packages' classes that a class of it overrides.
-OVERRIDDEN = {"components/storage.py": {"FileSystemReader._slice_file"}}
+OVERRIDDEN = {"components/storage.py": {"FileSystemReader._slice_file"},
+              "distributed/pipeline.py": {"PipelineStage._forward_metadata_inference"}}
 
 
 def _private(name: str) -> bool:
