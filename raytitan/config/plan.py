@@ -304,6 +304,7 @@ def check_layout(config: JobConfig, dims: ParallelDims, args: Any, local_batch: 
                               f"parallelism.{what}_parallel_degree = 1")
     if dims.ep > 1:
         check_expert_parallel(config, dims, args)
+    check_aux_loss(config, dims, args)
     if spec.check_layout is not None:
         try:
             spec.check_layout(args, dims)
@@ -363,6 +364,24 @@ def check_expert_parallel(config: JobConfig, dims: ParallelDims, args: Any) -> N
                           "= 'selective' with selective_ac_option = 'op': the recomputed all-to-all does not replay): "
                           "set activation_checkpoint.mode = 'full', or selective_ac_option to a number N (every Nth "
                           "block fully), or parallelism.expert_parallel_degree = 1")
+
+
+def check_aux_loss(config: JobConfig, dims: ParallelDims, args: Any) -> None:
+    """``training.load_balance_loss_weight`` (the MoE sequence-wise auxiliary loss) before launch,
+    as the trainer checks it at build (``raytitan.trainer.build.with_aux_loss``): a per-sequence
+    statistic of the routing, so not on a dense model, nor where ranks hold shards of a sequence
+    (tensor, context parallel) or the schedule owns the backward (pipeline parallel)."""
+    weight = config.training.load_balance_loss_weight
+    if not weight:
+        return
+    key = f"training.load_balance_loss_weight = {weight}"
+    if not hasattr(args, "aux_loss_alpha"):
+        raise ConfigError(f"{key} needs a Mixture-of-Experts model; model.name = {config.model.name!r} has no "
+                          "auxiliary loss: set it to 0")
+    for degree, name in ((dims.tp, "tensor"), (dims.cp, "context"), (dims.pp, "pipeline")):
+        if degree > 1:
+            raise ConfigError(f"{key} does not combine with {name} parallel yet: set it to 0 (balancing by the "
+                              f"routing bias alone) or parallelism.{name}_parallel_degree = 1")
 
 
 def _largest_divisor_at_most(n: int, cap: int) -> int:

@@ -119,6 +119,22 @@ def test_moe_experts_declare_the_weights_expert_parallel_splits():
     assert expert_modules(meta("llama3")) == []
 
 
+def test_the_auxiliary_loss_under_tensor_or_pipeline_parallel_is_a_config_error_before_launch():
+    """The sequence-wise auxiliary loss needs whole sequences per rank and the runner's own
+    backward: refused at planning (not only when the workers build), naming both keys."""
+    for parallelism, world in (({"tensor_parallel_degree": 2, "expert_parallel_degree": 2}, 4),
+                               ({"pipeline_parallel_degree": 2, "expert_parallel_degree": 2}, 4)):
+        config = plan_config(**parallelism)
+        config.training.load_balance_loss_weight = 1e-3
+        name = "tensor" if "tensor_parallel_degree" in parallelism else "pipeline"
+        with pytest.raises(ConfigError, match=rf"training.load_balance_loss_weight = 0.001 does not combine with "
+                                              rf"{name} parallel yet: .*parallelism.{name}_parallel_degree = 1"):
+            plan_run(config, world, resolve_data=False)
+    config = plan_config(expert_parallel_degree=2)
+    config.training.load_balance_loss_weight = 1e-3
+    assert plan_run(config, 2, resolve_data=False).dims.ep == 2
+
+
 @pytest.mark.parametrize("name", ["qwen3_moe", "deepseek_v3"])
 def test_float8_converts_no_router_and_no_grouped_experts(name):
     """Float8 (torchao's Float8Linear) swaps nn.Linear layers only: an MoE family's conversion
