@@ -417,7 +417,7 @@ class SnapshotFileSystem(pafs.FileSystemHandler):
         if self._reading is not None:
             try:
                 self._reading.result()
-            except Exception as e:  # only a head start: the read below says what is wrong
+            except (OSError, ray.exceptions.RayError) as e:  # only a head start: the read below says what is wrong
                 logger.info("reading the snapshot ahead failed: %s", e)
             self._reading = None
         data = self._ahead.pop(path, None)

@@ -158,7 +158,7 @@ class RawWriter(StorageWriter):
         for target, source in copies:
             target.copy_(source)
 
-    def send(self, step: int, deliver: Callable[[int, str, "torch.Tensor", bytes, bytes | None], None]) -> None:
+    def send(self, step: int, deliver: Callable[[int, str, object, bytes, bytes | None], None]) -> None:
         """``deliver(step, part path, buffer, tail, metadata to register or None)`` on the upload thread."""
         metadata, self.metadata = self.metadata, None
         part, tail = storage.join(self.path, self.name), self.tail
