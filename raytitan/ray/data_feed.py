@@ -595,6 +595,7 @@ class DataRelay:
         try:
             for attempt in range(FETCH_ATTEMPTS):
                 covered, slowest = sorted(feed.positions), min(feed.positions.values())
+                feed.reported = slowest  # set now: a report sent while this fetch waits is newer
                 try:
                     value = await feed.producer.fetch.remote(cursor.as_list(), reset, covered, slowest.as_list(),
                                                              feed.readers)
@@ -608,7 +609,6 @@ class DataRelay:
                     if (data_error := data_source_error(e)) is not None:
                         raise data_error from None
                     raise
-                feed.reported = slowest
                 if not reset and feed.reset_at is not None and cursor > feed.reset_at:
                     feed.reset_at = None  # moved on: a later restart at that cursor is a new one
                 tokens, ids, end, bad = value
