@@ -203,7 +203,7 @@ class CheckpointManager:
         weights (an export); ``blocking`` overrides the async mode (the last save of a run)."""
         t0 = time.perf_counter()
         if self.raw_bytes:
-            return self._snapshot(step, t0, blocking)
+            return self._save_snapshot(step, t0, blocking)
         self.wait()  # at most one save in flight
         path = step_dir(self.folder, step)
         if self.rank == 0:
@@ -239,7 +239,7 @@ class CheckpointManager:
                     self.last_checksum_seconds)
         return path
 
-    def _snapshot(self, step: int, t0: float, blocking: bool | None) -> str | None:
+    def _save_snapshot(self, step: int, t0: float, blocking: bool | None) -> str | None:
         """A memory snapshot (``raw_bytes``; see ``raw.RawWriter``): this rank's part is copied
         now and sent on by a thread, which seals it once its holders have it; the stores count a
         snapshot complete when every rank's part is sealed. No collective and no wait on another
