@@ -167,9 +167,11 @@ def launch_without_ray(monkeypatch):
     monkeypatch.setattr(launcher, "_worker_resources", lambda config: {"CPU": 1.0})
     monkeypatch.setattr(launcher, "_refresh_ray_cluster_view", lambda: None)
     monkeypatch.setattr(launcher, "NodeAffinitySchedulingStrategy", lambda node, soft: None)
-    monkeypatch.setattr(launcher.ray, "get_runtime_context", lambda: types.SimpleNamespace(get_node_id=lambda: "n"))
     monkeypatch.setattr(launcher.ray, "remote", lambda cls: feeder)
     monkeypatch.setattr(launcher.ray, "kill", lambda actor: None)
+    node = "ab" * 28  # a node id of Ray's form (the relays' scheduling strategy checks it)
+    monkeypatch.setattr(launcher.ray, "nodes", lambda: [{"NodeID": node, "Alive": True}])  # one node: one relay
+    monkeypatch.setattr(launcher.ray, "get_runtime_context", lambda: types.SimpleNamespace(get_node_id=lambda: node))
 
     def launch(config, attempts: list):
         script = list(attempts)
