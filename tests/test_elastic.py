@@ -114,6 +114,8 @@ def test_worker_killed_mid_run_resumes_with_the_same_math(ray_local, tmp_path, d
     assert starts[1]["resumed_from"] == "memory" and starts[1]["resumed_step"] in (3, 4)
     assert starts[1]["lost_steps"] <= 1 and starts[1]["lost_steps"] == 4 - starts[1]["resumed_step"]
     assert committed_steps(os.path.join(run_dir, "checkpoint")) == [8]  # no disk checkpoint before the end
+    logged = [m for m in raytitan.read_metrics(run_dir) if "grad_norm" in m]
+    assert logged and all(m["checkpoint/snapshots_skipped"] >= 0 for m in logged)  # the count is in the metrics
     assert starts[1]["seconds_since_failure"] > 0
     assert all(s["active"] == 2 * s["dp"] for s in starts)  # every active rank is in a TP pair
     assert result.checkpoint.path.endswith("step-8")  # Ray registered the final committed checkpoint

@@ -329,6 +329,8 @@ class Trainer:
                 metrics.update(self.model_metrics())
                 if self.aux_loss is not None:
                     metrics["moe/aux_loss"] = self.aux_loss.item()
+                if self.snapshots is not None:  # due while the previous one was still being sent
+                    metrics["checkpoint/snapshots_skipped"] = self.snapshots.snapshots_skipped
                 self.metrics.log(metrics)
             if self.validator and self.schedule.validates(step):
                 validation = {"validation/loss": self.validator.evaluate()}
