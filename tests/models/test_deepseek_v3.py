@@ -224,10 +224,12 @@ def ds_config(flavor="debugmodel", **parallelism) -> JobConfig:
     return config
 
 
-def test_data_and_pipeline_parallel_layouts_are_accepted_before_launch():
-    """No tensor-parallel plan for latent attention yet, no context parallel; pipeline parallel plans."""
-    with pytest.raises(ConfigError, match="does not support tensor parallel"):
-        plan_run(ds_config(tensor_parallel_degree=2), 2, resolve_data=False)
+def test_data_tensor_and_pipeline_parallel_layouts_are_accepted_before_launch():
+    """Tensor parallel splits the latent attention by heads: a degree that divides the 8 debug heads
+    plans, another is refused; no context parallel; pipeline parallel plans."""
+    assert plan_run(ds_config(tensor_parallel_degree=2), 2, resolve_data=False).dims.tp == 2
+    with pytest.raises(ConfigError, match=r"tensor_parallel_degree 3 does not divide the model's n_heads \(8\)"):
+        plan_run(ds_config(tensor_parallel_degree=3), 3, resolve_data=False)
     with pytest.raises(ConfigError, match="does not support context parallel"):
         plan_run(ds_config(context_parallel_degree=2), 2, resolve_data=False)
     assert plan_run(ds_config(pipeline_parallel_degree=2), 2, resolve_data=False).dims.pp == 2

@@ -75,16 +75,18 @@ def test_expert_parallel_on_a_dense_model_or_with_per_op_checkpointing_is_a_conf
     assert plan_run(per_op, 2, resolve_data=False).dims.ep == 2
 
 
-def test_deepseek_v3_has_no_tensor_parallel_plan_with_or_without_expert_parallel():
-    """Qwen3-MoE has a tensor-parallel plan (attention split, the MoE layers on each rank's
-    sequence shard); DeepSeek-V3's latent attention has none yet: refused before launch."""
+def test_deepseek_v3_plans_tensor_parallel_with_or_without_expert_parallel():
+    """DeepSeek-V3's latent attention splits by heads: TP plans alone and with EP; a degree that
+    does not divide the heads is refused before launch."""
     config = plan_config(expert_parallel_degree=2, tensor_parallel_degree=2)
     config.model.name = "deepseek_v3"
-    with pytest.raises(ConfigError, match=r"model.name = 'deepseek_v3' does not support tensor parallel: set "
-                                          r"parallelism.tensor_parallel_degree = 1"):
-        plan_run(config, 4, resolve_data=False)
-    config.parallelism.tensor_parallel_degree, config.parallelism.pipeline_parallel_degree = 1, 2
-    assert plan_run(config, 4, resolve_data=False).dims.pp == 2  # pipeline parallel: plans
+    dims = plan_run(config, 4, resolve_data=False).dims
+    assert (dims.tp, dims.ep) == (2, 2)
+    config.parallelism.expert_parallel_degree = 1
+    assert plan_run(config, 2, resolve_data=False).dims.tp == 2
+    config.parallelism.tensor_parallel_degree = 3  # 8 heads
+    with pytest.raises(ConfigError, match=r"tensor_parallel_degree 3 does not divide the model's n_heads \(8\)"):
+        plan_run(config, 3, resolve_data=False)
 
 
 def test_elastic_worlds_re_plan_expert_parallel_like_data_parallel():
@@ -207,11 +209,15 @@ def test_expert_parallel_trains_like_one_process_and_reshards_its_experts(tmp_pa
 
     Under pipeline and tensor parallel the expert-load metrics rank 0 logs (every layer's, from
     the counts the bias update summed) are those of plain EP 2: every stage's layers reported, the
-    counts of both tp ranks' sequence shards included (so the bias moved as one process's did)."""
+    counts of both tp ranks' sequence shards included (so the bias moved as one process's did).
+
+    DeepSeek-V3 under tensor parallel, in the same spawns: ``check_deepseek_v3``."""
     seed = step_folder(tmp_path, "seed", 0)
     saving = {"enable": True, "interval": 3, "initial_load_path": seed}
-    _, one = run_ranks([config(tmp_path, data_dir, "seed", create_seed_checkpoint=True),
-                        config(tmp_path, data_dir, "one", local_batch=8, initial_load_path=seed)], 1, str(tmp_path))
+    deepseek_one, deepseek_four = deepseek_v3_runs(tmp_path, data_dir)  # in the same spawns, checked after
+    _, one, _, ds_one = run_ranks([config(tmp_path, data_dir, "seed", create_seed_checkpoint=True),
+                                 config(tmp_path, data_dir, "one", local_batch=8, initial_load_path=seed),
+                                 *deepseek_one], 1, str(tmp_path))
     elastic = config(tmp_path, data_dir, "elastic", {"expert_parallel_degree": 4},
                      ray={"min_workers": 2, "max_workers": 4}, **saving)
     layouts = {
@@ -224,7 +230,8 @@ def test_expert_parallel_trains_like_one_process_and_reshards_its_experts(tmp_pa
         "ep2_tp2": config(tmp_path, data_dir, "ep2_tp2", {"expert_parallel_degree": 2, "tensor_parallel_degree": 2},
                           local_batch=4, initial_load_path=seed),
     }
-    four = dict(zip(layouts, run_ranks(list(layouts.values()), 4, str(tmp_path))))
+    *four, ds_ep2_tp2 = run_ranks([*layouts.values(), deepseek_four], 4, str(tmp_path))
+    four = dict(zip(layouts, four))
     shutil.rmtree(step_folder(tmp_path, "elastic", 5))  # as if two workers died after step 3's save
     # Resumed with full activation checkpointing and compiled blocks (the experts and the
     # all-to-all eager, attention and router compiled): one run for both, compiling costs most.
@@ -255,3 +262,53 @@ def test_expert_parallel_trains_like_one_process_and_reshards_its_experts(tmp_pa
             assert m == pytest.approx(p, rel=1e-6), name
     print("max relative difference:", {name: max(abs(a - b) / abs(b) for a, b in zip(run["losses"], reference))
                                        for name, run in [*four.items(), ("tp2", tp2)]})
+    check_deepseek_v3(tmp_path, ds_one, ds_ep2_tp2)
+
+
+# DeepSeek-V3's debug shape with query compression (q_lora_rank > 0, as the 671B recipe; the
+# debug flavor has none, as the 16B one): wq_a, q_norm, wq_b and wkv_a, kv_norm, wkv_b all under
+# tensor parallel (without compression wq takes wq_b's column-wise style).
+def _deepseek_q_lora_spec():
+    import dataclasses
+
+    from raytitan.models.deepseek_v3 import spec
+
+    return dataclasses.replace(spec, flavors={"debugmodel": dataclasses.replace(spec.flavor("debugmodel"),
+                                                                              q_lora_rank=32)})
+
+
+DEEPSEEK_Q_LORA = _deepseek_q_lora_spec()
+
+
+def deepseek_v3_runs(root, data_dir):
+    """DeepSeek-V3's runs for the spawns above (with query compression): a seed checkpoint and one
+    process's reference on 1 rank, EP 2 x TP 2 from the seed on 4."""
+    def ds(name, parallelism=None, local_batch=8, **checkpoint):
+        run = config(root, data_dir, name, parallelism, local_batch=local_batch, **checkpoint)
+        run.model.name = f"{__name__}:DEEPSEEK_Q_LORA"
+        return run
+
+    seed = step_folder(root, "ds_seed", 0)
+    return ([ds("ds_seed", create_seed_checkpoint=True), ds("ds_one", initial_load_path=seed)],
+            ds("ds_ep2_tp2", {"expert_parallel_degree": 2, "tensor_parallel_degree": 2}, local_batch=4,
+               initial_load_path=seed))
+
+
+def check_deepseek_v3(root, one, ep2_tp2):
+    """Latent attention under tensor parallel (split by heads; the down projections, latent norms
+    and MoE layers on each rank's sequence shard, their gradients summed over the tp ranks; the
+    shared RoPE key gathered), with expert parallel: EP 2 x TP 2 gives one process's first 5
+    losses and gradient norms within 1e-5 relative (measured: about 1e-7 and 1.5e-6). Not 1e-4:
+    the shared RoPE key's gradient left unsummed over the tp ranks moves the losses by only 5e-5."""
+    differences = {}
+    pairs = {"loss": (ep2_tp2["losses"], one["losses"]),
+             "grad_norm": (grad_norms(root, "ds_ep2_tp2"), grad_norms(root, "ds_one"))}
+    for what, (got, reference) in pairs.items():
+        assert len(reference) == STEPS
+        assert got == pytest.approx(reference, rel=1e-5), what
+        differences[what] = max(abs(a - b) / abs(b) for a, b in zip(got, reference))
+    print("DeepSeek-V3 EP 2 x TP 2, max relative difference:", differences)
+
+
+def grad_norms(root, name) -> list[float]:
+    return [m["grad_norm"] for m in read_metrics(str(root / name / "run")) if "loss" in m]

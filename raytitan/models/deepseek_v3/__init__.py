@@ -1,8 +1,8 @@
 """DeepSeek-V3 (DeepSeek-AI): multi-head latent attention, the first layers dense, then
 Mixture-of-Experts layers (shared experts, sigmoid group-limited routing with a routed scaling
 factor, auxiliary-loss-free balancing). No multi-token prediction module.
-Data parallel (FSDP/HSDP), expert parallel (from the generic parallelize step) and pipeline
-parallel; no tensor parallel (the latent attention has no plan yet) and no context parallel."""
+Data parallel (FSDP/HSDP), expert parallel (from the generic parallelize step), tensor parallel
+(the latent attention split by heads) and pipeline parallel; no context parallel."""
 
 from raytitan.models.deepseek_v3.args import FLAVORS, ModelArgs
 from raytitan.models.deepseek_v3.hf import DeepseekV3HF
@@ -22,6 +22,7 @@ spec = ModelSpec(
     flops_per_token=training_flops,
     hf=DeepseekV3HF(),
     supports_block_causal=True,
+    supports_tensor_parallel=True,
     after_optimizer_step=after_optimizer_step,
     metrics=moe_metrics,
 )

@@ -70,17 +70,21 @@ class Attention(nn.Module):
         self.kv_norm = nn.RMSNorm(self.kv_lora_rank, eps=LATENT_NORM_EPS)
         self.wkv_b = nn.Linear(self.kv_lora_rank, self.n_heads * (self.nope + self.v_dim), bias=False)
         self.wo = nn.Linear(self.n_heads * self.v_dim, args.dim, bias=False)
+        # The shared RoPE key before rotation; no weights. Tensor parallel gathers it here over the
+        # sequence (raytitan.models.deepseek_v3.parallelize); otherwise it passes unchanged.
+        self.rope_key = nn.Identity()
 
     def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        bsz, seq_len, _ = x.shape
+        # Shapes from the projections, not from x: under tensor parallel x is this rank's shard of
+        # the sequence and the projections give the whole sequence for this rank's heads.
         q = self.wq(x) if self.q_lora_rank == 0 else self.wq_b(self.q_norm(self.wq_a(x)))
-        q = q.view(bsz, seq_len, -1, self.nope + self.rope)
+        q = q.unflatten(-1, (-1, self.nope + self.rope))
         q_nope, q_rope = q.split([self.nope, self.rope], dim=-1)
         q = torch.cat([q_nope, apply_rope(q_rope, freqs_cis)], dim=-1)
 
         latent, k_rope = self.wkv_a(x).split([self.kv_lora_rank, self.rope], dim=-1)
-        k_rope = apply_rope(k_rope.unsqueeze(2), freqs_cis)  # one rotated key for all heads
-        kv = self.wkv_b(self.kv_norm(latent)).view(bsz, seq_len, -1, self.nope + self.v_dim)
+        k_rope = apply_rope(self.rope_key(k_rope).unsqueeze(2), freqs_cis)  # one rotated key for all heads
+        kv = self.wkv_b(self.kv_norm(latent)).unflatten(-1, (-1, self.nope + self.v_dim))
         k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
         k = torch.cat([k_nope, k_rope.expand(-1, -1, k_nope.shape[2], -1)], dim=-1)
 
@@ -89,7 +93,7 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
-        return self.wo(out.transpose(1, 2).reshape(bsz, seq_len, -1))
+        return self.wo(out.transpose(1, 2).flatten(2))
 
     def init_weights(self, std: float) -> None:
         projections = [self.wkv_a, self.wkv_b]
