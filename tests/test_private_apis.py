@@ -46,7 +46,10 @@ Ray 2.60 (only under raytitan/ray/)
   report): raytitan/ray/runtime.py ``report_echo_logger``.
 - ``ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator``
   (``get_or_create_autoscaling_coordinator`` and the actor's ``get_reserved_resources(requester_id,
-  recompute)``): raytitan/ray/launcher.py ``autoscaling_coordinator``.
+  recompute)``): raytitan/ray/launcher.py ``autoscaling_coordinator``. The EP drill in
+  tests/test_elastic.py (``CapacityClaim``, a stand-in for another job) also calls the actor's
+  ``request_resources(requester_id, resources, expire_after_s, priority=ResourceRequestPriority.HIGH)``
+  and ``cancel_request(requester_id)``.
 - Ray Train's snapshot file name ``checkpoint_manager_snapshot.json``
   (``ray.train.v2._internal.constants.CHECKPOINT_MANAGER_SNAPSHOT_FILENAME``):
   raytitan/ray/launcher.py ``RAY_CHECKPOINT_LIST``.
@@ -475,6 +478,14 @@ def test_ray_autoscaling_coordinator():
     assert _params(coordinator.get_or_create_autoscaling_coordinator) == []
     reserved = inspect.signature(coordinator._AutoscalingCoordinatorActor.get_reserved_resources).parameters
     assert list(reserved)[:3] == ["self", "requester_id", "recompute"]
+    # What the EP drill's stand-in for another job calls (tests/test_elastic.py CapacityClaim).
+    from ray.data._internal.cluster_autoscaler.base_autoscaling_coordinator import ResourceRequestPriority
+
+    request = inspect.signature(coordinator._AutoscalingCoordinatorActor.request_resources).parameters
+    assert list(request)[:4] == ["self", "requester_id", "resources", "expire_after_s"] and "priority" in request
+    assert list(inspect.signature(coordinator._AutoscalingCoordinatorActor.cancel_request).parameters) == \
+        ["self", "requester_id"]
+    assert isinstance(request["priority"].default, ResourceRequestPriority) and hasattr(ResourceRequestPriority, "HIGH")
 
 
 def test_ray_checkpoint_snapshot_file_name():
