@@ -10,6 +10,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "raytitan"
 RAY_LAYER = PACKAGE / "ray"
 
@@ -40,6 +42,7 @@ def imports(path: pathlib.Path) -> list[tuple[int, str, list[str]]]:
     return found
 
 
+@pytest.mark.slow  # a fresh interpreter imports torch and the worker: about 3 s
 def test_the_per_worker_entry_loads_no_ray():
     """What torchrun runs on every rank: Ray is for the launcher and the Ray layer only."""
     code = ("import json, sys, raytitan.worker, raytitan.trainer.worker; "
