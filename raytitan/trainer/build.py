@@ -24,7 +24,8 @@ from raytitan.components.data.tokenizer import build_tokenizer
 from raytitan.components.loss import build_loss
 from raytitan.components.metrics import METRICS_FILE, MetricsLogger
 from raytitan.components.optimizer import LRSchedulerState, build_lr_scheduler, build_optimizer
-from raytitan.config.job import ConfigError, JobConfig
+from raytitan.config.job import JobConfig
+from raytitan.config.plan import check_aux_loss
 from raytitan.distributed import float8
 from raytitan.distributed.context import load_balanced_positions
 from raytitan.distributed.dims import ParallelDims
@@ -193,21 +194,11 @@ def build_runner(parts: list[torch.nn.Module], stage_ids: list[int], stages: int
 
 def with_aux_loss(args, dims: ParallelDims, config: JobConfig):
     """The model args with ``training.load_balance_loss_weight`` as the MoE layers' auxiliary loss
-    weight. The loss is a per-sequence statistic of the routing, so every rank must route whole
-    sequences and add it to its own loss: not under tensor parallel (sequence shards), context
-    parallel (sequence shards) or pipeline parallel (the schedule owns the backward)."""
+    weight, after the planner's check (``raytitan.config.plan.check_aux_loss``: an MoE model, no
+    tensor, context or pipeline parallel), repeated here for callers that build without planning."""
+    check_aux_loss(config, dims, args)
     weight = config.training.load_balance_loss_weight
-    if weight == 0:
-        return args
-    key = f"training.load_balance_loss_weight = {weight}"
-    if not hasattr(args, "aux_loss_alpha"):
-        raise ConfigError(f"{key} needs a Mixture-of-Experts model; model.name = {config.model.name!r} has no "
-                          "auxiliary loss: set it to 0")
-    for degree, name in ((dims.tp, "tensor"), (dims.cp, "context"), (dims.pp, "pipeline")):
-        if degree > 1:
-            raise ConfigError(f"{key} does not combine with {name} parallel yet: set it to 0 (balancing by the "
-                              f"routing bias alone) or parallelism.{name}_parallel_degree = 1")
-    return dataclasses.replace(args, aux_loss_alpha=weight)
+    return dataclasses.replace(args, aux_loss_alpha=weight) if weight else args
 
 
 def model_facts(config: JobConfig, plan, tokenizer) -> dict:
