@@ -483,7 +483,8 @@ def test_ray_autoscaling_coordinator():
 
     request = inspect.signature(coordinator._AutoscalingCoordinatorActor.request_resources).parameters
     assert list(request)[:4] == ["self", "requester_id", "resources", "expire_after_s"] and "priority" in request
-    assert list(inspect.signature(coordinator._AutoscalingCoordinatorActor.cancel_request).parameters) == \
+    # (once Ray has started, its tracing may append a _ray_trace_ctx parameter to actor methods)
+    assert list(inspect.signature(coordinator._AutoscalingCoordinatorActor.cancel_request).parameters)[:2] == \
         ["self", "requester_id"]
     assert isinstance(request["priority"].default, ResourceRequestPriority) and hasattr(ResourceRequestPriority, "HIGH")
 
