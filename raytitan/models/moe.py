@@ -442,9 +442,11 @@ def _watch_collapse(layer, index: int, expert: int, share: float, top_k: int, nu
 def aux_loss(model: nn.Module) -> torch.Tensor | None:
     """The sum of the MoE layers' auxiliary losses from the last training forward (None when
     no layer has one); taken, so a later forward starts empty."""
-    losses = [m.aux_loss for m in moe_layers(model) if m.aux_loss is not None]
-    for m in moe_layers(model):
-        m.aux_loss = None
+    losses = []
+    for m in moe_layers(model):  # one walk over the modules: this runs every microbatch
+        if m.aux_loss is not None:
+            losses.append(m.aux_loss)
+            m.aux_loss = None
     return torch.stack(losses).sum() if losses else None
 
 
