@@ -7,22 +7,35 @@ injected (SIGKILL of one worker at the start of --kill-step), then reads the run
                      resumed from (and from where: disk or memory), and how long process-group
                      setup, building the model and loading the state took
   metrics.jsonl      when the first step after the restart completed, and its data wait
-and prints the breakdown and the steps of work lost (kill step - 1 - resumed step). Then it
-runs both modes again without a fault for --overhead-steps steps and reports the training
-rate (tokens/s over the steps after the first 5; the median of --rate-repeats runs per mode,
-alternating) with memory snapshots as a ratio to the rate without them: what snapshotting every
---memory-interval steps costs.
+and prints the breakdown and the steps of work lost (kill step - 1 - resumed step).
+
+Then the overhead of snapshotting every --memory-interval steps, measured so that the machine's
+drift cancels: --pairs pairs of runs without a fault, each pair one run with disk checkpoints
+only and one with memory snapshots, back to back (which of the two goes first alternates from
+pair to pair), --overhead-steps steps each. Per run:
+  tokens/s/device   over the steps after the first 5 (the run's own metrics.jsonl)
+  CPU-s per step    CPU seconds (user + system) that every process of the run spent per step
+                    over the same steps: this process, Ray's (GCS, raylet) and every process
+                    they started (training workers, snapshot stores, data feeder and packers),
+                    sampled from /proc every 0.25 s. A neighbour's load slows the run but does
+                    not add to its CPU seconds, so this column is the steadier one on a shared
+                    machine.
+Each pair gives one ratio (memory / disk) of each; the medians of the pairs' ratios are reported.
 
     python benchmarks/recovery.py [--workers 2] [--kill-step 15] [--interval 10] [--memory-interval 1]
+                                  [--pairs 4] [--overhead-steps 30] [--no-recovery]
 """
 
 from __future__ import annotations
 
 import argparse
+import bisect
 import os
 import statistics
 import sys
 import tempfile
+import threading
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -34,6 +47,8 @@ from raytitan.trainer.elastic.fault import injected_faults  # noqa: E402
 from raytitan.trainer.elastic.history import read_starts  # noqa: E402
 
 WARMUP_STEPS = 5  # left out of the training rate: compile-free, but the first steps allocate
+SAMPLE_S = 0.25  # how often the CPU seconds of the run's processes are read
+TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def run(args, root: str, memory_interval: int, steps: int, kill_step: int = -1) -> str:
@@ -70,6 +85,107 @@ def training_rate(run_dir: str) -> float:
     return sum(m["tokens_per_sec_per_device"] * m["window_s"] for m in lines) / seconds
 
 
+class ProcessCPU:
+    """CPU seconds of this process and all its descendants (Ray's processes and the workers they
+    start), read from /proc every ``SAMPLE_S`` on a thread: a list of (time, {pid: seconds})."""
+
+    def __init__(self):
+        self.samples: list[tuple[float, dict[int, float]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="recovery-cpu-sampler", daemon=True)
+
+    def __enter__(self) -> "ProcessCPU":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _loop(self) -> None:
+        while True:
+            self.samples.append((time.time(), self.read()))
+            if self._stop.wait(SAMPLE_S):
+                self.samples.append((time.time(), self.read()))
+                return
+
+    @staticmethod
+    def read() -> dict[int, float]:
+        parent: dict[int, int] = {}
+        seconds: dict[int, float] = {}
+        for name in os.listdir("/proc"):
+            if not name.isdigit():
+                continue
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:  # gone since the listing
+                continue
+            pid = int(name)
+            parent[pid] = int(fields[1])  # fields after the name: state, ppid, ...; utime and stime are 12, 13
+            seconds[pid] = (int(fields[11]) + int(fields[12])) / TICKS
+        ours, frontier = {os.getpid()}, [os.getpid()]
+        children: dict[int, list[int]] = {}
+        for pid, ppid in parent.items():
+            children.setdefault(ppid, []).append(pid)
+        while frontier:
+            for child in children.get(frontier.pop(), []):
+                if child not in ours:
+                    ours.add(child)
+                    frontier.append(child)
+        return {pid: seconds[pid] for pid in ours if pid in seconds}
+
+    def per_step(self, run_dir: str) -> float:
+        """CPU seconds per training step after the warm-up: the CPU spent between the first sample
+        after the warm-up's last step and the last sample before the run's last step, over the
+        steps completed in between (interpolated from the steps' completion times)."""
+        lines = sorted((m["time"], m["step"]) for m in raytitan.read_metrics(run_dir) if "loss" in m)
+        start = next(t for t, step in lines if step == WARMUP_STEPS)
+        end = lines[-1][0]
+        inside = [(t, cpu) for t, cpu in self.samples if start <= t <= end]
+        if len(inside) < 2:
+            raise RuntimeError(f"{run_dir}: fewer than 2 CPU samples between step {WARMUP_STEPS} and the last step")
+        (t0, a), (t1, b) = inside[0], inside[-1]
+        spent = sum(cpu - a.get(pid, 0.0) for pid, cpu in b.items())  # a process that started in between: all of it
+        times, steps = [t for t, _ in lines], [step for _, step in lines]
+
+        def step_at(t: float) -> float:
+            i = max(1, min(bisect.bisect_left(times, t), len(times) - 1))
+            return steps[i - 1] + (steps[i] - steps[i - 1]) * (t - times[i - 1]) / max(times[i] - times[i - 1], 1e-9)
+
+        return spent / (step_at(t1) - step_at(t0))
+
+
+def overhead(args, modes: dict[str, int]) -> dict[str, dict]:
+    """--pairs pairs of fault-free runs, one per mode each, back to back, the order alternating;
+    per mode: every run's rate and CPU-s per step, and the pairs' ratios to disk only."""
+    runs: dict[str, list[dict]] = {mode: [] for mode in modes}
+    for pair in range(args.pairs):
+        order = list(modes.items()) if pair % 2 == 0 else list(reversed(modes.items()))
+        for mode, memory_interval in order:
+            with ProcessCPU() as cpu:
+                run_dir = run(args, tempfile.mkdtemp(prefix="raytitan-rate-"), memory_interval, args.overhead_steps)
+            runs[mode].append({"rate": training_rate(run_dir), "cpu": cpu.per_step(run_dir)})
+            print(f"pair {pair + 1}/{args.pairs}, {mode}: {runs[mode][-1]['rate']:.0f} tok/s/device, "
+                  f"{runs[mode][-1]['cpu']:.3f} CPU-s per step", flush=True)
+    disk = runs["disk only"]
+    summary = {}
+    for mode, values in runs.items():
+        rate_ratios = [v["rate"] / d["rate"] for v, d in zip(values, disk)]
+        cpu_ratios = [v["cpu"] / d["cpu"] for v, d in zip(values, disk)]
+        summary[mode] = {
+            "tokens/s/device": statistics.median(v["rate"] for v in values),
+            "rate vs disk only": statistics.median(rate_ratios),  # median of the pairs' ratios
+            "CPU-s per step": statistics.median(v["cpu"] for v in values),
+            "CPU-s per step vs disk only": statistics.median(cpu_ratios),
+            "rate runs": [round(v["rate"]) for v in values],  # the spread behind the medians
+            "rate pair ratios": [round(r, 3) for r in rate_ratios],
+            "CPU-s per step runs": [round(v["cpu"], 3) for v in values],
+            "CPU pair ratios": [round(r, 3) for r in cpu_ratios],
+        }
+    return summary
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workers", type=int, default=2)
@@ -78,32 +194,26 @@ def main() -> None:
     parser.add_argument("--interval", type=int, default=10, help="disk checkpoint interval")
     parser.add_argument("--memory-interval", type=int, default=1, help="memory snapshot interval")
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--overhead-steps", type=int, default=40)
-    parser.add_argument("--rate-repeats", type=int, default=3, help="runs per mode for the training rate")
+    parser.add_argument("--overhead-steps", type=int, default=30)
+    parser.add_argument("--pairs", type=int, default=4, help="pairs of runs (disk only, memory) for the overhead")
+    parser.add_argument("--no-recovery", action="store_true", help="measure the overhead only (no fault runs)")
     parser.add_argument("--flavor", default="debugmodel")
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--gpu", action="store_true")
     args = parser.parse_args()
+    if args.overhead_steps <= WARMUP_STEPS + 2:
+        parser.error(f"--overhead-steps must be above {WARMUP_STEPS + 2}: the first {WARMUP_STEPS} are not measured")
 
     modes = {"disk only": 0, f"memory every {args.memory_interval}": args.memory_interval}
-    rows = []
-    for mode, memory_interval in modes.items():
-        run_dir = run(args, tempfile.mkdtemp(prefix="raytitan-recovery-"), memory_interval, args.steps, args.kill_step)
-        rows.append({"mode": mode, **recovery(run_dir)})
-    # The rates alternate between the modes, --rate-repeats times each, and the median counts:
-    # a busy machine slows whichever run it meets, not one mode.
-    samples: dict[str, list[float]] = {mode: [] for mode in modes}
-    for _ in range(args.rate_repeats):
-        for mode, memory_interval in modes.items():
-            samples[mode].append(training_rate(run(args, tempfile.mkdtemp(prefix="raytitan-rate-"), memory_interval,
-                                                   args.overhead_steps)))
-    rates = {mode: statistics.median(values) for mode, values in samples.items()}
-    baseline = rates["disk only"]
+    rows = [{"mode": mode} for mode in modes]
+    if not args.no_recovery:
+        for row, memory_interval in zip(rows, modes.values()):
+            run_dir = run(args, tempfile.mkdtemp(prefix="raytitan-recovery-"), memory_interval, args.steps, args.kill_step)
+            row.update(recovery(run_dir))
+    measured = overhead(args, modes)
     for row in rows:
-        row["tokens/s/device"] = rates[row["mode"]]
-        row["rate vs disk only"] = rates[row["mode"]] / baseline
-        row["rate runs"] = [round(r) for r in samples[row["mode"]]]  # the spread behind the median
-    print_table(rows, list(rows[0]))
+        row.update(measured[row["mode"]])
+    print_table(rows, [c for c in rows[0] if not c.endswith(("runs", "ratios"))])
     record("recovery", vars(args), rows)
 
 

@@ -23,10 +23,13 @@ import ray  # noqa: E402
 
 from raytitan.components import storage  # noqa: E402
 from raytitan.components.checkpoint.layout import committed_steps  # noqa: E402
-from raytitan.components.checkpoint.manager import CheckpointManager, ModelState, OptimizerState  # noqa: E402
+from raytitan.components.checkpoint.manager import (  # noqa: E402
+    CheckpointManager, ModelState, OptimizerState, first_nonfinite,
+)
 from raytitan.ray.snapshots import (  # noqa: E402
     SCHEME, SnapshotFileSystem, SnapshotStore, check_memory, is_rank_file, store_name,
 )
+from raytitan.trainer.loop import NonFiniteError, NonFiniteGuard, SnapshotFiniteness  # noqa: E402
 from raytitan.trainer.worker import restore_snapshot  # noqa: E402
 from tests.helpers import RaytitanLog  # noqa: E402
 
@@ -240,3 +243,38 @@ def test_a_store_counts_a_snapshot_once_every_rank_sealed_it_and_keeps_at_most_t
     marker = json.loads(store.get("run/step-4/COMMITTED"))
     assert (marker["step"], marker["world_size"], marker["format"], marker["model"]) == (4, 2, "raw", "tiny")
     assert store.get("run/step-4/.metadata") == b"metadata" and store.get("run/step-4/__1-L.raw") == b"\x02" * 8 + b"t"
+
+
+def test_a_part_whose_weights_are_not_finite_is_never_sealed_and_every_rank_stops_at_the_next_snapshot(shared_stores):
+    launch, actors = shared_stores
+    folder = as_rank_on(launch, "A", "nonfinite")
+    model, optimizer = model_and_optimizer(0)
+    m = manager(folder, model, optimizer)
+    finiteness = SnapshotFiniteness(torch.device("cpu"))  # as the trainer calls it before each snapshot
+    finiteness.before_snapshot(m.nonfinite_step, NonFiniteGuard())
+    m.save(1, blocking=True)
+    spans = m._spans[1]
+    assert len(spans) == 1 and len(spans[0][3]) == 4  # the model's 4 fp32 weights, next to each other: one sum
+    with torch.no_grad():
+        model[1].weight[2, 3] = float("nan")
+    finiteness.before_snapshot(m.nonfinite_step, NonFiniteGuard())
+    m.save(2)
+    with RaytitanLog() as log:
+        m.wait()
+    assert m.nonfinite_step == 2
+    assert "memory snapshot of step 2: this rank's part holds weights that are not finite (first: model.1.weight)" \
+        in "\n".join(log.messages("ERROR"))
+    assert committed_steps(folder) == [1]  # step 2 never completes, and nothing of it was written
+    assert not any("step-2" in p for node in NODES for p in files_on(actors, node, f"{launch}/nonfinite"))
+    finiteness.before_snapshot(m.nonfinite_step, NonFiniteGuard())  # step 3 posts it; the answer is read at step 4
+    with pytest.raises(NonFiniteError, match="step 2: the weights are not finite after this step's update; not saved"):
+        finiteness.before_snapshot(m.nonfinite_step, NonFiniteGuard())
+    m.close()
+
+
+def test_the_finiteness_check_sums_each_span_and_looks_item_by_item_only_when_a_sum_is_not_finite():
+    buffer = torch.tensor([3e38, 3e38, 0.0, 0.0, 1.0, 2.0, 3.0, 4.0]).view(torch.uint8)
+    spans = [(torch.float32, 0, 32, [(0, 16, "model.big"), (16, 32, "model.small")])]
+    assert first_nonfinite(buffer, spans) is None  # the sum overflows; every element is finite
+    buffer.view(torch.float32)[6] = float("-inf")
+    assert first_nonfinite(buffer, spans) == "model.small"

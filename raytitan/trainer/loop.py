@@ -2,7 +2,7 @@
 
 Knows nothing of Ray: the caller hands it the built pieces and a ``report`` callback. A step
 whose loss or gradient norm is not finite never reaches the optimizer, and weights that are not
-finite are never saved (``NonFiniteGuard``).
+finite are never saved (``NonFiniteGuard``; memory snapshots: ``SnapshotFiniteness``).
 """
 
 from __future__ import annotations
@@ -124,6 +124,34 @@ class NonFiniteGuard:
                 "run again to resume from it", step)
 
 
+class SnapshotFiniteness:
+    """Memory snapshots are not checked by a collective before each one, as disk saves are: each
+    rank checks its own part, off the training thread, and never seals one whose weights are not
+    finite (``CheckpointManager.nonfinite_step``), so that snapshot never completes. The run must
+    then stop on every rank at the same step (the error path waits for all of them), so at each
+    snapshot step the ranks post what they found in one all-reduce of one number, without waiting
+    for it, and read the answer at the next snapshot step, when it has long arrived: one step or
+    two after a rank found it, every rank raises ``NonFiniteError`` for the step that was not saved."""
+
+    def __init__(self, device: torch.device, group: dist.ProcessGroup | None = None):
+        self.device, self.group = device, group
+        self._posted: tuple[dist.Work | None, torch.Tensor] | None = None
+
+    def before_snapshot(self, found: int | None, guard: NonFiniteGuard) -> None:
+        """``found``: this rank's first snapshot step whose part was not finite (None: none yet).
+        Raises ``NonFiniteError`` where some rank had found one by the previous snapshot step."""
+        if self._posted is not None:
+            work, agreed = self._posted
+            if work is not None:
+                work.wait()
+            if (bad := int(agreed.item())) > 0:
+                guard.weights(bad, False)
+        flag = torch.tensor(found or 0, dtype=torch.int64, device=self.device)
+        work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True) \
+            if dist.is_initialized() else None
+        self._posted = (work, flag)
+
+
 class Validator:
     """Loss on a fixed set of held-out batches: fetched once, then reused every evaluation."""
 
@@ -222,6 +250,7 @@ class Trainer:
         self.guard = guard or NonFiniteGuard()
         self.group = group  # every rank that trains (None: the default group), for the weights check
         self.snapshots = snapshots  # memory snapshots (``checkpoint.memory_interval``), where the launcher keeps them
+        self.snapshot_finiteness = SnapshotFiniteness(device, group)
         self.aux_loss: torch.Tensor | None = None  # the last step's auxiliary loss (MoE balance), if the model has one
 
     def weights_finite(self) -> bool:
@@ -343,7 +372,8 @@ class Trainer:
                 else:
                     self.checkpoint.save(step)
             elif self.snapshots is not None and self.schedule.snapshots(step):
-                self.guard.weights(step, self.weights_finite())
+                # Each rank checks its own part off the training thread (SnapshotFiniteness).
+                self.snapshot_finiteness.before_snapshot(self.snapshots.nonfinite_step, self.guard)
                 self.snapshots.save(step)  # copied now, written to the stores in the background
             if self.schedule.reports(step):
                 self.metrics.flush()
