@@ -181,11 +181,10 @@ def _write_cost(folder: str, repeats: int) -> list[dict]:
 
     import torch.distributed.checkpoint as dcp
 
-    from raytitan.components import storage
-    from raytitan.components.checkpoint import integrity
+    from raytitan.components.checkpoint import dcp_files, integrity
 
     tensors = {f"t{i}": torch.randn(2 << 20) for i in range(16)}  # 128 MiB
-    writers = {"plain DCP writer": storage.dcp_writer, "with checksums": integrity.writer}
+    writers = {"plain DCP writer": dcp_files.writer, "with checksums": integrity.writer}
     times: dict[str, list[float]] = {name: [] for name in writers}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "assuming the intent is to save in a single process"

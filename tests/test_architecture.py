@@ -54,6 +54,20 @@ def test_the_per_worker_entry_loads_no_ray():
     assert not loaded, f"importing raytitan.worker loads Ray modules: {loaded[:10]}"
 
 
+def test_the_data_planes_actors_load_no_torch():
+    """The feeder, its packers, the read-ahead gate and the relays are separate processes that
+    start with every launch: importing torch would cost each about a second of CPU before the
+    first step (the training ranks' client is ``raytitan.ray.feed_loader``; DCP's reader and
+    writer over the storage layer are ``raytitan.components.checkpoint.dcp_files``)."""
+    code = ("import json, sys, raytitan.ray.data_feed, raytitan.components.data.sources, raytitan.components.storage; "
+            "print(json.dumps(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.'))))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          cwd=PACKAGE.parent)
+    assert done.returncode == 0, done.stderr
+    loaded = json.loads(done.stdout.strip().splitlines()[-1])
+    assert not loaded, f"the data plane's modules load torch: {loaded[:10]}"
+
+
 def test_local_ray_workers_find_ray_not_the_ray_layer():
     """The launcher puts the folder holding raytitan on a local Ray instance's worker path: with
     it first, ``import ray`` must still be Ray (raytitan/ray/ on the path instead would make

@@ -20,7 +20,7 @@ torch 2.13
 - ``torch.distributed.algorithms._checkpoint.checkpoint_wrapper.checkpoint_wrapper`` (the wrapper
   that keeps state-dict keys unchanged): activation_checkpoint.py.
 - ``FileSystemReader._slice_file``, overridden for one ranged read per item on object stores
-  and for each item's checksum check: raytitan/components/storage.py ``_ArrowReader`` and
+  and for each item's checksum check: raytitan/components/checkpoint/dcp_files.py ``_ArrowReader`` and
   ``_CheckedLocalReader`` (a torch that stopped calling it fails the damaged-bytes tests in
   tests/test_checkpoint_integrity.py).
 - ``PipelineStage._forward_metadata_inference``, overridden so that the shape-inference forward
@@ -53,6 +53,11 @@ Ray 2.60 (only under raytitan/ray/)
 - Ray Train's snapshot file name ``checkpoint_manager_snapshot.json``
   (``ray.train.v2._internal.constants.CHECKPOINT_MANAGER_SNAPSHOT_FILENAME``):
   raytitan/ray/launcher.py ``RAY_CHECKPOINT_LIST``.
+- Ray Train's settings through environment variables, ``RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S``
+  and ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`` (set by raytitan/ray/launcher.py from
+  ``ray.worker_group_start_timeout_s`` and ``ray.health_check_interval_s``): their names are
+  checked against ``ray.train.v2._internal.constants``, with the list of variables Ray Train
+  passes on to its controller.
 - A local Ray instance on 127.0.0.1 with token authentication: ``ray.init``'s hidden
   ``_node_ip_address`` option, ``ray._private.ray_constants.ENABLE_RAY_CLUSTER`` (without it Ray
   turns 127.0.0.1 into the machine's outward address) and ``ray._raylet.Config.initialize`` (Ray
@@ -109,7 +114,7 @@ USED = {
     "ray/runtime.py": {"ray.train.v2._internal.execution.context"},
 }
 # Per file: private methods of other packages' classes that a class of it overrides.
-OVERRIDDEN = {"components/storage.py": {"FileSystemReader._slice_file"},
+OVERRIDDEN = {"components/checkpoint/dcp_files.py": {"FileSystemReader._slice_file"},
               "distributed/pipeline.py": {"PipelineStage._forward_metadata_inference"}}
 
 
@@ -399,25 +404,25 @@ def test_checkpoint_wrapper_keeps_state_dict_keys_and_takes_checkpoint_kwargs():
 
 
 def test_dcp_reader_still_slices_through_slice_file(tmp_path):
-    """storage._ArrowReader overrides FileSystemReader._slice_file for one ranged read per item; a
+    """dcp_files._ArrowReader overrides FileSystemReader._slice_file for one ranged read per item; a
     torch that stopped calling it would leave object-store reads correct but very slow."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import FileSystemReader
 
-    from raytitan.components import storage
+    from raytitan.components.checkpoint import dcp_files
 
     assert _params(FileSystemReader._slice_file) == ["self", "file", "sinfo"]
-    assert "_slice_file" in vars(storage._ArrowReader)
+    assert "_slice_file" in vars(dcp_files._ArrowReader)
     calls = []
 
-    class Counting(storage._ArrowReader):
+    class Counting(dcp_files._ArrowReader):
         def _slice_file(self, file, sinfo):
             calls.append(sinfo.length)
             return super()._slice_file(file, sinfo)
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "torch.distributed is ... uninitialized": one process is meant
-        dcp.save({"w": torch.arange(6.0)}, storage_writer=storage.dcp_writer(str(tmp_path)), no_dist=True)
+        dcp.save({"w": torch.arange(6.0)}, storage_writer=dcp_files.writer(str(tmp_path)), no_dist=True)
         loaded = {"w": torch.zeros(6)}
         dcp.load(loaded, storage_reader=Counting(str(tmp_path)), no_dist=True)
     assert calls and torch.equal(loaded["w"], torch.arange(6.0))
@@ -499,6 +504,17 @@ def test_ray_checkpoint_snapshot_file_name():
     # ... kept in the experiment folder, which raytitan makes its run folder.
     source = inspect.getsource(StorageContext.checkpoint_manager_snapshot_path.fget)
     assert "self.experiment_fs_path, CHECKPOINT_MANAGER_SNAPSHOT_FILENAME" in source
+
+
+def test_ray_train_reads_the_variables_the_launcher_sets():
+    from ray.train.v2._internal import constants
+
+    from raytitan.ray.launcher import HEALTH_CHECK_VAR, START_TIMEOUT_VAR
+
+    assert START_TIMEOUT_VAR == constants.WORKER_GROUP_START_TIMEOUT_S_ENV_VAR
+    assert HEALTH_CHECK_VAR == constants.HEALTH_CHECK_INTERVAL_S_ENV_VAR
+    # The driver sets them; the controller, another process, gets them only if Ray passes them on.
+    assert {START_TIMEOUT_VAR, HEALTH_CHECK_VAR} <= set(constants.ENV_VARS_TO_PROPAGATE)
 
 
 def test_ray_local_instance_on_loopback_with_token_auth():

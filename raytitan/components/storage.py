@@ -5,8 +5,9 @@ schemes (``hf://``) through fsspec, for reading data only.
 Paths stay plain strings throughout raytitan: folder paths, or URIs for object stores. The
 storage root may carry pyarrow's URI options (``s3://bucket/runs?endpoint_override=host:9000&
 scheme=http`` for an S3-compatible store); ``use_root`` registers them once per process, so the
-paths below the root need no query. Checkpoints go through DCP's file-system writer and reader,
-given a pyarrow filesystem by ``dcp_writer``/``dcp_reader``.
+paths below the root need no query. Checkpoints go through DCP's file-system writer and reader
+over these filesystems (``raytitan.components.checkpoint.dcp_files``): this module imports no
+torch, so the data pipeline's processes that read shards through it do not load it.
 """
 
 from __future__ import annotations
@@ -22,12 +23,9 @@ from typing import Any, Generator
 from urllib.parse import urlsplit
 
 import pyarrow.fs as pafs
-from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
-from torch.distributed.checkpoint.filesystem import FileSystemBase
 
 LOCAL = pafs.LocalFileSystem()
 _OBJECT_STORES = ("s3", "gs", "gcs")  # URIs whose host part is the bucket, part of the path
-_READ_WHOLE_BYTES = 64 << 20  # remote files up to this size are fetched in one request
 _filesystems: dict[tuple[str, str], pafs.FileSystem] = {}
 _mounted: dict[str, pafs.FileSystem] = {}  # URL scheme -> a filesystem of raytitan's own (memory snapshots)
 
@@ -74,6 +72,11 @@ def join(path: str, *names: str) -> str:
 def _info(path: str) -> pafs.FileInfo:
     fs, inner = resolve(path)
     return fs.get_file_info(inner)
+
+
+def exists(path: str) -> bool:
+    """A file or a folder."""
+    return _info(path).type != pafs.FileType.NotFound
 
 
 def isfile(path: str) -> bool:
@@ -170,101 +173,6 @@ def append_text(path: str, text: str) -> None:
         return
     old = read_text(path) if isfile(path) else ""
     write_text(path, old + text)
-
-
-class _ArrowFileSystem(FileSystemBase):
-    """DCP's file-system interface over a pyarrow filesystem."""
-
-    @contextmanager
-    def create_stream(self, path, mode: str) -> Generator[io.IOBase, None, None]:
-        fs, inner = resolve(str(path))
-        if "w" in mode:
-            with fs.open_output_stream(inner) as stream:
-                yield stream
-        else:
-            with fs.open_input_file(inner) as stream:  # seekable: DCP reads slices
-                if stream.size() <= _READ_WHOLE_BYTES:  # e.g. the metadata, unpickled in many small reads
-                    yield io.BytesIO(stream.read())
-                else:
-                    yield stream
-
-    def concat_path(self, path, suffix: str) -> str:
-        return join(str(path), suffix)
-
-    def init_path(self, path) -> str:
-        return str(path)
-
-    def rename(self, path, new_path) -> None:
-        fs, inner = resolve(str(path))
-        fs.move(inner, resolve(str(new_path))[1])
-
-    def mkdir(self, path) -> None:
-        makedirs(str(path))
-
-    @classmethod
-    def validate_checkpoint_id(cls, checkpoint_id) -> bool:
-        return is_remote(str(checkpoint_id))
-
-    def exists(self, path) -> bool:
-        return _info(str(path)).type != pafs.FileType.NotFound
-
-    def rm_file(self, path) -> None:
-        remove(str(path))
-
-
-class _ArrowWriter(FileSystemWriter):
-    def __init__(self, path: str):
-        super().__init__(path, sync_files=False)  # an uploaded object is durable once closed
-        self.fs = _ArrowFileSystem()
-        self.path = path
-
-
-class _ArrowReader(FileSystemReader):
-    def __init__(self, path: str, check: Callable[[Any, io.IOBase], None] | None = None):
-        super().__init__(path)
-        self.fs = _ArrowFileSystem()
-        self.path = path
-        self.check = check
-
-    def _slice_file(self, file, sinfo):
-        # One ranged read per stored item: unpickling from the remote file directly would issue
-        # a request for every small read (minutes for a small model on S3). Overrides a private
-        # hook of torch's FileSystemReader (torch 2.13), the one private name this module uses:
-        # were torch to rename it, reads would stay correct but slow (and unchecked), so
-        # tests/test_private_apis.py checks that read_data still calls it.
-        file.seek(sinfo.offset)
-        item = io.BytesIO(file.read(sinfo.length))
-        if self.check is not None:
-            self.check(sinfo, item)
-            item.seek(0)
-        return item
-
-
-class _CheckedLocalReader(FileSystemReader):
-    """A local step whose items ``check`` reads (from the page cache, into a small buffer) before
-    DCP reads them as usual: copying each item whole first doubled the load time."""
-
-    def __init__(self, path: str, check: Callable[[Any, io.IOBase], None]):
-        super().__init__(path)
-        self.check = check
-
-    def _slice_file(self, file, sinfo):
-        file.seek(sinfo.offset)
-        self.check(sinfo, file)
-        return super()._slice_file(file, sinfo)
-
-
-def dcp_writer(path: str) -> FileSystemWriter:
-    return _ArrowWriter(path) if is_remote(path) else FileSystemWriter(path)
-
-
-def dcp_reader(path: str, check: Callable[[Any, io.IOBase], None] | None = None) -> FileSystemReader:
-    """DCP's reader for ``path``; ``check(sinfo, stream)`` may read each stored item's bytes
-    (``sinfo``: ``relative_path``, ``offset``, ``length``; ``stream`` is at the item's first byte)
-    before DCP deserializes them, and raise (checkpoint checksums)."""
-    if is_remote(path):
-        return _ArrowReader(path, check)
-    return FileSystemReader(path) if check is None else _CheckedLocalReader(path, check)
 
 
 # --------------------------------------------------------------------------- data shards

@@ -11,7 +11,7 @@ import ray.train
 
 from raytitan.components import storage
 from raytitan.config.job import JobConfig
-from raytitan.ray.data_feed import RayFeedLoader
+from raytitan.ray.feed_loader import RayFeedLoader
 from raytitan.trainer.elastic.stop import read_stop_request
 from raytitan.trainer.runtime import Runtime
 

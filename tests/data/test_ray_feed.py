@@ -66,7 +66,7 @@ def test_feeder_memory_stays_bounded_while_streaming(ray_local, tmp_path):
     """Stream far more than the prefetch window through a rank's loader: the feeder never holds or
     produces more than it may, its packers read shards only about a window ahead (not a fixed run of
     64 shard-epochs), and the rank's metrics report the pipeline's rate, buffer and latency."""
-    from raytitan.ray.data_feed import RayFeedLoader
+    from raytitan.ray.feed_loader import RayFeedLoader
 
     corpus = ensure_synthetic_shards(str(tmp_path), seed=1, num_shards=4, docs_per_shard=60)
     prefetch, global_batch = 3, 8
@@ -94,7 +94,8 @@ def test_a_dataset_without_a_window_reaches_the_ranks_as_a_data_source_error(ray
     """Every record bad: the pipeline's error reaches the ranks as the DataSourceError it is (it used to
     loop forever, the ranks warning that the pipeline may be starved), asked directly or through a relay."""
     from raytitan.components.data.sources import DataSourceError
-    from raytitan.ray.data_feed import RayFeedLoader, Relays
+    from raytitan.ray.data_feed import Relays
+    from raytitan.ray.feed_loader import RayFeedLoader
 
     bad = [str(tmp_path / f"s{i}.jsonl") for i in range(2)]
     for path in bad:

@@ -13,7 +13,7 @@ checksums, so it is switched off while a data file is written, in the thread tha
 public ``set_crc32_options``, a per-thread setting; torch documents that such files load), and the checksums cost the save
 almost nothing net.
 
-**Loading.** Each stored item's bytes are checked as DCP reads them (``storage.dcp_reader`` with a
+**Loading.** Each stored item's bytes are checked as DCP reads them (``dcp_files.reader`` with a
 ``check``), just before they are deserialized: every rank checks only what it reads (locally the
 check reads the item through a small buffer and DCP reads it again from the page cache; on
 object stores both use the one ranged read), and a mismatch on one rank fails the load on every
@@ -40,6 +40,7 @@ from torch.distributed.checkpoint.filesystem import DEFAULT_SUFFIX
 from torch.distributed.checkpoint.metadata import Metadata
 
 from raytitan.components import storage
+from raytitan.components.checkpoint import dcp_files
 from raytitan.components.checkpoint.layout import COMMIT_MARKER, CheckpointError, read_commit_at, read_metadata
 
 ALGORITHM = "crc32"
@@ -131,9 +132,9 @@ class _HashingFileSystem:
 
 
 def writer(path: str) -> FileSystemWriter:
-    """DCP's writer for ``path`` (``storage.dcp_writer``) that also writes checksums; its
+    """DCP's writer for ``path`` (``dcp_files.writer``) that also writes checksums; its
     ``fs.seconds`` says how long this rank spent hashing."""
-    w = storage.dcp_writer(path)
+    w = dcp_files.writer(path)
     w.fs = _HashingFileSystem(w.fs)
     return w
 
@@ -168,7 +169,7 @@ def key_at(metadata: Metadata, relative_path: str, offset: int) -> str:
 
 
 class _Checker:
-    """``storage.dcp_reader``'s ``check``: compares each item's bytes with its saved checksums."""
+    """``dcp_files.reader``'s ``check``: compares each item's bytes with its saved checksums."""
 
     def __init__(self, step_path: str, metadata: Metadata | None = None):
         self.path, self.metadata = step_path, metadata
@@ -203,8 +204,8 @@ def reader(step_path: str, metadata: Metadata | None = None, marker: dict | None
     if marker is None:
         marker = read_commit_at(step_path) if storage.isfile(storage.join(step_path, COMMIT_MARKER)) else {}
     if not has_checksums(marker):
-        return storage.dcp_reader(step_path)
-    return storage.dcp_reader(step_path, check=_Checker(step_path, metadata))
+        return dcp_files.reader(step_path)
+    return dcp_files.reader(step_path, check=_Checker(step_path, metadata))
 
 
 def checking_seconds(r: FileSystemReader) -> float:

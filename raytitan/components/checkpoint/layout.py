@@ -18,6 +18,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata
 
 from raytitan.components import storage
+from raytitan.components.checkpoint import dcp_files
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +83,7 @@ def write_commit(path: str, marker: dict) -> None:
 
 def read_metadata(path: str) -> Metadata:
     try:
-        return storage.dcp_reader(path).read_metadata()
+        return dcp_files.reader(path).read_metadata()
     except FileNotFoundError:
         raise CheckpointError(f"{path} has no DCP metadata file (.metadata): it is not a complete checkpoint") from None
     except Exception as e:
