@@ -22,6 +22,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import Metadata
+from torch.distributed.checkpoint.planner import WriteItemType
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict_saver import AsyncSaveResponse
 from torch.distributed.checkpoint.state_dict import (
@@ -141,6 +142,58 @@ def check_tying(path: str, marker: dict, model_args: dict | None) -> None:
             "saved before raytitan tied them; keep ray.name to resume the same run folder)")
 
 
+class NonFiniteSnapshot(Exception):
+    """This rank's part of a memory snapshot holds weights that are not finite: it was neither
+    written nor sealed, so that snapshot never completes (the trainer stops the run on it)."""
+
+    def __init__(self, step: int, key: str):
+        super().__init__(f"memory snapshot of step {step}: this rank's part holds weights that are not finite "
+                         f"(first: {key}); not written, not sealed")
+        self.step, self.key = step, key
+
+
+# Weight dtypes whose sum is checked as they are (any other floating dtype: item by item, in fp32).
+SUMMED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def weight_spans(writer: raw.RawWriter) -> list[tuple[torch.dtype, int, int, list[tuple[int, int, str]]]]:
+    """Where this rank's snapshot part holds model weights: (dtype, start, end, its items as (start,
+    end, key)), items of one dtype that lie next to each other merged into one span. The padding
+    between merged items is zeroed here, once per plan (``pack`` writes the items only), so a span
+    reads as one array of its dtype."""
+    found = []
+    for item in writer.items:
+        if item.type == WriteItemType.BYTE_IO or not item.index.fqn.startswith("model."):
+            continue
+        dtype = item.tensor_data.properties.dtype
+        if dtype.is_floating_point:
+            offset, length = writer.offsets[raw._key(item)]
+            found.append((offset, offset + length, dtype, item.index.fqn))
+    spans: list[tuple[torch.dtype, int, int, list[tuple[int, int, str]]]] = []
+    for start, end, dtype, key in sorted(found, key=lambda f: f[0]):
+        last = spans[-1] if spans else None
+        if last and last[0] == dtype and dtype in SUMMED_DTYPES and -(-last[2] // raw.ALIGN) * raw.ALIGN == start:
+            writer.buffer[last[2]:start].zero_()
+            spans[-1] = (dtype, last[1], end, last[3] + [(start, end, key)])
+        else:
+            spans.append((dtype, start, end, [(start, end, key)]))
+    return spans
+
+
+def first_nonfinite(buffer: torch.Tensor, spans) -> str | None:
+    """The key of the first weight in ``buffer`` (a part, laid out as ``spans`` say) that holds a
+    NaN or an infinity, or None. One sum per span: a sum is finite only if every element is (a NaN
+    or an infinity carries through; overflow of finite values to an infinity is checked again
+    element by element), so a part of finite weights costs one pass over them and no allocation."""
+    for dtype, start, end, items in spans:
+        if dtype in SUMMED_DTYPES and bool(torch.isfinite(buffer[start:end].view(dtype).sum())):
+            continue
+        for item_start, item_end, key in items:
+            if not bool(torch.isfinite(buffer[item_start:item_end].view(dtype).float()).all()):
+                return key
+    return None
+
+
 LOADABLE = ("model", "optimizer", "lr_scheduler", "dataloader", "train_state")
 ASYNC_MODES = ("disabled", "async", "async_with_pinned_mem")
 
@@ -187,6 +240,8 @@ class CheckpointManager:
         self._raw_writer: raw.RawWriter | None = None
         self._sink = None  # where raw snapshots go (the snapshot stores' filesystem)
         self.snapshots_skipped = 0  # raw snapshots skipped: the previous one was still being sent
+        self.nonfinite_step: int | None = None  # the first raw snapshot whose part held non-finite weights
+        self._spans: tuple[str, list] = ("", [])  # (the plan's part name, ``weight_spans`` of it)
         self.snapshot_stalls: list[float] = []  # seconds each raw snapshot held the training thread
         self._stager = None
         if async_mode == "async_with_pinned_mem" and not torch.cuda.is_available():
@@ -269,7 +324,10 @@ class CheckpointManager:
             dcp.save(self.states, checkpoint_id=path, storage_writer=writer, process_group=self.group)
         group_rank = dist.get_rank(self.group) if dist.is_initialized() else 0
         world = dist.get_world_size(self.group) if dist.is_initialized() else 1
-        writer.send(step, functools.partial(self._deliver, group_rank, world, writer.name.rsplit("-", 1)[-1][:-4]))
+        if self._spans[0] != writer.name:  # a new plan: where its weights lie
+            self._spans = (writer.name, weight_spans(writer))
+        writer.send(step, functools.partial(self._deliver, group_rank, world, writer.name.rsplit("-", 1)[-1][:-4],
+                                            self._spans[1]))
         self._pending = _PendingSave(step, path, False, writer.uploaded, None, t0, writer)
         self.last_save_seconds = time.perf_counter() - t0
         self.snapshot_stalls.append(self.last_save_seconds)
@@ -278,10 +336,15 @@ class CheckpointManager:
             return path
         return None
 
-    def _deliver(self, rank: int, world: int, layout: str, step: int, part: str, body, tail: bytes,
+    def _deliver(self, rank: int, world: int, layout: str, spans: list, step: int, part: str, body, tail: bytes,
                  metadata: bytes | None) -> None:
-        """On the upload thread: the group's layout (rank 0, first time), the part to its holders,
-        then the seal that makes it count."""
+        """On the upload thread: the weights in the part checked finite (else ``NonFiniteSnapshot``:
+        nothing written, nothing sealed), the group's layout (rank 0, first time), the part to its
+        holders, then the seal that makes it count. The check reads this rank's own part, in the
+        buffer the training thread copied it to: no collective, nothing on the training thread."""
+        bad = first_nonfinite(torch.from_numpy(body), spans)
+        if bad is not None:
+            raise NonFiniteSnapshot(step, bad)
         _, folder = storage.resolve(self.folder)
         if metadata is not None:
             self._sink.register_layout(folder, layout, world, metadata, self.commit_info)
@@ -293,13 +356,20 @@ class CheckpointManager:
 
     def _finish_snapshot(self, wait: bool) -> str | None:
         """The in-flight snapshot's outcome, once its part is sealed (``wait``: block for it). A
-        failed write is logged (``failed_write_ends_run=False``): that snapshot just never counts."""
+        failed write is logged (``failed_write_ends_run=False``): that snapshot just never counts.
+        A part whose weights were not finite is logged and remembered in ``nonfinite_step``, for the
+        trainer to stop on (every rank at the same step: see ``Trainer``)."""
         pending = self._pending
         if pending is None or not (wait or pending.written.done()):
             return None
         self._pending = None
         try:
             pending.written.result()
+        except NonFiniteSnapshot as e:
+            logger.error("%s; the previous complete snapshot stays the latest", e)
+            if self.nonfinite_step is None:
+                self.nonfinite_step = e.step
+            return None
         except (Exception, CheckpointException) as e:
             message = f"writing memory snapshot {pending.path} failed: {root_cause(e)}; the previous complete " \
                       "snapshot stays the latest"
