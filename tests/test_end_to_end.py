@@ -12,6 +12,8 @@ import time
 import pytest
 
 from raytitan.components.checkpoint.layout import committed_steps
+from raytitan.components.metrics import read_jsonl
+from raytitan.trainer.elastic.history import read_starts
 
 from tests.helpers import child_pids
 
@@ -73,6 +75,12 @@ def test_train_through_ray(tmp_path):
     assert re.search(r"steps +8 / 8\n", out) and re.search(r"latest +\S+step-8\n", out)  # Ray's result
     assert glob.glob(str(run_dir / "tb" / "events.out.tfevents.*"))
     assert (run_dir / "config.toml").read_text().count("[training]") == 1
+    # Start-up is timed from the run's records (benchmarks/ray_overhead.py): the driver's process,
+    # its launch, Ray ready, then the worker's process, then the training function.
+    [launch] = read_jsonl(str(run_dir / "launches.jsonl"))
+    [start] = read_starts(str(run_dir))
+    worker_created = start["time"] - start["timings"]["process_to_entry"]
+    assert launch["process_started_at"] < launch["launched_at"] < launch["ray_ready_at"] < worker_created < start["time"]
     assert "finished" in out and "final loss" in out
     assert re.search(r"run llama3-debugmodel finished in [\d.]+s: raytitan run\n", out)  # with job.description
 

@@ -274,6 +274,9 @@ class Ray:
         10.0, "Seconds Ray Train waits for a new worker group's resources before deciding its size again; short, so "
         "a group sized from a view that still counted a lost node is given up soon (sets RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S)",
         POSITIVE)
+    health_check_interval_s: float = opt(
+        2.0, "Seconds between Ray Train's polls of the workers: a dead worker is noticed, and a finished group ends, "
+        "within this; each poll is a call to every worker (sets RAY_TRAIN_HEALTH_CHECK_INTERVAL_S)", POSITIVE)
 
     @property
     def elastic(self) -> bool:

@@ -7,6 +7,7 @@ Everything Ray-specific lives here; the workers run ``raytitan.trainer.worker.ru
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import threading
@@ -33,7 +34,7 @@ from raytitan.trainer.elastic.history import PROGRESS_FILE, ProgressMarkerError,
 from raytitan.ray.runtime import train_worker
 from raytitan.ray.signals import DriverStop, TrainingStopped
 from raytitan.ray.snapshots import SnapshotStores, check_memory
-from raytitan.trainer.runtime import setup_logging
+from raytitan.trainer.runtime import process_started_at, setup_logging
 
 logger = logging.getLogger("raytitan")
 
@@ -43,12 +44,18 @@ DATA_CPUS = 1.0
 # (ray.train.v2._internal.constants.CHECKPOINT_MANAGER_SNAPSHOT_FILENAME), checked by
 # tests/test_private_apis.py.
 RAY_CHECKPOINT_LIST = "checkpoint_manager_snapshot.json"
+# One line per launch of the run: when the driver's process started, when it began launching,
+# and when it had Ray (start-up before any worker exists; benchmarks/ray_overhead.py reads it).
+LAUNCHES_FILE = "launches.jsonl"
 # A local Ray instance listens here only.
 LOOPBACK = "127.0.0.1"
 AUTH_MODE_VAR = "RAY_AUTH_MODE"  # Ray's switch for token authentication
 # Ray Train's wait for a worker group's placement group (read by its controller, which gets the
 # driver's RAY_TRAIN_* variables); raytitan sets it from ray.worker_group_start_timeout_s.
 START_TIMEOUT_VAR = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+# How often Ray Train's controller polls the workers (the same way): raytitan sets it from
+# ray.health_check_interval_s.
+HEALTH_CHECK_VAR = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 
 
 def _connect(config: JobConfig) -> None:
@@ -60,7 +67,26 @@ def _connect(config: JobConfig) -> None:
         # a runtime_env here would replace the one `ray job submit` set up.
         ray.init(address=address, log_to_driver=True)
     else:
-        start_local_ray(runtime_env={"env_vars": {"PYTHONPATH": worker_import_path(config)}})
+        # The workers find raytitan through the environment the Ray processes start with, not a
+        # runtime_env: Ray then starts every actor in a plain worker process (one it may have
+        # started ahead), without asking its runtime-env agent for each (docs/performance.md).
+        with _environment(PYTHONPATH=worker_import_path(config)):
+            start_local_ray()
+
+
+@contextlib.contextmanager
+def _environment(**variables: str):
+    """These environment variables for the Ray processes started inside, then as they were."""
+    before = {k: os.environ.get(k) for k in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def start_local_ray(**init_args) -> None:
@@ -167,9 +193,14 @@ def launch(config: JobConfig) -> ray.train.Result:
 def _launch(config: JobConfig, plan, lease: RunLease) -> ray.train.Result:
     storage.write_text(storage.join(config.run_dir, "config.toml"), to_toml(config))
     os.environ[START_TIMEOUT_VAR] = str(config.ray.worker_group_start_timeout_s)
+    os.environ[HEALTH_CHECK_VAR] = str(config.ray.health_check_interval_s)
+    launched_at = time.time()
     _connect(config)
-    resources = _worker_resources(config)
     launch_id = uuid.uuid4().hex[:8]
+    storage.append_text(storage.join(config.run_dir, LAUNCHES_FILE), json.dumps(
+        {"launch": launch_id, "process_started_at": process_started_at(), "launched_at": launched_at,
+         "ray_ready_at": time.time()}) + "\n")
+    resources = _worker_resources(config)
     replay = replay_batches(config.checkpoint.interval, plan.global_batch_size, config.training.seq_len)
     feeders = {"train": start_feeder(f"train-{launch_id}", plan.shards, config.model, config.training.seq_len,
                                      config.training.seed, plan.global_batch_size, config.training.shuffle_buffer,

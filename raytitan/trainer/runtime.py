@@ -28,6 +28,20 @@ def setup_logging(rank: int) -> None:
         log.addHandler(handler)
 
 
+def process_started_at() -> float | None:
+    """When this process was created (seconds since the epoch), from Linux's /proc; None
+    elsewhere. Start-up is timed from it: imports and the launcher's set-up come before any
+    code of ours runs."""
+    try:
+        with open("/proc/self/stat") as f:  # field 22, after the parenthesized command name
+            ticks = int(f.read().rpartition(")")[2].split()[19])
+        with open("/proc/stat") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith("btime "))
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+    return boot + ticks / os.sysconf("SC_CLK_TCK")
+
+
 class Runtime:
     name = "base"
     reads_shards = True  # whether this rank reads the data files itself (or is fed)

@@ -30,7 +30,7 @@ from raytitan.trainer.elastic.history import record_start, restart_metrics, writ
 from raytitan.trainer.elastic.idle import agree_on_first_step, idle, workers_that_train
 from raytitan.trainer.elastic.stop import EXIT_STOPPED, StopCheck
 from raytitan.trainer.loop import NonFiniteError, Schedule, Trainer, TrainState
-from raytitan.trainer.runtime import Runtime, TorchrunRuntime, setup_logging
+from raytitan.trainer.runtime import Runtime, TorchrunRuntime, process_started_at, setup_logging
 
 logger = logging.getLogger("raytitan")
 
@@ -78,6 +78,8 @@ def start(config: JobConfig, runtime: Runtime) -> WorkerContext:
     rank, world = dist.get_rank(), dist.get_world_size()
     setup_logging(rank)
     timings = {"process_group": time.perf_counter() - t0}
+    if (created := process_started_at()) is not None:  # imports, and the launcher's own set-up
+        timings["process_to_entry"] = started_at - created
     plan = plan_run(config, world, resolve_data=runtime.reads_shards)
     if config.training.deterministic:
         torch.use_deterministic_algorithms(True)
