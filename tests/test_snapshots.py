@@ -226,6 +226,10 @@ def test_the_memory_needed_is_reported_and_refused_above_the_share():
         check_memory(1_000_000_000, replicas=1, node_memory={"a": 256 * gib, "b": 64 * gib}, share=0.05)
     one_node = check_memory(1_000_000, replicas=3, node_memory={"a": 8 * gib}, share=0.5)
     assert "1 copy" in one_node  # no other node to hold a replica
+    # The parts live in the object store: given its size per node, that is the pool checked.
+    with pytest.raises(ValueError, match="0.5 of the smallest node's 16.0 GiB of object store: .*--object-store-memory"):
+        check_memory(1_000_000_000, replicas=1, node_memory={"a": 256 * gib, "b": 256 * gib}, share=0.5,
+                     object_store={"a": 76 * gib, "b": 16 * gib})
 
 
 def test_a_store_counts_a_snapshot_once_every_rank_sealed_it_and_keeps_at_most_two_being_written():
@@ -278,3 +282,24 @@ def test_the_finiteness_check_sums_each_span_and_looks_item_by_item_only_when_a_
     assert first_nonfinite(buffer, spans) is None  # the sum overflows; every element is finite
     buffer.view(torch.float32)[6] = float("-inf")
     assert first_nonfinite(buffer, spans) == "model.small"
+
+
+@ray.remote(num_cpus=0)
+class _Writer:
+    """A rank's process, as far as the store sees it: it puts its part and hands the store the reference."""
+
+    def write(self, store, path: str, data: bytes):
+        import numpy as np
+
+        ref = ray.put(np.frombuffer(data, dtype=np.uint8))
+        return ray.get(store.put_part.remote(path, ref, b"tail", "writer-gone", "L", 1))
+
+
+def test_a_store_keeps_a_part_in_the_object_store_without_a_copy_and_it_outlives_its_writer(shared_stores):
+    launch, actors = shared_stores
+    data = bytes(range(256)) * 4096  # 1 MiB
+    writer = _Writer.remote()
+    assert ray.get(writer.write.remote(actors["B"], "writer-gone/step-1/__0-L.raw", data)) == len(data) + 4
+    ray.kill(writer)  # the rank's process dies, as the worker of a drill does: its part stays readable
+    assert ray.get(actors["B"].get.remote("writer-gone/step-1/__0-L.raw")) == data + b"tail"
+    ray.get(actors["B"].delete.remote("writer-gone"))

@@ -6,7 +6,8 @@ snapshot loads like an ordinary raytitan checkpoint: DCP reads it resharded onto
 the restarted group has. Writing is by parts (``raw.RawWriter``):
 
 - a rank's part goes to the store on its own node and to ``replicas`` stores on other nodes (the
-  next ones in node-id order): ``write_part``, one call per holder;
+  next ones in node-id order): ``write_part``, put into Ray's object store once, one call per
+  holder; each holder keeps the part where Ray delivered it, in its node's object store (``Part``);
 - once every holder has it, the rank seals it: a small call to every store;
 - a group's DCP metadata is the same for all its snapshots: its rank 0 registers it with every
   store once (``register_layout``).
@@ -45,12 +46,30 @@ QUERY_TIMEOUT_S = 30.0  # a store that does not answer a small query in this tim
 PENDING_KEPT = 2  # snapshots newer than the newest complete one a store keeps (being written; older ones dropped)
 
 
+class Part:
+    """A rank's part as a store holds it: its packed tensors (``body``) where Ray delivered them,
+    read-only in the node's object store, not copied, then the small rest (``tail``). The store's
+    reference keeps the object there, also after the process that wrote it is gone; dropping the
+    part frees it."""
+
+    __slots__ = ("body", "tail")
+
+    def __init__(self, body, tail: bytes):
+        self.body, self.tail = memoryview(body).cast("B"), bytes(tail)
+
+    def __len__(self) -> int:
+        return len(self.body) + len(self.tail)
+
+    def __bytes__(self) -> bytes:
+        return b"".join((self.body, self.tail))
+
+
 class SnapshotStore:
-    """One node's snapshot files, in this actor's memory, and what it knows of which snapshots
-    are complete (see ``seal``)."""
+    """One node's snapshot files, in this actor's memory (parts: in the node's object store, see
+    ``Part``), and what it knows of which snapshots are complete (see ``seal``)."""
 
     def __init__(self):
-        self.files: dict[str, bytearray] = {}
+        self.files: dict[str, bytearray | Part] = {}
         self.free: dict[int, list[bytearray]] = {}  # dropped files' memory, by size: the next snapshot's
         self.lock = threading.Lock()  # calls run on the actor's threads
         # folder -> layout id -> (world size, DCP metadata, commit facts, arrival order)
@@ -84,17 +103,13 @@ class SnapshotStore:
             self._retire(folder)
 
     def put_part(self, path: str, body, tail: bytes, folder: str, layout: str, step: int) -> int:
-        """One rank's part of a snapshot: its packed tensors (``body``) then ``tail`` (the rest)."""
+        """One rank's part of a snapshot: its packed tensors (``body``, an array in Ray's object
+        store, kept as it is: no copy) then ``tail`` (the rest)."""
         with self.lock:
-            size = len(memoryview(body).cast("B")) + len(tail)
-            spare = self.free.get(size)
-            buffer = spare.pop() if spare else bytearray(size)
-            split = size - len(tail)
-            buffer[:split] = memoryview(body).cast("B")
-            buffer[split:] = tail
-            self.files[path] = buffer
+            part = Part(body, tail)
+            self.files[path] = part
             self.parts[path] = (folder, layout, step)
-            return size
+            return len(part)
 
     def seal(self, folder: str, layout: str, step: int, rank: int) -> None:
         """Rank ``rank``'s part of ``step`` is in place on all its holders (they answered its writer)."""
@@ -171,7 +186,9 @@ class SnapshotStore:
                 self._drop(path)
 
     def _drop(self, path: str) -> None:
-        buffer = self.files.pop(path)
+        buffer = self.files.pop(path)  # a part: its object leaves the object store with the last reference
+        if not isinstance(buffer, bytearray):
+            return
         spare = sum(len(b) for f in self.free.values() for b in f)
         if len(buffer) >= 1 << 20 and spare < sum(map(len, self.files.values())):  # at most one snapshot's worth
             self.free.setdefault(len(buffer), []).append(buffer)
@@ -184,7 +201,8 @@ class SnapshotStore:
             return True
 
     def used(self) -> int:
-        """Bytes held: files and the spare memory kept for the next snapshot."""
+        """Bytes held: files (parts in the object store among them) and the spare memory kept for
+        the next snapshot."""
         with self.lock:
             return sum(len(d) for d in self.files.values()) + sum(len(b) for f in self.free.values() for b in f)
 
@@ -301,8 +319,8 @@ class SnapshotFileSystem(pafs.FileSystemHandler):
             raise OSError("no snapshot store is left")
 
     def write_part(self, path: str, body, tail: bytes, folder: str, layout: str, step: int) -> None:
-        """One rank's part to its holders: into Ray's object store once, from where each holder
-        copies it; returns once every holder has it. The holders are the ones found at the last
+        """One rank's part to its holders: into Ray's object store once, where each holder keeps it
+        (a replica's node gets its own copy from Ray); returns once every holder has it. The holders are the ones found at the last
         write, found again only if one of them is gone."""
         for refresh in (False, True):
             nodes = self.holders(path, refresh=refresh)
@@ -482,20 +500,27 @@ BYTES_PER_PARAMETER = 12
 SNAPSHOTS_HELD = 1 + PENDING_KEPT  # the newest complete one, and the newer ones being written
 
 
-def check_memory(n_params: int, replicas: int, node_memory: dict[str, float], share: float) -> str:
+def check_memory(n_params: int, replicas: int, node_memory: dict[str, float], share: float,
+                 object_store: dict[str, float] | None = None) -> str:
     """The host memory memory snapshots need per node, against ``share`` of the smallest node's
-    memory (Ray's ``memory`` resource); a ``ValueError`` with the numbers when it does not fit,
-    else a line saying what they take."""
-    nodes = max(len(node_memory), 1)
+    memory; a ``ValueError`` with the numbers when it does not fit, else a line saying what they
+    take. The stores keep the parts in their node's object store (``Part``): ``object_store``
+    (node -> Ray's ``object_store_memory`` resource), when given, is the pool checked; else Ray's
+    ``memory`` resource (``node_memory``), as before the parts moved there."""
+    pool = object_store or node_memory
+    where = "object store" if object_store else "memory"
+    nodes = max(len(pool), 1)
     copies = 1 + min(replicas, nodes - 1)
     snapshot = n_params * BYTES_PER_PARAMETER
     per_node = snapshot * copies * SNAPSHOTS_HELD / nodes  # parts spread evenly over the nodes
-    smallest = min(node_memory.values(), default=0.0)
+    smallest = min(pool.values(), default=0.0)
     gib = 1 << 30
     line = (f"memory snapshots: {snapshot / gib:.2f} GiB each, {copies} cop{'y' if copies == 1 else 'ies'}, "
             f"{SNAPSHOTS_HELD} held: {per_node / gib:.2f} GiB per node over {nodes} node(s)")
     if smallest and per_node > share * smallest:
+        store_hint = ", give Ray's object store more (ray start --object-store-memory)" if object_store else ""
         raise ValueError(f"{line}, more than checkpoint.memory_max_node_share = {share} of the smallest node's "
-                         f"{smallest / gib:.1f} GiB: lower checkpoint.memory_replicas, raise memory_max_node_share, "
-                         "add nodes, or set checkpoint.memory_interval = 0 (disk checkpoints only)")
-    return f"{line} ({per_node / smallest:.1%} of the smallest node's memory)" if smallest else line
+                         f"{smallest / gib:.1f} GiB{' of object store' if object_store else ''}: lower "
+                         f"checkpoint.memory_replicas, raise memory_max_node_share{store_hint}, add nodes, or set "
+                         "checkpoint.memory_interval = 0 (disk checkpoints only)")
+    return f"{line} ({per_node / smallest:.1%} of the smallest node's {where})" if smallest else line
