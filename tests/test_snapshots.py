@@ -303,3 +303,6 @@ def test_a_store_keeps_a_part_in_the_object_store_without_a_copy_and_it_outlives
     ray.kill(writer)  # the rank's process dies, as the worker of a drill does: its part stays readable
     assert ray.get(actors["B"].get.remote("writer-gone/step-1/__0-L.raw")) == data + b"tail"
     ray.get(actors["B"].delete.remote("writer-gone"))
+    # Where the parts live is the pool the driver's check reads, from Ray, for a real node.
+    node = ray.get_runtime_context().get_node_id()
+    assert "of the smallest node's object store)" in check_memory(1000, 0, {node: 1e15}, share=0.5)

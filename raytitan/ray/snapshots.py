@@ -500,13 +500,25 @@ BYTES_PER_PARAMETER = 12
 SNAPSHOTS_HELD = 1 + PENDING_KEPT  # the newest complete one, and the newer ones being written
 
 
+def object_store_sizes(nodes) -> dict[str, float]:
+    """Ray's ``object_store_memory`` of each of ``nodes`` (ids) that Ray knows alive; {} without
+    a Ray connection or where any of them is missing."""
+    if not ray.is_initialized():
+        return {}
+    sizes = {n["NodeID"]: n.get("Resources", {}).get("object_store_memory", 0.0) for n in ray.nodes() if n.get("Alive")}
+    found = {node: sizes[node] for node in nodes if sizes.get(node)}
+    return found if found and len(found) == len(nodes) else {}
+
+
 def check_memory(n_params: int, replicas: int, node_memory: dict[str, float], share: float,
                  object_store: dict[str, float] | None = None) -> str:
     """The host memory memory snapshots need per node, against ``share`` of the smallest node's
-    memory; a ``ValueError`` with the numbers when it does not fit, else a line saying what they
-    take. The stores keep the parts in their node's object store (``Part``): ``object_store``
-    (node -> Ray's ``object_store_memory`` resource), when given, is the pool checked; else Ray's
-    ``memory`` resource (``node_memory``), as before the parts moved there."""
+    pool; a ``ValueError`` with the numbers when it does not fit, else a line saying what they
+    take. The stores keep the parts in their node's object store (``Part``), so that is the pool:
+    ``object_store`` (node -> Ray's ``object_store_memory`` resource), by default read from Ray for
+    the nodes of ``node_memory``; where Ray cannot say, Ray's ``memory`` resource (``node_memory``)."""
+    if object_store is None:
+        object_store = object_store_sizes(node_memory)
     pool = object_store or node_memory
     where = "object store" if object_store else "memory"
     nodes = max(len(pool), 1)
