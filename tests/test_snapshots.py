@@ -24,7 +24,7 @@ import ray  # noqa: E402
 from raytitan.components import storage  # noqa: E402
 from raytitan.components.checkpoint.layout import committed_steps  # noqa: E402
 from raytitan.components.checkpoint.manager import (  # noqa: E402
-    CheckpointManager, ModelState, OptimizerState, first_nonfinite,
+    CheckpointManager, ModelState, OptimizerState, SnapshotPlanner, first_nonfinite,
 )
 from raytitan.ray.snapshots import (  # noqa: E402
     SCHEME, SnapshotFileSystem, SnapshotStore, check_memory, is_rank_file, store_name,
@@ -306,3 +306,22 @@ def test_a_store_keeps_a_part_in_the_object_store_without_a_copy_and_it_outlives
     # Where the parts live is the pool the driver's check reads, from Ray, for a real node.
     node = ray.get_runtime_context().get_node_id()
     assert "of the smallest node's object store)" in check_memory(1000, 0, {node: 1e15}, share=0.5)
+
+
+def test_the_snapshot_planner_frames_each_distinct_plain_value_once_and_tells_equal_looking_values_apart():
+    import io
+    import math
+
+    from torch.distributed.checkpoint.planner import WriteItemType
+
+    class Item:  # the one field transform_object reads
+        type = WriteItemType.BYTE_IO
+
+    memo = {}
+    planner = SnapshotPlanner(memo)
+    values = [1, 1.0, True, 0.0, -0.0, float("nan"), (0.9, 0.95), (0.9, 0.95), "adamw", None, [1, 2]]
+    loaded = [torch.load(io.BytesIO(planner.transform_object(Item(), v).getvalue()), weights_only=False) for v in values]
+    for value, back in zip(values, loaded):
+        assert type(back) is type(value) and (back == value or math.isnan(back)), value
+    assert math.copysign(1.0, loaded[4]) == -1.0  # -0.0 is not 0.0's bytes
+    assert len(memo) == 9  # the tuple once; the list (not a plain value) framed anew, not kept

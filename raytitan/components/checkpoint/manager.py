@@ -9,6 +9,7 @@ against them (``integrity``).
 from __future__ import annotations
 
 import functools
+import io
 import logging
 import time
 from collections.abc import Callable
@@ -194,6 +195,50 @@ def first_nonfinite(buffer: torch.Tensor, spans) -> str | None:
     return None
 
 
+def _frozen(value: Any) -> tuple | None:
+    """A key that tells ``value`` apart from every other value of the plain kinds (bool, int, str,
+    None, float by its repr: -0.0 and nan too; tuples of them), or None for any other value."""
+    kind = type(value)
+    if kind in (bool, int, str, type(None)):
+        return (kind, value)
+    if kind is float:
+        return (kind, repr(value))
+    if kind is tuple:
+        inner = tuple(_frozen(v) for v in value)
+        return None if None in inner else (kind, inner)
+    return None
+
+
+class SnapshotPlanner(DefaultSavePlanner):
+    """DCP's save planner, with the bytes of small plain values kept from snapshot to snapshot.
+
+    The flattened optimizer state holds every parameter's hyperparameters as items of their own
+    (betas, eps, weight decay, flags: about 11 per parameter), and DCP frames each with
+    ``torch.save``: about 0.1 ms each, most of a snapshot's time on the training thread (the
+    debug model's 57 parameters: 627 of them, 70 ms per snapshot in one process). Equal plain
+    values give equal bytes, so each distinct one is framed once; the values themselves are read
+    anew at every snapshot (an lr that changed is a new value, framed once for all parameters)."""
+
+    MEMO_SIZE = 4096  # distinct values kept; an lr that changes every step would grow it without end
+
+    def __init__(self, memo: dict[tuple, bytes]):
+        super().__init__()
+        self.memo = memo
+
+    def transform_object(self, write_item, object: Any):
+        key = _frozen(object) if write_item.type == WriteItemType.BYTE_IO else None
+        if key is None:
+            return super().transform_object(write_item, object)
+        data = self.memo.get(key)
+        if data is None:
+            if len(self.memo) >= self.MEMO_SIZE:
+                self.memo.clear()
+            framed = io.BytesIO()
+            torch.save(object, framed)
+            data = self.memo[key] = framed.getvalue()
+        return io.BytesIO(data)
+
+
 LOADABLE = ("model", "optimizer", "lr_scheduler", "dataloader", "train_state")
 ASYNC_MODES = ("disabled", "async", "async_with_pinned_mem")
 
@@ -242,6 +287,7 @@ class CheckpointManager:
         self.snapshots_skipped = 0  # raw snapshots skipped: the previous one was still being sent
         self.nonfinite_step: int | None = None  # the first raw snapshot whose part held non-finite weights
         self._spans: tuple[str, list] = ("", [])  # (the plan's part name, ``weight_spans`` of it)
+        self._framed: dict[tuple, bytes] = {}  # small plain values' bytes, from snapshot to snapshot (SnapshotPlanner)
         self.snapshot_stalls: list[float] = []  # seconds each raw snapshot held the training thread
         self._stager = None
         if async_mode == "async_with_pinned_mem" and not torch.cuda.is_available():
@@ -314,7 +360,7 @@ class CheckpointManager:
             logger.info("memory snapshot of step %d skipped: the previous one is still being sent (%d skipped)",
                         step, self.snapshots_skipped)
             return None
-        planner = DefaultSavePlanner()
+        planner = SnapshotPlanner(self._framed)
         planner.set_up_planner({k: v.state_dict() if isinstance(v, Stateful) else v for k, v in self.states.items()},
                                None, self.rank == 0)
         writer.reset(path)
