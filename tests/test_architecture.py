@@ -43,15 +43,18 @@ def imports(path: pathlib.Path) -> list[tuple[int, str, list[str]]]:
 
 
 @pytest.mark.slow  # a fresh interpreter imports torch and the worker: about 3 s
-def test_the_per_worker_entry_loads_no_ray():
-    """What torchrun runs on every rank: Ray is for the launcher and the Ray layer only."""
+def test_the_per_worker_entry_loads_no_ray_and_no_pipelining():
+    """What torchrun runs on every rank: Ray is for the launcher and the Ray layer only. Nor does
+    it load torch's pipelining (and with it torch._dynamo, about a second of CPU) before a run with
+    pipeline parallel builds its schedule: the Ray driver plans through the same modules."""
     code = ("import json, sys, raytitan.worker, raytitan.trainer.worker; "
-            "print(json.dumps(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.'))))")
+            "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] == 'ray' "
+            "or m.startswith(('torch.distributed.pipelining', 'torch._dynamo')))))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                           cwd=PACKAGE.parent)
     assert done.returncode == 0, done.stderr
     loaded = json.loads(done.stdout.strip().splitlines()[-1])
-    assert not loaded, f"importing raytitan.worker loads Ray modules: {loaded[:10]}"
+    assert not loaded, f"importing raytitan.worker loads: {loaded[:10]}"
 
 
 def test_the_data_planes_actors_load_no_torch():

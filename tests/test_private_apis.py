@@ -25,7 +25,7 @@ torch 2.13
   tests/test_checkpoint_integrity.py).
 - ``PipelineStage._forward_metadata_inference``, overridden so that the shape-inference forward
   of a pipeline stage leaves its buffers (an MoE layer's token counts) as they were:
-  raytitan/distributed/pipeline.py ``Stage`` (checked in tests/parallel/test_pipeline.py; a
+  raytitan/distributed/pipeline_schedule.py ``Stage`` (checked in tests/parallel/test_pipeline.py; a
   torch that stopped calling it fails the EP x PP parity in tests/parallel/test_expert_parallel.py).
 - ``torch.cuda.memory._record_memory_history`` and ``torch.cuda.memory._snapshot`` (CUDA memory
   snapshots): raytitan/components/profiling.py ``CudaMemoryHistory``.
@@ -53,9 +53,10 @@ Ray 2.60 (only under raytitan/ray/)
 - Ray Train's snapshot file name ``checkpoint_manager_snapshot.json``
   (``ray.train.v2._internal.constants.CHECKPOINT_MANAGER_SNAPSHOT_FILENAME``):
   raytitan/ray/launcher.py ``RAY_CHECKPOINT_LIST``.
-- Ray Train's settings through environment variables, ``RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S``
-  and ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`` (set by raytitan/ray/launcher.py from
-  ``ray.worker_group_start_timeout_s`` and ``ray.health_check_interval_s``): their names are
+- Ray Train's settings through environment variables, ``RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S``,
+  ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`` (set by raytitan/ray/launcher.py from
+  ``ray.worker_group_start_timeout_s`` and ``ray.health_check_interval_s``) and
+  ``RAY_TRAIN_ENABLE_PREEMPTION_WATCHER`` (off unless set): their names are
   checked against ``ray.train.v2._internal.constants``, with the list of variables Ray Train
   passes on to its controller.
 - A local Ray instance on 127.0.0.1 with token authentication: ``ray.init``'s hidden
@@ -115,7 +116,7 @@ USED = {
 }
 # Per file: private methods of other packages' classes that a class of it overrides.
 OVERRIDDEN = {"components/checkpoint/dcp_files.py": {"FileSystemReader._slice_file"},
-              "distributed/pipeline.py": {"PipelineStage._forward_metadata_inference"}}
+              "distributed/pipeline_schedule.py": {"PipelineStage._forward_metadata_inference"}}
 
 
 def _private(name: str) -> bool:
@@ -509,12 +510,13 @@ def test_ray_checkpoint_snapshot_file_name():
 def test_ray_train_reads_the_variables_the_launcher_sets():
     from ray.train.v2._internal import constants
 
-    from raytitan.ray.launcher import HEALTH_CHECK_VAR, START_TIMEOUT_VAR
+    from raytitan.ray.launcher import HEALTH_CHECK_VAR, PREEMPTION_WATCHER_VAR, START_TIMEOUT_VAR
 
     assert START_TIMEOUT_VAR == constants.WORKER_GROUP_START_TIMEOUT_S_ENV_VAR
     assert HEALTH_CHECK_VAR == constants.HEALTH_CHECK_INTERVAL_S_ENV_VAR
+    assert PREEMPTION_WATCHER_VAR == constants.ENABLE_PREEMPTION_WATCHER_ENV_VAR
     # The driver sets them; the controller, another process, gets them only if Ray passes them on.
-    assert {START_TIMEOUT_VAR, HEALTH_CHECK_VAR} <= set(constants.ENV_VARS_TO_PROPAGATE)
+    assert {START_TIMEOUT_VAR, HEALTH_CHECK_VAR, PREEMPTION_WATCHER_VAR} <= set(constants.ENV_VARS_TO_PROPAGATE)
 
 
 def test_ray_local_instance_on_loopback_with_token_auth():

@@ -4,14 +4,16 @@ drive them with a ``torch.distributed.pipelining`` schedule.
 A stage is the model with the blocks of other stages removed; only the first stage keeps the
 embedding and only the last the final norm and output head. Parameter names do not change,
 so checkpoints move freely between pipelined and unpipelined layouts.
+
+This module plans the layout; ``pipeline_schedule`` builds the stages and the schedule. They are
+apart because torch's pipelining loads torch._dynamo (about a second of CPU): the Ray driver plans
+every run through this module before it starts Ray, and runs without PP never build a schedule.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.distributed.pipelining import PipelineStage
-from torch.distributed.pipelining.schedules import PipelineScheduleMulti, get_schedule_class
 
 # Schedule name -> stages per rank it is built for (when layers_per_stage does not say).
 SCHEDULES = {"1F1B": 1, "GPipe": 1, "Interleaved1F1B": 2, "InterleavedZeroBubble": 2, "ZBVZeroBubble": 2}
@@ -91,43 +93,6 @@ def keep_stage(model: nn.Module, layer_ids: list[int], first: bool, last: bool,
     for name in (() if first else first_modules) + (() if last else last_modules):
         setattr(model, name, None)
     return model
-
-
-class Stage(PipelineStage):
-    """A ``PipelineStage`` whose shape-inference forward leaves the stage's buffers as they were.
-
-    torch 2.13 learns the shapes sent between stages from one extra forward of each stage at the
-    schedule's first step (the first stage on its first microbatch, the others on uninitialized
-    tensors), in training mode. A module that keeps state in a buffer as it runs, as an MoE layer
-    counts the tokens each expert received for the load-balancing update
-    (``raytitan.models.moe.MoE.tokens_per_expert``), would count that forward too: the first
-    bias update would differ from one process's. The buffers are copied before and those it changed restored after.
-
-    The override is of a private method, ``PipelineStage._forward_metadata_inference`` (torch
-    2.13; tests/parallel/test_pipeline.py checks that torch still calls it)."""
-
-    def _forward_metadata_inference(self, *args, **kwargs):
-        saved = [(b, b.detach().clone()) for b in self.submod.buffers()]
-        try:
-            return super()._forward_metadata_inference(*args, **kwargs)
-        finally:
-            with torch.no_grad():
-                for buffer, value in saved:
-                    # Only those the forward changed: a restored buffer the forward saved for the
-                    # backward (RoPE's table) would fail the shape-inference backward that follows.
-                    if not torch.equal(buffer, value):
-                        buffer.copy_(value)
-
-
-def build_pipeline(parts: list[nn.Module], stage_ids: list[int], stages: int, pp_group, device: torch.device,
-                   schedule: str, n_microbatches: int, loss_fn):
-    """The schedule that runs this rank's stages. Gradients are not rescaled by the schedule:
-    ``loss_fn`` already divides by the global token count."""
-    pipeline_stages = [Stage(part, i, stages, device, group=pp_group) for part, i in zip(parts, stage_ids)]
-    cls = get_schedule_class(schedule_name(schedule))
-    if issubclass(cls, PipelineScheduleMulti):
-        return cls(pipeline_stages, n_microbatches=n_microbatches, loss_fn=loss_fn, scale_grads=False)
-    return cls(pipeline_stages[0], n_microbatches=n_microbatches, loss_fn=loss_fn, scale_grads=False)
 
 
 def microbatches(local_batch_size: int, microbatch_size: int) -> int:

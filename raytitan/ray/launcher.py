@@ -56,6 +56,10 @@ START_TIMEOUT_VAR = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 # How often Ray Train's controller polls the workers (the same way): raytitan sets it from
 # ray.health_check_interval_s.
 HEALTH_CHECK_VAR = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+# Ray Train's preemption watcher, an actor per launch that gathers node-drain notices for
+# ray.train.get_preemption_info, which raytitan does not read (docs/elastic.md): off, unless the
+# variable is set.
+PREEMPTION_WATCHER_VAR = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 
 
 def _connect(config: JobConfig) -> None:
@@ -194,6 +198,7 @@ def _launch(config: JobConfig, plan, lease: RunLease) -> ray.train.Result:
     storage.write_text(storage.join(config.run_dir, "config.toml"), to_toml(config))
     os.environ[START_TIMEOUT_VAR] = str(config.ray.worker_group_start_timeout_s)
     os.environ[HEALTH_CHECK_VAR] = str(config.ray.health_check_interval_s)
+    os.environ.setdefault(PREEMPTION_WATCHER_VAR, "0")
     launched_at = time.time()
     _connect(config)
     launch_id = uuid.uuid4().hex[:8]

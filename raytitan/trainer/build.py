@@ -29,7 +29,7 @@ from raytitan.config.plan import check_aux_loss
 from raytitan.distributed import float8
 from raytitan.distributed.context import load_balanced_positions
 from raytitan.distributed.dims import ParallelDims
-from raytitan.distributed.pipeline import build_pipeline, keep_stage, microbatches, num_stages, rank_stages, stage_layers
+from raytitan.distributed.pipeline import keep_stage, microbatches, num_stages, rank_stages, stage_layers
 from raytitan.distributed.precision import DTYPES, param_dtype
 from raytitan.models import get_spec
 from raytitan.models.spec import build_meta, count_params
@@ -180,6 +180,9 @@ def build_runner(parts: list[torch.nn.Module], stage_ids: list[int], stages: int
     if pp_mesh is None:
         return ModelRunner(parts, cp_positions=cp_positions, loss_parallel=loss_parallel, loss_fn=loss_fn,
                            autocast_dtype=autocast, document_start=document_start)
+    # Imported here: torch's pipelining loads torch._dynamo (raytitan.distributed.pipeline says why).
+    from raytitan.distributed.pipeline_schedule import build_pipeline
+
     loss = PipelineLoss(loss_fn)
 
     def schedule(local_batch: int):

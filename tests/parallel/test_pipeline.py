@@ -36,7 +36,7 @@ def test_ranks_hold_looped_or_v_shaped_stages():
 
 
 def test_torch_still_infers_stage_shapes_through_the_method_stage_overrides():
-    """raytitan.distributed.pipeline.Stage overrides the private
+    """raytitan.distributed.pipeline_schedule.Stage overrides the private
     ``PipelineStage._forward_metadata_inference`` (torch 2.13) so that the shape-inference forward
     leaves an MoE layer's token counts alone; a torch that stopped calling it would count again
     (EP x PP parity in tests/parallel/test_expert_parallel.py would drift by about 1e-4)."""
@@ -44,7 +44,7 @@ def test_torch_still_infers_stage_shapes_through_the_method_stage_overrides():
 
     from torch.distributed.pipelining import PipelineStage
 
-    from raytitan.distributed.pipeline import Stage
+    from raytitan.distributed.pipeline_schedule import Stage
 
     assert "_forward_metadata_inference" in inspect.getsource(PipelineStage._prepare_forward_infra)
     assert Stage._forward_metadata_inference is not PipelineStage._forward_metadata_inference
