@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import bisect
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -76,6 +77,14 @@ def recovery(run_dir: str) -> dict:
         "first batch wait s": first["data_wait_s"],
         "first step s": first["time"] - restart["time"] - setup - first["data_wait_s"],
     }
+
+
+def snapshot_stall(run_dir: str) -> float | None:
+    """Median seconds a snapshot held rank 0's training thread, over the steps after the warm-up
+    (``checkpoint/snapshot_stall_s``: the newest snapshot's at each logged step), or None."""
+    stalls = [m["checkpoint/snapshot_stall_s"] for m in raytitan.read_metrics(run_dir)
+              if m.get("step", 0) > WARMUP_STEPS and "checkpoint/snapshot_stall_s" in m]
+    return statistics.median(stalls) if stalls else None
 
 
 def training_rate(run_dir: str) -> float:
@@ -165,7 +174,9 @@ def overhead(args, modes: dict[str, int]) -> dict[str, dict]:
         for mode, memory_interval in order:
             with ProcessCPU() as cpu:
                 run_dir = run(args, tempfile.mkdtemp(prefix="raytitan-rate-"), memory_interval, args.overhead_steps)
-            runs[mode].append({"rate": training_rate(run_dir), "cpu": cpu.per_step(run_dir)})
+            runs[mode].append({"rate": training_rate(run_dir), "cpu": cpu.per_step(run_dir),
+                               "stall": snapshot_stall(run_dir)})
+            shutil.rmtree(os.path.dirname(run_dir), ignore_errors=True)  # its disk checkpoints: 0.2 GB a run
             print(f"pair {pair + 1}/{args.pairs}, {mode}: {runs[mode][-1]['rate']:.0f} tok/s/device, "
                   f"{runs[mode][-1]['cpu']:.3f} CPU-s per step", flush=True)
     disk = runs["disk only"]
@@ -183,6 +194,9 @@ def overhead(args, modes: dict[str, int]) -> dict[str, dict]:
             "CPU-s per step runs": [round(v["cpu"], 3) for v in values],
             "CPU pair ratios": [round(r, 3) for r in cpu_ratios],
         }
+        if values[0]["stall"] is not None:  # rank 0's training thread, per snapshot (median of each run)
+            summary[mode]["stall per snapshot s"] = statistics.median(v["stall"] for v in values)
+            summary[mode]["stall runs"] = [round(v["stall"], 4) for v in values]
     return summary
 
 
@@ -210,10 +224,12 @@ def main() -> None:
         for row, memory_interval in zip(rows, modes.values()):
             run_dir = run(args, tempfile.mkdtemp(prefix="raytitan-recovery-"), memory_interval, args.steps, args.kill_step)
             row.update(recovery(run_dir))
+            shutil.rmtree(os.path.dirname(run_dir), ignore_errors=True)
     measured = overhead(args, modes)
     for row in rows:
         row.update(measured[row["mode"]])
-    print_table(rows, [c for c in rows[0] if not c.endswith(("runs", "ratios"))])
+    columns = list(dict.fromkeys(c for row in rows for c in row if not c.endswith(("runs", "ratios"))))
+    print_table(rows, columns)
     record("recovery", vars(args), rows)
 
 

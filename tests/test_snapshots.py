@@ -226,10 +226,6 @@ def test_the_memory_needed_is_reported_and_refused_above_the_share():
         check_memory(1_000_000_000, replicas=1, node_memory={"a": 256 * gib, "b": 64 * gib}, share=0.05)
     one_node = check_memory(1_000_000, replicas=3, node_memory={"a": 8 * gib}, share=0.5)
     assert "1 copy" in one_node  # no other node to hold a replica
-    # The parts live in the object store: given its size per node, that is the pool checked.
-    with pytest.raises(ValueError, match="0.5 of the smallest node's 16.0 GiB of object store: .*--object-store-memory"):
-        check_memory(1_000_000_000, replicas=1, node_memory={"a": 256 * gib, "b": 256 * gib}, share=0.5,
-                     object_store={"a": 76 * gib, "b": 16 * gib})
 
 
 def test_a_store_counts_a_snapshot_once_every_rank_sealed_it_and_keeps_at_most_two_being_written():
@@ -298,14 +294,15 @@ class _Writer:
 def test_a_store_keeps_a_part_in_the_object_store_without_a_copy_and_it_outlives_its_writer(shared_stores):
     launch, actors = shared_stores
     data = bytes(range(256)) * 4096  # 1 MiB
+    kept = actors["B"].__ray_call__.remote
+    before = ray.get(kept(lambda store: store.kept_in_object_store))  # other tests' parts
     writer = _Writer.remote()
     assert ray.get(writer.write.remote(actors["B"], "writer-gone/step-1/__0-L.raw", data)) == len(data) + 4
+    assert ray.get(kept(lambda store: store.kept_in_object_store)) == before + len(data)  # as delivered, not copied
     ray.kill(writer)  # the rank's process dies, as the worker of a drill does: its part stays readable
     assert ray.get(actors["B"].get.remote("writer-gone/step-1/__0-L.raw")) == data + b"tail"
     ray.get(actors["B"].delete.remote("writer-gone"))
-    # Where the parts live is the pool the driver's check reads, from Ray, for a real node.
-    node = ray.get_runtime_context().get_node_id()
-    assert "of the smallest node's object store)" in check_memory(1000, 0, {node: 1e15}, share=0.5)
+    assert ray.get(kept(lambda store: store.kept_in_object_store)) == before
 
 
 def test_the_snapshot_planner_frames_each_distinct_plain_value_once_and_tells_equal_looking_values_apart():
@@ -325,3 +322,15 @@ def test_the_snapshot_planner_frames_each_distinct_plain_value_once_and_tells_eq
         assert type(back) is type(value) and (back == value or math.isnan(back)), value
     assert math.copysign(1.0, loaded[4]) == -1.0  # -0.0 is not 0.0's bytes
     assert len(memo) == 9  # the tuple once; the list (not a plain value) framed anew, not kept
+
+
+def test_parts_beyond_the_object_store_share_are_copied_into_the_store_s_own_memory():
+    store = SnapshotStore()
+    store._object_store_room = 12  # OBJECT_STORE_SHARE of a (tiny) node's object store
+    store.put_part("run/step-1/__0-L.raw", b"\x01" * 8, b"t", "run", "L", 1)
+    store.put_part("run/step-1/__1-L.raw", b"\x02" * 8, b"t", "run", "L", 1)  # 16 bytes would not fit
+    assert [type(store.files[f"run/step-1/__{r}-L.raw"]).__name__ for r in (0, 1)] == ["Part", "bytearray"]
+    assert store.kept_in_object_store == 8
+    assert store.get("run/step-1/__0-L.raw") == b"\x01" * 8 + b"t" and store.get("run/step-1/__1-L.raw") == b"\x02" * 8 + b"t"
+    store.delete("run/step-1/__0-L.raw")
+    assert store.kept_in_object_store == 0

@@ -7,7 +7,8 @@ the restarted group has. Writing is by parts (``raw.RawWriter``):
 
 - a rank's part goes to the store on its own node and to ``replicas`` stores on other nodes (the
   next ones in node-id order): ``write_part``, put into Ray's object store once, one call per
-  holder; each holder keeps the part where Ray delivered it, in its node's object store (``Part``);
+  holder; each holder keeps the part where Ray delivered it, in its node's object store, while
+  there is room (``Part``);
 - once every holder has it, the rank seals it: a small call to every store;
 - a group's DCP metadata is the same for all its snapshots: its rank 0 registers it with every
   store once (``register_layout``).
@@ -44,13 +45,18 @@ SCHEME = "raysnap"  # worker paths: raysnap://<launch id>/...
 STORE_PREFIX = "raytitan-snapshots-"  # store actor names: STORE_PREFIX + launch id + "-" + node id
 QUERY_TIMEOUT_S = 30.0  # a store that does not answer a small query in this time counts as gone
 PENDING_KEPT = 2  # snapshots newer than the newest complete one a store keeps (being written; older ones dropped)
+# Parts a store keeps as delivered take at most this share of its node's object store; beyond it
+# they are copied into the store's own memory (as all were before), so the snapshots never crowd
+# out the object store the data pipeline needs, and the driver's memory check stays the bound.
+OBJECT_STORE_SHARE = 0.5
 
 
 class Part:
     """A rank's part as a store holds it: its packed tensors (``body``) where Ray delivered them,
     read-only in the node's object store, not copied, then the small rest (``tail``). The store's
     reference keeps the object there, also after the process that wrote it is gone; dropping the
-    part frees it."""
+    part frees it. Used while the store's parts take at most ``OBJECT_STORE_SHARE`` of the node's
+    object store."""
 
     __slots__ = ("body", "tail")
 
@@ -65,8 +71,8 @@ class Part:
 
 
 class SnapshotStore:
-    """One node's snapshot files, in this actor's memory (parts: in the node's object store, see
-    ``Part``), and what it knows of which snapshots are complete (see ``seal``)."""
+    """One node's snapshot files, in this actor's memory (parts: in the node's object store while
+    there is room, see ``Part``), and what it knows of which snapshots are complete (see ``seal``)."""
 
     def __init__(self):
         self.files: dict[str, bytearray | Part] = {}
@@ -77,6 +83,8 @@ class SnapshotStore:
         self.sealed: dict[tuple[str, str, int], dict[int, float]] = {}  # (folder, layout, step) -> rank -> time
         self.parts: dict[str, tuple[str, str, int]] = {}  # part file -> (folder, layout, step)
         self.arrivals = 0
+        self.kept_in_object_store = 0  # bytes of the parts held as ``Part``
+        self._object_store_room: float | None = None  # OBJECT_STORE_SHARE of the node's object store
 
     def _keep(self, path: str, data) -> int:
         """Keep a copy of ``data`` (bytes, or a read-only array in Ray's object store), in the
@@ -104,12 +112,33 @@ class SnapshotStore:
 
     def put_part(self, path: str, body, tail: bytes, folder: str, layout: str, step: int) -> int:
         """One rank's part of a snapshot: its packed tensors (``body``, an array in Ray's object
-        store, kept as it is: no copy) then ``tail`` (the rest)."""
+        store) then ``tail`` (the rest). Kept as delivered, without a copy, while the parts so kept
+        fit in ``OBJECT_STORE_SHARE`` of the node's object store; else copied into this actor's memory."""
         with self.lock:
-            part = Part(body, tail)
+            view = memoryview(body).cast("B")
+            if self.kept_in_object_store + len(view) <= self._room():
+                part = Part(view, tail)
+                self.kept_in_object_store += len(part.body)
+            else:
+                size = len(view) + len(tail)
+                spare = self.free.get(size)
+                part = spare.pop() if spare else bytearray(size)
+                part[:len(view)] = view
+                part[len(view):] = tail
             self.files[path] = part
             self.parts[path] = (folder, layout, step)
             return len(part)
+
+    def _room(self) -> float:
+        """Bytes of parts this store may keep in its node's object store (0 outside Ray)."""
+        if self._object_store_room is None:
+            size = 0.0
+            if ray.is_initialized():
+                node = ray.get_runtime_context().get_node_id()
+                size = next((n.get("Resources", {}).get("object_store_memory", 0.0) for n in ray.nodes()
+                             if n.get("NodeID") == node), 0.0)
+            self._object_store_room = OBJECT_STORE_SHARE * size
+        return self._object_store_room
 
     def seal(self, folder: str, layout: str, step: int, rank: int) -> None:
         """Rank ``rank``'s part of ``step`` is in place on all its holders (they answered its writer)."""
@@ -186,8 +215,9 @@ class SnapshotStore:
                 self._drop(path)
 
     def _drop(self, path: str) -> None:
-        buffer = self.files.pop(path)  # a part: its object leaves the object store with the last reference
-        if not isinstance(buffer, bytearray):
+        buffer = self.files.pop(path)
+        if isinstance(buffer, Part):  # its object leaves the object store with the last reference
+            self.kept_in_object_store -= len(buffer.body)
             return
         spare = sum(len(b) for f in self.free.values() for b in f)
         if len(buffer) >= 1 << 20 and spare < sum(map(len, self.files.values())):  # at most one snapshot's worth
@@ -320,7 +350,8 @@ class SnapshotFileSystem(pafs.FileSystemHandler):
 
     def write_part(self, path: str, body, tail: bytes, folder: str, layout: str, step: int) -> None:
         """One rank's part to its holders: into Ray's object store once, where each holder keeps it
-        (a replica's node gets its own copy from Ray); returns once every holder has it. The holders are the ones found at the last
+        while there is room (a replica's node gets its own copy from Ray); returns once every
+        holder has it. The holders are the ones found at the last
         write, found again only if one of them is gone."""
         for refresh in (False, True):
             nodes = self.holders(path, refresh=refresh)
@@ -500,39 +531,20 @@ BYTES_PER_PARAMETER = 12
 SNAPSHOTS_HELD = 1 + PENDING_KEPT  # the newest complete one, and the newer ones being written
 
 
-def object_store_sizes(nodes) -> dict[str, float]:
-    """Ray's ``object_store_memory`` of each of ``nodes`` (ids) that Ray knows alive; {} without
-    a Ray connection or where any of them is missing."""
-    if not ray.is_initialized():
-        return {}
-    sizes = {n["NodeID"]: n.get("Resources", {}).get("object_store_memory", 0.0) for n in ray.nodes() if n.get("Alive")}
-    found = {node: sizes[node] for node in nodes if sizes.get(node)}
-    return found if found and len(found) == len(nodes) else {}
-
-
-def check_memory(n_params: int, replicas: int, node_memory: dict[str, float], share: float,
-                 object_store: dict[str, float] | None = None) -> str:
+def check_memory(n_params: int, replicas: int, node_memory: dict[str, float], share: float) -> str:
     """The host memory memory snapshots need per node, against ``share`` of the smallest node's
-    pool; a ``ValueError`` with the numbers when it does not fit, else a line saying what they
-    take. The stores keep the parts in their node's object store (``Part``), so that is the pool:
-    ``object_store`` (node -> Ray's ``object_store_memory`` resource), by default read from Ray for
-    the nodes of ``node_memory``; where Ray cannot say, Ray's ``memory`` resource (``node_memory``)."""
-    if object_store is None:
-        object_store = object_store_sizes(node_memory)
-    pool = object_store or node_memory
-    where = "object store" if object_store else "memory"
-    nodes = max(len(pool), 1)
+    memory (Ray's ``memory`` resource); a ``ValueError`` with the numbers when it does not fit,
+    else a line saying what they take."""
+    nodes = max(len(node_memory), 1)
     copies = 1 + min(replicas, nodes - 1)
     snapshot = n_params * BYTES_PER_PARAMETER
     per_node = snapshot * copies * SNAPSHOTS_HELD / nodes  # parts spread evenly over the nodes
-    smallest = min(pool.values(), default=0.0)
+    smallest = min(node_memory.values(), default=0.0)
     gib = 1 << 30
     line = (f"memory snapshots: {snapshot / gib:.2f} GiB each, {copies} cop{'y' if copies == 1 else 'ies'}, "
             f"{SNAPSHOTS_HELD} held: {per_node / gib:.2f} GiB per node over {nodes} node(s)")
     if smallest and per_node > share * smallest:
-        store_hint = ", give Ray's object store more (ray start --object-store-memory)" if object_store else ""
         raise ValueError(f"{line}, more than checkpoint.memory_max_node_share = {share} of the smallest node's "
-                         f"{smallest / gib:.1f} GiB{' of object store' if object_store else ''}: lower "
-                         f"checkpoint.memory_replicas, raise memory_max_node_share{store_hint}, add nodes, or set "
-                         "checkpoint.memory_interval = 0 (disk checkpoints only)")
-    return f"{line} ({per_node / smallest:.1%} of the smallest node's {where})" if smallest else line
+                         f"{smallest / gib:.1f} GiB: lower checkpoint.memory_replicas, raise memory_max_node_share, "
+                         "add nodes, or set checkpoint.memory_interval = 0 (disk checkpoints only)")
+    return f"{line} ({per_node / smallest:.1%} of the smallest node's memory)" if smallest else line

@@ -360,6 +360,8 @@ class Trainer:
                     metrics["moe/aux_loss"] = self.aux_loss.item()
                 if self.snapshots is not None:  # due while the previous one was still being sent
                     metrics["checkpoint/snapshots_skipped"] = self.snapshots.snapshots_skipped
+                    if self.snapshots.snapshot_stalls:  # the newest snapshot's hold on the training thread
+                        metrics["checkpoint/snapshot_stall_s"] = self.snapshots.snapshot_stalls[-1]
                 self.metrics.log(metrics)
             if self.validator and self.schedule.validates(step):
                 validation = {"validation/loss": self.validator.evaluate()}
