@@ -13,7 +13,12 @@ under torchrun each rank reads itself. With fewer workers than cores, Ray's own 
 raylet, driver, feeder) get cores of their own, which separates their CPU use from their
 per-step cost.
 
+With ``--baseline COMMIT`` a third launcher, ``ray@COMMIT``, runs the same command from a git
+worktree of that commit (in the same alternation), so a change to start-up is measured against
+the code before it in one run; phases its records lack are left empty.
+
     python benchmarks/ray_overhead.py [--workers 2] [--steps 20] [--repeats 3] [--threads N] [--gpu]
+                                      [--baseline COMMIT]
 """
 
 from __future__ import annotations
@@ -48,8 +53,9 @@ def startup_phases(run_dir: str, started: float, first_step: float) -> dict:
     t = start["timings"]
     entered = start["time"]
     build_load = t.get("build", 0.0) + t.get("checkpoint_load", 0.0)
+    to_entry = t.get("process_to_entry")  # None from a baseline that did not record it
     return {"to_ray_s": launch["ray_ready_at"] - started if launch else None,
-            "to_workers_s": entered - t["process_to_entry"] - started, "worker_entry_s": t["process_to_entry"],
+            "to_workers_s": entered - to_entry - started if to_entry is not None else None, "worker_entry_s": to_entry,
             "build_load_s": build_load, "first_step_s": first_step - entered - build_load}
 
 
@@ -61,14 +67,16 @@ def launch(kind: str, args, root: str, name: str) -> tuple[float, float, float, 
               "--checkpoint.enable", "false", "--ray.num_workers", str(args.workers), "--metrics.progress_bar", "off"]
     if args.gpu:
         common += ["--ray.use_gpu", "true"]
-    if kind == "ray":
+    code = args.baseline_tree if kind.startswith("ray@") else REPO
+    if kind.startswith("ray"):
         cmd = [sys.executable, "-m", "raytitan.train", *common]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.workers),
                "-m", "raytitan.worker", *common]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}  # the same for both (torchrun sets 1 otherwise)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [code, os.environ.get("PYTHONPATH")]))  # this code's raytitan
     started = time.time()
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=3600)
+    proc = subprocess.run(cmd, cwd=code, env=env, capture_output=True, text=True, timeout=3600)
     if proc.returncode != 0:
         raise RuntimeError(f"{kind} run failed:\n{(proc.stdout + proc.stderr)[-4000:]}")
     records = read_metrics(os.path.join(root, name))
@@ -86,14 +94,29 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--gpu", action="store_true")
     parser.add_argument("--threads", type=int, help="intra-op threads per worker (default: cores / workers)")
+    parser.add_argument("--baseline", help="also run the Ray launcher from this commit (a git worktree of it)")
     args = parser.parse_args()
     args.threads = args.threads or max(1, (os.cpu_count() or 1) // args.workers)
 
     root = tempfile.mkdtemp(prefix="raytitan-overhead-")
-    runs = {"ray": [], "torchrun": []}
+    kinds = ["torchrun", "ray"]
+    if args.baseline:
+        args.baseline_tree = os.path.join(root, "baseline")
+        subprocess.run(["git", "worktree", "add", "--detach", args.baseline_tree, args.baseline], cwd=REPO, check=True,
+                       capture_output=True)
+        kinds.append(f"ray@{args.baseline}")
+    try:
+        measure(args, root, kinds)
+    finally:
+        if args.baseline:
+            subprocess.run(["git", "worktree", "remove", "--force", args.baseline_tree], cwd=REPO, capture_output=True)
+
+
+def measure(args, root: str, kinds: list[str]) -> None:
+    runs = {kind: [] for kind in kinds}
     for i in range(args.repeats):
-        for kind in ("torchrun", "ray") if i % 2 == 0 else ("ray", "torchrun"):  # alternate who goes first
-            tps, wait, startup, phases = launch(kind, args, root, f"{kind}-{i}")
+        for kind in kinds if i % 2 == 0 else kinds[::-1]:  # alternate who goes first
+            tps, wait, startup, phases = launch(kind, args, root, f"{kind.replace('@', '-')}-{i}")
             runs[kind].append((tps, wait, startup, phases))
             print(f"repeat {i} {kind:9s} {tps:10.0f} tok/s/device  data wait {wait:6.1%}  start-up {startup:5.1f}s  "
                   + "  ".join(f"{k} {v:.1f}" for k, v in phases.items() if v is not None), flush=True)
@@ -108,12 +131,12 @@ def main() -> None:
              **{key: median_phase(r, key) for key in PHASES},
              "each_tokens_per_s": [round(t, 1) for t, *_ in r],
              "each_startup_s": [round(s, 1) for _, _, s, _ in r]} for kind, r in runs.items()]
-    ray_row, torchrun_row = rows
-    summary = {"launcher": "ray / torchrun", "tokens_per_s": ray_row["tokens_per_s"] / torchrun_row["tokens_per_s"],
-               "startup_s": ray_row["startup_s"] / torchrun_row["startup_s"]}
+    torchrun_row = rows[0]
+    ratios = [{"launcher": f"{row['launcher']} / torchrun", "tokens_per_s": row["tokens_per_s"] / torchrun_row["tokens_per_s"],
+               "startup_s": row["startup_s"] / torchrun_row["startup_s"]} for row in rows[1:]]
     print(f"\n{args.config}, {args.workers} workers, {args.steps} steps, medians of {args.repeats}\n")
-    print_table(rows + [summary], ["launcher", "tokens_per_s", "data_wait_share", "startup_s", *PHASES, "repeats"])
-    record("ray_overhead", vars(args), rows + [summary])
+    print_table(rows + ratios, ["launcher", "tokens_per_s", "data_wait_share", "startup_s", *PHASES, "repeats"])
+    record("ray_overhead", {k: v for k, v in vars(args).items() if k != "baseline_tree"}, rows + ratios)
 
 
 if __name__ == "__main__":
