@@ -189,9 +189,45 @@ class PipelineState:
     runs: int = 0
 
 
+class Halt:
+    """Ends a pipeline from another thread (the feeder, restarting its pipeline elsewhere): its
+    gate is killed, so packers waiting there skip their items instead of holding their CPUs, and
+    ``ray_rows`` returns at its next step. A new pipeline may otherwise find no CPUs for its pool
+    while the old one's packers wait for a consumer that is gone."""
+
+    def __init__(self):
+        self._event, self._lock, self._gate = threading.Event(), threading.Lock(), None
+
+    def __call__(self) -> bool:
+        return self._event.is_set()
+
+    def watch(self, gate) -> None:
+        """The current run's gate; killed at once if the pipeline was already halted."""
+        with self._lock:
+            self._gate = gate
+            if self._event.is_set():
+                _kill_quietly(gate)
+
+    def set(self) -> None:
+        with self._lock:
+            self._event.set()
+            if self._gate is not None:
+                _kill_quietly(self._gate)
+
+
+def _kill_quietly(actor) -> None:
+    import ray
+
+    try:
+        ray.kill(actor)
+    except Exception:  # gone already, or Ray itself is shutting down
+        pass
+
+
 def ray_rows(shards: list[str], model_config, seq_len: int, seed: int, start: Cursor, shuffle_block: int = 0,
              shards_per_read: int = 64, read_ahead_rows: int = 256, demand=None, state: PipelineState | None = None,
-             resize_every_s: float = 30.0, packers: int | None = None, cpus_per_packer: float = CPUS_PER_PACKER):
+             resize_every_s: float = 30.0, packers: int | None = None, cpus_per_packer: float = CPUS_PER_PACKER,
+             halt: Halt | None = None):
     """The stream through Ray Data, ordered: identical to ``stream.local_rows``.
 
     The plan is cut into runs of at most ``shards_per_read`` shard items, one Ray Data dataset
@@ -200,7 +236,8 @@ def ray_rows(shards: list[str], model_config, seq_len: int, seed: int, start: Cu
     item boundary, when the demand wants another size (checked every ``resize_every_s``). A gate
     keeps the packers at most about ``read_ahead_rows`` rows (and two items per packer) ahead of
     what this generator has yielded. ``packers`` fixes the pool's size (a benchmark's, or the
-    validation stream's); ``cpus_per_packer`` is the Ray CPUs each packing actor reserves."""
+    validation stream's); ``cpus_per_packer`` is the Ray CPUs each packing actor reserves.
+    ``halt``: set from another thread, the stream ends (see ``Halt``)."""
     import ray
     import ray.data
 
@@ -211,7 +248,7 @@ def ray_rows(shards: list[str], model_config, seq_len: int, seed: int, start: Cu
     plan = shard_plan(len(shards), seed, start)
     index = 0  # of the next item in the plan
     pending: list[dict] = []  # items planned for a run that ended before admitting them
-    while True:
+    while not (halt and halt()):
         items = pending + [next(plan) for _ in range(max(0, shards_per_read - len(pending)))]
         items = [{**item, "item": index + i} for i, item in enumerate(items)]
         wanted, starving = demand() if demand else (None, False)
@@ -219,6 +256,8 @@ def ray_rows(shards: list[str], model_config, seq_len: int, seed: int, start: Cu
         size = packers or pool_size(state.packers, free, wanted, state.packer_tokens_per_s, starving)
         state.packers, state.runs = size, state.runs + 1
         gate = ray.remote(_Gate).options(num_cpus=0).remote(read_ahead_rows, size, index)
+        if halt:
+            halt.watch(gate)
         ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
             _PackShards,
             fn_constructor_args=(shards, model_config, seq_len, seed, shuffle_block, gate),
@@ -232,6 +271,8 @@ def ray_rows(shards: list[str], model_config, seq_len: int, seed: int, start: Cu
         read_before = state.items_admitted
         try:
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1):
+                if halt and halt():
+                    return
                 item = int(batch["item"][-1])
                 if item != last_seen:
                     gate.consumed.remote(int(batch["item"][0]))
@@ -248,6 +289,8 @@ def ray_rows(shards: list[str], model_config, seq_len: int, seed: int, start: Cu
                     free = ray.available_resources().get("CPU", 0.0) + size * cpus_per_packer
                     if pool_size(size, free, wanted, state.packer_tokens_per_s, starving) != size:
                         cut = ray.get(gate.end_run.remote())  # the rest of this run goes to the next, resized
+            if halt and halt():  # its gate is gone
+                return
             rate = ray.get(gate.packer_tokens_per_s.remote())
             state.packer_tokens_per_s = rate or state.packer_tokens_per_s
         finally:
@@ -255,10 +298,7 @@ def ray_rows(shards: list[str], model_config, seq_len: int, seed: int, start: Cu
                 state.items_admitted = read_before + ray.get(gate.last_admitted.remote(), timeout=10) - index + 1
             except Exception:  # a gate that is gone admits nothing more
                 pass
-            try:
-                ray.kill(gate)
-            except Exception:  # Ray itself is shutting down: the gate goes with it
-                pass
+            _kill_quietly(gate)
         done = cut if cut is not None else items[-1]["item"]
         pending = [{k: v for k, v in item.items() if k != "item"} for item in items if item["item"] > done]
         index = done + 1
@@ -322,6 +362,7 @@ class DataFeeder:
         self.replay = replay
         self._positions: dict[int, Cursor] = {}  # reader (training rank) -> newest cursor it asked for
         self._generation = 0
+        self._halt = Halt()  # ends the current pipeline when another replaces it
         self._next_start: Cursor | None = None
         self._error: BaseException | None = None
         self.rows_produced = 0
@@ -330,11 +371,12 @@ class DataFeeder:
         self._newest_asked: Cursor | None = None  # the newest cursor a relay fetched (demand)
         self._refs: dict = {}  # cursor -> the batch put in the object store for relays (large batches)
 
-    def _produce(self, start: Cursor, generation: int) -> None:
+    def _produce(self, start: Cursor, generation: int, halt: Halt) -> None:
         try:
             rows = ray_rows(*self._source[:4], start, shuffle_block=self._source[4],
                             read_ahead_rows=self.prefetch * self.global_batch_size, demand=self.demand,
-                            state=self.pipeline, packers=self.packers, cpus_per_packer=self.cpus_per_packer)
+                            state=self.pipeline, packers=self.packers, cpus_per_packer=self.cpus_per_packer,
+                            halt=halt)
             for batch in global_batches(rows, self.global_batch_size, start):
                 with self._cond:
                     self._cond.wait_for(lambda: len(self._buffer) < self.prefetch or self._generation != generation)
@@ -352,6 +394,8 @@ class DataFeeder:
                     self._cond.notify_all()
 
     def _restart(self, start: Cursor) -> None:
+        self._halt.set()  # the previous pipeline ends now, not when it next yields a row
+        self._halt = Halt()
         self._generation += 1
         self.restarts += 1
         self._buffer.clear()
@@ -361,7 +405,7 @@ class DataFeeder:
         self._asked.clear()
         self._newest_asked = None
         self._refs.clear()
-        threading.Thread(target=self._produce, args=(start, self._generation), daemon=True).start()
+        threading.Thread(target=self._produce, args=(start, self._generation, self._halt), daemon=True).start()
 
     def _evict(self, readers: int) -> None:
         while self._buffer:

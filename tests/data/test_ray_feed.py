@@ -36,6 +36,29 @@ def test_ray_data_order_equals_local_order(ray_local, shards):
         np.testing.assert_array_equal(a.tokens, b.tokens)
 
 
+def test_a_halted_pipeline_frees_its_packers_for_the_next(ray_local, shards):
+    """A feeder that restarts its pipeline elsewhere halts the old one, whose packers wait at its
+    gate for a consumer that is gone: the new pipeline's pool must get their CPUs. Each pool here
+    takes the test instance's 2 CPUs, so without the halt the new one never starts."""
+    import threading
+
+    from raytitan.ray.data_feed import Halt
+
+    halt = Halt()
+    old = ray_rows(shards, Model(), 63, 0, Cursor(), read_ahead_rows=1, packers=2, cpus_per_packer=1.0, halt=halt)
+    next(old)  # its pool runs; its packers soon wait at the gate for this consumer
+    halt.set()
+    got = []
+    new = threading.Thread(target=lambda: got.append(next(ray_rows(shards, Model(), 63, 0, Cursor(0, 1, 0),
+                                                                   packers=2, cpus_per_packer=1.0))), daemon=True)
+    new.start()
+    new.join(timeout=120)
+    assert got, "the new pipeline found no CPUs for its packers: the halted one still holds them"
+    expected = next(local_rows(shards, ByteTokenizer(), 63, 0, Cursor(0, 1, 0)))
+    np.testing.assert_array_equal(got[0]["tokens"][0], expected["tokens"][0])
+    assert list(old) == []  # read again, the halted stream ends, without an error
+
+
 def test_feeder_serves_ranks_and_resumes_on_another_dp(ray_local, shards):
     """Warm-started, the feeder computes the first batches before any rank asks, and serves the
     ranks from them (no second pipeline from the same start)."""
