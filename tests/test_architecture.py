@@ -42,18 +42,23 @@ def imports(path: pathlib.Path) -> list[tuple[int, str, list[str]]]:
     return found
 
 
+def loaded_by(modules: list[str], prefixes: tuple[str, ...]) -> list[str]:
+    """The modules under ``prefixes`` that a fresh interpreter has loaded after importing ``modules``."""
+    code = (f"import json, sys, {', '.join(modules)}; "
+            f"print(json.dumps(sorted(m for m in sys.modules if m.startswith({prefixes!r}))))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          cwd=PACKAGE.parent)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 @pytest.mark.slow  # a fresh interpreter imports torch and the worker: about 3 s
 def test_the_per_worker_entry_loads_no_ray_and_no_pipelining():
     """What torchrun runs on every rank: Ray is for the launcher and the Ray layer only. Nor does
     it load torch's pipelining (and with it torch._dynamo, about a second of CPU) before a run with
     pipeline parallel builds its schedule: the Ray driver plans through the same modules."""
-    code = ("import json, sys, raytitan.worker, raytitan.trainer.worker; "
-            "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] == 'ray' "
-            "or m.startswith(('torch.distributed.pipelining', 'torch._dynamo')))))")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                          cwd=PACKAGE.parent)
-    assert done.returncode == 0, done.stderr
-    loaded = json.loads(done.stdout.strip().splitlines()[-1])
+    loaded = loaded_by(["raytitan.worker", "raytitan.trainer.worker"],
+                       ("ray.", "torch.distributed.pipelining", "torch._dynamo"))  # Ray loads ray.* with ray
     assert not loaded, f"importing raytitan.worker loads: {loaded[:10]}"
 
 
@@ -62,12 +67,8 @@ def test_the_data_planes_actors_load_no_torch():
     start with every launch: importing torch would cost each about a second of CPU before the
     first step (the training ranks' client is ``raytitan.ray.feed_loader``; DCP's reader and
     writer over the storage layer are ``raytitan.components.checkpoint.dcp_files``)."""
-    code = ("import json, sys, raytitan.ray.data_feed, raytitan.components.data.sources, raytitan.components.storage; "
-            "print(json.dumps(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.'))))")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                          cwd=PACKAGE.parent)
-    assert done.returncode == 0, done.stderr
-    loaded = json.loads(done.stdout.strip().splitlines()[-1])
+    loaded = loaded_by(["raytitan.ray.data_feed", "raytitan.components.data.sources", "raytitan.components.storage"],
+                       ("torch.",))  # torch loads torch.* with itself
     assert not loaded, f"the data plane's modules load torch: {loaded[:10]}"
 
 
