@@ -8,6 +8,7 @@ against them (``integrity``).
 
 from __future__ import annotations
 
+import collections
 import functools
 import io
 import logging
@@ -241,6 +242,7 @@ class SnapshotPlanner(DefaultSavePlanner):
 
 LOADABLE = ("model", "optimizer", "lr_scheduler", "dataloader", "train_state")
 ASYNC_MODES = ("disabled", "async", "async_with_pinned_mem")
+STALL_WINDOW = 10_000  # snapshot stalls kept for the median logged at close
 
 
 class CheckpointManager:
@@ -288,7 +290,9 @@ class CheckpointManager:
         self.nonfinite_step: int | None = None  # the first raw snapshot whose part held non-finite weights
         self._spans: tuple[str, list] = ("", [])  # (the plan's part name, ``weight_spans`` of it)
         self._framed: dict[tuple, bytes] = {}  # small plain values' bytes, from snapshot to snapshot (SnapshotPlanner)
-        self.snapshot_stalls: list[float] = []  # seconds each raw snapshot held the training thread
+        # Seconds the newest raw snapshots held the training thread (a window: one a step, for weeks).
+        self.snapshot_stalls: collections.deque[float] = collections.deque(maxlen=STALL_WINDOW)
+        self.snapshots_taken, self.first_snapshot_stall = 0, None  # the first one plans the layout
         self._stager = None
         if async_mode == "async_with_pinned_mem" and not torch.cuda.is_available():
             logger.info("checkpoint.async_mode = async_with_pinned_mem: pinned memory needs CUDA; staging in "
@@ -377,6 +381,9 @@ class CheckpointManager:
         self._pending = _PendingSave(step, path, False, writer.uploaded, None, t0, writer)
         self.last_save_seconds = time.perf_counter() - t0
         self.snapshot_stalls.append(self.last_save_seconds)
+        self.snapshots_taken += 1
+        if self.first_snapshot_stall is None:
+            self.first_snapshot_stall = self.last_save_seconds
         if blocking:
             self._finish_snapshot(wait=True)
             return path
@@ -490,8 +497,9 @@ class CheckpointManager:
         if self.snapshot_stalls:
             stalls = sorted(self.snapshot_stalls)
             logger.info("memory snapshots: %d taken, %d skipped (the previous one still being sent); the training "
-                        "thread waited %.3fs per snapshot (median; first, planned: %.3fs)", len(stalls),
-                        self.snapshots_skipped, stalls[len(stalls) // 2], self.snapshot_stalls[0])
+                        "thread waited %.3fs per snapshot (median of the last %d; first, planned: %.3fs)",
+                        self.snapshots_taken, self.snapshots_skipped, stalls[len(stalls) // 2], len(stalls),
+                        self.first_snapshot_stall)
             self.snapshot_stalls.clear()
 
     def _finish_pending(self) -> str | None:
