@@ -70,6 +70,7 @@ class RawWriter(StorageWriter):
         self.uploaded: concurrent.futures.Future | None = None
         self.items: list = []  # this rank's write items, as the group's plan gave them
         self.offsets: dict[str, tuple[int, int]] = {}  # tensor fqn+offset key -> (offset, length) in the buffer
+        self.copies: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # key -> (its place in the buffer, its source)
         self.keys: frozenset[str] = frozenset()  # the flattened state keys the plan was made for
         self.name = ""  # this rank's part file in a step folder (names the layout)
         self.metadata: bytes | None = None  # the coordinator's, until it is registered with the stores
@@ -94,6 +95,7 @@ class RawWriter(StorageWriter):
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         """Keep the plan (this rank's items and where each goes) and pack them."""
         self.name, self.items, self.offsets, offset = plan.storage_data, list(plan.items), {}, 0
+        self.copies = {}
         for item in self.items:
             if item.type != WriteItemType.BYTE_IO:
                 length = _nbytes(item)
@@ -123,21 +125,26 @@ class RawWriter(StorageWriter):
 
     # ------------------------------------------------------------------ every snapshot
 
-    def planned_for(self, planner: SavePlanner) -> bool:
-        """Whether the kept plan fits this state (same keys): then ``pack`` may skip DCP."""
-        return bool(self.name) and frozenset(planner.state_dict) == self.keys
+    def planned_for(self, planner: SavePlanner, kept: frozenset[str] = frozenset()) -> bool:
+        """Whether the kept plan fits this state (same keys, with ``kept``: see ``pack``): then
+        ``pack`` may skip DCP."""
+        return bool(self.name) and frozenset(planner.state_dict) | kept == self.keys
 
     def busy(self) -> bool:
         """The previous snapshot is still being sent (its part is still leaving the buffer)."""
         return self.uploaded is not None and not self.uploaded.done()
 
-    def pack(self, planner: SavePlanner) -> None:
+    def pack(self, planner: SavePlanner, kept: frozenset[str] = frozenset()) -> None:
         """This snapshot's items: the tensors copied into the buffer at their planned places (one
         copy of each, from its device), the other items pickled into ``tail`` (after the tensors,
-        with a table of where each is)."""
+        with a table of where each is). Tensors named in ``kept`` are copied from where the last
+        pack found them (``planner`` lacks them: see ``manager.SnapshotSources``)."""
         extra, table, copies = [], {}, []
         at = self.buffer.numel()
         for item in self.items:
+            if item.index.fqn in kept:
+                copies.append(self.copies[_key(item)])
+                continue
             data = planner.resolve_data(item)
             if item.type == WriteItemType.BYTE_IO:
                 value = data.getvalue()
@@ -150,6 +157,7 @@ class RawWriter(StorageWriter):
                 raise ValueError(f"{item.index.fqn}: {data.numel() * data.element_size()} bytes, but the snapshot "
                                  f"plan has {length}")
             copies.append((self.buffer[offset:offset + length].view(data.dtype).view(data.shape), data.detach()))
+            self.copies[_key(item)] = copies[-1]
         trailer = pickle.dumps(table)
         self.tail = b"".join(extra) + trailer + len(trailer).to_bytes(8, "little")
         # The copies run here, on the training thread. From the upload thread (hundreds of small
