@@ -37,6 +37,12 @@ torch 2.13
 - ``torch._inductor.config._micro_pipeline_tp`` and
   ``torch.distributed._symmetric_memory.enable_symm_mem_for_group`` (async tensor parallel):
   raytitan/distributed/parallelize.py ``enable_async_tensor_parallel``.
+- Not a name but a format: the keys of a flattened optimizer state dict
+  (``state.<param>.<key>``, ``param_groups.<param>.<key>``), which
+  raytitan/components/checkpoint/manager.py ``OptimizerState.plain_state_dict`` writes without
+  building the state dict. It is checked against the built one at every full build (snapshots
+  build in full, with a warning, when they disagree), and tests/test_snapshot_sources.py fails
+  when that happens.
 
 torchao 0.18
 - ``torchao.float8._auto_filter_for_recipe``: raytitan/distributed/float8.py ``module_filter``.
