@@ -24,6 +24,7 @@ Each pair gives one ratio (memory / disk) of each; the medians of the pairs' rat
 
     python benchmarks/recovery.py [--workers 2] [--kill-step 15] [--interval 10] [--memory-interval 1]
                                   [--pairs 4] [--overhead-steps 30] [--no-recovery]
+                                  [--health-check-interval S] [--seq-len 256]
 """
 
 from __future__ import annotations
@@ -57,7 +58,8 @@ def run(args, root: str, memory_interval: int, steps: int, kill_step: int = -1) 
                  training__seq_len=args.seq_len, training__local_batch_size=4, ray__num_workers=args.workers,
                  ray__use_gpu=args.gpu, ray__max_failures=1, checkpoint__interval=args.interval,
                  checkpoint__memory_interval=memory_interval, metrics__log_freq=1,
-                 metrics__enable_tensorboard=False, fault__kill_step=kill_step, fault__kill_rank=args.kill_rank)
+                 metrics__enable_tensorboard=False, fault__kill_step=kill_step, fault__kill_rank=args.kill_rank,
+                 **({"ray__health_check_interval_s": args.health_check_interval} if args.health_check_interval else {}))
     return os.path.join(root, f"llama3-{args.flavor}")
 
 
@@ -211,6 +213,8 @@ def main() -> None:
     parser.add_argument("--overhead-steps", type=int, default=30)
     parser.add_argument("--pairs", type=int, default=4, help="pairs of runs (disk only, memory) for the overhead")
     parser.add_argument("--no-recovery", action="store_true", help="measure the overhead only (no fault runs)")
+    parser.add_argument("--health-check-interval", type=float, default=None,
+                        help="ray.health_check_interval_s for every run (default: the config's, Ray Train's 2.0)")
     parser.add_argument("--flavor", default="debugmodel")
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--gpu", action="store_true")
@@ -225,9 +229,10 @@ def main() -> None:
             run_dir = run(args, tempfile.mkdtemp(prefix="raytitan-recovery-"), memory_interval, args.steps, args.kill_step)
             row.update(recovery(run_dir))
             shutil.rmtree(os.path.dirname(run_dir), ignore_errors=True)
-    measured = overhead(args, modes)
-    for row in rows:
-        row.update(measured[row["mode"]])
+    if args.pairs > 0:  # --pairs 0: the recovery runs only
+        measured = overhead(args, modes)
+        for row in rows:
+            row.update(measured[row["mode"]])
     columns = list(dict.fromkeys(c for row in rows for c in row if not c.endswith(("runs", "ratios"))))
     print_table(rows, columns)
     record("recovery", vars(args), rows)
