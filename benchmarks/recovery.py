@@ -19,7 +19,9 @@ pair to pair), --overhead-steps steps each. Per run:
                     they started (training workers, snapshot stores, data feeder and packers),
                     sampled from /proc every 0.25 s. A neighbour's load slows the run but does
                     not add to its CPU seconds, so this column is the steadier one on a shared
-                    machine.
+                    machine. Also split by part: each worker's busiest thread (the training
+                    thread: the steps and the snapshots' copies), the workers' other threads
+                    (the snapshots' upload, gloo, Ray's), the snapshot stores, the rest.
 Each pair gives one ratio (memory / disk) of each; the medians of the pairs' ratios are reported.
 
     python benchmarks/recovery.py [--workers 2] [--kill-step 15] [--interval 10] [--memory-interval 1]
@@ -121,7 +123,10 @@ class ProcessCPU:
                 return
 
     @staticmethod
-    def read() -> dict[int, float]:
+    def read() -> dict[tuple[str, int, int], float]:
+        """CPU seconds of each of this process's descendants, keyed (part, pid, tid): the training
+        workers thread by thread (part "worker"), the snapshot stores ("store") and every other
+        process ("rest") whole (tid 0)."""
         parent: dict[int, int] = {}
         seconds: dict[int, float] = {}
         for name in os.listdir("/proc"):
@@ -144,12 +149,23 @@ class ProcessCPU:
                 if child not in ours:
                     ours.add(child)
                     frontier.append(child)
-        return {pid: seconds[pid] for pid in ours if pid in seconds}
+        found: dict[tuple[str, int, int], float] = {}
+        for pid in ours & seconds.keys():
+            part = _part_of(pid)
+            threads = _thread_seconds(pid) if part == "worker" else {}
+            if threads:
+                found.update({("worker", pid, tid): cpu for tid, cpu in threads.items()})
+            else:
+                found[(part, pid, 0)] = seconds[pid]
+        return found
 
-    def per_step(self, run_dir: str) -> float:
+    def per_step(self, run_dir: str) -> dict[str, float]:
         """CPU seconds per training step after the warm-up: the CPU spent between the first sample
         after the warm-up's last step and the last sample before the run's last step, over the
-        steps completed in between (interpolated from the steps' completion times)."""
+        steps completed in between (interpolated from the steps' completion times). In all
+        ("total") and by part: each worker's busiest thread ("training threads": the one that
+        runs the steps and takes the snapshots' copies), the workers' other threads (the
+        snapshots' upload, gloo, Ray's), the snapshot stores, and everything else."""
         lines = sorted((m["time"], m["step"]) for m in raytitan.read_metrics(run_dir) if "loss" in m)
         start = next(t for t, step in lines if step == WARMUP_STEPS)
         end = lines[-1][0]
@@ -157,14 +173,49 @@ class ProcessCPU:
         if len(inside) < 2:
             raise RuntimeError(f"{run_dir}: fewer than 2 CPU samples between step {WARMUP_STEPS} and the last step")
         (t0, a), (t1, b) = inside[0], inside[-1]
-        spent = sum(cpu - a.get(pid, 0.0) for pid, cpu in b.items())  # a process that started in between: all of it
+        spent = {key: cpu - a.get(key, 0.0) for key, cpu in b.items()}  # started in between: all of it
         times, steps = [t for t, _ in lines], [step for _, step in lines]
 
         def step_at(t: float) -> float:
             i = max(1, min(bisect.bisect_left(times, t), len(times) - 1))
             return steps[i - 1] + (steps[i] - steps[i - 1]) * (t - times[i - 1]) / max(times[i] - times[i - 1], 1e-9)
 
-        return spent / (step_at(t1) - step_at(t0))
+        n = step_at(t1) - step_at(t0)
+        busiest: dict[int, float] = {}
+        for (part, pid, _), cpu in spent.items():
+            if part == "worker":
+                busiest[pid] = max(busiest.get(pid, 0.0), cpu)
+        by_part = {part: sum(cpu for (p, _, _), cpu in spent.items() if p == part) for part in ("worker", "store", "rest")}
+        return {"total": sum(spent.values()) / n, "training threads": sum(busiest.values()) / n,
+                "workers' other threads": (by_part["worker"] - sum(busiest.values())) / n,
+                "snapshot stores": by_part["store"] / n, "rest": by_part["rest"] / n}
+
+
+def _part_of(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            command = f.read(64)
+    except OSError:
+        return "rest"
+    if command.startswith(b"ray::RayTrainWorker"):
+        return "worker"
+    return "store" if command.startswith(b"ray::SnapshotStore") else "rest"
+
+
+def _thread_seconds(pid: int) -> dict[int, float]:
+    found = {}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return found
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        found[int(tid)] = (int(fields[11]) + int(fields[12])) / TICKS
+    return found
 
 
 def overhead(args, modes: dict[str, int]) -> dict[str, dict]:
@@ -176,7 +227,8 @@ def overhead(args, modes: dict[str, int]) -> dict[str, dict]:
         for mode, memory_interval in order:
             with ProcessCPU() as cpu:
                 run_dir = run(args, tempfile.mkdtemp(prefix="raytitan-rate-"), memory_interval, args.overhead_steps)
-            runs[mode].append({"rate": training_rate(run_dir), "cpu": cpu.per_step(run_dir),
+            parts = cpu.per_step(run_dir)
+            runs[mode].append({"rate": training_rate(run_dir), "cpu": parts.pop("total"), "parts": parts,
                                "stall": snapshot_stall(run_dir)})
             shutil.rmtree(os.path.dirname(run_dir), ignore_errors=True)  # its disk checkpoints: 0.2 GB a run
             print(f"pair {pair + 1}/{args.pairs}, {mode}: {runs[mode][-1]['rate']:.0f} tok/s/device, "
@@ -195,6 +247,11 @@ def overhead(args, modes: dict[str, int]) -> dict[str, dict]:
             "rate pair ratios": [round(r, 3) for r in rate_ratios],
             "CPU-s per step runs": [round(v["cpu"], 3) for v in values],
             "CPU pair ratios": [round(r, 3) for r in cpu_ratios],
+            # Where the CPU went (see ProcessCPU.per_step): medians, and each pair's difference to disk only.
+            "CPU-s per step by part": {k: round(statistics.median(v["parts"][k] for v in values), 4)
+                                       for k in values[0]["parts"]},
+            "CPU-s per step by part minus disk only, per pair": {
+                k: [round(v["parts"][k] - d["parts"][k], 4) for v, d in zip(values, disk)] for k in values[0]["parts"]},
         }
         if values[0]["stall"] is not None:  # rank 0's training thread, per snapshot (median of each run)
             summary[mode]["stall per snapshot s"] = statistics.median(v["stall"] for v in values)
@@ -233,8 +290,13 @@ def main() -> None:
         measured = overhead(args, modes)
         for row in rows:
             row.update(measured[row["mode"]])
-    columns = list(dict.fromkeys(c for row in rows for c in row if not c.endswith(("runs", "ratios"))))
+    columns = list(dict.fromkeys(c for row in rows for c in row
+                                 if not c.endswith(("runs", "ratios")) and "by part" not in c))
     print_table(rows, columns)
+    for row in rows:
+        if "CPU-s per step by part" in row:
+            print(f"{row['mode']}: CPU-s per step by part {row['CPU-s per step by part']}; minus disk only, per pair "
+                  f"{row['CPU-s per step by part minus disk only, per pair']}")
     record("recovery", vars(args), rows)
 
 
