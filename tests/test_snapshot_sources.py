@@ -3,34 +3,48 @@
 tensors must hold exactly the bytes a full build of the same state gives, and anything that puts
 a new tensor in the state must make the next snapshot build in full.
 
-The part each snapshot sends is kept by a stand-in for the snapshot stores, in this process.
+The part each snapshot sends is kept by a stand-in for the snapshot stores, in this process. The
+tests run three ways: packed into the writer's own buffer (no store on the rank's node), into
+slots shared with the store (one after another: a part must come out the same from any slot),
+and staged in the writer's own buffer, then copied into a slot (as on CUDA).
 """
 
 import copy
 import hashlib
+import mmap
 
 import pyarrow.fs as pafs
 import pytest
 import torch
 
 from raytitan.components import storage
+from raytitan.components.checkpoint import raw
 from raytitan.components.checkpoint.manager import CheckpointManager, ModelState, OptimizerState
-from raytitan.ray.snapshots import SCHEME, SnapshotFileSystem
+from raytitan.ray.snapshots import SCHEME, SLOTS, SnapshotFileSystem, Slots
 from tests.helpers import RaytitanLog, spawn
 
 
 class KeepLastPart(SnapshotFileSystem):
-    """The stores, as far as one rank's writes go: the last part sent, nothing else."""
+    """The stores, as far as one rank's writes go: the last part sent, nothing else; with
+    ``slots``, the rank's slots in this process's memory, all but the last part's free."""
 
-    def __init__(self):
+    def __init__(self, slots: bool = False):
         super().__init__("local", 0, node_id="A")
         self.last: tuple[bytes, bytes] | None = None
+        self.with_slots, self.slots_used = slots, []
+
+    def slots(self, owner: str, size: int) -> Slots | None:
+        return Slots("in this process", mmap.mmap(-1, size * SLOTS), size, SLOTS) if self.with_slots else None
 
     def register_layout(self, *args) -> None:
         pass
 
-    def write_part(self, path, body, tail, *args) -> None:
+    def write_part(self, path, body, tail, folder, layout, step, slot=None) -> None:
         self.last = (bytes(body), bytes(tail))
+        if slot is not None:
+            slots, index = slot
+            slots.free = set(range(slots.count)) - {index}
+            self.slots_used.append(index)
 
     def seal(self, *args) -> None:
         pass
@@ -79,9 +93,17 @@ def rebuilt(manager: CheckpointManager, sink: KeepLastPart) -> tuple[bytes, byte
     return sink.last
 
 
-@pytest.fixture
-def sink():
-    sink = KeepLastPart()
+@pytest.fixture(params=["own buffer", "slots", "staged, then slots"])
+def sink(request, monkeypatch):
+    if request.param == "staged, then slots":
+        init = raw.RawWriter.__init__
+
+        def staged(self, *args, **kwargs):
+            init(self, *args, **kwargs)
+            self.staged = True  # as on CUDA, in ordinary memory
+
+        monkeypatch.setattr(raw.RawWriter, "__init__", staged)
+    sink = KeepLastPart(slots=request.param != "own buffer")
     yield sink
     storage.mount(SCHEME, None)
 
@@ -98,6 +120,8 @@ def test_snapshots_after_the_first_reuse_its_build_and_hold_the_bytes_a_full_bui
         train_and_snapshot()
         parts.append(sink.last)
     assert manager.snapshots_built == 1  # the first snapshot only
+    if sink.with_slots:
+        assert len(set(sink.slots_used)) > 1  # packed into one slot after another
     assert len({hashlib.sha256(body).digest() for body, _ in parts}) == 4  # each holds its own step's weights
     assert len({tail for _, tail in parts}) == 4  # and its own lr and step
     assert sink.last == rebuilt(manager, sink)

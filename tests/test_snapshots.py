@@ -8,7 +8,10 @@ restore falls back to the disk checkpoint saying what it costs, and a snapshot k
 commit leaves the previous one the newest. Drill (a) runs through Ray Train in tests/test_elastic.py.
 """
 
+import glob
 import json
+import mmap
+import os
 import threading
 
 import pyarrow.fs as pafs
@@ -27,7 +30,8 @@ from raytitan.components.checkpoint.manager import (  # noqa: E402
     CheckpointManager, ModelState, OptimizerState, SnapshotPlanner, first_nonfinite,
 )
 from raytitan.ray.snapshots import (  # noqa: E402
-    SCHEME, SnapshotFileSystem, SnapshotStore, check_memory, is_rank_file, store_name,
+    SCHEME, SHARED_MEMORY, SLOTS, Part, Slots, SnapshotFileSystem, SnapshotStore, check_memory, is_rank_file,
+    store_name,
 )
 from raytitan.trainer.loop import NonFiniteError, NonFiniteGuard, SnapshotFiniteness  # noqa: E402
 from raytitan.trainer.worker import restore_snapshot  # noqa: E402
@@ -334,3 +338,139 @@ def test_parts_beyond_the_object_store_share_are_copied_into_the_store_s_own_mem
     assert store.get("run/step-1/__0-L.raw") == b"\x01" * 8 + b"t" and store.get("run/step-1/__1-L.raw") == b"\x02" * 8 + b"t"
     store.delete("run/step-1/__0-L.raw")
     assert store.kept_in_object_store == 0
+
+
+def slot_files() -> list[str]:
+    """Slot sets still named in /dev/shm: none once their ranks mapped them (nothing left behind)."""
+    return glob.glob(os.path.join(SHARED_MEMORY, "raytitan-snapshot-*"))
+
+
+def test_a_rank_writes_its_parts_into_slots_its_node_s_store_keeps_as_they_are(shared_stores, monkeypatch):
+    launch, actors = shared_stores
+    folder = as_rank_on(launch, "C", "slots", replicas=0)  # the part's one holder: the rank's own node
+    puts, taken = [], []
+    monkeypatch.setattr(ray, "put", lambda *a, _put=ray.put, **k: puts.append(1) or _put(*a, **k))
+    monkeypatch.setattr(Slots, "take", lambda self, _take=Slots.take: taken.append(_take(self)) or taken[-1])
+    model, optimizer = model_and_optimizer(0)
+    progress = Progress()
+    m = manager(folder, model, optimizer, progress)
+    for step in range(1, 7):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.5)
+        progress.step = step
+        m.save(step, blocking=True)
+    m.close()
+    assert puts == []  # no object in Ray's object store: the store keeps the slot the rank wrote
+    assert len(taken) == 6 and len(set(taken)) > 1 and None not in taken  # one slot after another, never none free
+    in_slots = ray.get(actors["C"].__ray_call__.remote(
+        lambda store: sorted(p for p, part in store.files.items() if isinstance(part, Part) and part.slot)))
+    assert [p for p in in_slots if "/slots/" in p] == [p for p in files_on(actors, "C", f"{launch}/slots")
+                                                       if is_rank_file(p)]  # step 6's part, in its slot
+    assert not slot_files()
+
+    other, other_optimizer = model_and_optimizer(1)
+    restored_progress = Progress()
+    restored = manager(folder, other, other_optimizer, restored_progress)
+    assert restore_snapshot(restored, disk_step=None) == 6
+    assert_same(model, other)
+    assert restored_progress.step == 6
+
+
+@ray.remote(num_cpus=0)
+class _SlotWriter:
+    """A rank's process on node B, writing one part into its slots as a worker does."""
+
+    def write(self, launch: str, path: str, data: bytes) -> list[int]:
+        import numpy as np
+
+        fs = SnapshotFileSystem(launch, 0, node_id="B")
+        slots = fs.slots("slot-writer-gone#0", len(data))
+        index = slots.take()
+        slots.view(index)[:] = np.frombuffer(data, dtype=np.uint8)
+        fs.write_part(path, slots.view(index), b"tail", "slot-writer-gone", "L", 1, (slots, index))
+        return sorted(slots.free)
+
+
+def test_a_part_in_a_slot_outlives_its_writer_and_the_slots_go_when_the_rank_opens_new_ones(shared_stores):
+    launch, actors = shared_stores
+    data = bytes(range(256)) * 64
+    call = actors["B"].__ray_call__.remote
+    before = ray.get(call(lambda store: len(store.slot_sets)))
+    writer = _SlotWriter.remote()
+    free = ray.get(writer.write.remote(launch, "slot-writer-gone/step-1/__0-L.raw", data))
+    assert len(free) == SLOTS - 1  # the slot it wrote holds a kept part now
+    ray.kill(writer)  # the rank's process dies: its part stays readable
+    assert ray.get(actors["B"].get.remote("slot-writer-gone/step-1/__0-L.raw")) == data + b"tail"
+    assert ray.get(call(lambda store: len(store.slot_sets))) == before + 1
+    assert not slot_files()
+    path = ray.get(actors["B"].open_slots.remote("slot-writer-gone#0", 64, SLOTS))  # the rank restarted
+    assert slot_files() == [path]  # named until the rank maps it
+    _map(path, 64)
+    assert ray.get(call(lambda store: len(store.slot_sets))) == before + 2  # the old ones still hold the part
+    ray.get(actors["B"].delete.remote("slot-writer-gone"))
+    assert ray.get(call(lambda store: len(store.slot_sets))) == before + 1  # no kept part in them: let go
+    assert not slot_files()
+
+
+class _NoRoom(SnapshotStore):
+    def open_slots(self, owner: str, size: int, count: int) -> str:
+        raise OSError(28, "No space left on device")
+
+
+def test_without_room_for_slots_the_parts_go_through_ray_s_object_store_with_a_warning(ray_local):
+    store = ray.remote(_NoRoom).options(name=store_name("no-room", "A"), num_cpus=0).remote()
+    model, optimizer = model_and_optimizer(0)
+    m = manager(as_rank_on("no-room", "A", "run", replicas=0), model, optimizer)
+    with RaytitanLog() as log:
+        m.save(1, blocking=True)
+    assert "no shared memory for this rank's snapshot parts on its node" in "\n".join(log.messages("WARNING"))
+    assert m._raw_writer.slots is None
+    other, other_optimizer = model_and_optimizer(1)
+    restored = manager(as_rank_on("no-room", "A", "run", replicas=0), other, other_optimizer)
+    assert restore_snapshot(restored, disk_step=None) == 1
+    assert_same(model, other)
+    ray.kill(store)
+
+
+def _map(path: str, size: int) -> Slots:
+    """A rank's side of ``open_slots``, in this process."""
+    fd = os.open(path, os.O_RDWR)
+    memory = mmap.mmap(fd, size * SLOTS)
+    os.close(fd)
+    os.unlink(path)
+    return Slots(path, memory, size, SLOTS)
+
+
+def test_a_store_never_hands_out_a_slot_it_keeps_and_lets_go_of_a_group_s_slots_after_the_next_group_s_snapshot():
+    store = SnapshotStore()  # the actor's class, called in this process
+    store.register_layout("run", "L", 2, b"metadata", {})
+    ranks = [_map(store.open_slots(f"run#{r}", 8, SLOTS), 8) for r in (0, 1)]
+
+    def write(rank: int, step: int, layout: str = "L", slots: Slots | None = None) -> None:
+        slots = slots or ranks[rank]
+        index = slots.take()
+        assert index is not None
+        slots.view(index)[:] = step
+        slots.free = set(store.put_slot(f"run/step-{step}/__{rank}-{layout}.raw", slots.path, index, b"t", "run",
+                                        layout, step))
+        store.seal("run", layout, step, rank)
+
+    write(0, 1)
+    write(1, 1)
+    for step in (2, 3, 4, 5):  # rank 1 lags: rank 0's slots hold step 1 (complete) and at most two newer ones
+        write(0, step)
+        kept = {part.slot[1] for part in store.files.values() if part.slot and part.slot[0] == ranks[0].path}
+        assert len(kept) <= 3 and not kept & ranks[0].free
+    assert store.get("run/step-1/__0-L.raw") == b"\x01" * 8 + b"t"  # the complete one, never written over
+    write(1, 5)
+    assert "run/step-5/COMMITTED" in store.sizes("run")
+
+    store.register_layout("run", "M", 1, b"metadata", {})  # a new group of one rank
+    new = _map(store.open_slots("run#0", 16, SLOTS), 16)
+    assert len(store.slot_sets) == 3  # the old group's hold step 5, the newest complete snapshot
+    write(0, 6, "M", new)
+    assert sorted(store.sizes("run")) == ["run/step-6/.metadata", "run/step-6/COMMITTED", "run/step-6/__0-M.raw"]
+    assert list(store.slot_sets) == [new.path]  # the old group's slots: let go
+    assert store.get("run/step-6/__0-M.raw") == b"\x06" * 16 + b"t"
+    assert store.used() == 16 * SLOTS + 1

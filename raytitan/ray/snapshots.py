@@ -6,9 +6,10 @@ snapshot loads like an ordinary raytitan checkpoint: DCP reads it resharded onto
 the restarted group has. Writing is by parts (``raw.RawWriter``):
 
 - a rank's part goes to the store on its own node and to ``replicas`` stores on other nodes (the
-  next ones in node-id order): ``write_part``, put into Ray's object store once, one call per
-  holder; each holder keeps the part where Ray delivered it, in its node's object store, while
-  there is room (``Part``);
+  next ones in node-id order): ``write_part``, one call per holder. The rank packs it into one of
+  its slots, shared memory its node's store mapped too (``open_slots``), which that store keeps as
+  it is; the other holders get it through Ray's object store, put once, and keep it where Ray
+  delivered it, in their node's object store, while there is room (``Part``);
 - once every holder has it, the rank seals it: a small call to every store;
 - a group's DCP metadata is the same for all its snapshots: its rank 0 registers it with every
   store once (``register_layout``).
@@ -28,10 +29,13 @@ import concurrent.futures
 import io
 import json
 import logging
+import mmap
+import os
 import posixpath
 import re
 import threading
 import time
+import uuid
 
 import numpy as np
 import pyarrow as pa
@@ -49,19 +53,25 @@ PENDING_KEPT = 2  # snapshots newer than the newest complete one a store keeps (
 # they are copied into the store's own memory (as all were before), so the snapshots never crowd
 # out the object store the data pipeline needs, and the driver's memory check stays the bound.
 OBJECT_STORE_SHARE = 0.5
+# Where a store makes the slots a rank on its node writes its parts into (``SnapshotStore.open_slots``).
+SHARED_MEMORY = "/dev/shm"
+# Slots per rank: the newest complete part, ``PENDING_KEPT`` newer ones being sealed, and the one being written.
+SLOTS = 2 + PENDING_KEPT
 
 
 class Part:
-    """A rank's part as a store holds it: its packed tensors (``body``) where Ray delivered them,
-    read-only in the node's object store, not copied, then the small rest (``tail``). The store's
-    reference keeps the object there, also after the process that wrote it is gone; dropping the
-    part frees it. Used while the store's parts take at most ``OBJECT_STORE_SHARE`` of the node's
-    object store."""
+    """A rank's part as a store holds it: its packed tensors (``body``), not copied, then the small
+    rest (``tail``). The body is in the slot its rank wrote it to (``slot``), or where Ray
+    delivered it, read-only in the node's object store. Either stays after the process that wrote
+    it is gone (the store maps the slot; its reference keeps the object); dropping the part frees
+    the slot or the object. Parts in the object store are kept so while they take at most
+    ``OBJECT_STORE_SHARE`` of it."""
 
-    __slots__ = ("body", "tail")
+    __slots__ = ("body", "tail", "slot")
 
-    def __init__(self, body, tail: bytes):
+    def __init__(self, body, tail: bytes, slot: tuple[str, int] | None = None):
         self.body, self.tail = memoryview(body).cast("B"), bytes(tail)
+        self.slot = slot  # (slot set, index) when the body is in a rank's slot (``SnapshotStore.open_slots``)
 
     def __len__(self) -> int:
         return len(self.body) + len(self.tail)
@@ -70,9 +80,23 @@ class Part:
         return b"".join((self.body, self.tail))
 
 
+class SlotSet:
+    """One rank's slots, as its node's store keeps them (``SnapshotStore.open_slots``): ``count``
+    places of ``size`` bytes in shared memory that the rank maps too. The rank writes a part into
+    a slot the store said is free; the store keeps it there, without a copy, until it drops it."""
+
+    __slots__ = ("memory", "size", "count", "owner", "layout")
+
+    def __init__(self, memory: mmap.mmap, size: int, count: int, owner: str):
+        self.memory, self.size, self.count = memory, size, count
+        self.owner: str | None = owner  # the writing rank (folder and rank); None once another set took its place
+        self.layout: tuple[str, str] | None = None  # (folder, layout) of its parts, from the first one
+
+
 class SnapshotStore:
-    """One node's snapshot files, in this actor's memory (parts: in the node's object store while
-    there is room, see ``Part``), and what it knows of which snapshots are complete (see ``seal``)."""
+    """One node's snapshot files, in this actor's memory (parts: in the slots their ranks wrote
+    them to, or in the node's object store while there is room, see ``Part``), and what it knows of
+    which snapshots are complete (see ``seal``)."""
 
     def __init__(self):
         self.files: dict[str, bytearray | Part] = {}
@@ -83,7 +107,9 @@ class SnapshotStore:
         self.sealed: dict[tuple[str, str, int], dict[int, float]] = {}  # (folder, layout, step) -> rank -> time
         self.parts: dict[str, tuple[str, str, int]] = {}  # part file -> (folder, layout, step)
         self.arrivals = 0
-        self.kept_in_object_store = 0  # bytes of the parts held as ``Part``
+        self.kept_in_object_store = 0  # bytes of the parts held as ``Part`` in the object store
+        self.slot_sets: dict[str, SlotSet] = {}  # by the file they were made as (``open_slots``)
+        self.retired: set[tuple[str, str]] = set()  # (folder, layout) of groups whose snapshots all went
         self._object_store_room: float | None = None  # OBJECT_STORE_SHARE of the node's object store
 
     def _keep(self, path: str, data) -> int:
@@ -129,6 +155,59 @@ class SnapshotStore:
             self.parts[path] = (folder, layout, step)
             return len(part)
 
+    def open_slots(self, owner: str, size: int, count: int) -> str:
+        """Shared memory for ``count`` parts of ``size`` bytes, which the rank ``owner`` (its folder
+        and rank) on this node writes its parts into (``put_slot``): a part then costs its writer one
+        copy and no new object in Ray's object store, whose fresh pages cost more than the copy. The
+        room is taken now, so ``/dev/shm`` being too small is an ``OSError`` here, never a fault at
+        a later write. Returns the file, which the rank maps and removes (the memory stays until
+        both let go of it); a set opened before by the same ``owner`` goes once none of its slots
+        holds a kept part."""
+        path = os.path.join(SHARED_MEMORY, f"raytitan-snapshot-{uuid.uuid4().hex}")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.posix_fallocate(fd, 0, size * count)
+            memory = mmap.mmap(fd, size * count)
+        except OSError:
+            os.unlink(path)
+            raise
+        finally:
+            os.close(fd)
+        with self.lock:
+            for held in self.slot_sets.values():
+                if held.owner == owner:
+                    held.owner = None
+            self.slot_sets[path] = SlotSet(memory, size, count, owner)
+            self._release_slots()
+        return path
+
+    def put_slot(self, path: str, slots: str, index: int, tail: bytes, folder: str, layout: str, step: int) -> list[int]:
+        """One rank's part of a snapshot, which the rank wrote into slot ``index`` of its ``slots``
+        (``open_slots``), then ``tail`` (the rest): kept where it is, without a copy. Returns the
+        slots the rank may write next: those no kept part is in."""
+        with self.lock:
+            held = self.slot_sets[slots]
+            held.layout = (folder, layout)
+            start = index * held.size
+            self.files[path] = Part(memoryview(held.memory)[start:start + held.size], tail, (slots, index))
+            self.parts[path] = (folder, layout, step)
+            self._retire(folder)
+            taken = {part.slot[1] for part in self.files.values()
+                     if isinstance(part, Part) and part.slot and part.slot[0] == slots}
+            return [i for i in range(held.count) if i not in taken]
+
+    def _release_slots(self) -> None:
+        """Let go of the slot sets no kept part is in whose rank has another set or whose group's
+        snapshots all went (the memory goes once the rank lets go too)."""
+        used = {part.slot[0] for part in self.files.values() if isinstance(part, Part) and part.slot}
+        for path, held in list(self.slot_sets.items()):
+            if path not in used and (held.owner is None or held.layout in self.retired):
+                del self.slot_sets[path]
+                try:
+                    os.unlink(path)  # its rank removes it once mapped; not if it died before
+                except FileNotFoundError:
+                    pass
+
     def _room(self) -> float:
         """Bytes of parts this store may keep in its node's object store (0 outside Ray)."""
         if self._object_store_room is None:
@@ -171,6 +250,8 @@ class SnapshotStore:
         latest = max(layouts, key=lambda l: layouts[l][3], default=None)
         for layout in [l for l in layouts if l not in used and l != latest]:
             del layouts[layout]
+            self.retired.add((folder, layout))
+        self._release_slots()
 
     def _virtual(self, prefix: str) -> dict[str, bytes]:
         """The step files a complete snapshot implies, where this store knows it is complete:
@@ -213,11 +294,13 @@ class SnapshotStore:
             for path in [p for p in self.files if _under(p, prefix)]:
                 self.parts.pop(path, None)
                 self._drop(path)
+            self._release_slots()
 
     def _drop(self, path: str) -> None:
         buffer = self.files.pop(path)
         if isinstance(buffer, Part):  # its object leaves the object store with the last reference
-            self.kept_in_object_store -= len(buffer.body)
+            if not buffer.slot:
+                self.kept_in_object_store -= len(buffer.body)
             return
         spare = sum(len(b) for f in self.free.values() for b in f)
         if len(buffer) >= 1 << 20 and spare < sum(map(len, self.files.values())):  # at most one snapshot's worth
@@ -231,10 +314,35 @@ class SnapshotStore:
             return True
 
     def used(self) -> int:
-        """Bytes held: files (parts in the object store among them) and the spare memory kept for
-        the next snapshot."""
+        """Bytes held: files (parts in the object store among them), the slot sets, and the spare
+        memory kept for the next snapshot."""
         with self.lock:
-            return sum(len(d) for d in self.files.values()) + sum(len(b) for f in self.free.values() for b in f)
+            files = sum(len(d) if not (isinstance(d, Part) and d.slot) else len(d.tail) for d in self.files.values())
+            return files + sum(len(b) for f in self.free.values() for b in f) \
+                + sum(held.size * held.count for held in self.slot_sets.values())
+
+
+class Slots:
+    """A rank's slots (``SnapshotFileSystem.slots``): where it writes its parts, in memory the store
+    on its node maps too. ``free``: the slots the store said hold no part it keeps, as of the
+    rank's last part (``put_slot`` answers); only the rank writes into them, so they stay free
+    until it does."""
+
+    def __init__(self, path: str, memory: mmap.mmap, size: int, count: int):
+        self.path, self.memory, self.size, self.count = path, memory, size, count
+        self.array = np.frombuffer(memory, dtype=np.uint8)
+        self.free = set(range(count))
+
+    def take(self) -> int | None:
+        """A free slot to write the next part into (no longer free), or None."""
+        if not self.free:
+            return None
+        index = min(self.free)
+        self.free.discard(index)
+        return index
+
+    def view(self, index: int) -> np.ndarray:
+        return self.array[index * self.size:(index + 1) * self.size]
 
 
 def _under(path: str, prefix: str) -> bool:
@@ -348,15 +456,52 @@ class SnapshotFileSystem(pafs.FileSystemHandler):
         if not self._ask("register_layout", folder, layout, world, metadata, facts):
             raise OSError("no snapshot store is left")
 
-    def write_part(self, path: str, body, tail: bytes, folder: str, layout: str, step: int) -> None:
-        """One rank's part to its holders: into Ray's object store once, where each holder keeps it
-        while there is room (a replica's node gets its own copy from Ray); returns once every
-        holder has it. The holders are the ones found at the last
-        write, found again only if one of them is gone."""
+    def slots(self, owner: str, size: int) -> "Slots | None":
+        """``SLOTS`` places of ``size`` bytes for the parts of the rank ``owner`` (its folder and
+        rank), in shared memory with the store on this node (``SnapshotStore.open_slots``); None
+        where there is no store on this node or no room in ``/dev/shm`` (the parts then go through
+        Ray's object store, as to every other holder), with a warning."""
+        store = self.stores().get(self.node_id)
+        if store is None or size <= 0:
+            return None
+        try:
+            path = ray.get(store.open_slots.remote(owner, size, SLOTS), timeout=QUERY_TIMEOUT_S)
+            fd = os.open(path, os.O_RDWR)
+            try:
+                memory = mmap.mmap(fd, size * SLOTS)
+            finally:
+                os.close(fd)
+                os.unlink(path)  # the store and this rank hold it now; gone with the last of them
+        except (OSError, ray.exceptions.RayError) as e:
+            self._warn_once("slots", f"no shared memory for this rank's snapshot parts on its node ({e}); they go "
+                            "through Ray's object store (a new object, and its fresh pages, per snapshot)")
+            return None
+        return Slots(path, memory, size, SLOTS)
+
+    def write_part(self, path: str, body, tail: bytes, folder: str, layout: str, step: int,
+                   slot: "tuple[Slots, int] | None" = None) -> None:
+        """One rank's part to its holders; returns once every holder has it. ``slot``: the part
+        is in that slot of this rank's ``slots``, which the store on this node keeps as it is; the
+        other holders get it through Ray's object store: put once, where each keeps it while
+        there is room (a replica's node gets its own copy from Ray). The holders are the ones
+        found at the last write, found again only if one of them is gone."""
+        kept_here = False
         for refresh in (False, True):
             nodes = self.holders(path, refresh=refresh)
-            ref = ray.put(body)
-            written = self._ask("put_part", path, ref, tail, folder, layout, step, nodes=nodes)
+            written = {}
+            if slot is not None and self.node_id in nodes:
+                nodes.remove(self.node_id)
+                if not kept_here:
+                    slots, index = slot
+                    free = self._ask("put_slot", path, slots.path, index, tail, folder, layout, step,
+                                     nodes=[self.node_id])
+                    if self.node_id not in free:
+                        raise OSError(f"{path}: the snapshot store on this node {self.node_id[:8]} is gone")
+                    slots.free = set(free[self.node_id])
+                    kept_here = True
+            if nodes:
+                ref = ray.put(body)
+                written = self._ask("put_part", path, ref, tail, folder, layout, step, nodes=nodes)
             if len(written) == len(nodes):
                 return
         if not written:

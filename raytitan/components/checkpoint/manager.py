@@ -193,8 +193,8 @@ SUMMED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 def weight_spans(writer: raw.RawWriter) -> list[tuple[torch.dtype, int, int, list[tuple[int, int, str]]]]:
     """Where this rank's snapshot part holds model weights: (dtype, start, end, its items as (start,
     end, key)), items of one dtype that lie next to each other merged into one span. The padding
-    between merged items is zeroed here, once per plan (``pack`` writes the items only), so a span
-    reads as one array of its dtype."""
+    between merged items is zeroed here, in every buffer a part may be packed into, once per plan
+    (``pack`` writes the items only), so a span reads as one array of its dtype."""
     found = []
     for item in writer.items:
         if item.type == WriteItemType.BYTE_IO or not item.index.fqn.startswith("model."):
@@ -207,7 +207,8 @@ def weight_spans(writer: raw.RawWriter) -> list[tuple[torch.dtype, int, int, lis
     for start, end, dtype, key in sorted(found, key=lambda f: f[0]):
         last = spans[-1] if spans else None
         if last and last[0] == dtype and dtype in SUMMED_DTYPES and -(-last[2] // raw.ALIGN) * raw.ALIGN == start:
-            writer.buffer[last[2]:start].zero_()
+            for buffer in writer.buffers():
+                buffer[last[2]:start].zero_()
             spans[-1] = (dtype, last[1], end, last[3] + [(start, end, key)])
         else:
             spans.append((dtype, start, end, [(start, end, key)]))
@@ -464,13 +465,16 @@ class CheckpointManager:
             sink, _ = storage.handler(self.folder)
             if not hasattr(sink, "write_part"):
                 raise CheckpointError(f"raw snapshots go to a snapshot store (raysnap://), not {self.folder}")
-            self._raw_writer, self._sink = raw.RawWriter(path), sink
+            slots = getattr(sink, "slots", None)
+            owner = f"{self.folder}#{dist.get_rank(self.group) if dist.is_initialized() else 0}"
+            self._raw_writer = raw.RawWriter(path, slots_for=functools.partial(slots, owner) if slots else None)
+            self._sink = sink
         writer = self._raw_writer
         self._finish_snapshot(wait=bool(blocking))
         if writer.busy():
             self.snapshots_skipped += 1
-            logger.info("memory snapshot of step %d skipped: the previous one is still being sent (%d skipped)",
-                        step, self.snapshots_skipped)
+            logger.info("memory snapshot of step %d skipped: the previous one is still being sent, or its store "
+                        "keeps a part in every slot (%d skipped)", step, self.snapshots_skipped)
             return None
         writer.reset(path)
         planner = self._sources.planner(self._framed, self.rank == 0) if writer.name else None
@@ -504,19 +508,21 @@ class CheckpointManager:
         return None
 
     def _deliver(self, rank: int, world: int, layout: str, spans: list, step: int, part: str, body, tail: bytes,
-                 metadata: bytes | None) -> None:
+                 metadata: bytes | None, slot: tuple | None) -> None:
         """On the upload thread: the weights in the part checked finite (else ``NonFiniteSnapshot``:
         nothing written, nothing sealed), the group's layout (rank 0, first time), the part to its
         holders, then the seal that makes it count. The check reads this rank's own part, in the
         buffer the training thread copied it to: no collective, nothing on the training thread."""
         bad = first_nonfinite(torch.from_numpy(body), spans)
         if bad is not None:
+            if slot is not None:
+                slot[0].free.add(slot[1])  # never handed to the store: free again
             raise NonFiniteSnapshot(step, bad)
         _, folder = storage.resolve(self.folder)
         if metadata is not None:
             self._sink.register_layout(folder, layout, world, metadata, self.commit_info)
         _, inner = storage.resolve(part)
-        self._sink.write_part(inner, body, tail, folder, layout, step)
+        self._sink.write_part(inner, body, tail, folder, layout, step, slot)
         if self.before_commit:
             self.before_commit(step)  # fault injection: the part is written, not sealed
         self._sink.seal(folder, layout, step, rank)

@@ -60,17 +60,26 @@ class RawWriter(StorageWriter):
     that writes it to its holders and then seals it (``SnapshotFileSystem``: one write per
     holder, one small seal per store). Items that are not tensors (the schedule, the data
     cursor, the step) are pickled anew each time and go after the tensors, with a table of
-    where each one is (``tail``); the metadata marks them ``offset = -1``."""
+    where each one is (``tail``); the metadata marks them ``offset = -1``.
 
-    def __init__(self, path: str):
+    ``slots_for(size)``: places shared with the store on this rank's node (``snapshots.Slots``),
+    or None. With them, each part is packed into a free slot, which that store keeps as it is:
+    one copy per snapshot, the same memory every time. On CUDA the tensors are first copied into
+    a pinned buffer of the writer's own (``staged``), and from there into the slot by the
+    sending thread. Without slots, the part is packed into that buffer and sent from it."""
+
+    def __init__(self, path: str, slots_for: Callable[[int], object | None] | None = None):
         super().__init__()
         self.path = path
-        self.buffer = torch.empty(0, dtype=torch.uint8)
+        self.buffer = torch.empty(0, dtype=torch.uint8)  # where the training thread packs (a slot, or the writer's own)
+        self.slots_for, self.slots, self.slot = slots_for, None, -1  # ``snapshots.Slots``, and the one packed into
+        self.staged = torch.cuda.is_available()  # pack into the writer's own (pinned) buffer even with slots
+        self.targets: dict[int, dict[str, torch.Tensor]] = {}  # slot (-1: own buffer) -> key -> where its tensor goes
         self.uploads = ThreadPoolExecutor(1, thread_name_prefix="raytitan-raw-upload")
         self.uploaded: concurrent.futures.Future | None = None
         self.items: list = []  # this rank's write items, as the group's plan gave them
         self.offsets: dict[str, tuple[int, int]] = {}  # tensor fqn+offset key -> (offset, length) in the buffer
-        self.copies: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # key -> (its place in the buffer, its source)
+        self.sources: dict[str, torch.Tensor] = {}  # key -> the tensor the last full build found for it
         self.keys: frozenset[str] = frozenset()  # the flattened state keys the plan was made for
         self.name = ""  # this rank's part file in a step folder (names the layout)
         self.metadata: bytes | None = None  # the coordinator's, until it is registered with the stores
@@ -95,13 +104,15 @@ class RawWriter(StorageWriter):
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         """Keep the plan (this rank's items and where each goes) and pack them."""
         self.name, self.items, self.offsets, offset = plan.storage_data, list(plan.items), {}, 0
-        self.copies = {}
+        self.sources, self.targets = {}, {}
         for item in self.items:
             if item.type != WriteItemType.BYTE_IO:
                 length = _nbytes(item)
                 self.offsets[_key(item)] = (offset, length)
                 offset += -(-length // ALIGN) * ALIGN
-        if self.buffer.numel() != offset:
+        if self.slots_for is not None and (self.slots is None or self.slots.size != offset):
+            self.slots = self.slots_for(offset)
+        if (self.slots is None or self.staged) and self.buffer.numel() != offset:
             self.buffer = torch.empty(offset, dtype=torch.uint8, pin_memory=torch.cuda.is_available())
         self.keys = frozenset(planner.state_dict)  # DefaultSavePlanner's flattened state
         self.pack(planner)
@@ -131,19 +142,39 @@ class RawWriter(StorageWriter):
         return bool(self.name) and frozenset(planner.state_dict) | kept == self.keys
 
     def busy(self) -> bool:
-        """The previous snapshot is still being sent (its part is still leaving the buffer)."""
-        return self.uploaded is not None and not self.uploaded.done()
+        """The previous snapshot is still being sent (its part is still leaving the buffer), or
+        every slot still holds a part the store keeps."""
+        return (self.uploaded is not None and not self.uploaded.done()) or (self.slots is not None and not self.slots.free)
+
+    def buffers(self) -> list[torch.Tensor]:
+        """Every place a part may be packed into: the writer's own buffer and each slot."""
+        own = [self.buffer] if self.slots is None or self.staged else []
+        return own + [torch.from_numpy(self.slots.view(i)) for i in range(self.slots.count)] if self.slots else own
+
+    def _target(self, key: str, source: torch.Tensor) -> torch.Tensor:
+        """Where ``source`` (the item ``key``) goes in this pack's buffer."""
+        targets = self.targets.setdefault(-1 if self.staged else self.slot, {})
+        target = targets.get(key)
+        if target is None:
+            offset, length = self.offsets[key]
+            target = targets[key] = self.buffer[offset:offset + length].view(source.dtype).view(source.shape)
+        return target
 
     def pack(self, planner: SavePlanner, kept: frozenset[str] = frozenset()) -> None:
         """This snapshot's items: the tensors copied into the buffer at their planned places (one
         copy of each, from its device), the other items pickled into ``tail`` (after the tensors,
         with a table of where each is). Tensors named in ``kept`` are copied from where the last
         pack found them (``planner`` lacks them: see ``manager.SnapshotSources``)."""
+        if self.slots is not None:  # ``busy`` said there is a free one
+            self.slot = self.slots.take()
+            if not self.staged:
+                self.buffer = torch.from_numpy(self.slots.view(self.slot))
         extra, table, copies = [], {}, []
         at = self.buffer.numel()
         for item in self.items:
             if item.index.fqn in kept:
-                copies.append(self.copies[_key(item)])
+                key = _key(item)
+                copies.append((self._target(key, self.sources[key]), self.sources[key]))
                 continue
             data = planner.resolve_data(item)
             if item.type == WriteItemType.BYTE_IO:
@@ -156,8 +187,8 @@ class RawWriter(StorageWriter):
             if data.numel() * data.element_size() != length:
                 raise ValueError(f"{item.index.fqn}: {data.numel() * data.element_size()} bytes, but the snapshot "
                                  f"plan has {length}")
-            copies.append((self.buffer[offset:offset + length].view(data.dtype).view(data.shape), data.detach()))
-            self.copies[_key(item)] = copies[-1]
+            self.sources[_key(item)] = data.detach()
+            copies.append((self._target(_key(item), data), data.detach()))
         trailer = pickle.dumps(table)
         self.tail = b"".join(extra) + trailer + len(trailer).to_bytes(8, "little")
         # The copies run here, on the training thread. From the upload thread (hundreds of small
@@ -166,11 +197,22 @@ class RawWriter(StorageWriter):
         for target, source in copies:
             target.copy_(source)
 
-    def send(self, step: int, deliver: Callable[[int, str, object, bytes, bytes | None], None]) -> None:
-        """``deliver(step, part path, buffer, tail, metadata to register or None)`` on the upload thread."""
+    def send(self, step: int, deliver: Callable[[int, str, object, bytes, bytes | None, tuple | None], None]) -> None:
+        """``deliver(step, part path, body, tail, metadata to register or None, (slots, slot) or
+        None)`` on the upload thread, after copying a staged part into its slot."""
         metadata, self.metadata = self.metadata, None
         part, tail = storage.join(self.path, self.name), self.tail
-        self.uploaded = self.uploads.submit(deliver, step, part, self.buffer.numpy(), tail, metadata)
+        if self.slots is None:
+            self.uploaded = self.uploads.submit(deliver, step, part, self.buffer.numpy(), tail, metadata, None)
+            return
+        body, staged = self.slots.view(self.slot), self.buffer if self.staged else None
+
+        def upload() -> None:
+            if staged is not None:
+                torch.from_numpy(body).copy_(staged)
+            deliver(step, part, body, tail, metadata, (self.slots, self.slot))
+
+        self.uploaded = self.uploads.submit(upload)
 
     def close(self) -> None:
         self.uploads.shutdown()
