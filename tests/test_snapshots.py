@@ -433,6 +433,31 @@ def test_without_room_for_slots_the_parts_go_through_ray_s_object_store_with_a_w
     ray.kill(store)
 
 
+def test_on_one_node_a_part_and_its_seal_go_to_the_store_in_one_call(ray_local, monkeypatch):
+    store = ray.remote(SnapshotStore).options(name=store_name("one-node", "A"), num_cpus=0).remote()
+    calls = []
+    ask = SnapshotFileSystem._ask
+    monkeypatch.setattr(SnapshotFileSystem, "_ask", lambda self, method, *a, **k: calls.append(method) or ask(self, method, *a, **k))
+    model, optimizer = model_and_optimizer(0)
+    folder = as_rank_on("one-node", "A", "run")
+
+    def die_before_seal(step):
+        if step == 3:
+            raise SystemExit("killed")  # where the fault injection's SIGKILL lands
+
+    m = manager(folder, model, optimizer, before_commit=die_before_seal)
+    m.save(1, blocking=True)
+    calls.clear()
+    m.save(2, blocking=True)
+    assert calls == ["put_slot"]  # the part, in its slot, and its seal
+    assert committed_steps(folder) == [2]
+    m.save(3)
+    with pytest.raises(SystemExit):
+        m.wait()
+    assert committed_steps(folder) == [2]  # killed before its one call: the previous one stays the newest
+    ray.kill(store)
+
+
 def _map(path: str, size: int) -> Slots:
     """A rank's side of ``open_slots``, in this process."""
     fd = os.open(path, os.O_RDWR)

@@ -36,6 +36,7 @@ import re
 import threading
 import time
 import uuid
+from collections.abc import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -181,16 +182,20 @@ class SnapshotStore:
             self._release_slots()
         return path
 
-    def put_slot(self, path: str, slots: str, index: int, tail: bytes, folder: str, layout: str, step: int) -> list[int]:
+    def put_slot(self, path: str, slots: str, index: int, tail: bytes, folder: str, layout: str, step: int,
+                 seal: int | None = None) -> list[int]:
         """One rank's part of a snapshot, which the rank wrote into slot ``index`` of its ``slots``
-        (``open_slots``), then ``tail`` (the rest): kept where it is, without a copy. Returns the
-        slots the rank may write next: those no kept part is in."""
+        (``open_slots``), then ``tail`` (the rest): kept where it is, without a copy; ``seal``: that
+        rank's seal of it too (``seal``), where this store is its only holder and the only store.
+        Returns the slots the rank may write next: those no kept part is in."""
         with self.lock:
             held = self.slot_sets[slots]
             held.layout = (folder, layout)
             start = index * held.size
             self.files[path] = Part(memoryview(held.memory)[start:start + held.size], tail, (slots, index))
             self.parts[path] = (folder, layout, step)
+            if seal is not None:
+                self.sealed.setdefault((folder, layout, step), {})[seal] = time.time()
             self._retire(folder)
             taken = {part.slot[1] for part in self.files.values()
                      if isinstance(part, Part) and part.slot and part.slot[0] == slots}
@@ -492,12 +497,7 @@ class SnapshotFileSystem(pafs.FileSystemHandler):
             if slot is not None and self.node_id in nodes:
                 nodes.remove(self.node_id)
                 if not kept_here:
-                    slots, index = slot
-                    free = self._ask("put_slot", path, slots.path, index, tail, folder, layout, step,
-                                     nodes=[self.node_id])
-                    if self.node_id not in free:
-                        raise OSError(f"{path}: the snapshot store on this node {self.node_id[:8]} is gone")
-                    slots.free = set(free[self.node_id])
+                    self._put_slot(path, slot, tail, folder, layout, step)
                     kept_here = True
             if nodes:
                 ref = ray.put(body)
@@ -507,6 +507,31 @@ class SnapshotFileSystem(pafs.FileSystemHandler):
         if not written:
             raise OSError(f"no snapshot store took {path} (nodes {', '.join(n[:8] for n in nodes)} are gone)")
         raise OSError(f"{path}: {len(nodes) - len(written)} of its {len(nodes)} snapshot stores are gone")
+
+    def _put_slot(self, path: str, slot: "tuple[Slots, int]", tail: bytes, folder: str, layout: str, step: int,
+                  seal: int | None = None) -> None:
+        """The part in ``slot`` to the store on this node (``SnapshotStore.put_slot``), which answers
+        with the slots free now."""
+        slots, index = slot
+        free = self._ask("put_slot", path, slots.path, index, tail, folder, layout, step, seal, nodes=[self.node_id])
+        if self.node_id not in free:
+            raise OSError(f"{path}: the snapshot store on this node {self.node_id[:8]} is gone")
+        slots.free = set(free[self.node_id])
+
+    def write_and_seal(self, path: str, body, tail: bytes, folder: str, layout: str, step: int, rank: int,
+                       slot: "tuple[Slots, int] | None" = None, before_seal: Callable[[int], None] | None = None) -> None:
+        """``rank``'s part of ``step`` to its holders (``write_part``), then its seal to every store
+        (``seal``), with ``before_seal(step)`` in between (fault injection). Where the part is in a
+        slot and this node's store is the only store (one node), one call does both."""
+        if slot is not None and list(self.stores()) == [self.node_id] and self.holders(path, refresh=False) == [self.node_id]:
+            if before_seal:
+                before_seal(step)
+            self._put_slot(path, slot, tail, folder, layout, step, seal=rank)
+            return
+        self.write_part(path, body, tail, folder, layout, step, slot)
+        if before_seal:
+            before_seal(step)
+        self.seal(folder, layout, step, rank)
 
     def seal(self, folder: str, layout: str, step: int, rank: int) -> None:
         """Tell every store that ``rank``'s part of ``step`` is on all its holders."""

@@ -522,10 +522,8 @@ class CheckpointManager:
         if metadata is not None:
             self._sink.register_layout(folder, layout, world, metadata, self.commit_info)
         _, inner = storage.resolve(part)
-        self._sink.write_part(inner, body, tail, folder, layout, step, slot)
-        if self.before_commit:
-            self.before_commit(step)  # fault injection: the part is written, not sealed
-        self._sink.seal(folder, layout, step, rank)
+        # before_commit: fault injection, between the part's writes and its seal
+        self._sink.write_and_seal(inner, body, tail, folder, layout, step, rank, slot, self.before_commit)
 
     def _finish_snapshot(self, wait: bool) -> str | None:
         """The in-flight snapshot's outcome, once its part is sealed (``wait``: block for it). A

@@ -205,12 +205,12 @@ class RawWriter(StorageWriter):
         if self.slots is None:
             self.uploaded = self.uploads.submit(deliver, step, part, self.buffer.numpy(), tail, metadata, None)
             return
-        body, staged = self.slots.view(self.slot), self.buffer if self.staged else None
+        where, body, staged = (self.slots, self.slot), self.slots.view(self.slot), self.buffer if self.staged else None
 
         def upload() -> None:
             if staged is not None:
                 torch.from_numpy(body).copy_(staged)
-            deliver(step, part, body, tail, metadata, (self.slots, self.slot))
+            deliver(step, part, body, tail, metadata, where)
 
         self.uploaded = self.uploads.submit(upload)
 
