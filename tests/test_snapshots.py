@@ -470,7 +470,8 @@ def _map(path: str, size: int) -> Slots:
 def test_a_store_never_hands_out_a_slot_it_keeps_and_lets_go_of_a_group_s_slots_after_the_next_group_s_snapshot():
     store = SnapshotStore()  # the actor's class, called in this process
     store.register_layout("run", "L", 2, b"metadata", {})
-    ranks = [_map(store.open_slots(f"run#{r}", 8, SLOTS), 8) for r in (0, 1)]
+    size = 2 * mmap.PAGESIZE  # whole pages: a slot's memory can be given back
+    ranks = [_map(store.open_slots(f"run#{r}", size, SLOTS), size) for r in (0, 1)]
 
     def write(rank: int, step: int, layout: str = "L", slots: Slots | None = None) -> None:
         slots = slots or ranks[rank]
@@ -487,13 +488,17 @@ def test_a_store_never_hands_out_a_slot_it_keeps_and_lets_go_of_a_group_s_slots_
         write(0, step)
         kept = {part.slot[1] for part in store.files.values() if part.slot and part.slot[0] == ranks[0].path}
         assert len(kept) <= 3 and not kept & ranks[0].free
-    assert store.get("run/step-1/__0-L.raw") == b"\x01" * 8 + b"t"  # the complete one, never written over
+    assert store.get("run/step-1/__0-L.raw") == b"\x01" * size + b"t"  # the complete one, never written over
     write(1, 5)
     assert "run/step-5/COMMITTED" in store.sizes("run")
 
     store.register_layout("run", "M", 1, b"metadata", {})  # a new group of one rank
     new = _map(store.open_slots("run#0", 16, SLOTS), 16)
     assert len(store.slot_sets) == 3  # the old group's hold step 5, the newest complete snapshot
+    old = store.slot_sets[ranks[0].path]
+    assert ranks[0].free and all(bytes(ranks[0].view(i)) == b"\x00" * size for i in ranks[0].free)  # given back
+    assert store.get("run/step-5/__0-L.raw") == b"\x05" * size + b"t"  # its kept part is not
+    assert old.owner is None
     write(0, 6, "M", new)
     assert sorted(store.sizes("run")) == ["run/step-6/.metadata", "run/step-6/COMMITTED", "run/step-6/__0-M.raw"]
     assert list(store.slot_sets) == [new.path]  # the old group's slots: let go

@@ -175,12 +175,24 @@ class SnapshotStore:
         finally:
             os.close(fd)
         with self.lock:
-            for held in self.slot_sets.values():
-                if held.owner == owner:
-                    held.owner = None
+            for old in self.slot_sets.values():
+                if old.owner == owner:
+                    old.owner = None
+                    self._give_back_free(old)
             self.slot_sets[path] = SlotSet(memory, size, count, owner)
             self._release_slots()
         return path
+
+    def _give_back_free(self, held: SlotSet) -> None:
+        """Return the memory of the slots of ``held`` (a set another took the place of) that hold
+        no kept part: its last parts stay readable while they are kept, the rest is freed now."""
+        taken = {part.slot[1] for part in self.files.values() if isinstance(part, Part) and part.slot
+                 and self.slot_sets.get(part.slot[0]) is held}
+        page = mmap.PAGESIZE
+        for index in set(range(held.count)) - taken:
+            start, end = -(-index * held.size // page) * page, (index + 1) * held.size // page * page
+            if end > start:
+                held.memory.madvise(mmap.MADV_REMOVE, start, end - start)
 
     def put_slot(self, path: str, slots: str, index: int, tail: bytes, folder: str, layout: str, step: int,
                  seal: int | None = None) -> list[int]:
