@@ -38,13 +38,14 @@ MTTF_HOURS = {1024: 7.9, 16384: 1.8}  # arXiv 2410.21680
 
 
 def measured() -> dict:
-    """The parts benchmarks/recovery.py measured last (empty if it never ran here)."""
+    """The parts benchmarks/recovery.py measured last, from its newest line with a recovery run
+    (``--no-recovery`` lines have the rate only); empty if it never ran here."""
     path = os.path.join(RESULTS_DIR, "recovery.jsonl")
     if not os.path.exists(path):
         return {}
     for line in reversed(open(path).read().splitlines()):
         rows = json.loads(line)["results"]
-        if rows and "mode" in rows[0]:
+        if rows and "kill -> first step s" in rows[0]:
             disk, memory = rows[0], rows[1]
             return {"restart_disk_s": disk["kill -> first step s"], "restart_memory_s": memory["kill -> first step s"],
                     # Above 1 is the noise of a busy machine (snapshots never speed training up): 1.
