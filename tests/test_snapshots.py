@@ -504,3 +504,11 @@ def test_a_store_never_hands_out_a_slot_it_keeps_and_lets_go_of_a_group_s_slots_
     assert list(store.slot_sets) == [new.path]  # the old group's slots: let go
     assert store.get("run/step-6/__0-M.raw") == b"\x06" * 16 + b"t"
     assert store.used() == 16 * SLOTS + 1
+
+
+def test_a_set_its_rank_could_not_map_is_let_go_of_at_once():
+    store = SnapshotStore()
+    path = store.open_slots("run#0", 64, SLOTS)
+    assert slot_files() == [path]
+    store.close_slots(path)  # as the rank does when it cannot open or map the file
+    assert not store.slot_sets and not slot_files()

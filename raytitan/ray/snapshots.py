@@ -183,6 +183,14 @@ class SnapshotStore:
             self._release_slots()
         return path
 
+    def close_slots(self, path: str) -> None:
+        """The rank could not map the set ``open_slots`` made (it sends its parts through the object
+        store instead): let go of it now, file and all."""
+        with self.lock:
+            if path in self.slot_sets:
+                self.slot_sets[path].owner = None
+                self._release_slots()
+
     def _give_back_free(self, held: SlotSet) -> None:
         """Return the memory of the slots of ``held`` (a set another took the place of) that hold
         no kept part: its last parts stay readable while they are kept, the rest is freed now."""
@@ -481,6 +489,7 @@ class SnapshotFileSystem(pafs.FileSystemHandler):
         store = self.stores().get(self.node_id)
         if store is None or size <= 0:
             return None
+        path = None
         try:
             path = ray.get(store.open_slots.remote(owner, size, SLOTS), timeout=QUERY_TIMEOUT_S)
             fd = os.open(path, os.O_RDWR)
@@ -490,6 +499,8 @@ class SnapshotFileSystem(pafs.FileSystemHandler):
                 os.close(fd)
                 os.unlink(path)  # the store and this rank hold it now; gone with the last of them
         except (OSError, ray.exceptions.RayError) as e:
+            if path is not None:
+                store.close_slots.remote(path)
             self._warn_once("slots", f"no shared memory for this rank's snapshot parts on its node ({e}); they go "
                             "through Ray's object store (a new object, and its fresh pages, per snapshot)")
             return None

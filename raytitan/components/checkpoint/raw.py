@@ -149,7 +149,8 @@ class RawWriter(StorageWriter):
     def buffers(self) -> list[torch.Tensor]:
         """Every place a part may be packed into: the writer's own buffer and each slot."""
         own = [self.buffer] if self.slots is None or self.staged else []
-        return own + [torch.from_numpy(self.slots.view(i)) for i in range(self.slots.count)] if self.slots else own
+        slots = [torch.from_numpy(self.slots.view(i)) for i in range(self.slots.count)] if self.slots else []
+        return own + slots
 
     def _target(self, key: str, source: torch.Tensor) -> torch.Tensor:
         """Where ``source`` (the item ``key``) goes in this pack's buffer."""
