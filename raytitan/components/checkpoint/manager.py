@@ -463,7 +463,7 @@ class CheckpointManager:
         path = step_dir(self.folder, step)
         if self._raw_writer is None:
             sink, _ = storage.handler(self.folder)
-            if not hasattr(sink, "write_part"):
+            if not hasattr(sink, "write_and_seal"):
                 raise CheckpointError(f"raw snapshots go to a snapshot store (raysnap://), not {self.folder}")
             slots = getattr(sink, "slots", None)
             owner = f"{self.folder}#{dist.get_rank(self.group) if dist.is_initialized() else 0}"
