@@ -27,6 +27,10 @@ Each pair gives one ratio (memory / disk) of each; the medians of the pairs' rat
     python benchmarks/recovery.py [--workers 2] [--kill-step 15] [--interval 10] [--memory-interval 1]
                                   [--pairs 4] [--overhead-steps 30] [--no-recovery]
                                   [--health-check-interval S] [--seq-len 256]
+
+Single invocations of the same code differ by a point or two on a shared machine; --pooled COMMIT
+runs nothing and prints the medians over every pair recorded in benchmarks/results/recovery.jsonl
+by invocations at COMMIT (a prefix; the default configuration's only).
 """
 
 from __future__ import annotations
@@ -259,6 +263,33 @@ def overhead(args, modes: dict[str, int]) -> dict[str, dict]:
     return summary
 
 
+def pooled(commit: str) -> None:
+    """Medians over every recorded pair of the invocations at ``commit`` (default model and batch)."""
+    import json
+
+    from common import RESULTS_DIR
+
+    rates, cpus, parts, invocations = [], [], {}, 0
+    for line in open(os.path.join(RESULTS_DIR, "recovery.jsonl")):
+        entry = json.loads(line)
+        config = entry["config"]
+        if not entry["commit"].startswith(commit) or (config["flavor"], config["seq_len"]) != ("debugmodel", 256):
+            continue
+        memory = [r for r in entry["results"] if "rate pair ratios" in r and r["mode"] != "disk only"]
+        if memory:
+            invocations += 1
+            rates += memory[0]["rate pair ratios"]
+            cpus += memory[0]["CPU pair ratios"]
+            for part, values in memory[0].get("CPU-s per step by part minus disk only, per pair", {}).items():
+                parts.setdefault(part, []).extend(values)
+    if not rates:
+        raise SystemExit(f"no overhead pairs recorded at {commit}")
+    print(f"{len(rates)} pairs from {invocations} invocations at {commit}: tokens/s memory / disk only "
+          f"{statistics.median(rates):.3f}, CPU-s per step {statistics.median(cpus):.3f}")
+    for part, values in parts.items():
+        print(f"  {part}: {statistics.median(values) * 1e3:+.1f} ms per step (median of the pairs)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workers", type=int, default=2)
@@ -275,7 +306,10 @@ def main() -> None:
     parser.add_argument("--flavor", default="debugmodel")
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--gpu", action="store_true")
+    parser.add_argument("--pooled", metavar="COMMIT", help="run nothing: medians over the recorded pairs at COMMIT")
     args = parser.parse_args()
+    if args.pooled:
+        return pooled(args.pooled)
     if args.overhead_steps <= WARMUP_STEPS + 2:
         parser.error(f"--overhead-steps must be above {WARMUP_STEPS + 2}: the first {WARMUP_STEPS} are not measured")
 
